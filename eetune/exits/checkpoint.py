@@ -1,0 +1,96 @@
+"""Exit checkpoints: `exits.safetensors` (exit weights only) + `manifest.json`.
+
+The manifest names the base model by fingerprint, so exits are never silently loaded onto
+weights they were not built for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchtune.modules import TransformerDecoder
+
+from eetune.errors import EetuneError
+from eetune.exits.model import EarlyExitModel
+from eetune.exits.spec import ExitSpec
+from eetune.rundir import atomic_write, atomic_write_json, git_revision, package_versions
+
+EXITS_FILE = "exits.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "eetune.exits/1"
+
+
+def build_manifest(model: EarlyExitModel, base: dict[str, Any], stage: str, extra: dict | None = None) -> dict:
+    """`base`: {name, fingerprint, num_layers, checkpoint_dir} of the frozen model."""
+    return {
+        "format": FORMAT,
+        "stage": stage,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base,
+        "exits": [spec.to_dict() for spec in model.specs],
+        "exit_parameters": sum(p.numel() for p in model.exits.parameters()),
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        **(extra or {}),
+    }
+
+
+def save_exits(run_dir: Path, model: EarlyExitModel, manifest: dict) -> None:
+    """Write the exit weights and the manifest, each atomically."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.exits.state_dict().items()}
+    metadata = {"format": FORMAT, "base_fingerprint": manifest["base_model"]["fingerprint"]}
+    atomic_write(Path(run_dir) / EXITS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_json(Path(run_dir) / MANIFEST_FILE, manifest)
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / MANIFEST_FILE
+    if not Path(run_dir).is_dir():
+        raise EetuneError(f"run dir not found: {run_dir}")
+    if not path.is_file():
+        raise EetuneError(f"{run_dir} has no {MANIFEST_FILE}: is it an eetune run dir (from augment or tune)?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EetuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise EetuneError(f"{path} has format {manifest.get('format')!r}; this eetune reads {FORMAT!r}")
+    return manifest
+
+
+def load_exits(run_dir: str | Path, backbone: TransformerDecoder, fingerprint: str) -> EarlyExitModel:
+    """Rebuild the run's exits on `backbone` and load their weights.
+
+    Fails clearly when the run was made for other base weights (fingerprints differ).
+    """
+    manifest = read_manifest(run_dir)
+    expected = manifest["base_model"]["fingerprint"]
+    if expected != fingerprint:
+        raise EetuneError(
+            f"exits in {run_dir} were built for base model {manifest['base_model'].get('name')} "
+            f"with fingerprint {expected}, but the loaded base model has fingerprint {fingerprint}: "
+            "load the same base weights the exits were made for"
+        )
+    specs = [ExitSpec(**spec) for spec in manifest["exits"]]
+    model = EarlyExitModel(backbone, specs)
+    path = Path(run_dir) / EXITS_FILE
+    try:
+        state = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise EetuneError(f"cannot read {path}: {exc}") from None
+    try:
+        missing, unexpected = model.exits.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise EetuneError(f"{path} does not match its manifest's exits: {str(exc).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise EetuneError(
+            f"{path} does not match its manifest's exits (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    dtype = next(backbone.parameters()).dtype
+    model.exits.to(dtype)
+    return model

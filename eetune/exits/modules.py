@@ -1,0 +1,145 @@
+"""Exit modules: what sits between a backbone layer's output and a vocabulary head.
+
+Each exit maps the hidden state after layer L to a normalised hidden state ready for a
+head. The head is either the frozen LM head (`shared`, not owned by the exit, so not in
+its state dict) or the exit's own `nn.Linear` (`copy`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from torchtune.modules import RMSNorm, TiedLinear, TransformerDecoder
+
+from eetune.exits.spec import ExitSpec
+
+
+class EarlyExit(nn.Module):
+    """Base: `forward(h) -> normalised hidden`; `head` is the exit's own head or None."""
+
+    def __init__(self, spec: ExitSpec, head: Optional[nn.Linear]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.head = head
+
+    def forward(
+        self, h: torch.Tensor, *, mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EmbeddingExit(EarlyExit):
+    """Head only, on the raw layer output."""
+
+    def forward(self, h, *, mask=None, input_pos=None):
+        return h
+
+
+class NormExit(EarlyExit):
+    def __init__(self, spec: ExitSpec, head: Optional[nn.Linear], norm: nn.Module) -> None:
+        super().__init__(spec, head)
+        self.norm = norm
+
+    def forward(self, h, *, mask=None, input_pos=None):
+        return self.norm(h)
+
+
+class MLPExit(EarlyExit):
+    """A pre-norm gated MLP block with a residual, then the output norm (EE-LLM's `mlp`)."""
+
+    def __init__(
+        self, spec: ExitSpec, head: Optional[nn.Linear], mlp_norm: nn.Module, mlp: nn.Module, norm: nn.Module
+    ) -> None:
+        super().__init__(spec, head)
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+        self.norm = norm
+
+    def forward(self, h, *, mask=None, input_pos=None):
+        return self.norm(h + self.mlp(self.mlp_norm(h)))
+
+
+class LayerExit(EarlyExit):
+    """A full transformer block (attention + MLP), then the output norm (EE-LLM's `layer`)."""
+
+    def __init__(self, spec: ExitSpec, head: Optional[nn.Linear], block: nn.Module, norm: nn.Module) -> None:
+        super().__init__(spec, head)
+        self.block = block
+        self.norm = norm
+
+    def forward(self, h, *, mask=None, input_pos=None):
+        return self.norm(self.block(h, mask=mask, input_pos=input_pos))
+
+
+def lm_head_weight(backbone: TransformerDecoder) -> torch.Tensor:
+    """The LM head's weight, [vocab, dim], whether the head is tied to the embeddings or not."""
+    output = backbone.output
+    if isinstance(output, TiedLinear):
+        return output.tied_module.weight
+    return output.weight
+
+
+def build_exit(spec: ExitSpec, backbone: TransformerDecoder, init_std: float = 0.02) -> EarlyExit:
+    """Build one exit from `spec`, copying from the backbone or initialised at random.
+
+    `copy` follows EE-LLM: head <- LM head, norm <- final norm, MLP <- the MLP of the
+    exit's own layer, block <- the last backbone layer. The spec is not range-checked here
+    (tests place exits after the last layer on purpose); `check_specs` is the user gate.
+    """
+    head = _build_head(spec, backbone) if spec.head == "copy" else None
+    source_layer = backbone.layers[min(spec.layer, len(backbone.layers)) - 1]
+    if spec.arch == "embedding":
+        module: EarlyExit = EmbeddingExit(spec, head)
+    elif spec.arch == "norm":
+        module = NormExit(spec, head, norm=_clone(backbone.norm))
+    elif spec.arch == "mlp":
+        module = MLPExit(
+            spec,
+            head,
+            mlp_norm=_clone(source_layer.mlp_norm),
+            mlp=_clone(source_layer.mlp),
+            norm=_clone(backbone.norm),
+        )
+    elif spec.arch == "layer":
+        module = LayerExit(spec, head, block=_clone(backbone.layers[-1]), norm=_clone(backbone.norm))
+    else:
+        raise ValueError(f"unknown exit arch {spec.arch!r}")
+    if spec.init == "random":
+        _init_random(module, init_std)
+    module.requires_grad_(True)
+    return module
+
+
+def _build_head(spec: ExitSpec, backbone: TransformerDecoder) -> nn.Linear:
+    weight = lm_head_weight(backbone)
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module)
+    # A copied attention block must not share KV-cache state with the backbone.
+    for sub in clone.modules():
+        if hasattr(sub, "kv_cache"):
+            sub.kv_cache = None
+            sub.cache_enabled = False
+    return clone
+
+
+@torch.no_grad()
+def _init_random(module: nn.Module, std: float) -> None:
+    """Normal(0, std) for every linear weight, zero biases, norms back to identity."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, RMSNorm):
+            nn.init.ones_(sub.scale)
+        elif isinstance(sub, nn.LayerNorm):
+            sub.reset_parameters()

@@ -1,0 +1,60 @@
+"""What an exit is: where it sits, its architecture, how it is initialised, which head it uses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from eetune.errors import EetuneError
+
+ARCHS = ("embedding", "norm", "mlp", "layer")
+INITS = ("random", "copy")
+HEADS = ("shared", "copy")
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """An exit reading the output of backbone layer `layer` (1-based)."""
+
+    layer: int
+    arch: str = "mlp"
+    init: str = "copy"
+    head: str = "shared"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def specs_from_config(exits_cfg: Any) -> list[ExitSpec]:
+    """One spec per layer in `exits.layers`, sharing arch/init/head; sorted by depth."""
+    return sorted(
+        (ExitSpec(int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head) for layer in exits_cfg.layers),
+        key=lambda spec: spec.layer,
+    )
+
+
+def check_specs(specs: Iterable[ExitSpec], num_layers: int) -> None:
+    """User-facing rules: exits sit strictly inside the backbone, one per layer, known kinds."""
+    specs = list(specs)
+    if not specs:
+        raise EetuneError("no exits given: set exits.layers, e.g. exits.layers=[8,16,24]")
+    seen: set[int] = set()
+    for spec in specs:
+        if not 1 <= spec.layer <= num_layers - 1:
+            raise EetuneError(
+                f"exit at layer {spec.layer} does not fit a {num_layers}-layer model: "
+                f"exit layers must be in 1..{num_layers - 1}"
+            )
+        if spec.layer in seen:
+            raise EetuneError(f"two exits at layer {spec.layer}: each layer holds at most one exit")
+        seen.add(spec.layer)
+        if spec.arch not in ARCHS:
+            raise EetuneError(f"unknown exit arch '{spec.arch}': choose one of {', '.join(ARCHS)}")
+        if spec.init not in INITS:
+            raise EetuneError(f"unknown exit init '{spec.init}': choose one of {', '.join(INITS)}")
+        if spec.head not in HEADS:
+            raise EetuneError(f"unknown exit head '{spec.head}': choose one of {', '.join(HEADS)}")
+        if spec.arch == "embedding" and spec.head == "shared":
+            raise EetuneError(
+                "an 'embedding' exit with a shared frozen head has nothing to train: use exits.head=copy"
+            )
