@@ -1,0 +1,45 @@
+"""Session-wide model fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eetune.models import BaseModel, default_smollm2_dir, get_model_entry, load_base_model
+from eetune.models.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled SmolLM2 as an HF dir, imported once into the persistent cache.
+
+    Uses ``$EETUNE_HOME`` when set, else ``~/.cache/eetune``: later sessions reuse the import.
+    """
+    return default_smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir: Path) -> BaseModel:
+    """The real SmolLM2-135M-Instruct, float32, loaded once per session. Do not mutate it."""
+    return load_base_model("smollm2_135m", checkpoint_dir=smollm2_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
+    """A tiny random SmolLM2-shaped model loaded through the real path (registry name smollm2_135m).
+
+    4 layers, dim 64, 4 heads, 2 kv heads, tied embeddings, vocab 256, max_seq_len 2048, with a
+    real byte-level ChatML tokenizer (bos=1 ``<|im_start|>``, eos=2 ``<|im_end|>``). Do not mutate it.
+    """
+    checkpoint_dir = write_tiny_checkpoint(
+        get_model_entry("smollm2_135m"),
+        tmp_path_factory.mktemp("tiny_base_model") / "checkpoint",
+        seed=0,
+        num_hidden_layers=4,
+        rope_theta=100_000.0,
+        rope_scaling=None,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+    return load_base_model("smollm2_135m", checkpoint_dir=checkpoint_dir, dtype="float32")
