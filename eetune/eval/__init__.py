@@ -1,0 +1,1 @@
+"""Evaluation: per-exit quality on held-out text."""

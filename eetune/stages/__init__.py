@@ -1,0 +1,1 @@
+"""Stages: each `run(cfg)` does one CLI command's work."""

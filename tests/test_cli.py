@@ -1,0 +1,125 @@
+"""The command line: config composition, overrides, recipes, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eetune.cli import main
+from eetune.config import compose_config, list_recipes
+from eetune.errors import EetuneError
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["eetune", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_print_config_shows_overrides_applied(monkeypatch, capsys):
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "augment", "recipe=smollm2_135m", "exits.layers=[8,16,24]", "exits.arch=norm",
+        "--print-config",
+    )
+    assert code == 0
+    cfg = yaml.safe_load(out)
+    assert cfg["exits"]["layers"] == [8, 16, 24]
+    assert cfg["exits"]["arch"] == "norm"
+    assert cfg["stage"] == "augment"
+    assert cfg["model"]["name"] == "smollm2_135m"
+    assert cfg["run_dir"].startswith("runs/augment-")
+
+
+def test_group_override_swaps_a_whole_section():
+    cfg = compose_config("augment", ["model=llama2_13b", "exits=norm"])
+    assert cfg.model.name == "llama2_13b" and cfg.model.dtype == "bfloat16"
+    assert cfg.exits.arch == "norm" and list(cfg.exits.layers) == [8, 16, 24]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["exits.layerz=[1]"], "unknown key 'exits.layerz' — did you mean 'exits.layers'?"),
+        (["model.dtyp=float32"], "did you mean 'model.dtype'?"),
+        (["model.max_seq_len=abc"], "invalid value for model.max_seq_len"),
+        (["exits.arch=conv"], "exits.arch='conv' is not one of: embedding, norm, mlp, layer"),
+        (["exits.layers=[2,2]"], "has duplicates"),
+        (["exits.layers=[]"], "exits.layers is empty"),
+        (["recipe=smollm"], "unknown recipe 'smollm' — did you mean 'smollm2_135m'?"),
+        (["recipe=/nope/mine.yaml"], "recipe file not found"),
+        (["model=llama2_13x"], "did you mean 'llama2_13b'?"),
+        (["data=jsonl"], "data.path"),
+        (["generate.temperature=-1"], "must be >= 0"),
+        (["exits.layers=[8"], "cannot parse override"),
+    ],
+)
+def test_bad_config_is_one_line_and_exit_code_2(monkeypatch, capsys, args, message):
+    code, out, err = run_cli(monkeypatch, capsys, "augment", *args, "--print-config")
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert message in err
+
+
+def test_unknown_key_inside_a_user_recipe_is_reported_with_its_full_key(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("defaults:\n  - eetune_schema\n  - model: smollm2_135m\n  - _self_\nmodel:\n  nmae: x\n")
+    code, _, err = run_cli(monkeypatch, capsys, "augment", f"recipe={recipe}", "--print-config")
+    assert code == 2
+    assert "unknown key 'model.nmae'" in err and "did you mean 'model.name'?" in err
+
+
+def test_recipes_list_show_and_copy_round_trip(tmp_path, monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "list")
+    assert code == 0
+    for name in list_recipes():
+        assert name in out
+    assert "llama2_13b" in out  # config groups are listed too
+
+    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "show", "smollm2_135m")
+    assert code == 0 and "exits: mlp" in out
+
+    dest = tmp_path / "my_recipe.yaml"
+    assert run_cli(monkeypatch, capsys, "recipes", "copy", "smollm2_135m", str(dest))[0] == 0
+    assert dest.read_text() == Path("recipes/smollm2_135m.yaml").read_text()
+    code, _, err = run_cli(monkeypatch, capsys, "recipes", "copy", "smollm2_135m", str(dest))
+    assert code == 2 and "already exists" in err
+
+    # The copy composes like the original, from anywhere, and takes overrides.
+    copied = compose_config("augment", [f"recipe={dest}", "exits.layers=[3]"])
+    original = compose_config("augment", ["recipe=smollm2_135m", "exits.layers=[3]"])
+    copied.run_dir = original.run_dir = "x"
+    assert copied == original
+
+
+def test_generate_flags_override_config_without_hydra_quoting(monkeypatch, capsys):
+    prompt = "What's 2+2, [really]? a=b"
+    code, out, _ = run_cli(monkeypatch, capsys, "generate", "--prompt", prompt, "-n", "7", "--no-chat", "--print-config")
+    assert code == 0
+    cfg = yaml.safe_load(out)["generate"]
+    assert cfg["prompt"] == prompt and cfg["max_new_tokens"] == 7 and cfg["chat"] is False
+
+
+def test_console_script_prints_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "eetune.cli", "augment", "optim.lrr=3e-4"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: unknown key 'optim.lrr'")
+
+
+def test_default_recipe_composes_and_a_mistyped_seed_fails():
+    cfg = compose_config("augment", [])
+    assert cfg.exits.arch == "mlp" and cfg.exits.head == "shared" and cfg.data.source == "pydoc"
+    with pytest.raises(EetuneError):
+        compose_config("augment", ["seed=notanint"])
