@@ -1,0 +1,394 @@
+"""Tuning data (sources, packing, chat masking, held-out split, resumable batches) and distill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from eetune.config import compose_config
+from eetune.data import IGNORE_INDEX, TrainBatches, heldout_batch, load_tuning_data
+from eetune.data.corpus import encode_corpus, pack_examples
+from eetune.data.encode import TokenStream
+from eetune.errors import EetuneError
+from eetune.models import BaseModel
+from eetune.stages import distill
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base_model: BaseModel) -> Any:
+    """Byte-level ChatML: one token per UTF-8 byte, bos=1 <|im_start|>, eos=2 <|im_end|>."""
+    return tiny_base_model.tokenizer
+
+
+def data_cfg(*overrides: str) -> Any:
+    return compose_config("tune", list(overrides)).data
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue, like the sky over the sea at noon."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green, like the leaves of a young oak tree."},
+    ]
+}
+
+
+def expected_chat_stream(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """ChatML by hand: headers and non-assistant turns carry no loss, nor does the EOS separator."""
+    ids: list[int] = []
+    trainable: list[bool] = []
+    for m in messages:
+        header = encode(tokenizer, f"<|im_start|>{m['role']}\n")
+        body = encode(tokenizer, m["content"] + "<|im_end|>\n")
+        ids += header + body
+        trainable += [False] * len(header) + [m["role"] == "assistant"] * len(body)
+    return ids + [tokenizer.eos_token_id], trainable + [False]
+
+
+# -- packing and labels -------------------------------------------------------------------
+
+
+def test_pack_examples_exact_on_hand_made_stream() -> None:
+    ids = torch.arange(100, 111)  # 11 tokens -> (11 - 1) // 3 = 3 windows
+    loss_everywhere = torch.ones(11, dtype=torch.bool)
+    tokens, labels = pack_examples(TokenStream(ids, loss_everywhere), seq_len=3)
+    assert tokens.tolist() == [[100, 101, 102], [103, 104, 105], [106, 107, 108]]
+    assert labels.tolist() == [[101, 102, 103], [104, 105, 106], [107, 108, 109]]
+    assert tokens.dtype == labels.dtype == torch.long
+
+    # Token 103 and tokens 104-106 carry no loss: window 1 predicts nothing and is dropped.
+    trainable = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    tokens, labels = pack_examples(TokenStream(ids, trainable), seq_len=3)
+    assert tokens.tolist() == [[100, 101, 102], [106, 107, 108]]
+    assert labels.tolist() == [[101, 102, -100], [107, 108, 109]]
+
+
+def test_text_source_packs_and_splits_exactly(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("abcdefghij", encoding="utf-8")
+    cfg = data_cfg("data=text", f"data.path={path}", "data.seq_len=3", "data.heldout_fraction=0.3")
+    stream = encode(tokenizer, "abcdefghij") + [tokenizer.eos_token_id]  # 11 tokens
+    data = load_tuning_data(cfg, tokenizer)
+    cut = int(11 * 0.7)  # 7 train tokens -> (7 - 1) // 3 = 2 windows
+    assert data.train_tokens.tolist() == [stream[0:3], stream[3:6]]
+    assert data.train_labels.tolist() == [stream[1:4], stream[4:7]]
+    assert data.heldout.ids.tolist() == stream[cut:]
+    assert data.num_examples == 2 and data.num_documents == 1
+
+
+def test_chat_masking_puts_ignore_exactly_on_non_assistant_tokens(tmp_path: Path, tokenizer: Any) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT] * 12)
+    ids, trainable = expected_chat_stream(tokenizer, CHAT["messages"])
+    ids, trainable = ids * 12, trainable * 12
+
+    cfg = data_cfg("data=jsonl", f"data.path={path}", "data.train_on_prompt=false", "data.seq_len=64")
+    stream, _ = encode_corpus(cfg, tokenizer)
+    assert stream.ids.tolist() == ids
+    assert stream.trainable.tolist() == trainable
+
+    # No run of non-assistant tokens (at most 53) fills a 64-token window, so no window is dropped and
+    # example k is exactly the k-th window of the stream.
+    data = load_tuning_data(cfg, tokenizer)
+    n, seq_len = data.train_tokens.shape
+    expected = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1 : n * seq_len + 1], trainable[1 : n * seq_len + 1])]
+    assert data.train_tokens.flatten().tolist() == ids[: n * seq_len]
+    assert data.train_labels.flatten().tolist() == expected
+    assert 0 < data.num_loss_tokens < data.num_train_tokens
+
+    # Training on the prompt too: same tokens, every label is the next token.
+    data = load_tuning_data(data_cfg("data=jsonl", f"data.path={path}", "data.seq_len=64"), tokenizer)
+    assert data.train_labels.flatten().tolist() == ids[1 : n * seq_len + 1]
+
+
+def test_heldout_split_is_disjoint_from_train(tmp_path: Path, tokenizer: Any) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("".join(f"line {i}: some text to pack.\n" for i in range(300)), encoding="utf-8")
+    cfg = data_cfg("data=text", f"data.path={path}", "data.seq_len=64", "data.heldout_fraction=0.2")
+    stream, _ = encode_corpus(cfg, tokenizer)
+    data = load_tuning_data(cfg, tokenizer)
+    cut = len(stream) - len(data.heldout)
+    n, seq_len = data.train_tokens.shape
+    # Train inputs and targets both end before the held-out tail starts.
+    assert n * seq_len + 1 <= cut
+    assert torch.equal(data.train_tokens.flatten(), stream.ids[: n * seq_len])
+    assert torch.equal(data.train_labels.flatten(), stream.ids[1 : n * seq_len + 1])
+    assert torch.equal(data.heldout.ids, stream.ids[cut:])
+    assert len(data.heldout) == len(stream) - int(len(stream) * 0.8)
+
+    batch = heldout_batch(cfg, tokenizer)
+    assert batch.shape == (cfg.heldout_sequences, seq_len)
+    assert torch.equal(batch.flatten(), stream.ids[cut : cut + batch.numel()])
+    assert torch.equal(batch, data.heldout_batch(cfg.heldout_sequences))
+
+
+def test_default_pydoc_source_still_feeds_heldout_batch(tokenizer: Any) -> None:
+    cfg = data_cfg("data.seq_len=64", "data.heldout_sequences=3")
+    batch = heldout_batch(cfg, tokenizer, max_seq_len=2048)
+    assert batch.shape == (3, 64) and batch.dtype == torch.long
+
+
+# -- TrainBatches -------------------------------------------------------------------------
+
+
+def make_batches(n: int = 10, batch_size: int = 3, **kwargs: Any) -> TrainBatches:
+    tokens = torch.arange(n * 4).view(n, 4)
+    return TrainBatches(tokens, tokens + 1, batch_size, **kwargs)
+
+
+def take(batches: TrainBatches, count: int) -> list[list[int]]:
+    return [next(batches)["indices"].tolist() for _ in range(count)]
+
+
+def test_train_batches_are_deterministic_and_reshuffle_per_epoch() -> None:
+    a, b = make_batches(seed=7), make_batches(seed=7)
+    assert a.num_examples == 10 and a.batches_per_epoch == 3
+    first = take(a, 9)
+    assert first == take(b, 9)
+    assert take(make_batches(seed=8), 9) != first
+    epochs = [sum(first[i : i + 3], []) for i in (0, 3, 6)]
+    for order in epochs:
+        assert len(set(order)) == 9  # no example twice within an epoch
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert a.epoch == 3 and a.position == 0
+
+    batch = next(make_batches(seed=7))
+    assert batch["tokens"].shape == batch["labels"].shape == (3, 4)
+    assert batch["tokens"].dtype == batch["labels"].dtype == torch.long
+    assert torch.equal(batch["tokens"], torch.arange(40).view(10, 4)[batch["indices"]])
+    assert torch.equal(batch["labels"], batch["tokens"] + 1)
+
+    plain = make_batches(shuffle=False)
+    assert take(plain, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2]]
+
+
+def test_train_batches_resume_mid_epoch_matches_uninterrupted() -> None:
+    uninterrupted = make_batches(seed=3)
+    take(uninterrupted, 4)  # one epoch and one batch of the next
+    state = uninterrupted.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 1)
+
+    resumed = make_batches(seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
+    assert resumed.epoch == 1
+    assert take(resumed, 8) == take(uninterrupted, 8)
+
+    with pytest.raises(EetuneError, match="num_examples"):
+        make_batches(n=12, seed=3).load_state_dict(state)
+    with pytest.raises(EetuneError, match="seed"):
+        make_batches(seed=4).load_state_dict(state)
+
+
+# -- sources ------------------------------------------------------------------------------
+
+
+def test_each_source_loads(tmp_path: Path, tokenizer: Any) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    records = [{"text": text}, CHAT, {"text": text[::-1]}]
+    jsonl = write_jsonl(tmp_path / "mixed.jsonl", records)
+    common = ("data.seq_len=16", "data.heldout_fraction=0.1")
+
+    txt = tmp_path / "a.txt"
+    txt.write_text(text, encoding="utf-8")
+    data = load_tuning_data(data_cfg("data=text", f"data.path={txt}", *common), tokenizer)
+    assert data.num_documents == 1 and data.num_examples > 0
+
+    # JSONL: text and chat records side by side, each detected on its own.
+    jsonl_stream, docs = encode_corpus(data_cfg("data=jsonl", f"data.path={jsonl}", *common), tokenizer)
+    chat_ids, _ = expected_chat_stream(tokenizer, CHAT["messages"])
+    eos = tokenizer.eos_token_id
+    assert docs == 3
+    assert jsonl_stream.ids.tolist() == encode(tokenizer, text) + [eos] + chat_ids + encode(tokenizer, text[::-1]) + [eos]
+
+    # HF datasets reads the same file as json: the same stream.
+    hf_cfg = data_cfg("data.source=hf", "data.hf_format=json", f"data.path={jsonl}", *common)
+    hf_stream, _ = encode_corpus(hf_cfg, tokenizer)
+    assert torch.equal(hf_stream.ids, jsonl_stream.ids)
+    assert load_tuning_data(hf_cfg, tokenizer).num_examples > 0
+
+    # Other builders and a custom text field.
+    csv = tmp_path / "a.csv"
+    csv.write_text('body\n"first, row"\nsecond row\n', encoding="utf-8")
+    csv_stream, _ = encode_corpus(
+        data_cfg("data.source=hf", "data.hf_format=csv", f"data.path={csv}", "data.text_field=body"), tokenizer
+    )
+    assert csv_stream.ids.tolist() == encode(tokenizer, "first, row") + [eos] + encode(tokenizer, "second row") + [eos]
+
+
+def test_bundled_sample_files_load(tokenizer: Any) -> None:
+    for name in ("sample_text.jsonl", "sample_chat.jsonl"):
+        cfg = data_cfg("data=jsonl", f"data.path={DATA_DIR / name}", "data.seq_len=32", "data.train_on_prompt=false")
+        assert load_tuning_data(cfg, tokenizer).num_examples >= 1
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_data_errors(tmp_path: Path, tokenizer: Any) -> None:
+    missing = tmp_path / "missing.jsonl"
+    for source in ("data=text", "data=jsonl", "data.source=hf"):
+        with pytest.raises(EetuneError, match="not found"):
+            load_tuning_data(data_cfg(source, f"data.path={missing}"), tokenizer)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    for source in ("data=text", "data=jsonl"):
+        with pytest.raises(EetuneError, match="empty"):
+            load_tuning_data(data_cfg(source, f"data.path={empty}"), tokenizer)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "broken\n', encoding="utf-8")
+    with pytest.raises(EetuneError, match=rf"{bad}:3: not valid JSON"):
+        load_tuning_data(data_cfg("data=jsonl", f"data.path={bad}"), tokenizer)
+
+    no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"text": "ok"}, {"body": "x"}])
+    with pytest.raises(EetuneError, match=rf"{no_field}:2: expected a string field 'text'"):
+        load_tuning_data(data_cfg("data=jsonl", f"data.path={no_field}"), tokenizer)
+
+    bad_role = write_jsonl(tmp_path / "role.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}])
+    with pytest.raises(EetuneError, match=rf"{bad_role}:1: message 1 has role 'bot'"):
+        load_tuning_data(data_cfg("data=jsonl", f"data.path={bad_role}"), tokenizer)
+    with pytest.raises(EetuneError, match="row 1: message 1 has role 'bot'"):
+        load_tuning_data(data_cfg("data.source=hf", f"data.path={bad_role}"), tokenizer)
+    no_content = write_jsonl(tmp_path / "content.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(EetuneError, match="needs a string 'content'"):
+        load_tuning_data(data_cfg("data=jsonl", f"data.path={no_content}"), tokenizer)
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello", encoding="utf-8")
+    with pytest.raises(EetuneError, match="not enough for one sequence of data.seq_len=256"):
+        load_tuning_data(data_cfg("data=text", f"data.path={tiny}"), tokenizer)
+
+    # Two sequences of 16 tokens, asked for batches of 4.
+    small = tmp_path / "small.txt"
+    small.write_text("x" * 40, encoding="utf-8")
+    data = load_tuning_data(data_cfg("data=text", f"data.path={small}", "data.seq_len=16"), tokenizer)
+    with pytest.raises(EetuneError, match="fewer than one batch of data.batch_size=4"):
+        TrainBatches(data.train_tokens, data.train_labels, 4)
+
+    with pytest.raises(EetuneError, match=r"data.seq_len=4096 is longer than the model supports \(model.max_seq_len=2048\)"):
+        load_tuning_data(data_cfg("data.seq_len=4096"), tokenizer, max_seq_len=2048)
+    with pytest.raises(EetuneError, match="longer than the model supports"):
+        heldout_batch(data_cfg("data.seq_len=4096"), tokenizer, max_seq_len=2048)
+
+
+# -- distill ------------------------------------------------------------------------------
+
+
+def distill_cfg(tiny_base_model: BaseModel, tmp_path: Path, out: Path, *overrides: str) -> Any:
+    prompts = tmp_path / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text("Say hi.\n\nName a fruit.\nCount to three.\n", encoding="utf-8")
+    return compose_config(
+        "distill",
+        [
+            f"model.checkpoint_dir={tiny_base_model.checkpoint_dir}",
+            f"distill.prompts={prompts}",
+            f"distill.out={out}",
+            "distill.max_new_tokens=8",
+            "distill.samples_per_prompt=2",
+            # The tiny random model is peaked: sample hot so seeds visibly matter.
+            "distill.temperature=10.0",
+            "distill.top_p=null",
+            *overrides,
+        ],
+    )
+
+
+def reuse_loaded_model(monkeypatch: pytest.MonkeyPatch, model: BaseModel) -> None:
+    """Skip reloading the same tiny checkpoint: `distill_cfg` points model.checkpoint_dir at it."""
+    monkeypatch.setattr(distill, "load_base", lambda model_cfg: model)
+
+
+def test_distill_writes_reproducible_jsonl_that_loads_back(
+    tiny_base_model: BaseModel, tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first run loads the model from config as the CLI does; later runs reuse it.
+    out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "a.jsonl", "seed=5"))
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    assert out == tmp_path / "a.jsonl"
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 3 * 2
+    assert [r["messages"][0] for r in records[::2]] == [
+        {"role": "user", "content": p} for p in ("Say hi.", "Name a fruit.", "Count to three.")
+    ]
+    assert all(r["messages"][1]["role"] == "assistant" for r in records)
+
+    # Each sample's seed depends only on (seed, prompt, sample): one sample per prompt with
+    # the same seed reproduces exactly the first sample of every prompt.
+    first_samples = "".join(line + "\n" for line in out.read_text(encoding="utf-8").splitlines()[::2])
+    one = ("distill.samples_per_prompt=1",)
+    again = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "b.jsonl", "seed=5", *one))
+    assert again.read_text(encoding="utf-8") == first_samples
+    other = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "c.jsonl", "seed=6", *one))
+    assert other.read_text(encoding="utf-8") != first_samples
+
+    cfg = data_cfg("data=jsonl", f"data.path={out}", "data.seq_len=32", "data.train_on_prompt=false")
+    assert load_tuning_data(cfg, tokenizer).num_loss_tokens > 0
+
+    text_out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "t.jsonl", "distill.chat=false", *one))
+    texts = [json.loads(line)["text"] for line in text_out.read_text(encoding="utf-8").splitlines()]
+    assert [t[: len(p)] for t, p in zip(texts, ("Say hi.", "Name a fruit.", "Count to three."))] == [
+        "Say hi.",
+        "Name a fruit.",
+        "Count to three.",
+    ]
+    assert load_tuning_data(data_cfg("data=jsonl", f"data.path={text_out}", "data.seq_len=16"), tokenizer).num_examples
+
+
+def test_distill_never_leaves_a_partial_file(
+    tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out_dir = tmp_path / "out"
+    out = out_dir / "d.jsonl"
+    real_generate = distill.generate
+    calls = {"n": 0}
+
+    def failing_generate(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "generate", failing_generate)
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    with pytest.raises(RuntimeError, match="boom"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out))
+    assert not out.exists()
+    assert list(out_dir.iterdir()) == []  # no temp file left beside it either
+
+
+def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseModel, tmp_path: Path) -> None:
+    out = tmp_path / "exists.jsonl"
+    out.write_text("keep me\n", encoding="utf-8")
+    with pytest.raises(EetuneError, match="already exists"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out))
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")
+    with pytest.raises(EetuneError, match=rf"{prompts}:2: expected an object with a non-empty string field 'prompt'"):
+        distill.read_prompts(prompts)
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n', encoding="utf-8")
+    assert distill.read_prompts(prompts) == ["a", "b"]
+    with pytest.raises(EetuneError, match="prompt file not found"):
+        distill.read_prompts(tmp_path / "nope.txt")
+
+    bundled = distill.read_prompts(distill.DEFAULT_PROMPTS)
+    assert 25 <= len(bundled) <= 40 and len(set(bundled)) == len(bundled)
