@@ -130,7 +130,7 @@ def validate(cfg: DictConfig) -> None:
         raise EetuneError(f"generate.top_p={cfg.generate.top_p} must be in (0, 1]")
     if cfg.generate.top_k is not None and cfg.generate.top_k < 1:
         raise EetuneError(f"generate.top_k={cfg.generate.top_k} must be >= 1")
-    if cfg.data.source in ("text", "jsonl") and not cfg.data.path:
+    if cfg.data.source in ("text", "jsonl", "hf") and not cfg.data.path:
         raise EetuneError(f"data.source={cfg.data.source} needs data.path=<file>")
 
 

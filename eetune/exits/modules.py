@@ -17,13 +17,33 @@ from torchtune.modules import RMSNorm, TiedLinear, TransformerDecoder
 from eetune.exits.spec import ExitSpec
 
 
+class ConfidenceEstimator(nn.Module):
+    """Predicts, from an exit's normalised hidden state, whether the exit's top-1 token
+    equals the final layer's (a logit). Costs a few thousand FLOPs instead of a
+    vocabulary head, so inference can decide to exit before paying for the head."""
+
+    def __init__(self, dim: int, kind: str, hidden: int = 64) -> None:
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(dim, 1)
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        else:
+            raise ValueError(f"unknown confidence estimator {kind!r}")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden).squeeze(-1)
+
+
 class EarlyExit(nn.Module):
-    """Base: `forward(h) -> normalised hidden`; `head` is the exit's own head or None."""
+    """Base: `forward(h) -> normalised hidden`; `head` is the exit's own head or None;
+    `confidence` an optional learned estimator of agreement with the final layer."""
 
     def __init__(self, spec: ExitSpec, head: Optional[nn.Linear]) -> None:
         super().__init__()
         self.spec = spec
         self.head = head
+        self.confidence: Optional[ConfidenceEstimator] = None
 
     def forward(
         self, h: torch.Tensor, *, mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None
@@ -109,6 +129,9 @@ def build_exit(spec: ExitSpec, backbone: TransformerDecoder, init_std: float = 0
         raise ValueError(f"unknown exit arch {spec.arch!r}")
     if spec.init == "random":
         _init_random(module, init_std)
+    if spec.confidence != "none":
+        weight = lm_head_weight(backbone)
+        module.confidence = ConfidenceEstimator(weight.shape[1], spec.confidence).to(weight.dtype)
     module.requires_grad_(True)
     return module
 

@@ -10,6 +10,7 @@ from eetune.errors import EetuneError
 ARCHS = ("embedding", "norm", "mlp", "layer")
 INITS = ("random", "copy")
 HEADS = ("shared", "copy")
+CONFIDENCES = ("none", "linear", "mlp")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class ExitSpec:
     arch: str = "mlp"
     init: str = "copy"
     head: str = "shared"
+    # Learned confidence estimator on the exit's hidden state (CALM's "meta" classifier).
+    confidence: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -28,7 +31,10 @@ class ExitSpec:
 def specs_from_config(exits_cfg: Any) -> list[ExitSpec]:
     """One spec per layer in `exits.layers`, sharing arch/init/head; sorted by depth."""
     return sorted(
-        (ExitSpec(int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head) for layer in exits_cfg.layers),
+        (
+            ExitSpec(int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head, exits_cfg.get("confidence", "none"))
+            for layer in exits_cfg.layers
+        ),
         key=lambda spec: spec.layer,
     )
 
@@ -54,6 +60,10 @@ def check_specs(specs: Iterable[ExitSpec], num_layers: int) -> None:
             raise EetuneError(f"unknown exit init '{spec.init}': choose one of {', '.join(INITS)}")
         if spec.head not in HEADS:
             raise EetuneError(f"unknown exit head '{spec.head}': choose one of {', '.join(HEADS)}")
+        if spec.confidence not in CONFIDENCES:
+            raise EetuneError(
+                f"unknown exit confidence '{spec.confidence}': choose one of {', '.join(CONFIDENCES)}"
+            )
         if spec.arch == "embedding" and spec.head == "shared":
             raise EetuneError(
                 "an 'embedding' exit with a shared frozen head has nothing to train: use exits.head=copy"

@@ -20,6 +20,7 @@ def load_base(model_cfg: Any) -> BaseModel:
         checkpoint_dir=model_cfg.checkpoint_dir,
         dtype=model_cfg.dtype,
         max_seq_len=model_cfg.max_seq_len,
+        device=model_cfg.device,
     )
 
 

@@ -1,0 +1,202 @@
+"""The `eetune` command line: compose a config (recipe + groups + overrides), call a stage.
+
+Commands never hold logic of their own: each one composes the config and calls the
+stage's `run(cfg)`. A user error prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from eetune.config import compose_config, config_groups, list_recipes, recipe_path
+from eetune.errors import EetuneError
+
+app = typer.Typer(
+    name="eetune",
+    help="Turn a pretrained decoder LLM into an early-exit LLM (EE-Tuning), measure it, serve it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Make tuning data.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List, show and copy recipes to start your own.", no_args_is_help=True)
+import_app = typer.Typer(help="Convert checkpoints from other formats into Hugging Face dirs.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(import_app, name="import")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+
+OVERRIDES = typer.Argument(
+    None,
+    metavar="[recipe=NAME|PATH] [KEY=VALUE]...",
+    help="Recipe and Hydra overrides, e.g. recipe=smollm2_135m exits.layers=[8,16,24] exits.arch=mlp",
+    show_default=False,
+)
+PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+
+
+def _compose(stage: str, overrides: Optional[List[str]], print_config: bool) -> DictConfig | None:
+    cfg = compose_config(stage, overrides or [])
+    if print_config:
+        typer.echo(OmegaConf.to_yaml(cfg), nl=False)
+        return None
+    return cfg
+
+
+@app.command()
+def augment(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Stage one: add exits to the frozen model and write them to a run dir."""
+    cfg = _compose("augment", overrides, print_config)
+    if cfg is not None:
+        from eetune.stages import augment as stage
+
+        stage.run(cfg, console=console)
+
+
+@app.command()
+def tune(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Stage two: train only the exits (backbone frozen); resumable with resume=true."""
+    cfg = _compose("tune", overrides, print_config)
+    if cfg is not None:
+        from eetune.train import loop as stage
+
+        stage.run(cfg, console=console)
+
+
+@data_app.command("distill")
+def data_distill(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Generate a self-distillation corpus (JSONL) from the base model itself."""
+    cfg = _compose("distill", overrides, print_config)
+    if cfg is not None:
+        from eetune.stages import distill as stage
+
+        stage.run(cfg)
+
+
+@app.command()
+def generate(
+    overrides: Optional[List[str]] = OVERRIDES,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (a user message with --chat)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the chat template."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    print_config: bool = PRINT_CONFIG,
+) -> None:
+    """Generate text with the model, streaming to the terminal."""
+    flags = {
+        "generate.prompt": prompt,
+        "generate.chat": chat,
+        "generate.max_new_tokens": max_new_tokens,
+        "generate.temperature": temperature,
+        "generate.seed": seed,
+    }
+    cfg = compose_config("generate", overrides or [])
+    # Flags are applied after composition so prompts need no Hydra quoting.
+    for key, value in flags.items():
+        if value is not None:
+            OmegaConf.update(cfg, key, value, merge=False)
+    if print_config:
+        typer.echo(OmegaConf.to_yaml(cfg), nl=False)
+        return
+    from eetune.stages import generate as stage
+
+    stage.run(cfg, console=console)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List built-in recipes and config groups."""
+    table = Table(title="recipes (eetune <stage> recipe=NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name in list_recipes():
+        table.add_row(name, _description(recipe_path(name)))
+    Console().print(table)
+    groups = Table(title="config groups (override with GROUP=OPTION)")
+    groups.add_column("group")
+    groups.add_column("options")
+    for group, options in config_groups().items():
+        groups.add_row(group, ", ".join(options))
+    Console().print(groups)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: str = typer.Argument(..., help="Recipe name or path."),
+    resolved: bool = typer.Option(False, "--resolved", help="Show the fully composed config instead."),
+) -> None:
+    """Print a recipe's YAML (or its fully composed config)."""
+    if resolved:
+        typer.echo(OmegaConf.to_yaml(compose_config("augment", [f"recipe={name}"])), nl=False)
+    else:
+        typer.echo(recipe_path(name).read_text(), nl=False)
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: str = typer.Argument(..., help="Built-in recipe to copy."),
+    dest: Path = typer.Argument(..., help="Destination file (or dir) for your own recipe."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy a recipe so you can edit it; run it with recipe=<path>."""
+    source = recipe_path(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.suffix not in (".yaml", ".yml"):
+        raise EetuneError(f"destination {target} must end in .yaml")
+    if target.exists() and not force:
+        raise EetuneError(f"{target} already exists: pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    console.print(f"copied {name} to {target}; run it with: eetune augment recipe={target}")
+
+
+@import_app.command("gguf")
+def import_gguf(
+    gguf_file: Path = typer.Argument(..., help="A .gguf model file."),
+    out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face dir (must not exist)."),
+) -> None:
+    """Convert a GGUF file into a Hugging Face dir (dequantised weights, config, tokenizer)."""
+    from eetune.models import import_gguf as convert
+
+    convert(gguf_file, out_dir)
+    console.print(f"wrote {out_dir}; use it with model.checkpoint_dir={out_dir}")
+
+
+def _description(path: Path) -> str:
+    """A recipe's first comment line."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Exit tuning: the exit losses and what trains the exits."""

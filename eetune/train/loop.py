@@ -1,0 +1,407 @@
+"""Stage two of EE-Tuning: train only the exits, backbone frozen, resumably.
+
+Per step: the frozen backbone runs without autograd up to the deepest exit (or to the end
+when a loss needs the final layer), or its states come from the hidden-state cache; each
+exit maps its layer's output to a hidden state; one fused, chunked head + loss computes
+every exit's loss without materialising [tokens, vocab] logits; AdamW steps the exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from eetune.data import IGNORE_INDEX, TuningData, load_tuning_data
+from eetune.data.batches import TrainBatches
+from eetune.errors import EetuneError
+from eetune.eval.heldout import ExitQuality, heldout_quality
+from eetune.exits import EarlyExitModel, build_manifest, check_specs, load_exits, save_exits, specs_from_config
+from eetune.exits.modules import lm_head_weight
+from eetune.models import BaseModel
+from eetune.stages.common import CONFIG_FILE, base_info, load_base, write_config
+from eetune.train.hidden_cache import HiddenCache
+from eetune.train.losses import exit_losses
+from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics
+from eetune.train.schedule import exit_weight, lr_factor
+from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state
+
+# Keys that may differ between a run and its resumption.
+_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger")
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    steps: int
+    tokens_seen: int
+    before: dict[int, ExitQuality]  # held-out quality at the start (key num_layers: final layer)
+    after: dict[int, ExitQuality]
+
+
+def run(cfg: DictConfig, console: Console | None = None) -> TuneResult:
+    console = console or Console(stderr=True)
+    run_dir = Path(cfg.run_dir)
+    _prepare_run_dir(cfg, run_dir)
+    base = load_base(cfg.model)
+    if base.dtype == torch.float16:
+        raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
+    data = load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg, base)
+    return Trainer(cfg, base, model, data, run_dir, console).fit()
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    if cfg.resume:
+        saved = run_dir / CONFIG_FILE
+        if not saved.is_file() or not has_state(run_dir):
+            raise EetuneError(f"resume=true but {run_dir} holds no interrupted tune run (config.yaml + state/)")
+        _check_same_config(OmegaConf.load(saved), cfg, run_dir)
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise EetuneError(
+            f"run dir {run_dir} already exists and is not empty: choose another run_dir=..., "
+            "or pass resume=true to continue an interrupted run there"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+
+
+def _check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) -> None:
+    def comparable(c: DictConfig) -> dict:
+        container = OmegaConf.to_container(c, resolve=True)
+        return {k: v for k, v in container.items() if k not in _RESUME_FREE_KEYS}
+
+    old, new = _flatten(comparable(saved)), _flatten(comparable(current))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        key = changed[0]
+        raise EetuneError(
+            f"cannot resume {run_dir}: its config differs ({key} was {old.get(key)!r}, now {new.get(key)!r}); "
+            "resume with the original settings or start a new run_dir"
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def _build_model(cfg: DictConfig, base: BaseModel) -> EarlyExitModel:
+    if cfg.train.init_from:
+        model = load_exits(cfg.train.init_from, base.model, base.fingerprint)
+    else:
+        specs = specs_from_config(cfg.exits)
+        check_specs(specs, base.num_layers)
+        model = EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std)
+    # fp32 master weights for the optimizer; bf16 compute comes from autocast.
+    model.exits.float()
+    return model
+
+
+class Trainer:
+    def __init__(
+        self, cfg: DictConfig, base: BaseModel, model: EarlyExitModel, data: TuningData, run_dir: Path,
+        console: Console,
+    ) -> None:
+        self.cfg, self.base, self.model, self.data, self.run_dir, self.console = cfg, base, model, data, run_dir, console
+        self.layers = model.exit_layers
+        self.bf16 = base.dtype == torch.bfloat16
+        self.device = base.model.tok_embeddings.weight.device
+        weights = list(cfg.loss.exit_weights) or [1.0] * len(self.layers)
+        if len(weights) != len(self.layers):
+            raise EetuneError(
+                f"loss.exit_weights has {len(weights)} values for {len(self.layers)} exits {self.layers}"
+            )
+        self.base_weights = dict(zip(self.layers, (float(w) for w in weights)))
+        self.has_confidence = any(model.exit(layer).confidence is not None for layer in self.layers)
+        # The final layer is computed only when a loss needs it.
+        self.needs_final = cfg.loss.kd_alpha > 0 or cfg.loss.ce_target == "teacher" or self.has_confidence
+        self._check_loss_config()
+
+        self.batches = TrainBatches(
+            data.train_tokens, data.train_labels, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed
+        )
+        self.heldout = data.heldout_batch(cfg.data.heldout_sequences)
+        params = model.exit_parameters()
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(
+                step, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
+                decay=cfg.optim.decay, min_ratio=cfg.optim.min_lr_ratio,
+            ),
+        )
+        self.cache = self._open_cache() if cfg.data.cache_hidden else None
+        self.step = 0
+        self.tokens_seen = 0
+
+    def _check_loss_config(self) -> None:
+        loss = self.cfg.loss
+        if not 0.0 <= loss.kd_alpha <= 1.0:
+            raise EetuneError(f"loss.kd_alpha={loss.kd_alpha} must be in [0, 1]")
+        if loss.kd_temperature <= 0:
+            raise EetuneError(f"loss.kd_temperature={loss.kd_temperature} must be > 0")
+        for key in ("train.steps", "optim.grad_accum", "data.batch_size", "loss.chunk_size"):
+            if OmegaConf.select(self.cfg, key) < 1:
+                raise EetuneError(f"{key}={OmegaConf.select(self.cfg, key)} must be >= 1")
+
+    def _open_cache(self) -> HiddenCache:
+        keys = [str(layer) for layer in self.layers] + (["final"] if self.needs_final else [])
+        return HiddenCache(
+            self.run_dir / "hidden_cache", keys, self.data.num_examples, self.data.seq_len,
+            lm_head_weight(self.base.model).shape[1], self.base.dtype,
+        )
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> TuneResult:
+        cfg = self.cfg
+        if cfg.resume:
+            self._restore(load_state(self.run_dir))
+        before = self._heldout_quality() if self.step == 0 else self._quality_from_metrics()
+        logger = MetricLogger(self.run_dir, cfg, resume_step=self.step)
+        if self.step == 0:
+            logger.log(0, self._quality_metrics(before))
+        progress = Progress(
+            TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        try:
+            with progress:
+                task = progress.add_task("tune", total=cfg.train.steps, completed=self.step, status="")
+                while self.step < cfg.train.steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                            metrics.update(self._quality_metrics(self._heldout_quality()))
+                        logger.log(self.step, metrics)
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self._checkpoint()
+                    progress.update(task, completed=self.step, status=self._status(metrics))
+            after = self._heldout_quality()
+            logger.log(self.step, self._quality_metrics(after))
+            logger.log_summary(self._quality_metrics(after))
+        finally:
+            logger.close()
+        self._checkpoint()
+        self._write_results(before, after)
+        return TuneResult(self.run_dir, self.step, self.tokens_seen, before, after)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        micro_batches = [
+            {key: value.to(self.device) if key != "indices" else value for key, value in next(self.batches).items()}
+            for _ in range(cfg.optim.grad_accum)
+        ]
+        # The global count of loss tokens: accumulation then equals one big batch exactly.
+        normalizer = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches))
+        weights = {
+            layer: exit_weight(w, self.step, weighting=cfg.loss.weighting, warmup_steps=cfg.loss.warmup_steps)
+            for layer, w in self.base_weights.items()
+        }
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            for key, value in self._micro_step(batch, weights, normalizer).items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+            self.tokens_seen += batch["tokens"].numel()
+        if cfg.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.exit_parameters(), cfg.optim.grad_clip)
+            totals["grad_norm"] = float(norm)
+        totals["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        totals["tokens_per_s"] = sum(b["tokens"].numel() for b in micro_batches) / elapsed
+        totals.update({f"weight/exit_{layer}": w for layer, w in weights.items()})
+        return totals
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], weights: dict[int, float], normalizer: float) -> dict:
+        cfg = self.cfg
+        states = self._backbone_states(batch)
+        labels = batch["labels"]
+        with self._autocast():
+            hiddens = {layer: self.model.exit_hidden(layer, states[str(layer)]) for layer in self.layers}
+        dtype = next(iter(hiddens.values())).dtype
+        heads = {layer: self.model.head_weight(layer).to(dtype) for layer in self.layers}
+        teacher = states.get("final")
+        lm_head = lm_head_weight(self.base.model).to(dtype)
+        targets = labels
+        if cfg.loss.ce_target == "teacher":
+            top1 = chunked_argmax(teacher, lm_head, cfg.loss.chunk_size)
+            targets = torch.where(labels == IGNORE_INDEX, labels, top1)
+        out = exit_losses(
+            hiddens, heads, targets, weights,
+            token_weighting="dynamic" if cfg.loss.weighting == "dynamic" else "none",
+            teacher_hidden=teacher, teacher_head_weight=lm_head if teacher is not None else None,
+            kd_alpha=cfg.loss.kd_alpha, kd_temperature=cfg.loss.kd_temperature,
+            normalizer=normalizer, chunk_size=cfg.loss.chunk_size, return_top1=self.has_confidence,
+        )
+        loss = out.loss
+        metrics: dict[str, float] = {}
+        if self.has_confidence:
+            valid = (labels != IGNORE_INDEX).float()
+            for layer in self.layers:
+                estimator = self.model.exit(layer).confidence
+                if estimator is None:
+                    continue
+                # Detached input: the estimator learns to read the exit, not to reshape it.
+                with self._autocast():
+                    logit = estimator(hiddens[layer].detach()).float()
+                agree = (out.exit_top1[layer] == out.teacher_top1).float()
+                bce = F.binary_cross_entropy_with_logits(logit, agree, reduction="none")
+                conf_loss = (bce * valid).sum() / normalizer
+                loss = loss + cfg.loss.confidence_weight * conf_loss
+                metrics[f"confidence_bce/exit_{layer}"] = float(conf_loss.detach()) * normalizer / max(float(valid.sum()), 1)
+        loss.backward()
+        metrics["loss"] = float(loss.detach())
+        for layer, stats in out.exits.items():
+            metrics[f"ce/exit_{layer}"] = float(stats.ce)
+            metrics[f"max_prob/exit_{layer}"] = float(stats.max_prob)
+            if stats.agreement is not None:
+                metrics[f"agreement/exit_{layer}"] = float(stats.agreement)
+            if stats.kd is not None:
+                metrics[f"kd/exit_{layer}"] = float(stats.kd)
+        return metrics
+
+    @torch.no_grad()
+    def _backbone_states(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Layer outputs at every exit (keys "8", "16", ...) and "final" if needed."""
+        if self.cache is not None:
+            cached = self.cache.get(batch["indices"])
+            if cached is not None:
+                return {key: value.to(self.device) for key, value in cached.items()}
+        depths = self.layers + ([self.model.num_layers] if self.needs_final else [])
+        hidden = self.model.hidden_states(batch["tokens"], depths)
+        states = {str(layer): hidden[layer] for layer in self.layers}
+        if self.needs_final:
+            states["final"] = self.base.model.norm(hidden[self.model.num_layers])
+        if self.cache is not None:
+            self.cache.put(batch["indices"], states)
+        return states
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- evaluation, state, results ---------------------------------------------------------
+
+    def _heldout_quality(self) -> dict[int, ExitQuality]:
+        with self._autocast():
+            return heldout_quality(self.model, self.heldout.to(self.device))
+
+    @staticmethod
+    def _quality_metrics(quality: dict[int, ExitQuality]) -> dict[str, float]:
+        metrics = {}
+        for layer, q in quality.items():
+            metrics[f"heldout_ce/exit_{layer}"] = q.cross_entropy
+            metrics[f"heldout_agreement/exit_{layer}"] = q.agreement
+        return metrics
+
+    def _quality_from_metrics(self) -> dict[int, ExitQuality]:
+        """The before-tuning quality a resumed run logged at step 0."""
+        first = read_metrics(self.run_dir / "metrics.jsonl")[0]
+        return {
+            int(key.rsplit("_", 1)[1]): ExitQuality(
+                int(key.rsplit("_", 1)[1]), value, first[key.replace("heldout_ce", "heldout_agreement")]
+            )
+            for key, value in first.items()
+            if key.startswith("heldout_ce/")
+        }
+
+    def _checkpoint(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+        save_state(
+            self.run_dir,
+            TrainerState(
+                step=self.step,
+                exits=self.model.exits.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                data=self.batches.state_dict(),
+                rng=capture_rng(),
+                extra={"tokens_seen": self.tokens_seen},
+            ),
+        )
+
+    def _restore(self, state: TrainerState) -> None:
+        self.model.exits.load_state_dict(state.exits)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.batches.load_state_dict(state.data)
+        restore_rng(state.rng)
+        self.step = state.step
+        self.tokens_seen = state.extra.get("tokens_seen", 0)
+        self.console.print(f"resumed {self.run_dir} at step {self.step}")
+
+    def _write_results(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> None:
+        heldout = {
+            str(layer): {
+                "cross_entropy_before": before[layer].cross_entropy,
+                "cross_entropy_after": after[layer].cross_entropy,
+                "agreement_before": before[layer].agreement,
+                "agreement_after": after[layer].agreement,
+            }
+            for layer in after
+        }
+        manifest = build_manifest(
+            self.model, base_info(self.base), stage="tune",
+            extra={"tune": {"steps": self.step, "tokens_seen": self.tokens_seen, "heldout": heldout}},
+        )
+        save_exits(self.run_dir, self.model, manifest)
+        plot_loss_curves(
+            read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / LOSS_PLOT_FILE,
+            title=f"{self.base.name}: exits {self.layers}",
+        )
+        self.console.print(_results_table(self.layers, self.model.num_layers, before, after))
+        self.console.print(f"tuned exits written to [bold]{self.run_dir}[/] (loss curve: {LOSS_PLOT_FILE})")
+
+    def _status(self, metrics: dict[str, float]) -> str:
+        ces = " ".join(f"{layer}:{metrics[f'ce/exit_{layer}']:.2f}" for layer in self.layers)
+        return f"CE {ces} | {metrics['tokens_per_s']:.0f} tok/s"
+
+
+def chunked_argmax(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """argmax(hidden @ weight.T) over the last dim, `chunk_size` rows at a time."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        out[start : start + chunk_size] = (flat[start : start + chunk_size] @ weight.T).argmax(-1)
+    return out.view(hidden.shape[:-1])
+
+
+def _results_table(
+    layers: list[int], num_layers: int, before: dict[int, ExitQuality], after: dict[int, ExitQuality]
+) -> Table:
+    table = Table(title="held-out quality per exit")
+    for column in ("layer", "CE before", "CE after", "agreement before", "agreement after"):
+        table.add_column(column, justify="right")
+    for layer in [*layers, num_layers]:
+        table.add_row(
+            str(layer) if layer != num_layers else f"{layer} (final)",
+            f"{before[layer].cross_entropy:.3f}", f"{after[layer].cross_entropy:.3f}",
+            f"{before[layer].agreement:.1%}", f"{after[layer].agreement:.1%}",
+        )
+    return table

@@ -1,0 +1,104 @@
+"""Where training metrics go: `metrics.jsonl` always, a loss-curve PNG, and W&B on request."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from eetune.errors import EetuneError
+from eetune.rundir import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss_curve.png"
+
+
+class MetricLogger:
+    """Appends one JSON line per logged step; mirrors to W&B when `logger.kind=wandb`."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, resume_step: int = 0) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        # On resume, drop lines logged after the checkpoint: they are about to be redone.
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        self._file = self.path.open("a", encoding="utf-8")
+        self._wandb = _start_wandb(run_dir, cfg) if cfg.logger.kind == "wandb" else None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.summary.update(summary)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, cfg: DictConfig):
+    import wandb
+
+    mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_login()):
+        raise EetuneError("logger=wandb online needs a W&B login: run `wandb login`, or set logger.mode=offline")
+    return wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        name=cfg.logger.name or Path(run_dir).name,
+        dir=str(run_dir),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        reinit="finish_previous",
+    )
+
+
+def _has_netrc_login() -> bool:
+    return (Path.home() / ".netrc").is_file()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(records: list[dict[str, Any]], out: Path, title: str) -> None:
+    """Per-exit training loss (and held-out CE where logged) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    train_keys = sorted({k for r in records for k in r if k.startswith("ce/exit_")}, key=_layer_of)
+    eval_keys = sorted({k for r in records for k in r if k.startswith("heldout_ce/exit_")}, key=_layer_of)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, key in enumerate(train_keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), color=colors[i % len(colors)], label=f"exit {_layer_of(key)} (train CE)")
+    for i, key in enumerate(eval_keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), "o--", color=colors[i % len(colors)], label=f"exit {_layer_of(key)} (held-out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train_keys or eval_keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _layer_of(key: str) -> int:
+    return int(key.rsplit("_", 1)[1])

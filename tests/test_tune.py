@@ -1,0 +1,272 @@
+"""The `tune` stage on a tiny random model: outputs, exactness, resume, cache, logging, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eetune.config import compose_config
+from eetune.errors import EetuneError
+from eetune.exits import load_exits
+from eetune.models import fingerprint, load_base_model
+from eetune.train import loop
+from eetune.train.schedule import exit_weight, lr_factor
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~6k characters of real English: about 20 batches of 4 x 64 byte-level tokens per epoch."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(topics["assignment"][:6000])
+    return path
+
+
+def tune_cfg(tiny_base_model, corpus, run_dir, *overrides):
+    return compose_config(
+        "tune",
+        [
+            f"model.checkpoint_dir={tiny_base_model.checkpoint_dir}",
+            f"run_dir={run_dir}",
+            "data=text", f"data.path={corpus}", "data.seq_len=64", "data.batch_size=4",
+            "exits.layers=[1,2,3]", "optim.lr=1e-2", "optim.warmup_steps=2",
+            "train.steps=12", "train.checkpoint_every=4",
+            *overrides,
+        ],
+    )
+
+
+def exit_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "exits.safetensors"))
+
+
+def test_tune_writes_a_run_dir_and_improves_every_exit(tiny_base_model, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result = loop.run(tune_cfg(tiny_base_model, corpus, run_dir))
+
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "manifest.json", "exits.safetensors", "metrics.jsonl", "loss_curve.png", "state"} <= names
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "tune" and manifest["tune"]["steps"] == 12
+    assert manifest["tune"]["tokens_seen"] == 12 * 4 * 64 == result.tokens_seen
+    for layer in (1, 2, 3):
+        assert result.after[layer].cross_entropy < result.before[layer].cross_entropy - 0.5
+    final = tiny_base_model.num_layers
+    assert result.after[final].cross_entropy == pytest.approx(result.before[final].cross_entropy)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "ce/exit_1" in r]
+    assert [r["step"] for r in trained] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in trained)
+    # Warmup then cosine decay: lr rises for 2 steps, then falls to 10% at the end.
+    lrs = [r["lr"] for r in trained]
+    assert lrs[0] < lrs[1] and lrs[-1] == pytest.approx(1e-3)
+
+    # The run dir is what eval/serve load: same format as augment, same base fingerprint.
+    model = load_exits(run_dir, tiny_base_model.model, tiny_base_model.fingerprint)
+    assert model.exit_layers == [1, 2, 3]
+
+
+def test_backbone_is_untouched_and_only_exits_are_optimised(tiny_base_model, corpus, tmp_path):
+    before = fingerprint(tiny_base_model.model.state_dict())
+    cfg = tune_cfg(tiny_base_model, corpus, tmp_path / "run", "train.steps=3")
+    base = load_base_model("smollm2_135m", checkpoint_dir=tiny_base_model.checkpoint_dir)
+    model = loop._build_model(cfg, base)
+    trainer = loop.Trainer(cfg, base, model, loop.load_tuning_data(cfg.data, base.tokenizer), tmp_path / "run", None)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.exits.parameters()}
+    backbone_before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    trainer.train_step()
+    assert all(torch.equal(v, backbone_before[k]) for k, v in base.model.state_dict().items())
+    assert fingerprint(tiny_base_model.model.state_dict()) == before
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_base_model, corpus, tmp_path):
+    common = ("train.steps=2", "train.checkpoint_every=0", "data.shuffle=false", "optim.grad_clip=0")
+    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "big", "data.batch_size=4", *common))
+    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
+    big, acc = exit_state(tmp_path / "big"), exit_state(tmp_path / "acc")
+    for key in big:
+        torch.testing.assert_close(acc[key], big[key], rtol=0, atol=1e-6)
+
+
+def test_hidden_state_cache_gives_the_same_losses(tiny_base_model, corpus, tmp_path):
+    # 30 steps of 4 examples span two epochs (~20 batches each): the second reads the cache.
+    common = ("train.steps=30", "train.checkpoint_every=0", "loss.kd_alpha=0.5")
+    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "plain", *common))
+    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "cached", "data.cache_hidden=true", *common))
+    assert (tmp_path / "cached" / "hidden_cache" / "final.npy").is_file()
+    plain = _train_losses(tmp_path / "plain")
+    cached = _train_losses(tmp_path / "cached")
+    assert len(plain) == 30 and plain == pytest.approx(cached, rel=0, abs=1e-6)
+    for key, value in exit_state(tmp_path / "plain").items():
+        torch.testing.assert_close(exit_state(tmp_path / "cached")[key], value, rtol=0, atol=1e-6)
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from eetune.config import compose_config
+    from eetune.train import loop
+
+    kill_at = int(sys.argv[1])
+    original = loop.Trainer.train_step
+
+    def train_step(self):
+        # Die hard in the middle of the run, after the step-8 checkpoint, mid-way to the next.
+        if self.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self)
+
+    loop.Trainer.train_step = train_step
+    loop.run(compose_config("tune", sys.argv[2:]))
+    """
+)
+
+
+def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_base_model, corpus, tmp_path):
+    straight = tmp_path / "straight"
+    loop.run(tune_cfg(tiny_base_model, corpus, straight))
+
+    killed = tmp_path / "killed"
+    cfg = tune_cfg(tiny_base_model, corpus, killed)
+    overrides = [f"{key}={value}" for key, value in _flat_overrides(cfg)]
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), "10", *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (killed / "exits.safetensors").exists()
+    state = torch.load(killed / "state" / "trainer.pt", weights_only=False)
+    assert state["step"] == 8
+
+    loop.run(tune_cfg(tiny_base_model, corpus, killed, "resume=true"))
+    resumed, expected = exit_state(killed), exit_state(straight)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(9) == 1  # nothing logged twice
+
+
+def _flat_overrides(cfg):
+    return [
+        ("model.checkpoint_dir", cfg.model.checkpoint_dir), ("run_dir", cfg.run_dir), ("data", "text"),
+        ("data.path", cfg.data.path), ("data.seq_len", 64), ("data.batch_size", 4), ("exits.layers", "[1,2,3]"),
+        ("optim.lr", 1e-2), ("optim.warmup_steps", 2), ("train.steps", 12), ("train.checkpoint_every", 4),
+    ]
+
+
+def test_resume_refuses_a_changed_config_and_a_dir_without_state(tiny_base_model, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
+    snapshot = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    with pytest.raises(EetuneError, match=r"config differs \(optim.lr was 0.01, now 0.02\)"):
+        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4", "optim.lr=2e-2", "resume=true"))
+    with pytest.raises(EetuneError, match="already exists and is not empty"):
+        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == snapshot
+    with pytest.raises(EetuneError, match="holds no interrupted tune run"):
+        loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "empty", "resume=true"))
+
+
+def test_exits_from_another_base_model_are_refused(tiny_base_model, corpus, tmp_path):
+    source = tmp_path / "source"
+    loop.run(tune_cfg(tiny_base_model, corpus, source, "train.steps=1"))
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["base_model"]["fingerprint"] = "0" * 64
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EetuneError, match="fingerprint 0000"):
+        loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "next", f"train.init_from={source}"))
+
+
+def test_confidence_estimators_train_and_are_saved_with_the_exits(tiny_base_model, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "exits.confidence=mlp", "train.steps=6"))
+    state = exit_state(run_dir)
+    assert any(key.startswith("1.confidence.net.") for key in state)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bce = [r["confidence_bce/exit_2"] for r in records if "confidence_bce/exit_2" in r]
+    assert len(bce) == 6 and all(0 <= value < 5 for value in bce)
+    model = load_exits(run_dir, tiny_base_model.model, tiny_base_model.fingerprint)
+    estimator = model.exit(1).confidence
+    assert estimator is not None
+    torch.testing.assert_close(estimator.net[0].weight, state["1.confidence.net.0.weight"])
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(tiny_base_model, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "logger.kind=wandb", "logger.mode=offline", "train.steps=3"))
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    steps_with: dict[str, set[int]] = {}
+    summary_keys: set[str] = set()
+    for record in read_wandb_records(offline[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            for key in items:
+                steps_with.setdefault(key, set()).add(int(items["_step"]))
+        elif kind == "summary":
+            summary_keys |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
+    assert steps_with["ce/exit_2"] == {1, 2, 3}
+    assert steps_with["heldout_ce/exit_3"] == {0, 3}
+    assert "heldout_agreement/exit_1" in summary_keys
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a .wandb file (a LevelDB-style log: 7-byte header, 32 KiB blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, pending = path.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a record header
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full record, or last fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            records.append(record)
+            pending = b""
+        elif kind in (2, 3):  # first / middle fragment
+            pending += chunk
+    return records
+
+
+def test_schedules_match_hand_computed_values():
+    # Warmup 2 of 11 steps, cosine to 10%: step 0 -> 0.5, 1 -> 1.0, mid-decay -> 0.55, last -> 0.1.
+    kwargs = dict(total_steps=11, warmup_steps=2, decay="cosine", min_ratio=0.1)
+    assert lr_factor(0, **kwargs) == pytest.approx(0.5)
+    assert lr_factor(1, **kwargs) == pytest.approx(1.0)
+    assert lr_factor(6, **kwargs) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(10, **kwargs) == pytest.approx(0.1)
+    assert lr_factor(6, **{**kwargs, "decay": "linear"}) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(3, **{**kwargs, "decay": "linear"}) == pytest.approx(0.1 + 0.9 * (1 - 1 / 8))
+    # Exit weights warmed up over 4 steps: linear 0.25/0.5/.../1 x base; cosine (1 - cos(pi p)) / 2.
+    assert exit_weight(2.0, 0, weighting="linear", warmup_steps=4) == pytest.approx(0.5)
+    assert exit_weight(2.0, 9, weighting="linear", warmup_steps=4) == pytest.approx(2.0)
+    assert exit_weight(2.0, 1, weighting="cosine", warmup_steps=4) == pytest.approx(1.0)
+    assert exit_weight(2.0, 0, weighting="constant", warmup_steps=4) == 2.0
+    assert exit_weight(2.0, 0, weighting="dynamic", warmup_steps=4) == 2.0
