@@ -123,3 +123,11 @@ def test_default_recipe_composes_and_a_mistyped_seed_fails():
     assert cfg.exits.arch == "mlp" and cfg.exits.head == "shared" and cfg.data.source == "pydoc"
     with pytest.raises(EetuneError):
         compose_config("augment", ["seed=notanint"])
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_composes_for_every_stage(recipe):
+    extra = ["data.path=/data/train.jsonl", "model.checkpoint_dir=/ckpt"]
+    for stage in ("augment", "tune", "generate"):
+        cfg = compose_config(stage, [f"recipe={recipe}", *extra])
+        assert cfg.stage == stage and cfg.exits.layers
