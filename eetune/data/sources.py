@@ -42,13 +42,13 @@ def pydoc_documents() -> list[Document]:
     return [Document(where=f"pydoc topic '{key}'", text=topics[key]) for key in sorted(topics)]
 
 
-def read_text_file(path: Path) -> str:
+def read_text_file(path: Path, what: str = "data") -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise EetuneError(f"data file not found: {path}") from None
+        raise EetuneError(f"{what} file not found: {path}") from None
     except IsADirectoryError:
-        raise EetuneError(f"data path is a directory, not a file: {path}") from None
+        raise EetuneError(f"{what} path is a directory, not a file: {path}") from None
     except UnicodeDecodeError as exc:
         raise EetuneError(f"{path} is not UTF-8 text (byte {exc.start})") from None
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from eetune.data.sources import read_text_file
 from eetune.errors import EetuneError
 from eetune.infer.generate import generate
 from eetune.rundir import atomic_write
@@ -28,14 +29,7 @@ DEFAULT_OUT_NAME = "distill.jsonl"
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a .jsonl/.json file (a `prompt` field per line) or text (one per line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EetuneError(f"prompt file not found: {path}") from None
-    except IsADirectoryError:
-        raise EetuneError(f"prompt path is a directory, not a file: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise EetuneError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    text = read_text_file(path, what="prompt")
     prompts = []
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     for number, line in enumerate(text.split("\n"), start=1):
