@@ -373,10 +373,14 @@ class Trainer:
         save_exits(self.run_dir, self.model, manifest)
         plot_loss_curves(
             read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / LOSS_PLOT_FILE,
-            title=f"{self.base.name}: exits {self.layers}",
+            title=f"{self.base.name}: exits {self.layers} (train CE vs {self._ce_target_name()})",
+            final_layer=self.model.num_layers,
         )
         self.console.print(_results_table(self.layers, self.model.num_layers, before, after))
         self.console.print(f"tuned exits written to [bold]{self.run_dir}[/] (loss curve: {LOSS_PLOT_FILE})")
+
+    def _ce_target_name(self) -> str:
+        return "the final layer's argmax" if self.cfg.loss.ce_target == "teacher" else "the data"
 
     def _status(self, metrics: dict[str, float]) -> str:
         ces = " ".join(f"{layer}:{metrics[f'ce/exit_{layer}']:.2f}" for layer in self.layers)

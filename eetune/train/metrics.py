@@ -72,8 +72,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(records: list[dict[str, Any]], out: Path, title: str) -> None:
-    """Per-exit training loss (and held-out CE where logged) against step, as a PNG."""
+def plot_loss_curves(records: list[dict[str, Any]], out: Path, title: str, final_layer: int | None = None) -> None:
+    """Per-exit training CE (and held-out CE where logged) against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +88,9 @@ def plot_loss_curves(records: list[dict[str, Any]], out: Path, title: str) -> No
         ax.plot(*zip(*points), color=colors[i % len(colors)], label=f"exit {_layer_of(key)} (train CE)")
     for i, key in enumerate(eval_keys):
         points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), "o--", color=colors[i % len(colors)], label=f"exit {_layer_of(key)} (held-out)")
+        layer = _layer_of(key)
+        name = f"final layer {layer}" if layer == final_layer else f"exit {layer}"
+        ax.plot(*zip(*points), "o--", color=colors[i % len(colors)], label=f"{name} (held-out)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
