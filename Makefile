@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python scripts/bench/run_all.py
+	$(BIN)/python scripts/bench/tune_cost.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,243 @@
+"""Helpers shared by the benchmarks in scripts/bench/.
+
+- `machine_info()`: what the numbers were measured on (CPU, threads, versions, load).
+- `write_json()`: results are renamed into place, so a reader never sees half a file.
+- `make_console()` + `print_table()`: one rich table from plain rows of cells.
+- `run_case_in_subprocess()` + `case_entry_point()` + `PeakMemory`: each benchmark case runs in
+  a fresh Python process, so one case's allocations (or memory the allocator keeps cached after
+  it) never hide or inflate another case's peak.
+
+A benchmark script using the case protocol starts with
+`if case_entry_point(run_one_case): sys.exit(0)` and calls
+`run_case_in_subprocess(Path(__file__), case)` for each case; the case dict must be JSON.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from eetune.rundir import atomic_write_json, git_revision, package_versions
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT_DIR = REPO_ROOT / "runs" / "bench"
+CASE_FLAG = "--bench-case"  # argv[1] of a case subprocess: argv = [script, CASE_FLAG, case_json, result_path]
+_KIB_PER_MIB = 1024
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark ran on; the load average matters because the machine may be shared."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "memory_total_mib": _meminfo_mib("MemTotal"),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average_1_5_15min": list(os.getloadavg()),
+        "packages": package_versions(),
+        "git_revision": git_revision(),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _meminfo_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / _KIB_PER_MIB
+    except OSError:
+        pass
+    return None
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write `data` as indented JSON at `path` atomically (temp file + rename)."""
+    atomic_write_json(Path(path), data)
+    return Path(path)
+
+
+def make_console() -> Console:
+    """The terminal's width on a terminal; 120 columns when output goes to a log or pipe,
+    where rich would otherwise squeeze tables into 80."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+def print_table(
+    console: Console,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    caption: str | None = None,
+    left_columns: int = 1,
+) -> None:
+    """A rich table; the first `left_columns` columns are labels, the rest right-aligned numbers."""
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < left_columns else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+# --- memory, measured inside a case process -----------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])  # e.g. "VmRSS:   123456 kB"
+    raise RuntimeError(f"/proc/self/status has no {field} line (this needs Linux)")
+
+
+def current_rss_mib() -> float:
+    return _status_kib("VmRSS") / _KIB_PER_MIB
+
+
+def _ru_maxrss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def release_free_memory() -> None:
+    """Collect garbage and return the allocator's free pages, so RSS counts live memory only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS may keep some freed memory, which only lowers the measured delta
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS marks (VmHWM, and ru_maxrss while no thread has exited)
+    from the current RSS (Linux >= 4.0). False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class MemoryWindow:
+    rss_before_mib: float  # VmRSS just before the block
+    peak_rss_mib: float  # highest RSS while the block ran
+    ru_maxrss_mib: float  # getrusage's process peak, read after the block
+    peak_source: str
+
+    @property
+    def peak_delta_mib(self) -> float:
+        """What the block itself needed at its peak, over what was resident before it."""
+        return self.peak_rss_mib - self.rss_before_mib
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_delta_mib": self.peak_delta_mib}
+
+
+class PeakMemory:
+    """`with PeakMemory() as memory: ...` then `memory.window`: peak RSS over the block.
+
+    Loading a model usually peaks higher than what follows, so the process-lifetime peak
+    (ru_maxrss) alone would hide the block's peak: the peak marks are reset at the start.
+    """
+
+    def __init__(self) -> None:
+        self.window: MemoryWindow | None = None
+        self._rss_before_kib = 0
+        self._maxrss_before_kib = 0
+        self._reset = False
+
+    def __enter__(self) -> PeakMemory:
+        release_free_memory()
+        self._reset = _reset_peak_rss()
+        self._rss_before_kib = _status_kib("VmRSS")
+        self._maxrss_before_kib = _ru_maxrss_kib()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        hwm_kib, maxrss_kib = _status_kib("VmHWM"), _ru_maxrss_kib()
+        # ru_maxrss is the block's peak only if it rose during the block.
+        grew = maxrss_kib > self._maxrss_before_kib
+        if self._reset:
+            peak_kib, source = max(hwm_kib, maxrss_kib if grew else 0), "VmHWM/ru_maxrss reset at block start"
+        elif grew:
+            peak_kib, source = maxrss_kib, "ru_maxrss (rose during the block)"
+        else:
+            peak_kib, source = maxrss_kib, "ru_maxrss upper bound (the process peaked before the block)"
+        self.window = MemoryWindow(
+            rss_before_mib=self._rss_before_kib / _KIB_PER_MIB,
+            peak_rss_mib=peak_kib / _KIB_PER_MIB,
+            ru_maxrss_mib=maxrss_kib / _KIB_PER_MIB,
+            peak_source=source,
+        )
+
+
+# --- one case per subprocess --------------------------------------------------------------------
+
+
+class CaseFailed(RuntimeError):
+    """A case subprocess exited non-zero or wrote no result; the message ends with its stderr tail."""
+
+
+def run_case_in_subprocess(
+    script: Path, case: Mapping[str, Any], *, timeout_s: float | None = None, tail_lines: int = 25
+) -> dict[str, Any]:
+    """Run `script` in a fresh interpreter on `case`; return the dict its case function returned."""
+    with tempfile.TemporaryDirectory(prefix="eetune-bench-") as scratch:
+        result_path = Path(scratch) / "result.json"
+        command = [sys.executable, str(Path(script).resolve()), CASE_FLAG, json.dumps(dict(case)), str(result_path)]
+        try:
+            proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise CaseFailed(f"case {dict(case)} ran past {timeout_s} s") from exc
+        if proc.returncode != 0 or not result_path.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:])
+            raise CaseFailed(f"case {dict(case)} failed (exit code {proc.returncode}):\n{tail}")
+        return json.loads(result_path.read_text())
+
+
+def case_entry_point(run_case: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """In a case subprocess (argv from `run_case_in_subprocess`): run the case, write its result
+    and return True. In the parent process: do nothing and return False."""
+    if len(sys.argv) != 4 or sys.argv[1] != CASE_FLAG:
+        return False
+    case = json.loads(sys.argv[2])
+    write_json(Path(sys.argv[3]), run_case(case))
+    return True
