@@ -8,15 +8,23 @@ from eetune.infer.generate import (
     generate,
     layer_forward,
 )
+from eetune.infer.engine import DecodeCaches, DecodeResult, DecodeSettings, Engine
 from eetune.infer.kv_cache import LayerKVCache, caches_for_model
 from eetune.infer.sampling import SamplingParams, make_rng, probabilities, sample
+from eetune.infer.speculative import accept_greedy, accept_sampled
 
 __all__ = [
+    "DecodeCaches",
+    "DecodeResult",
+    "DecodeSettings",
+    "Engine",
     "GenerationResult",
     "Generator",
     "LayerKVCache",
     "SamplingParams",
     "Span",
+    "accept_greedy",
+    "accept_sampled",
     "attention_forward",
     "caches_for_model",
     "generate",

@@ -28,7 +28,8 @@ class Span:
 
     `mask` ([length, start + length] bool, True = may attend) is only needed when a chunk of
     several tokens follows cached ones; a single token attends to every cached position and
-    a chunk starting at 0 is plain causal, so both carry None and cost no mask.
+    a chunk starting at 0 is plain causal, so both carry None and cost no mask. Left-padded
+    batches (eetune.infer.engine) give a per-row mask [batch, 1, length, start + length].
     """
 
     start: int
@@ -67,7 +68,8 @@ def attention_forward(attn: MultiHeadAttention, x: Tensor, span: Span, cache: La
         # One query per head: the n_h // n_kv heads sharing a KV head (torchtune groups them
         # contiguously) become a query block of that head, so GQA needs no expanded copy of
         # the cache; 2-6x faster than expanding or enable_gqa on CPU, most of all in bf16.
-        out = F.scaled_dot_product_attention(q.reshape(b, n_kv, n_h // n_kv, h_d), keys, values)
+        # A mask is only given for left-padded batches: [b, 1, 1, kv_len] broadcasts over the block.
+        out = F.scaled_dot_product_attention(q.reshape(b, n_kv, n_h // n_kv, h_d), keys, values, attn_mask=span.mask)
     else:
         out = F.scaled_dot_product_attention(
             q,

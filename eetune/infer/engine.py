@@ -1,0 +1,542 @@
+"""Early-exit decoding on an EarlyExitModel: `full`, `early_exit` (EE-LLM) and `self_speculative` (LayerSkip).
+
+Everything runs on eetune.infer.generate's layer-by-layer pieces and position-indexed caches:
+
+- full: the existing `Generator.generate` (batch 1) or the lock-step loop below with no exits.
+- early_exit: a token leaves at the first exit whose confidence reaches the threshold. The
+  deeper layers still owe its KV entries; as in EE-LLM they are computed exactly, later: the
+  token's hidden state at its exit is kept (`_Pending`) and joins the next token's forward
+  at that depth, so the deeper layers run once over [pending positions..., new position].
+  Pending positions are always the newest ones and older ones are never shallower, so every
+  such forward covers a contiguous span of positions and an ordinary causal mask serves.
+  A `layer` exit's block has its own cache and runs over every position that reaches it.
+- self_speculative: draft k tokens with layers 1..L and the exit at L (writing the same
+  layers-1..L cache the full model uses), then one verify forward: the last draft through
+  layers 1..L and all k + 1 positions from their layer-L states through layers L+1..N.
+  Rejected positions are forgotten by rewinding the position counter (nothing is copied).
+
+Batches (`generate_batch`) are left-padded; rows decode in lock step and a step goes as deep
+as its least confident row needs, so every row's tokens equal its own `generate`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from eetune.errors import EetuneError
+from eetune.exits.model import EarlyExitModel
+from eetune.exits.modules import LayerExit
+from eetune.infer.generate import Generator, Span, _check_request_length, layer_forward
+from eetune.infer.kv_cache import LayerKVCache
+from eetune.infer.sampling import SamplingParams, make_rng, probabilities, sample
+from eetune.infer.speculative import accept_greedy, accept_sampled
+
+MODES = ("full", "early_exit", "self_speculative")
+CONFIDENCES = ("max_prob", "learned")
+# Left padding: any valid id; padded positions are masked out of every real query.
+_PAD_ID = 0
+
+
+@dataclass
+class DecodeSettings:
+    mode: str = "full"  # full | early_exit | self_speculative
+    threshold: float = 1.0  # early_exit: exit at the first exit with confidence >= threshold; 1.0 == full
+    # max_prob: max softmax prob of the exit head | learned: sigmoid of the exit's estimator (head only where it fires)
+    confidence: str = "max_prob"
+    draft_exit: int | None = None  # self_speculative: exit layer used for drafting (default: the deepest exit)
+    draft_len: int = 4  # self_speculative: tokens drafted per verify forward (k)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class DecodeResult:
+    """One finished request. `tokens` are the new tokens only, a final stop token included.
+
+    exit_layers[i] is the layer token i left at: num_layers for the full model; in
+    self_speculative, L for an accepted draft token and num_layers for the verifier's own.
+    mean_layers counts backbone layer calls per generated token (a call over several
+    positions counts once: decoding streams each layer's weights once per call).
+    """
+
+    tokens: list[int]
+    exit_layers: list[int]
+    prompt_len: int
+    prefill_s: float  # prompt forward + first token: time to first token
+    decode_s: float  # every later token
+    tokens_per_s: float  # decode only: (len(tokens) - 1) / decode_s
+    mean_layers: float
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float | None = None
+    stopped_by: str = "length"  # eos | length
+
+
+@dataclass(slots=True)
+class _Pending:
+    """The newest positions whose hidden states stopped at `depth` (an exit layer): [b, n, dim]."""
+
+    depth: int
+    hidden: Tensor
+
+
+class DecodeCaches:
+    """KV caches for one batch size: the backbone's (inside `gen`) and each `layer` exit's own."""
+
+    def __init__(self, model: EarlyExitModel, batch_size: int, max_seq_len: int) -> None:
+        self.gen = Generator(model.backbone, max_seq_len=max_seq_len, batch_size=batch_size)
+        weight = model.backbone.tok_embeddings.weight
+        self.exit_caches: dict[int, LayerKVCache] = {}
+        for layer in model.exit_layers:
+            exit_module = model.exit(layer)
+            if isinstance(exit_module, LayerExit):
+                attn = exit_module.block.attn
+                self.exit_caches[layer] = LayerKVCache(
+                    batch_size, attn.num_kv_heads, max_seq_len, attn.head_dim, dtype=weight.dtype, device=weight.device
+                )
+        self._positions = torch.arange(max_seq_len, device=weight.device)
+        self.key_ok: Tensor | None = None  # [b, max_seq_len], False at left padding; None: no padding
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.gen.max_seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.gen.batch_size
+
+    def set_padding(self, pads: Sequence[int]) -> None:
+        if not any(pads):
+            self.key_ok = None
+            return
+        pad = torch.tensor(list(pads), device=self._positions.device)
+        self.key_ok = self._positions[None, :] >= pad[:, None]
+
+    def span(self, start: int, length: int) -> Span:
+        span = self.gen.span(start, length)
+        if self.key_ok is None:
+            return span
+        end = start + length
+        keys = self._positions[:end]
+        query = span.input_pos[:, None]
+        allowed = (keys <= query) & self.key_ok[:, None, None, :end]  # [b, 1, length, end]
+        # A padded query keeps its own key: a row with nothing to attend to would be NaN and
+        # poison the deeper layers' values (0 * NaN) even where it is masked out.
+        allowed |= keys == query
+        return Span(start, length, span.input_pos, allowed)
+
+
+class Engine:
+    """Decodes with an EarlyExitModel; reuses its caches across requests.
+
+    max_seq_len None sizes caches to each request (growing as needed); an int fixes them.
+    `head_calls` counts rows put through a vocabulary head, by layer (num_layers = LM head).
+    """
+
+    def __init__(self, model: EarlyExitModel, *, max_seq_len: int | None = None, max_batch_size: int = 1) -> None:
+        if not isinstance(model, EarlyExitModel):
+            raise EetuneError(f"Engine needs an EarlyExitModel, got {type(model).__name__}")
+        limit = model.backbone.max_seq_len
+        if max_seq_len is not None and not 1 <= max_seq_len <= limit:
+            raise EetuneError(f"max_seq_len must be between 1 and the model's max_seq_len {limit}, got {max_seq_len}")
+        if max_batch_size < 1:
+            raise EetuneError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.num_layers = model.num_layers
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.vocab_size: int = model.backbone.tok_embeddings.num_embeddings
+        self.head_calls: Counter[int] = Counter()
+        self._caches: dict[int, DecodeCaches] = {}
+        self._layer_exits = {layer for layer in model.exit_layers if isinstance(model.exit(layer), LayerExit)}
+
+    # -- public API ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        settings: DecodeSettings,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> DecodeResult:
+        """Decode one prompt; on_token(token, exit_layer) streams each token as it is chosen."""
+        params = self._check_settings(settings)
+        prompt = self._check_prompt(prompt_ids)
+        self._check_length(len(prompt), settings)
+        if settings.max_new_tokens == 0:
+            return DecodeResult([], [], len(prompt), 0.0, 0.0, 0.0, 0.0)
+        if settings.mode == "self_speculative":
+            return self._self_speculative(prompt, settings, params, on_token)
+        if not self._exit_stops(settings):
+            return self._full(prompt, settings, params, on_token)
+        return self._lockstep([prompt], settings, params, on_token)[0]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings) -> list[DecodeResult]:
+        """Decode several prompts (ragged lengths) together; `full` and `early_exit` only."""
+        params = self._check_settings(settings)
+        if settings.mode == "self_speculative":
+            raise EetuneError("self_speculative decodes one sequence at a time: call generate() per prompt")
+        if not prompts:
+            raise EetuneError("generate_batch got no prompts")
+        if len(prompts) > self.max_batch_size:
+            raise EetuneError(
+                f"batch of {len(prompts)} prompts exceeds this engine's max_batch_size {self.max_batch_size}"
+            )
+        rows = [self._check_prompt(p) for p in prompts]
+        self._check_length(max(len(p) for p in rows), settings)
+        if settings.max_new_tokens == 0:
+            return [DecodeResult([], [], len(p), 0.0, 0.0, 0.0, 0.0) for p in rows]
+        return self._lockstep(rows, settings, params, None)
+
+    def caches(self, batch_size: int = 1) -> DecodeCaches:
+        """The caches the last request of this batch size used (for inspection and tests)."""
+        if batch_size not in self._caches:
+            raise EetuneError(f"no request of batch size {batch_size} has run on this engine yet")
+        return self._caches[batch_size]
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check_settings(self, s: DecodeSettings) -> SamplingParams:
+        model = self.model
+        if s.mode not in MODES:
+            raise EetuneError(f"unknown decoding mode {s.mode!r}: choose one of {', '.join(MODES)}")
+        if not (isinstance(s.threshold, (int, float)) and 0.0 < s.threshold <= 1.0):
+            raise EetuneError(f"threshold must be in (0, 1] (1.0 = never exit early), got {s.threshold}")
+        if s.confidence not in CONFIDENCES:
+            raise EetuneError(f"unknown confidence {s.confidence!r}: choose one of {', '.join(CONFIDENCES)}")
+        if s.draft_len < 1:
+            raise EetuneError(f"draft_len must be >= 1, got {s.draft_len}")
+        if s.draft_exit is not None and s.draft_exit not in model.exit_layers:
+            raise EetuneError(
+                f"draft_exit {s.draft_exit} is not an exit of this model; exits are at {model.exit_layers}"
+            )
+        if s.mode != "full" and not model.exit_layers:
+            raise EetuneError(f"mode {s.mode!r} needs a model with exits; this one has none")
+        if s.mode == "early_exit" and s.confidence == "learned":
+            missing = [layer for layer in model.exit_layers if model.exit(layer).confidence is None]
+            if missing:
+                raise EetuneError(
+                    f"confidence 'learned' needs a confidence estimator on every exit; exit(s) {missing} have none "
+                    "(tune exits with exits.confidence=linear|mlp, or use confidence 'max_prob')"
+                )
+        return SamplingParams(s.temperature, s.top_k, s.top_p)
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise EetuneError("the prompt is empty: give at least one token id")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise EetuneError(f"prompt token ids must be in [0, {self.vocab_size}), the model's vocabulary")
+        return prompt
+
+    def _check_length(self, prompt_len: int, s: DecodeSettings) -> None:
+        if self.max_seq_len is None:
+            _check_request_length(prompt_len, s.max_new_tokens, self.model.backbone.max_seq_len, "the model's")
+        else:
+            _check_request_length(prompt_len, s.max_new_tokens, self.max_seq_len, "this engine's")
+
+    def _exit_stops(self, s: DecodeSettings) -> list[int]:
+        """Exits a token may leave at; none when nothing can exit (threshold 1.0 is the full model)."""
+        if s.mode != "early_exit" or s.threshold >= 1.0:
+            return []
+        return self.model.exit_layers
+
+    def _caches_for(self, batch_size: int, needed: int) -> DecodeCaches:
+        caches = self._caches.get(batch_size)
+        if caches is None or caches.max_seq_len < needed:
+            size = self.max_seq_len if self.max_seq_len is not None else needed
+            caches = self._caches[batch_size] = DecodeCaches(self.model, batch_size, size)
+        return caches
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _exit_hidden(self, caches: DecodeCaches, layer: int, group: Tensor, span: Span) -> Tensor:
+        """Exit `layer`'s normalised hidden state [b, dim] for the newest position of `group`."""
+        exit_module = self.model.exit(layer)
+        if isinstance(exit_module, LayerExit):
+            # Every position in the group owes this block's cache its KV, not just the newest.
+            h = layer_forward(exit_module.block, group, span, caches.exit_caches[layer])
+            return exit_module.norm(h[:, -1])
+        return exit_module(group[:, -1])
+
+    def _exit_logits(self, layer: int, hidden: Tensor) -> Tensor:
+        self.head_calls[layer] += hidden.shape[0]
+        return torch.nn.functional.linear(hidden, self.model.head_weight(layer)).float()
+
+    def _final_logits(self, caches: DecodeCaches, h: Tensor) -> Tensor:
+        self.head_calls[self.num_layers] += math.prod(h.shape[:-1])
+        return caches.gen.final_logits(h)
+
+    def _decide(self, layer: int, hidden: Tensor, s: DecodeSettings) -> tuple[Tensor, Tensor | None]:
+        """Which rows of hidden [r, dim] are confident at exit `layer`, and their logits [fired, vocab]."""
+        if s.confidence == "learned":
+            estimator = self.model.exit(layer).confidence
+            fire = torch.sigmoid(estimator(hidden).float()) >= s.threshold
+            # The head runs only for tokens that leave here: that is the estimator's point.
+            return fire, (self._exit_logits(layer, hidden[fire]) if bool(fire.any()) else None)
+        logits = self._exit_logits(layer, hidden)
+        max_prob = (logits.amax(-1) - logits.logsumexp(-1)).exp()
+        fire = max_prob >= s.threshold
+        return fire, (logits[fire] if bool(fire.any()) else None)
+
+    def _prefill(self, caches: DecodeCaches, tokens: Tensor, fill: Sequence[int]) -> Tensor:
+        """All layers over tokens [b, n] at positions 0..n-1, plus the `layer` exit blocks in `fill`."""
+        span = caches.span(0, tokens.shape[1])
+        gen = caches.gen
+        h, depth = gen.embed(tokens), 0
+        for layer in sorted(fill):
+            h = gen.run_layers(h, depth, layer, span)
+            depth = layer
+            layer_forward(self.model.exit(layer).block, h, span, caches.exit_caches[layer])
+        return gen.run_layers(h, depth, self.num_layers, span)
+
+    # -- full, batch 1 ----------------------------------------------------------------------
+
+    def _full(
+        self,
+        prompt: list[int],
+        s: DecodeSettings,
+        params: SamplingParams,
+        on_token: Callable[[int, int], None] | None,
+    ) -> DecodeResult:
+        n = self.num_layers
+        gen = self._caches_for(1, len(prompt) + s.max_new_tokens).gen
+        stream = None if on_token is None else (lambda token: on_token(token, n))
+        r = gen.generate(
+            prompt,
+            s.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            stop_ids=s.stop_ids,
+            seed=s.seed,
+            on_token=stream,
+        )
+        self.head_calls[n] += len(r.tokens)
+        return DecodeResult(
+            r.tokens, [n] * len(r.tokens), r.prompt_len, r.prefill_s, r.decode_s, r.tokens_per_s, float(n),
+            stopped_by=r.stopped_by,
+        )
+
+    # -- early exit (and full for batches), lock step -----------------------------------------
+
+    def _early_exit_step(
+        self,
+        caches: DecodeCaches,
+        token: Tensor,
+        pos: int,
+        pending: list[_Pending],
+        open_rows: Tensor,
+        stops: list[int],
+        s: DecodeSettings,
+        params: SamplingParams,
+        rng: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Feed token [b, 1] at `pos`; returns next tokens [b] and the layer each left at [b].
+
+        Goes as deep as the least confident open row needs, carrying pending positions along
+        from their depth; rows not open (finished) are not decided and echo `token`.
+        """
+        gen, n_layers = caches.gen, self.num_layers
+        next_tokens = token[:, 0].clone()
+        exits = torch.full_like(next_tokens, n_layers)
+        undecided = open_rows.clone()
+        group, depth = gen.embed(token), 0
+        for stop in stops + [n_layers]:
+            span = caches.span(pos - group.shape[1] + 1, group.shape[1])
+            group = gen.run_layers(group, depth, stop, span)
+            depth = stop
+            rows = undecided.nonzero().squeeze(1)
+            if stop == n_layers:
+                next_tokens[rows] = sample(self._final_logits(caches, group[rows, -1]), params, rng)
+                pending.clear()  # every position now has every layer's KV
+                return next_tokens, exits
+            hidden = self._exit_hidden(caches, stop, group, span)
+            fire, logits = self._decide(stop, hidden[rows], s)
+            if logits is not None:
+                fired = rows[fire]
+                next_tokens[fired] = sample(logits, params, rng)
+                exits[fired] = stop
+                undecided[fired] = False
+            joining = pending.pop() if pending and pending[-1].depth == stop else None
+            if not bool(undecided.any()):
+                # Stop here; the deeper layers of the whole group are owed to the next forward.
+                if joining is not None:
+                    group = torch.cat((joining.hidden, group), dim=1)
+                pending.append(_Pending(stop, group))
+                return next_tokens, exits
+            if joining is not None:
+                group = torch.cat((joining.hidden, group), dim=1)
+        raise AssertionError("unreachable: the last stop is the final layer")
+
+    def _lockstep(
+        self,
+        prompts: list[list[int]],
+        s: DecodeSettings,
+        params: SamplingParams,
+        on_token: Callable[[int, int], None] | None,
+    ) -> list[DecodeResult]:
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        pads = [width - len(p) for p in prompts]
+        caches = self._caches_for(b, width + s.max_new_tokens)
+        caches.set_padding(pads)
+        device = caches.gen.device
+        tokens = torch.tensor([[_PAD_ID] * pad + p for pad, p in zip(pads, prompts)], dtype=torch.long, device=device)
+        stops = self._exit_stops(s)
+        stop_ids = frozenset(s.stop_ids)
+        rng = None if params.greedy else make_rng(s.seed, device)
+        out: list[list[int]] = [[] for _ in range(b)]
+        exit_layers: list[list[int]] = [[] for _ in range(b)]
+        stopped = ["length"] * b
+        open_rows = torch.ones(b, dtype=torch.bool, device=device)
+        pending: list[_Pending] = []
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            if width > 1:
+                # The last prompt token is decoded like any other: it may exit early too.
+                self._prefill(caches, tokens[:, :-1], [layer for layer in stops if layer in self._layer_exits])
+            token, pos, t1 = tokens[:, -1:], width - 1, 0.0
+            for step in range(s.max_new_tokens):
+                next_tokens, exits = self._early_exit_step(
+                    caches, token, pos, pending, open_rows, stops, s, params, rng
+                )
+                for r, (t, e, is_open) in enumerate(zip(next_tokens.tolist(), exits.tolist(), open_rows.tolist())):
+                    if not is_open:
+                        continue
+                    out[r].append(t)
+                    exit_layers[r].append(e)
+                    if on_token is not None:
+                        on_token(t, e)
+                    if t in stop_ids:
+                        stopped[r] = "eos"
+                        open_rows[r] = False
+                if step == 0:
+                    t1 = time.perf_counter()
+                if not bool(open_rows.any()):
+                    break
+                token, pos = next_tokens[:, None], pos + 1
+            t2 = time.perf_counter()
+
+        results = []
+        for r in range(b):
+            decode_s = t2 - t1
+            rate = (len(out[r]) - 1) / decode_s if len(out[r]) > 1 and decode_s > 0 else 0.0
+            mean_layers = sum(exit_layers[r]) / len(exit_layers[r])
+            results.append(
+                DecodeResult(
+                    out[r], exit_layers[r], len(prompts[r]), t1 - t0, decode_s, rate, mean_layers,
+                    stopped_by=stopped[r],
+                )
+            )
+        return results
+
+    # -- self-speculative ---------------------------------------------------------------------
+
+    def _self_speculative(
+        self,
+        prompt: list[int],
+        s: DecodeSettings,
+        params: SamplingParams,
+        on_token: Callable[[int, int], None] | None,
+    ) -> DecodeResult:
+        n_layers = self.num_layers
+        draft_layer = s.draft_exit if s.draft_exit is not None else self.model.exit_layers[-1]
+        layer_exit = draft_layer in self._layer_exits
+        caches = self._caches_for(1, len(prompt) + s.max_new_tokens)
+        caches.set_padding([0])
+        gen = caches.gen
+        device = gen.device
+        rng = None if params.greedy else make_rng(s.seed, device)
+        stop_ids = frozenset(s.stop_ids)
+        out: list[int] = []
+        exit_layers: list[int] = []
+        drafted = accepted = 0
+
+        def emit(token: int, layer: int) -> bool:
+            """Record a token; True when generation must end after it."""
+            out.append(token)
+            exit_layers.append(layer)
+            if on_token is not None:
+                on_token(token, layer)
+            return token in stop_ids or len(out) == s.max_new_tokens
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            fill = [draft_layer] if layer_exit else []
+            h = self._prefill(caches, torch.tensor([prompt], device=device), fill)
+            first = int(sample(self._final_logits(caches, h[:, -1]), params, rng)[0])
+            done = emit(first, n_layers)
+            layer_calls = n_layers
+            t1 = time.perf_counter()
+            pos = len(prompt)  # where out[-1], not yet fed, goes
+            while not done:
+                k = min(s.draft_len, s.max_new_tokens - len(out) - 1)
+                token = torch.tensor([[out[-1]]], device=device)
+                draft_ids: list[Tensor] = []
+                draft_probs: list[Tensor] = []
+                states: list[Tensor] = []
+                for i in range(k):
+                    span = caches.span(pos + i, 1)
+                    h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
+                    states.append(h)
+                    logits = self._exit_logits(draft_layer, self._exit_hidden(caches, draft_layer, h, span))
+                    if params.greedy:
+                        token = logits.argmax(-1, keepdim=True)
+                    else:
+                        q = probabilities(logits, params)
+                        draft_probs.append(q)
+                        token = torch.multinomial(q, 1, generator=rng)
+                    draft_ids.append(token[:, 0])
+                # Verify: the last draft through layers 1..L, then all k + 1 positions on from L.
+                span = caches.span(pos + k, 1)
+                h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
+                if layer_exit:
+                    # Its exit KV is owed to later drafts if every draft is accepted.
+                    layer_forward(self.model.exit(draft_layer).block, h, span, caches.exit_caches[draft_layer])
+                h = gen.run_layers(torch.cat(states + [h], dim=1), draft_layer, n_layers, caches.span(pos, k + 1))
+                target = self._final_logits(caches, h[0])  # [k + 1, vocab]
+                draft = torch.cat(draft_ids) if k else torch.empty(0, dtype=torch.long, device=device)
+                if params.greedy:
+                    n_ok, next_token = accept_greedy(draft, target)
+                else:
+                    q_all = torch.cat(draft_probs) if k else target[:0]
+                    n_ok, next_token = accept_sampled(draft, q_all, probabilities(target, params), rng)
+                layer_calls += k * draft_layer + n_layers
+                drafted += k
+                accepted += n_ok
+                for t in draft[:n_ok].tolist():
+                    if done := emit(t, draft_layer):
+                        break
+                if not done:
+                    done = emit(next_token, n_layers)
+                # Positions pos..pos+n_ok now hold accepted inputs; later ones are overwritten.
+                pos += n_ok + 1
+            t2 = time.perf_counter()
+
+        decode_s = t2 - t1
+        rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
+        return DecodeResult(
+            out,
+            exit_layers,
+            len(prompt),
+            t1 - t0,
+            decode_s,
+            rate,
+            layer_calls / len(out),
+            draft_tokens=drafted,
+            accepted_tokens=accepted,
+            acceptance_rate=accepted / drafted if drafted else None,
+            stopped_by="eos" if out[-1] in stop_ids else "length",
+        )

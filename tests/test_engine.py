@@ -1,0 +1,419 @@
+"""Early-exit decoding engine against slow, cache-free references.
+
+Most checks use an untied 4-layer llama: the session's `tiny_base_model` ties random
+embeddings, which makes every layer echo the last input token with probability 1.0, so its
+exits can never disagree with the final layer. It still serves the checks that need no
+disagreement. SmolLM2 checks use untuned (copy-initialised) exits: exactness does not need
+good exits, only real weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torchtune.models.llama3_2._component_builders import llama3_2
+from torchtune.modules import TransformerDecoder
+
+from eetune.errors import EetuneError
+from eetune.exits.model import EarlyExitModel
+from eetune.exits.spec import ExitSpec
+from eetune.infer import (
+    DecodeSettings,
+    Engine,
+    Generator,
+    LayerKVCache,
+    SamplingParams,
+    accept_sampled,
+    generate,
+    layer_forward,
+    probabilities,
+)
+from eetune.models import BaseModel
+
+VOCAB = 256
+N_LAYERS = 4
+# A layer exit (own KV cache), an mlp exit with a learned estimator, a norm exit.
+SPECS = [
+    ExitSpec(1, "layer", init="random"),
+    ExitSpec(2, "mlp", init="random", confidence="linear"),
+    ExitSpec(3, "norm", init="random"),
+]
+# Max softmax probabilities of these random exits lie around 0.013-0.021: these thresholds
+# give a mix of every exit and the final layer.
+MIXED_THRESHOLDS = (0.016, 0.018, 0.02)
+
+
+def _untied_llama(seed: int = 0) -> TransformerDecoder:
+    torch.manual_seed(seed)
+    return llama3_2(
+        vocab_size=VOCAB,
+        num_layers=N_LAYERS,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        max_seq_len=256,
+        intermediate_dim=128,
+        rope_base=100000,
+        scale_factor=1,
+        norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ).eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request: pytest.FixtureRequest):
+    """Tiny models are all per-op overhead: a second OpenMP thread only adds barrier waits,
+    which stall for long stretches when the machine's two cores are shared."""
+    if "smollm2" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ee() -> EarlyExitModel:
+    backbone = _untied_llama()
+    torch.manual_seed(1)
+    return EarlyExitModel(backbone, SPECS).eval()
+
+
+@pytest.fixture(scope="module")
+def ee_learned() -> EarlyExitModel:
+    backbone = _untied_llama()
+    torch.manual_seed(2)
+    specs = [ExitSpec(s.layer, s.arch, init="random", confidence="linear") for s in SPECS]
+    return EarlyExitModel(backbone, specs).eval()
+
+
+@pytest.fixture(scope="module")
+def ee_fixture(tiny_base_model: BaseModel) -> EarlyExitModel:
+    # The session model is shared: exits are new modules, its own weights stay untouched.
+    torch.manual_seed(3)
+    return EarlyExitModel(tiny_base_model.model, SPECS).eval()
+
+
+def _prompt(seed: int, n: int | None = None) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    n = n if n is not None else int(torch.randint(1, 14, (1,), generator=g))
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def _reference_early_exit(
+    model: EarlyExitModel, prompt: list[int], n_new: int, threshold: float, confidence: str = "max_prob"
+) -> tuple[list[int], list[int]]:
+    """Early exit by definition: at every step a full forward over the whole prefix, no cache;
+    the token leaves at the first exit whose confidence on that exact state reaches the threshold."""
+    n = model.num_layers
+    seq, out, exits = list(prompt), [], []
+    for _ in range(n_new):
+        states = model.hidden_states(torch.tensor([seq]), model.exit_layers + [n])
+        token, layer = int(model.final_logits(states[n])[0, -1].argmax()), n
+        for exit_layer in model.exit_layers:
+            hidden = model.exit_hidden(exit_layer, states[exit_layer])[0, -1]
+            logits = torch.nn.functional.linear(hidden, model.head_weight(exit_layer)).float()
+            if confidence == "learned":
+                conf = float(torch.sigmoid(model.exit(exit_layer).confidence(hidden)))
+            else:
+                conf = float(logits.softmax(-1).max())
+            if conf >= threshold:
+                token, layer = int(logits.argmax()), exit_layer
+                break
+        seq.append(token)
+        out.append(token)
+        exits.append(layer)
+    return out, exits
+
+
+# -- full --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["untied", "fixture"])
+def test_full_equals_uncached_argmax_and_threshold_one_is_full(
+    which: str, ee: EarlyExitModel, ee_fixture: EarlyExitModel
+) -> None:
+    model = ee if which == "untied" else ee_fixture
+    engine = Engine(model)
+    for seed in range(3):
+        prompt = _prompt(seed)
+        full = engine.generate(prompt, DecodeSettings(max_new_tokens=12))
+        seq = list(prompt)
+        with torch.inference_mode():
+            for _ in range(12):
+                seq.append(int(model.backbone(torch.tensor([seq]))[0, -1].argmax()))
+        assert full.tokens == seq[len(prompt) :]
+        assert full.exit_layers == [N_LAYERS] * 12 and full.mean_layers == N_LAYERS
+        at_one = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=1.0, max_new_tokens=12))
+        assert at_one.tokens == full.tokens
+        assert at_one.exit_layers == [N_LAYERS] * 12
+
+
+# -- early exit ----------------------------------------------------------------------------
+
+
+def test_early_exit_matches_cache_free_reference(ee: EarlyExitModel) -> None:
+    engine = Engine(ee, max_seq_len=64)  # fixed caches reused across requests
+    seen: Counter[int] = Counter()
+    for seed in range(8):
+        prompt = _prompt(seed)
+        for threshold in MIXED_THRESHOLDS:
+            streamed: list[tuple[int, int]] = []
+            result = engine.generate(
+                prompt,
+                DecodeSettings(mode="early_exit", threshold=threshold, max_new_tokens=14),
+                on_token=lambda t, e: streamed.append((t, e)),
+            )
+            assert (result.tokens, result.exit_layers) == _reference_early_exit(ee, prompt, 14, threshold)
+            assert streamed == list(zip(result.tokens, result.exit_layers))
+            assert result.mean_layers == pytest.approx(sum(result.exit_layers) / 14)
+            seen.update(result.exit_layers)
+    # Every exit and the final layer were used, so deferred fills at every depth were exercised.
+    assert set(seen) == {1, 2, 3, N_LAYERS}
+
+
+def test_deferred_kv_fill_equals_full_forward_kv(ee: EarlyExitModel) -> None:
+    prompt = _prompt(11, n=6)
+    engine = Engine(ee)
+    result = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=0.017, max_new_tokens=20))
+    exits = result.exit_layers
+    last_full = max(i for i, e in enumerate(exits) if e == N_LAYERS)
+    # Step i fed position len(prompt) - 1 + i; up to the last full-depth step every layer is filled.
+    complete = len(prompt) + last_full
+    early = [e for e in exits[: last_full + 1] if e < N_LAYERS]
+    assert len(early) >= 3, exits
+    caches = engine.caches()
+    ids = prompt + result.tokens[:-1]
+    ref = Generator(ee.backbone)
+    ref.prefill(ids)
+    for got, want in zip(caches.gen.caches, ref.caches):
+        torch.testing.assert_close(got.k[:, :, :complete], want.k[:, :, :complete], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.v[:, :, :complete], want.v[:, :, :complete], atol=1e-5, rtol=0)
+    # The layer exit's own cache holds its block's KV for every position that reached layer 1
+    # (all fed positions: every token passes layer 1).
+    fed = len(ids)
+    block_cache = LayerKVCache(1, 2, 64, 16, dtype=torch.float32)
+    with torch.inference_mode():
+        h1 = ee.hidden_states(torch.tensor([ids]), [1])[1]
+        layer_forward(ee.exit(1).block, h1, ref.span(0, fed), block_cache)
+    torch.testing.assert_close(caches.exit_caches[1].k[:, :, :fed], block_cache.k[:, :, :fed], atol=1e-5, rtol=0)
+    torch.testing.assert_close(caches.exit_caches[1].v[:, :, :fed], block_cache.v[:, :, :fed], atol=1e-5, rtol=0)
+
+
+def test_learned_confidence_runs_the_head_only_where_tokens_exit(ee_learned: EarlyExitModel) -> None:
+    for seed in range(4):
+        prompt = _prompt(seed + 20)
+        engine = Engine(ee_learned)
+        settings = DecodeSettings(mode="early_exit", threshold=0.5, confidence="learned", max_new_tokens=12)
+        result = engine.generate(prompt, settings)
+        assert (result.tokens, result.exit_layers) == _reference_early_exit(ee_learned, prompt, 12, 0.5, "learned")
+        # One head evaluation per token, at the layer it left at; none at exits it passed.
+        assert engine.head_calls == Counter(result.exit_layers)
+    assert any(e < N_LAYERS for e in result.exit_layers)
+
+
+# -- self-speculative ------------------------------------------------------------------------
+
+
+def test_self_speculative_greedy_equals_full(ee: EarlyExitModel) -> None:
+    engine = Engine(ee)
+    total_drafted = total_accepted = 0
+    for seed in range(20):
+        prompt = _prompt(seed + 100)
+        full = engine.generate(prompt, DecodeSettings(max_new_tokens=16)).tokens
+        for draft_exit in ee.exit_layers:
+            for k in (1, 3, 5):
+                settings = DecodeSettings(
+                    mode="self_speculative", draft_exit=draft_exit, draft_len=k, max_new_tokens=16
+                )
+                result = engine.generate(prompt, settings)
+                assert result.tokens == full, (seed, draft_exit, k)
+                assert 0 <= result.accepted_tokens <= result.draft_tokens
+                assert result.acceptance_rate == result.accepted_tokens / result.draft_tokens
+                assert result.exit_layers.count(draft_exit) == result.accepted_tokens
+                total_drafted += result.draft_tokens
+                total_accepted += result.accepted_tokens
+    # Random exits agree with the final layer often but not always: both paths ran.
+    assert 0 < total_accepted < total_drafted
+
+
+def test_self_speculative_stops_at_stop_id_inside_accepted_drafts(ee: EarlyExitModel) -> None:
+    engine = Engine(ee)
+    prompt = _prompt(5)
+    full = engine.generate(prompt, DecodeSettings(max_new_tokens=16)).tokens
+    stop = full[6]
+    for k in (1, 4):
+        result = engine.generate(
+            prompt,
+            DecodeSettings(
+                mode="self_speculative", draft_exit=3, draft_len=k, max_new_tokens=16, stop_ids=frozenset({stop})
+            ),
+        )
+        assert result.tokens == full[: full.index(stop) + 1]
+        assert result.stopped_by == "eos"
+
+
+def test_rejection_sampling_step_reproduces_the_target_distribution() -> None:
+    # Draft and target laws that disagree: accepted drafts, residual samples and bonus tokens all occur.
+    q = torch.tensor([[0.5, 0.3, 0.1, 0.1, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.3, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.5, 0.5, 0.0]])
+    rng = torch.Generator().manual_seed(0)
+    trials = 20_000
+    first = torch.zeros(5)
+    second_given_first_kept = torch.zeros(5)
+    n_kept = 0
+    for _ in range(trials):
+        draft = torch.stack([torch.multinomial(q[i], 1, generator=rng)[0] for i in range(2)])
+        n_ok, nxt = accept_sampled(draft, q, p, rng)
+        emitted = draft[:n_ok].tolist() + [nxt]
+        first[emitted[0]] += 1
+        if n_ok >= 1:
+            n_kept += 1
+            second_given_first_kept[emitted[1]] += 1
+    # The first emitted token follows p_0 exactly; after a kept draft the next follows p_1.
+    assert 0.5 * (first / trials - p[0]).abs().sum() < 0.02
+    assert 0.5 * (second_given_first_kept / n_kept - p[1]).abs().sum() < 0.03
+    # Expected acceptance of the first draft: sum_x min(p, q) = 0.1 + 0.2 + 0.1 + 0.1 = 0.5.
+    assert n_kept / trials == pytest.approx(0.5, abs=0.02)
+
+
+@torch.inference_mode()
+def test_sampled_self_speculative_matches_full_model_distribution(ee: EarlyExitModel) -> None:
+    # top_k=3 keeps the exact joint law of the first 3 tokens small (27 outcomes) and the
+    # exit's top-3 often differ from the final layer's, so rejections happen.
+    prompt = _prompt(7, n=5)
+    params = SamplingParams(temperature=1.0, top_k=3)
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(3):
+        grown: dict[tuple[int, ...], float] = {}
+        for prefix, mass in exact.items():
+            logits = ee.backbone(torch.tensor([prompt + list(prefix)]))[0, -1]
+            dist = probabilities(logits, params)
+            for token in dist.nonzero().flatten().tolist():
+                grown[prefix + (token,)] = mass * float(dist[token])
+        exact = grown
+    engine = Engine(ee)
+    runs = 1500
+    counts: Counter[tuple[int, ...]] = Counter()
+    drafted = accepted = 0
+    for seed in range(runs):
+        settings = DecodeSettings(
+            mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=3, temperature=1.0, top_k=3, seed=seed
+        )
+        result = engine.generate(prompt, settings)
+        counts[tuple(result.tokens)] += 1
+        drafted += result.draft_tokens
+        accepted += result.accepted_tokens
+    assert set(counts) <= set(exact)
+    chi2 = sum((counts[o] - runs * m) ** 2 / (runs * m) for o, m in exact.items())
+    # 26 degrees of freedom: P(chi2 > 60) ~ 2e-4 under the exact law.
+    assert chi2 < 60, chi2
+    assert 0 < accepted < drafted
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        DecodeSettings(max_new_tokens=12),
+        DecodeSettings(mode="early_exit", threshold=0.017, max_new_tokens=12),
+        DecodeSettings(mode="early_exit", threshold=0.018, max_new_tokens=12),
+    ],
+)
+def test_batch_on_ragged_prompts_equals_one_by_one(ee: EarlyExitModel, settings: DecodeSettings) -> None:
+    prompts = [_prompt(40, n=3), _prompt(41, n=9), _prompt(42, n=1), _prompt(43, n=6)]
+    engine = Engine(ee, max_batch_size=4)
+    single = [engine.generate(p, settings) for p in prompts]
+    batch = engine.generate_batch(prompts, settings)
+    for one, row, p in zip(single, batch, prompts):
+        assert (row.tokens, row.exit_layers, row.prompt_len) == (one.tokens, one.exit_layers, len(p))
+    # A row that emits a stop id ends there while the others go on.
+    stop = single[1].tokens[4]
+    with_stop = DecodeSettings(**{**settings.__dict__, "stop_ids": frozenset({stop})})
+    for one, row in zip([engine.generate(p, with_stop) for p in prompts], engine.generate_batch(prompts, with_stop)):
+        assert (row.tokens, row.exit_layers, row.stopped_by) == (one.tokens, one.exit_layers, one.stopped_by)
+    assert batch[1].stopped_by == "length"
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_bad_settings_raise_eetune_error(ee: EarlyExitModel, ee_fixture: EarlyExitModel) -> None:
+    engine = Engine(ee, max_batch_size=2)
+    prompt = [1, 2, 3]
+    cases = [
+        (DecodeSettings(mode="fast"), "unknown decoding mode"),
+        (DecodeSettings(mode="early_exit", threshold=0.0), "threshold"),
+        (DecodeSettings(mode="early_exit", threshold=1.5), "threshold"),
+        (DecodeSettings(mode="early_exit", threshold=math.nan), "threshold"),
+        (DecodeSettings(mode="early_exit", threshold=0.5, confidence="entropy"), "unknown confidence"),
+        (DecodeSettings(mode="self_speculative", draft_exit=4), "draft_exit 4 is not an exit"),
+        (DecodeSettings(mode="self_speculative", draft_len=0), "draft_len"),
+        # exits 1 and 3 have no estimator
+        (DecodeSettings(mode="early_exit", threshold=0.5, confidence="learned"), r"exit\(s\) \[1, 3\]"),
+        (DecodeSettings(max_new_tokens=-1), "max_new_tokens"),
+        (DecodeSettings(max_new_tokens=300), "max_seq_len"),
+        (DecodeSettings(temperature=-1.0), "temperature"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(EetuneError, match=message):
+            engine.generate(prompt, settings)
+    with pytest.raises(EetuneError, match="max_batch_size 2"):
+        engine.generate_batch([prompt] * 3, DecodeSettings())
+    with pytest.raises(EetuneError, match="self_speculative decodes one sequence"):
+        engine.generate_batch([prompt], DecodeSettings(mode="self_speculative"))
+    with pytest.raises(EetuneError, match="empty"):
+        engine.generate([], DecodeSettings())
+    with pytest.raises(EetuneError, match="vocabulary"):
+        engine.generate([VOCAB], DecodeSettings())
+    with pytest.raises(EetuneError, match="max_seq_len"):
+        Engine(ee, max_seq_len=10).generate(prompt, DecodeSettings(max_new_tokens=8))
+    with pytest.raises(EetuneError, match="EarlyExitModel"):
+        Engine(ee.backbone)  # type: ignore[arg-type]
+    with pytest.raises(EetuneError, match="needs a model with exits"):
+        no_exits = Engine(EarlyExitModel(ee_fixture.backbone, []))
+        no_exits.generate(prompt, DecodeSettings(mode="early_exit", threshold=0.5))
+    assert engine.generate(prompt, DecodeSettings(max_new_tokens=0)).tokens == []
+
+
+# -- SmolLM2 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_ee(smollm2: BaseModel) -> EarlyExitModel:
+    # Untuned: copy-initialised norm exit at 24 and mlp exit at 12, shared frozen head.
+    return EarlyExitModel(smollm2.model, [ExitSpec(12, "mlp"), ExitSpec(24, "norm")]).eval()
+
+
+def _chat(smollm2: BaseModel, question: str) -> list[int]:
+    text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return smollm2.tokenizer(text).input_ids
+
+
+def test_smollm2_self_speculative_and_early_exit_are_exact(smollm2: BaseModel, smollm2_ee: EarlyExitModel) -> None:
+    engine = Engine(smollm2_ee)
+    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea."]
+    drafted = accepted = 0
+    for question in questions:
+        prompt = _chat(smollm2, question)
+        full = engine.generate(prompt, DecodeSettings(max_new_tokens=16, stop_ids=frozenset({2})))
+        assert full.tokens == generate(smollm2.model, prompt, 16, stop_ids={2}).tokens
+        for draft_exit, k in ((24, 4), (12, 3)):
+            settings = DecodeSettings(
+                mode="self_speculative", draft_exit=draft_exit, draft_len=k, max_new_tokens=16, stop_ids=frozenset({2})
+            )
+            result = engine.generate(prompt, settings)
+            assert result.tokens == full.tokens, (question, draft_exit, k)
+            drafted += result.draft_tokens
+            accepted += result.accepted_tokens
+    assert 0 < accepted <= drafted
+    prompt = _chat(smollm2, questions[0])
+    result = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=0.8, max_new_tokens=10))
+    assert (result.tokens, result.exit_layers) == _reference_early_exit(smollm2_ee, prompt, 10, 0.8)
