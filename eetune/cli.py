@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from eetune.config import compose_config, config_groups, list_recipes, recipe_path
+from eetune.config import compose_config, config_groups, list_recipes, recipe_path, validate
 from eetune.errors import EetuneError
 
 app = typer.Typer(
@@ -91,21 +91,36 @@ def generate(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="full | early_exit | self_speculative"),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="augment/tune run dir with the exits."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="early_exit confidence threshold, (0, 1]."),
+    confidence: Optional[str] = typer.Option(None, "--confidence", help="max_prob | learned"),
+    draft_exit: Optional[int] = typer.Option(None, "--draft-exit", help="self_speculative: the drafting exit."),
+    draft_len: Optional[int] = typer.Option(None, "--draft-len", help="self_speculative: tokens per draft."),
+    color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour tokens by the exit they left at."),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
-    """Generate text with the model, streaming to the terminal."""
+    """Generate text (full model, early exit or lossless self-speculative), streaming to the terminal."""
     flags = {
         "generate.prompt": prompt,
         "generate.chat": chat,
         "generate.max_new_tokens": max_new_tokens,
         "generate.temperature": temperature,
         "generate.seed": seed,
+        "generate.mode": mode,
+        "generate.run_dir": run_dir,
+        "generate.threshold": threshold,
+        "generate.confidence": confidence,
+        "generate.draft_exit": draft_exit,
+        "generate.draft_len": draft_len,
+        "generate.color": color,
     }
     cfg = compose_config("generate", overrides or [])
     # Flags are applied after composition so prompts need no Hydra quoting.
     for key, value in flags.items():
         if value is not None:
             OmegaConf.update(cfg, key, value, merge=False)
+    validate(cfg)
     if print_config:
         typer.echo(OmegaConf.to_yaml(cfg), nl=False)
         return

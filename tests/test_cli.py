@@ -131,3 +131,17 @@ def test_every_recipe_composes_for_every_stage(recipe):
     for stage in ("augment", "tune", "generate"):
         cfg = compose_config(stage, [f"recipe={recipe}", *extra])
         assert cfg.stage == stage and cfg.exits.layers
+
+
+def test_generate_mode_flags_reach_the_config_and_are_validated(monkeypatch, capsys):
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "generate", "--prompt", "x", "--mode", "self_speculative", "--run-dir", "runs/a",
+        "--draft-exit", "24", "--draft-len", "3", "--print-config",
+    )
+    assert code == 0
+    cfg = yaml.safe_load(out)["generate"]
+    assert (cfg["mode"], cfg["run_dir"], cfg["draft_exit"], cfg["draft_len"]) == ("self_speculative", "runs/a", 24, 3)
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--prompt", "x", "--threshold", "1.5", "--print-config")
+    assert code == 2 and "generate.threshold=1.5 must be in (0, 1]" in err
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--prompt", "x", "--mode", "fast", "--print-config")
+    assert code == 2 and "generate.mode='fast' is not one of" in err

@@ -100,9 +100,34 @@ def test_generate_answers_the_capital_of_france_with_paris(use_smollm2):
     assert "Paris" in result.text
     # What was streamed is what was generated.
     assert out.getvalue().strip() == result.text.strip()
-    assert result.generation.stopped_by in ("eos", "length")
+    assert result.result.stopped_by in ("eos", "length")
+    assert set(result.result.exit_layers) == {30}
 
 
 def test_generate_without_a_prompt_is_a_user_error(use_smollm2):
     with pytest.raises(EetuneError, match="no prompt"):
         generate.run(compose_config("generate", []))
+    cfg = compose_config("generate", ["generate.mode=early_exit"])
+    cfg.generate.prompt = "hi"
+    with pytest.raises(EetuneError, match="needs exits: pass --run-dir"):
+        generate.run(cfg)
+
+
+def test_self_speculative_and_early_exit_generation_through_the_stage(tmp_path, use_smollm2):
+    augment.run(augment_cfg(tmp_path / "aug", "exits.layers=[12,24]", "exits.arch=norm"))
+
+    def run_mode(*overrides):
+        cfg = compose_config("generate", ["generate.max_new_tokens=20", f"generate.run_dir={tmp_path / 'aug'}", *overrides])
+        cfg.generate.prompt = "Name three colours of the rainbow."
+        out = io.StringIO()
+        return generate.run(cfg, out=out), out.getvalue()
+
+    full, _ = run_mode("generate.mode=full")
+    spec, _ = run_mode("generate.mode=self_speculative", "generate.draft_exit=24", "generate.draft_len=3")
+    assert spec.result.tokens == full.result.tokens  # lossless
+    assert spec.result.draft_tokens > 0 and 0 <= spec.result.acceptance_rate <= 1
+    early, streamed = run_mode("generate.mode=early_exit", "generate.threshold=0.2", "generate.color=true")
+    assert any(layer < 30 for layer in early.result.exit_layers)
+    assert streamed.strip() == early.text.strip()  # colour adds no characters to a non-terminal stream
+    line = generate.summary_line(early.result, 30)
+    assert "mean layers" in line and "exit layers {" in line

@@ -87,6 +87,19 @@ class GenerateConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     seed: int = 0
+    # full | early_exit | self_speculative (the last two need exits: generate.run_dir)
+    mode: str = "full"
+    # An augment or tune run dir whose exits to load.
+    run_dir: Optional[str] = None
+    # early_exit: leave at the first exit whose confidence >= threshold (1.0 = full model).
+    threshold: float = 0.8
+    # max_prob (the paper) or learned (the exits' confidence estimators).
+    confidence: str = "max_prob"
+    # self_speculative: the exit that drafts (default: the deepest) and tokens per draft.
+    draft_exit: Optional[int] = None
+    draft_len: int = 4
+    # Colour each streamed token by the exit it left at.
+    color: bool = False
 
 
 @dataclass
@@ -193,6 +206,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "exits.init": ("random", "copy"),
     "exits.head": ("shared", "copy"),
     "exits.confidence": ("none", "linear", "mlp"),
+    "generate.mode": ("full", "early_exit", "self_speculative"),
+    "generate.confidence": ("max_prob", "learned"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
     "data.hf_format": ("json", "csv", "parquet", "text"),
     "optim.decay": ("cosine", "linear", "constant"),

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.text import Text
 
 from eetune.errors import EetuneError
-from eetune.infer.generate import GenerationResult, generate
+from eetune.exits import EarlyExitModel, load_exits
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.stages.common import load_base
 
 
 @dataclass
 class GenerateResult:
     text: str
-    generation: GenerationResult
+    result: DecodeResult
 
 
 def build_prompt_ids(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> list[int]:
@@ -41,22 +44,35 @@ def stop_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-class TextStream:
-    """Prints decoded text as tokens arrive, holding back incomplete UTF-8 sequences."""
+# Token colours by exit depth, shallow to deep; the full model's tokens stay unstyled.
+_EXIT_STYLES = ("bold magenta", "bold red", "bold yellow", "bold green", "bold cyan", "bold blue")
 
-    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+
+class TextStream:
+    """Writes decoded text as tokens arrive, holding back incomplete UTF-8 sequences.
+
+    With a rich console, each piece of text is coloured by the exit its token left at.
+    """
+
+    def __init__(self, tokenizer: Any, out: TextIO, styles: dict[int, str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.out = out
+        self.styles = styles
+        self.console = Console(file=out, highlight=False, soft_wrap=True) if styles is not None else None
         self.tokens: list[int] = []
         self.printed = 0
 
-    def __call__(self, token: int) -> None:
+    def __call__(self, token: int, exit_layer: int | None = None) -> None:
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
-        self.out.write(text[self.printed :])
-        self.out.flush()
+        piece = text[self.printed :]
+        if self.console is not None:
+            self.console.print(Text(piece, style=self.styles.get(exit_layer, "")), end="")
+        else:
+            self.out.write(piece)
+            self.out.flush()
         self.printed = len(text)
 
 
@@ -64,29 +80,51 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     gen = cfg.generate
     if not gen.prompt:
         raise EetuneError("no prompt: pass --prompt 'text' (or generate.prompt=...)")
+    if gen.mode != "full" and not gen.run_dir:
+        raise EetuneError(f"generate.mode={gen.mode} needs exits: pass --run-dir <augment or tune run dir>")
     out = out or sys.stdout
     console = console or Console(stderr=True)
     base = load_base(cfg.model)
+    model = (
+        load_exits(gen.run_dir, base.model, base.fingerprint) if gen.run_dir else EarlyExitModel(base.model, [])
+    )
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
-
-    stream: Callable[[int], None] = TextStream(tokenizer, out)
-    result = generate(
-        base.model,
-        prompt_ids,
-        gen.max_new_tokens,
+    settings = DecodeSettings(
+        mode=gen.mode,
+        threshold=gen.threshold,
+        confidence=gen.confidence,
+        draft_exit=gen.draft_exit,
+        draft_len=gen.draft_len,
+        max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_k=gen.top_k,
         top_p=gen.top_p,
-        stop_ids=stop_token_ids(tokenizer),
         seed=gen.seed,
-        on_token=stream,
+        stop_ids=frozenset(stop_token_ids(tokenizer)),
     )
+    styles = (
+        {layer: _EXIT_STYLES[i % len(_EXIT_STYLES)] for i, layer in enumerate(model.exit_layers)} if gen.color else None
+    )
+    result = Engine(model).generate(prompt_ids, settings, on_token=TextStream(tokenizer, out, styles))
     out.write("\n")
-    console.print(
-        f"[dim]{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tok/s decode, "
-        f"prefill {result.prefill_s * 1000:.0f} ms ({result.prompt_len} prompt tokens), "
-        f"stopped by {result.stopped_by}[/]"
-    )
+    console.print(f"[dim]{summary_line(result, model.num_layers)}[/]")
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-    return GenerateResult(text=text, generation=result)
+    return GenerateResult(text=text, result=result)
+
+
+def summary_line(result: DecodeResult, num_layers: int) -> str:
+    """One line of decoding statistics: speed, depth, where tokens left, draft acceptance."""
+    exits = Counter(result.exit_layers)
+    where = ", ".join(f"{layer}: {count}" for layer, count in sorted(exits.items()))
+    parts = [
+        f"{len(result.tokens)} tokens",
+        f"{result.tokens_per_s:.1f} tok/s decode",
+        f"prefill {result.prefill_s * 1000:.0f} ms ({result.prompt_len} prompt tokens)",
+        f"mean layers {result.mean_layers:.1f}/{num_layers}",
+        f"exit layers {{{where}}}",
+    ]
+    if result.acceptance_rate is not None:
+        parts.append(f"accepted {result.accepted_tokens}/{result.draft_tokens} drafts ({result.acceptance_rate:.0%})")
+    parts.append(f"stopped by {result.stopped_by}")
+    return ", ".join(parts)
