@@ -10,11 +10,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from eetune.data.corpus import heldout_batch
+from eetune.data.corpus import check_seq_len, heldout_batch
 from eetune.eval.heldout import ExitQuality, heldout_quality
 from eetune.exits import EarlyExitModel, build_manifest, check_specs, save_exits, specs_from_config
 from eetune.rundir import new_run_dir
-from eetune.stages.common import base_info, check_seq_len, load_base, write_config
+from eetune.stages.common import base_info, load_base, write_config
 
 
 @dataclass

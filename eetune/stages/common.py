@@ -7,7 +7,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eetune.errors import EetuneError
 from eetune.models import BaseModel, load_base_model
 from eetune.rundir import atomic_write_text
 
@@ -32,13 +31,6 @@ def base_info(base: BaseModel) -> dict[str, Any]:
         "num_layers": base.num_layers,
         "checkpoint_dir": str(base.checkpoint_dir),
     }
-
-
-def check_seq_len(seq_len: int, max_seq_len: int) -> None:
-    if seq_len > max_seq_len:
-        raise EetuneError(
-            f"data.seq_len={seq_len} is longer than the model supports (model.max_seq_len={max_seq_len})"
-        )
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
