@@ -20,7 +20,7 @@ from eetune.errors import EetuneError
 from eetune.exits import load_exits
 from eetune.models import fingerprint, load_base_model
 from eetune.train import loop
-from eetune.train.schedule import exit_weight, lr_factor
+from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +270,37 @@ def test_schedules_match_hand_computed_values():
     assert exit_weight(2.0, 1, weighting="cosine", warmup_steps=4) == pytest.approx(1.0)
     assert exit_weight(2.0, 0, weighting="constant", warmup_steps=4) == 2.0
     assert exit_weight(2.0, 0, weighting="dynamic", warmup_steps=4) == 2.0
+
+
+def test_flat_stop_counts_evaluations_without_relative_gain():
+    stop = FlatStop(patience=2, min_delta=0.1)
+    assert not stop.update({8: 10.0, 16: 8.0})  # first values always count as a gain
+    assert not stop.update({8: 9.5, 16: 7.9})  # 5% and 1.25% below best: no gain (1 of 2)
+    assert stop.best == {"8": 9.5, "16": 7.9} and stop.evals_without_gain == 1
+    assert not stop.update({8: 8.0, 16: 8.5})  # 8.0 < 9.5 * 0.9: a gain resets the count
+    assert not stop.update({8: 7.9, 16: 7.8})
+    assert stop.update({8: 7.95, 16: 7.9})  # second evaluation in a row without a gain
+    restored = FlatStop(patience=2, min_delta=0.1)
+    restored.load_state_dict(stop.state_dict())
+    assert restored == stop
+    assert not FlatStop(patience=0, min_delta=0.1).update({8: 1.0})
+
+
+def test_tune_stops_when_heldout_losses_flatten(tiny_base_model, corpus, tmp_path):
+    # min_delta 0.99: no evaluation can count as a gain, so patience 2 stops at the second one.
+    run_dir = tmp_path / "run"
+    result = loop.run(
+        tune_cfg(
+            tiny_base_model, corpus, run_dir, "train.steps=40", "train.eval_every=3",
+            "train.flat_patience=2", "train.flat_min_delta=0.99", "train.log_every=5",
+        )
+    )
+    assert result.steps == 6
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["tune"]["steps"] == 6 and manifest["tune"]["stopped_flat"] is True
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    heldout_steps = [m["step"] for m in logged if "heldout_ce/exit_1" in m]
+    assert heldout_steps[:3] == [0, 3, 6]  # evaluations are logged even off the log_every grid
+    with pytest.raises(EetuneError, match="train.eval_every"):
+        loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "bad", "train.flat_patience=2"))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -151,6 +151,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     # Start from the exits of an `augment` run dir instead of building them from `exits`.
     init_from: Optional[str] = None
+    # Stop before `steps` once held-out exit losses flatten: after `flat_patience` held-out
+    # evaluations (every `eval_every` steps) in which no exit's CE fell by more than
+    # `flat_min_delta` (relative) below its best so far. 0 disables.
+    flat_patience: int = 0
+    flat_min_delta: float = 0.005
 
 
 @dataclass

@@ -32,7 +32,7 @@ from eetune.stages.common import CONFIG_FILE, base_info, load_base, write_config
 from eetune.train.hidden_cache import HiddenCache
 from eetune.train.losses import exit_losses
 from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics
-from eetune.train.schedule import exit_weight, lr_factor
+from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state
 
 # Keys that may differ between a run and its resumption.
@@ -50,6 +50,7 @@ class TuneResult:
 
 def run(cfg: DictConfig, console: Console | None = None) -> TuneResult:
     console = console or Console(stderr=True)
+    check_tune_config(cfg)
     run_dir = Path(cfg.run_dir)
     _prepare_run_dir(cfg, run_dir)
     base = load_base(cfg.model)
@@ -59,6 +60,22 @@ def run(cfg: DictConfig, console: Console | None = None) -> TuneResult:
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, base)
     return Trainer(cfg, base, model, data, run_dir, console).fit()
+
+
+def check_tune_config(cfg: DictConfig) -> None:
+    """Value checks the schema cannot express, made before anything is written."""
+    loss, train = cfg.loss, cfg.train
+    if not 0.0 <= loss.kd_alpha <= 1.0:
+        raise EetuneError(f"loss.kd_alpha={loss.kd_alpha} must be in [0, 1]")
+    if loss.kd_temperature <= 0:
+        raise EetuneError(f"loss.kd_temperature={loss.kd_temperature} must be > 0")
+    for key in ("train.steps", "optim.grad_accum", "data.batch_size", "loss.chunk_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise EetuneError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if train.flat_patience < 0 or train.flat_min_delta < 0:
+        raise EetuneError("train.flat_patience and train.flat_min_delta must be >= 0")
+    if train.flat_patience > 0 and train.eval_every < 1:
+        raise EetuneError("train.flat_patience needs held-out evaluations to watch: set train.eval_every to a step count")
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -131,7 +148,6 @@ class Trainer:
         self.has_confidence = any(model.exit(layer).confidence is not None for layer in self.layers)
         # The final layer is computed only when a loss needs it.
         self.needs_final = cfg.loss.kd_alpha > 0 or cfg.loss.ce_target == "teacher" or self.has_confidence
-        self._check_loss_config()
 
         self.batches = TrainBatches(
             data.train_tokens, data.train_labels, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed
@@ -152,16 +168,8 @@ class Trainer:
         self.cache = self._open_cache() if cfg.data.cache_hidden else None
         self.step = 0
         self.tokens_seen = 0
-
-    def _check_loss_config(self) -> None:
-        loss = self.cfg.loss
-        if not 0.0 <= loss.kd_alpha <= 1.0:
-            raise EetuneError(f"loss.kd_alpha={loss.kd_alpha} must be in [0, 1]")
-        if loss.kd_temperature <= 0:
-            raise EetuneError(f"loss.kd_temperature={loss.kd_temperature} must be > 0")
-        for key in ("train.steps", "optim.grad_accum", "data.batch_size", "loss.chunk_size"):
-            if OmegaConf.select(self.cfg, key) < 1:
-                raise EetuneError(f"{key}={OmegaConf.select(self.cfg, key)} must be >= 1")
+        self.flat_stop = FlatStop(cfg.train.flat_patience, cfg.train.flat_min_delta)
+        self.stopped_flat = False
 
     def _open_cache(self) -> HiddenCache:
         keys = [str(layer) for layer in self.layers] + (["final"] if self.needs_final else [])
@@ -180,6 +188,7 @@ class Trainer:
         logger = MetricLogger(self.run_dir, cfg, resume_step=self.step)
         if self.step == 0:
             logger.log(0, self._quality_metrics(before))
+            self.flat_stop.update({layer: q.cross_entropy for layer, q in before.items() if layer in self.layers})
         progress = Progress(
             TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
             TimeRemainingColumn(), console=self.console, transient=False,
@@ -187,16 +196,25 @@ class Trainer:
         try:
             with progress:
                 task = progress.add_task("tune", total=cfg.train.steps, completed=self.step, status="")
-                while self.step < cfg.train.steps:
+                while self.step < cfg.train.steps and not self.stopped_flat:
                     metrics = self.train_step()
                     self.step += 1
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                            metrics.update(self._quality_metrics(self._heldout_quality()))
+                    evaluated = bool(cfg.train.eval_every) and self.step % cfg.train.eval_every == 0
+                    if evaluated:
+                        quality = self._heldout_quality()
+                        metrics.update(self._quality_metrics(quality))
+                        self.stopped_flat = self.flat_stop.update(
+                            {layer: q.cross_entropy for layer, q in quality.items() if layer in self.layers}
+                        )
+                    if evaluated or self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                         logger.log(self.step, metrics)
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self._checkpoint()
                     progress.update(task, completed=self.step, status=self._status(metrics))
+            if self.stopped_flat:
+                self.console.print(
+                    f"held-out exit CE flat for {cfg.train.flat_patience} evaluations: stopped at step {self.step}"
+                )
             after = self._heldout_quality()
             logger.log(self.step, self._quality_metrics(after))
             logger.log_summary(self._quality_metrics(after))
@@ -342,7 +360,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 data=self.batches.state_dict(),
                 rng=capture_rng(),
-                extra={"tokens_seen": self.tokens_seen},
+                extra={"tokens_seen": self.tokens_seen, "flat_stop": self.flat_stop.state_dict()},
             ),
         )
 
@@ -354,6 +372,8 @@ class Trainer:
         restore_rng(state.rng)
         self.step = state.step
         self.tokens_seen = state.extra.get("tokens_seen", 0)
+        if "flat_stop" in state.extra:
+            self.flat_stop.load_state_dict(state.extra["flat_stop"])
         self.console.print(f"resumed {self.run_dir} at step {self.step}")
 
     def _write_results(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> None:
@@ -368,7 +388,12 @@ class Trainer:
         }
         manifest = build_manifest(
             self.model, base_info(self.base), stage="tune",
-            extra={"tune": {"steps": self.step, "tokens_seen": self.tokens_seen, "heldout": heldout}},
+            extra={
+                "tune": {
+                    "steps": self.step, "tokens_seen": self.tokens_seen, "stopped_flat": self.stopped_flat,
+                    "heldout": heldout,
+                }
+            },
         )
         save_exits(self.run_dir, self.model, manifest)
         plot_loss_curves(
