@@ -97,6 +97,9 @@ def generate(
     confidence: Optional[str] = typer.Option(None, "--confidence", help="max_prob | learned"),
     draft_exit: Optional[int] = typer.Option(None, "--draft-exit", help="self_speculative: the drafting exit."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="self_speculative: tokens per draft."),
+    draft_vocab: Optional[int] = typer.Option(
+        None, "--draft-vocab", help="self_speculative: draft over the N most frequent tokens (FR-Spec)."
+    ),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour tokens by the exit they left at."),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
@@ -113,6 +116,7 @@ def generate(
         "generate.confidence": confidence,
         "generate.draft_exit": draft_exit,
         "generate.draft_len": draft_len,
+        "generate.draft_vocab": draft_vocab,
         "generate.color": color,
     }
     cfg = compose_config("generate", overrides or [])

@@ -283,7 +283,44 @@ def test_rejection_sampling_step_reproduces_the_target_distribution() -> None:
 
 
 @torch.inference_mode()
-def test_sampled_self_speculative_matches_full_model_distribution(ee: EarlyExitModel) -> None:
+def _frequency_order(seed: int = 0) -> torch.Tensor:
+    """A made-up token ranking (a fixed permutation of the vocabulary)."""
+    return torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("draft_vocab", [1, 16, 128])
+def test_restricted_draft_vocab_greedy_equals_full(ee: EarlyExitModel, draft_vocab: int) -> None:
+    order = _frequency_order()
+    kept = set(order[:draft_vocab].tolist())
+    engine = Engine(ee, token_order=order)
+    accepted_any = False
+    for seed in range(8):
+        prompt = _prompt(seed + 300)
+        full = engine.generate(prompt, DecodeSettings(max_new_tokens=16)).tokens
+        for draft_exit in (1, 3):
+            settings = DecodeSettings(
+                mode="self_speculative", draft_exit=draft_exit, draft_len=3, max_new_tokens=16, draft_vocab=draft_vocab
+            )
+            result = engine.generate(prompt, settings)
+            assert result.tokens == full, (seed, draft_exit)
+            drafted_and_kept = [t for t, e in zip(result.tokens, result.exit_layers) if e == draft_exit]
+            assert set(drafted_and_kept) <= kept  # accepted drafts come from the kept tokens only
+            accepted_any |= bool(drafted_and_kept)
+    assert accepted_any or draft_vocab == 1  # one kept token is rarely the right one
+
+
+def test_token_order_ranks_by_frequency_with_forced_ids() -> None:
+    from eetune.infer.draft_vocab import count_tokens, token_order
+
+    counts = count_tokens(torch.tensor([[5, 3, 3, -100], [5, 5, 7, 3]]), vocab_size=8)
+    assert counts.tolist() == [0, 0, 0, 3, 0, 3, 0, 1]
+    # 3 and 5 tie (lower id first), then 7, then the unseen ids in id order.
+    assert token_order(counts).tolist() == [3, 5, 7, 0, 1, 2, 4, 6]
+    assert token_order(counts, always=(2,)).tolist()[:3] == [2, 3, 5]
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 40])
+def test_sampled_self_speculative_matches_full_model_distribution(ee: EarlyExitModel, draft_vocab: int | None) -> None:
     # top_k=3 keeps the exact joint law of the first 3 tokens small (27 outcomes) and the
     # exit's top-3 often differ from the final layer's, so rejections happen.
     prompt = _prompt(7, n=5)
@@ -297,13 +334,15 @@ def test_sampled_self_speculative_matches_full_model_distribution(ee: EarlyExitM
             for token in dist.nonzero().flatten().tolist():
                 grown[prefix + (token,)] = mass * float(dist[token])
         exact = grown
-    engine = Engine(ee)
+    # With a restricted draft vocabulary, the draft law is zero outside the kept tokens: still exact.
+    engine = Engine(ee, token_order=_frequency_order(1))
     runs = 1500
     counts: Counter[tuple[int, ...]] = Counter()
     drafted = accepted = 0
     for seed in range(runs):
         settings = DecodeSettings(
-            mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=3, temperature=1.0, top_k=3, seed=seed
+            mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=3, temperature=1.0, top_k=3,
+            seed=seed, draft_vocab=draft_vocab,
         )
         result = engine.generate(prompt, settings)
         counts[tuple(result.tokens)] += 1
@@ -356,6 +395,7 @@ def test_bad_settings_raise_eetune_error(ee: EarlyExitModel, ee_fixture: EarlyEx
         (DecodeSettings(mode="early_exit", threshold=0.5, confidence="entropy"), "unknown confidence"),
         (DecodeSettings(mode="self_speculative", draft_exit=4), "draft_exit 4 is not an exit"),
         (DecodeSettings(mode="self_speculative", draft_len=0), "draft_len"),
+        (DecodeSettings(mode="self_speculative", draft_vocab=8), "token_order"),
         # exits 1 and 3 have no estimator
         (DecodeSettings(mode="early_exit", threshold=0.5, confidence="learned"), r"exit\(s\) \[1, 3\]"),
         (DecodeSettings(max_new_tokens=-1), "max_new_tokens"),

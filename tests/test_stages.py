@@ -44,9 +44,8 @@ def test_augment_writes_a_complete_run_dir_that_loads_back(tmp_path, use_smollm2
     assert manifest["base_model"]["num_layers"] == 30
     assert [e["layer"] for e in manifest["exits"]] == [8, 16, 24]
 
-    # An mlp exit with a shared head: two norms of 576, a 576x1536 gated MLP and the
-    # recipe's linear confidence estimator (576 weights + a bias).
-    per_exit = 2 * 576 + 3 * 576 * 1536 + 577
+    # An mlp exit with a shared head: two norms of 576 and a 576x1536 gated MLP.
+    per_exit = 2 * 576 + 3 * 576 * 1536
     assert result.exit_parameters == {8: per_exit, 16: per_exit, 24: per_exit}
     state = load_file(str(run_dir / "exits.safetensors"))
     assert sum(t.numel() for t in state.values()) == 3 * per_exit

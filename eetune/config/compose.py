@@ -26,7 +26,7 @@ from eetune.errors import EetuneError
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = _REPO_ROOT / "recipes"
 CONFIGS_DIR = _REPO_ROOT / "configs"
-DEFAULT_RECIPE = "smollm2_135m"
+DEFAULT_RECIPE = "base"
 
 
 def list_recipes() -> list[str]:

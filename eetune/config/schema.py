@@ -98,6 +98,9 @@ class GenerateConfig:
     # self_speculative: the exit that drafts (default: the deepest) and tokens per draft.
     draft_exit: Optional[int] = None
     draft_len: int = 4
+    # self_speculative: draft over only the N most frequent tokens of the tuning data (FR-Spec;
+    # output stays exact). null drafts over the whole vocabulary.
+    draft_vocab: Optional[int] = None
     # Colour each streamed token by the exit it left at.
     color: bool = False
 

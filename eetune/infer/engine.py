@@ -52,6 +52,10 @@ class DecodeSettings:
     confidence: str = "max_prob"
     draft_exit: int | None = None  # self_speculative: exit layer used for drafting (default: the deepest exit)
     draft_len: int = 4  # self_speculative: tokens drafted per verify forward (k)
+    # self_speculative: draft over only the N most frequent tokens (FR-Spec): the draft head
+    # streams N rows instead of the whole vocabulary; verification with the full head keeps the
+    # output exact. None drafts over the whole vocabulary. Needs the engine's `token_order`.
+    draft_vocab: int | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int | None = None
@@ -144,7 +148,14 @@ class Engine:
     `head_calls` counts rows put through a vocabulary head, by layer (num_layers = LM head).
     """
 
-    def __init__(self, model: EarlyExitModel, *, max_seq_len: int | None = None, max_batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        model: EarlyExitModel,
+        *,
+        max_seq_len: int | None = None,
+        max_batch_size: int = 1,
+        token_order: Tensor | None = None,
+    ) -> None:
         if not isinstance(model, EarlyExitModel):
             raise EetuneError(f"Engine needs an EarlyExitModel, got {type(model).__name__}")
         limit = model.backbone.max_seq_len
@@ -160,6 +171,14 @@ class Engine:
         self.head_calls: Counter[int] = Counter()
         self._caches: dict[int, DecodeCaches] = {}
         self._layer_exits = {layer for layer in model.exit_layers if isinstance(model.exit(layer), LayerExit)}
+        # Token ids, most frequent first (eetune.infer.draft_vocab): what `draft_vocab` keeps.
+        self.token_order = None if token_order is None else token_order.to(torch.long).flatten()
+        if self.token_order is not None and (
+            self.token_order.numel() == 0 or int(self.token_order.min()) < 0
+            or int(self.token_order.max()) >= self.vocab_size
+        ):
+            raise EetuneError(f"token_order must hold token ids in [0, {self.vocab_size})")
+        self._draft_heads: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     # -- public API ---------------------------------------------------------------------
 
@@ -216,6 +235,14 @@ class Engine:
             raise EetuneError(f"unknown confidence {s.confidence!r}: choose one of {', '.join(CONFIDENCES)}")
         if s.draft_len < 1:
             raise EetuneError(f"draft_len must be >= 1, got {s.draft_len}")
+        if s.draft_vocab is not None:
+            if self.token_order is None:
+                raise EetuneError(
+                    "draft_vocab needs token frequencies: this engine was built without a token_order "
+                    "(tune writes one to the run dir as draft_vocab.safetensors)"
+                )
+            if s.draft_vocab < 1:
+                raise EetuneError(f"draft_vocab must be >= 1 token, got {s.draft_vocab}")
         if s.draft_exit is not None and s.draft_exit not in model.exit_layers:
             raise EetuneError(
                 f"draft_exit {s.draft_exit} is not an exit of this model; exits are at {model.exit_layers}"
@@ -272,6 +299,14 @@ class Engine:
     def _exit_logits(self, layer: int, hidden: Tensor) -> Tensor:
         self.head_calls[layer] += hidden.shape[0]
         return torch.nn.functional.linear(hidden, self.model.head_weight(layer)).float()
+
+    def _draft_head(self, layer: int, size: int) -> tuple[Tensor, Tensor]:
+        """(kept token ids [n], their rows of exit `layer`'s head [n, dim]) for FR-Spec drafting."""
+        key = (layer, size)
+        if key not in self._draft_heads:
+            ids = self.token_order[:size]
+            self._draft_heads[key] = (ids, self.model.head_weight(layer)[ids].contiguous())
+        return self._draft_heads[key]
 
     def _final_logits(self, caches: DecodeCaches, h: Tensor) -> Tensor:
         self.head_calls[self.num_layers] += math.prod(h.shape[:-1])
@@ -454,6 +489,7 @@ class Engine:
         n_layers = self.num_layers
         draft_layer = s.draft_exit if s.draft_exit is not None else self.model.exit_layers[-1]
         layer_exit = draft_layer in self._layer_exits
+        draft_head = None if s.draft_vocab is None else self._draft_head(draft_layer, s.draft_vocab)
         caches = self._caches_for(1, len(prompt) + s.max_new_tokens)
         caches.set_padding([0])
         gen = caches.gen
@@ -491,13 +527,22 @@ class Engine:
                     span = caches.span(pos + i, 1)
                     h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
                     states.append(h)
-                    logits = self._exit_logits(draft_layer, self._exit_hidden(caches, draft_layer, h, span))
+                    hidden = self._exit_hidden(caches, draft_layer, h, span)
+                    if draft_head is None:
+                        logits = self._exit_logits(draft_layer, hidden)
+                    else:
+                        logits = torch.nn.functional.linear(hidden, draft_head[1]).float()
                     if params.greedy:
                         token = logits.argmax(-1, keepdim=True)
                     else:
                         q = probabilities(logits, params)
-                        draft_probs.append(q)
                         token = torch.multinomial(q, 1, generator=rng)
+                        if draft_head is not None:
+                            # The draft law over the whole vocabulary: zero outside the kept tokens.
+                            q = torch.zeros(1, self.vocab_size, device=device).index_copy_(1, draft_head[0], q)
+                        draft_probs.append(q)
+                    if draft_head is not None:
+                        token = draft_head[0][token]
                     draft_ids.append(token[:, 0])
                 # Verify: the last draft through layers 1..L, then all k + 1 positions on from L.
                 span = caches.span(pos + k, 1)

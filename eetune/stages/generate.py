@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from omegaconf import DictConfig
@@ -13,6 +14,7 @@ from rich.text import Text
 
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel, load_exits
+from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.stages.common import load_base
 
@@ -96,6 +98,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
         confidence=gen.confidence,
         draft_exit=gen.draft_exit,
         draft_len=gen.draft_len,
+        draft_vocab=gen.draft_vocab,
         max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_k=gen.top_k,
@@ -106,7 +109,10 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     styles = (
         {layer: _EXIT_STYLES[i % len(_EXIT_STYLES)] for i, layer in enumerate(model.exit_layers)} if gen.color else None
     )
-    result = Engine(model).generate(prompt_ids, settings, on_token=TextStream(tokenizer, out, styles))
+    stops = tuple(sorted(settings.stop_ids))
+    token_order = load_token_order(Path(gen.run_dir), always=stops) if gen.run_dir else None
+    engine = Engine(model, token_order=token_order)
+    result = engine.generate(prompt_ids, settings, on_token=TextStream(tokenizer, out, styles))
     out.write("\n")
     console.print(f"[dim]{summary_line(result, model.num_layers)}[/]")
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)

@@ -27,6 +27,7 @@ from eetune.errors import EetuneError
 from eetune.eval.heldout import ExitQuality, heldout_quality
 from eetune.exits import EarlyExitModel, build_manifest, check_specs, load_exits, save_exits, specs_from_config
 from eetune.exits.modules import lm_head_weight
+from eetune.infer.draft_vocab import count_tokens, save_token_counts
 from eetune.models import BaseModel
 from eetune.stages.common import CONFIG_FILE, base_info, load_base, write_config
 from eetune.train.hidden_cache import HiddenCache
@@ -396,6 +397,9 @@ class Trainer:
             },
         )
         save_exits(self.run_dir, self.model, manifest)
+        # Token frequencies of the training targets: the kept vocabulary of FR-Spec drafting.
+        vocab_size = lm_head_weight(self.base.model).shape[0]
+        save_token_counts(self.run_dir, count_tokens(self.data.train_labels, vocab_size, IGNORE_INDEX))
         plot_loss_curves(
             read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / LOSS_PLOT_FILE,
             title=f"{self.base.name}: exits {self.layers} (train CE vs {self._ce_target_name()})",

@@ -1,0 +1,306 @@
+"""Decoding speed and quality on SmolLM2-135M, side by side in one run.
+
+Cases, all greedy, batch 1, the same chat prompts and number of new tokens (stop tokens are
+ignored so every case decodes exactly that many):
+
+- `hf`: Hugging Face transformers `generate` on the same weights and dtype (the baseline).
+- `full`: our engine with the full model (every speedup below is relative to it).
+- `early_exit`: each threshold x each confidence policy (max_prob, learned).
+- `self_speculative`: each drafting exit x draft length, with the whole vocabulary or a
+  restricted draft vocabulary (FR-Spec); output must equal `full`.
+- `int8` (optional): `full` on torchao weight-only int8 weights, reported separately.
+
+Cases run interleaved prompt by prompt, so a change in machine load affects them alike.
+Decode speed counts tokens after the first one (prefill excluded) for every case, HF too
+(timed with a streamer). Quality is greedy-token agreement with `full`: the fraction of
+positions holding the same token, and how many outputs are identical.
+
+    .venv/bin/python scripts/bench/decode.py --run-dir runs/smollm2_135m [--prompts 10] [--new-tokens 128]
+
+Writes decode.json and decode.png (speedup vs agreement) under --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+from eetune.exits import load_exits  # noqa: E402
+from eetune.infer.draft_vocab import load_token_order  # noqa: E402
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine  # noqa: E402
+from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
+from eetune.rundir import atomic_write  # noqa: E402
+from eetune.stages.generate import build_prompt_ids, stop_token_ids  # noqa: E402
+
+PROMPTS_FILE = Path(__file__).resolve().parents[2] / "eetune" / "data" / "prompts" / "distill_prompts.txt"
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # hf | full | early_exit | self_speculative | int8
+    settings: DecodeSettings | None = None
+    decode_s: float = 0.0
+    tokens: int = 0  # decoded after the first, summed over prompts
+    outputs: list[list[int]] = field(default_factory=list)
+    mean_layers: list[float] = field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
+
+    def add(self, tokens: list[int], decode_s: float, mean_layers: float | None = None) -> None:
+        self.outputs.append(tokens)
+        self.decode_s += decode_s
+        self.tokens += max(len(tokens) - 1, 0)
+        if mean_layers is not None:
+            self.mean_layers.append(mean_layers)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.decode_s if self.decode_s else 0.0
+
+
+def main() -> None:
+    args = _parse_args()
+    console = make_console()
+    torch.manual_seed(0)
+    base = load_base_model("smollm2_135m", checkpoint_dir=default_smollm2_dir(), dtype=args.dtype)
+    model = load_exits(args.run_dir, base.model, base.fingerprint)
+    stops = tuple(sorted(stop_token_ids(base.tokenizer)))
+    engine = Engine(model, token_order=load_token_order(args.run_dir, always=stops))
+    prompts = [p for p in PROMPTS_FILE.read_text().splitlines() if p.strip()][: args.prompts]
+    prompt_ids = [build_prompt_ids(base.tokenizer, p, chat=True) for p in prompts]
+
+    has_learned = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
+    cases = _cases(args, model.exit_layers, has_learned, has_token_order=engine.token_order is not None)
+    runners: dict[str, Callable[[list[int]], tuple[list[int], float, float | None, int, int]]] = {}
+    if args.hf:
+        runners["hf"] = _hf_runner(base, args.dtype, args.new_tokens)
+    if args.int8:
+        runners["int8"] = _int8_runner(base, args.new_tokens)
+
+    # Warm-up: the first decode of a process pays one-time allocation costs.
+    engine.generate(prompt_ids[0], DecodeSettings(max_new_tokens=8))
+    with console.status("decoding") as status:
+        for i, ids in enumerate(prompt_ids):
+            for case in cases:
+                status.update(f"prompt {i + 1}/{len(prompt_ids)}: {case.name}")
+                if case.kind in runners:
+                    tokens, decode_s, layers, drafted, accepted = runners[case.kind](ids)
+                else:
+                    r = engine.generate(ids, case.settings)
+                    tokens, decode_s, layers, drafted, accepted = (
+                        r.tokens, r.decode_s, r.mean_layers, r.draft_tokens, r.accepted_tokens
+                    )
+                case.add(tokens, decode_s, layers)
+                case.drafted += drafted
+                case.accepted += accepted
+
+    full = next(c for c in cases if c.kind == "full")
+    rows, results = [], []
+    for case in cases:
+        agree = _agreement(case.outputs, full.outputs)
+        identical = sum(a == b for a, b in zip(case.outputs, full.outputs))
+        entry: dict[str, Any] = {
+            "case": case.name,
+            "kind": case.kind,
+            "settings": None if case.settings is None else _settings_dict(case.settings),
+            "tokens_per_s": case.tokens_per_s,
+            "speedup_vs_full": case.tokens_per_s / full.tokens_per_s,
+            "mean_layers": statistics.fmean(case.mean_layers) if case.mean_layers else None,
+            "agreement_with_full": agree,
+            "identical_outputs": identical,
+            "acceptance_rate": case.accepted / case.drafted if case.drafted else None,
+        }
+        results.append(entry)
+        rows.append(
+            [
+                case.name,
+                f"{entry['tokens_per_s']:.1f}",
+                f"{entry['speedup_vs_full']:.2f}x",
+                "-" if entry["mean_layers"] is None else f"{entry['mean_layers']:.1f}",
+                f"{agree:.1%}",
+                f"{identical}/{len(prompts)}",
+                "-" if entry["acceptance_rate"] is None else f"{entry['acceptance_rate']:.0%}",
+            ]
+        )
+    report = {
+        "benchmark": "decode",
+        "created": now_iso(),
+        "model": "smollm2_135m",
+        "dtype": args.dtype,
+        "run_dir": str(args.run_dir),
+        "exit_layers": model.exit_layers,
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
+        "machine": machine_info(),
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "decode.json", report)
+    print_table(
+        console,
+        f"decode, SmolLM2-135M {args.dtype}, batch 1, {len(prompts)} chat prompts x {args.new_tokens} new tokens",
+        ["case", "tok/s", "vs full", "mean layers", "agreement", "identical", "accepted"],
+        rows,
+        caption=f"exits {model.exit_layers} from {args.run_dir}; agreement = same greedy token at the same position",
+    )
+    _plot(results, args.out / "decode.png", title=f"SmolLM2-135M {args.dtype}: speed vs quality")
+    console.print(f"wrote {args.out / 'decode.json'} and {args.out / 'decode.png'}")
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="tune run dir whose exits decode")
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--thresholds", default="0.9,0.8,0.6,0.4,0.2")
+    parser.add_argument("--policies", default="max_prob,learned")
+    parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
+    parser.add_argument("--draft-vocab", default="0,4096", help="draft vocab sizes (0 = whole vocabulary)")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
+    parser.add_argument("--int8", action="store_true", help="also run full on torchao int8 weight-only weights")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
+    return parser.parse_args()
+
+
+def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, has_token_order: bool) -> list[Case]:
+    n = args.new_tokens
+    cases = [Case("full", "full", DecodeSettings(max_new_tokens=n))]
+    if args.hf:
+        cases.append(Case("hf transformers", "hf"))
+    if args.int8:
+        cases.append(Case("full int8 (torchao)", "int8"))
+    for policy in args.policies.split(","):
+        if policy == "learned" and not has_learned:
+            continue
+        for t in (float(x) for x in args.thresholds.split(",")):
+            cases.append(
+                Case(f"early_exit {policy} {t:g}", "early_exit",
+                     DecodeSettings(mode="early_exit", threshold=t, confidence=policy, max_new_tokens=n))
+            )
+    for item in args.spec.split(","):
+        layer, k = (int(x) for x in item.split(":"))
+        if layer not in exit_layers:
+            continue
+        for vocab in (int(v) for v in args.draft_vocab.split(",")):
+            if vocab and not has_token_order:
+                continue  # the run dir holds no token frequencies (an augment run)
+            label = f"self_spec exit {layer} k={k}" + (f" vocab {vocab}" if vocab else "")
+            cases.append(
+                Case(label, "self_speculative",
+                     DecodeSettings(mode="self_speculative", draft_exit=layer, draft_len=k,
+                                    draft_vocab=vocab or None, max_new_tokens=n))
+            )
+    return cases
+
+
+def _hf_runner(base, dtype: str, new_tokens: int):
+    """transformers generate, greedy, exactly `new_tokens` tokens, decode time after the first."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    hf = AutoModelForCausalLM.from_pretrained(base.checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value) -> None:  # called with the prompt first, then once per new token
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def run(ids: list[int]):
+        clock = Clock()
+        with torch.inference_mode():
+            out = hf.generate(
+                torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                streamer=clock, pad_token_id=0,
+            )
+        tokens = out[0, len(ids):].tolist()
+        return tokens, clock.stamps[-1] - clock.stamps[1], None, 0, 0
+
+    return run
+
+
+def _int8_runner(base, new_tokens: int):
+    """Our full engine on a weight-only int8 copy of the backbone (torchao)."""
+    import copy
+
+    from torchao.quantization import int8_weight_only, quantize_
+
+    from eetune.exits import EarlyExitModel
+
+    backbone = copy.deepcopy(base.model)
+    quantize_(backbone, int8_weight_only())
+    engine = Engine(EarlyExitModel(backbone, []))
+
+    def run(ids: list[int]):
+        r: DecodeResult = engine.generate(ids, DecodeSettings(max_new_tokens=new_tokens))
+        return r.tokens, r.decode_s, r.mean_layers, 0, 0
+
+    return run
+
+
+def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    same = total = 0
+    for a, b in zip(outputs, reference):
+        same += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+    return same / total if total else 1.0
+
+
+def _settings_dict(s: DecodeSettings) -> dict[str, Any]:
+    return {
+        "mode": s.mode, "threshold": s.threshold, "confidence": s.confidence, "draft_exit": s.draft_exit,
+        "draft_len": s.draft_len, "draft_vocab": s.draft_vocab,
+    }
+
+
+def _plot(results: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, marker in (("max_prob", "o"), ("learned", "s")):
+        points = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy]
+        if points:
+            ax.plot([r["speedup_vs_full"] for r in points], [r["agreement_with_full"] for r in points],
+                    marker=marker, label=f"early exit ({policy})")
+            for r in points:
+                ax.annotate(f"{r['settings']['threshold']:g}", (r["speedup_vs_full"], r["agreement_with_full"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    spec = [r for r in results if r["kind"] == "self_speculative"]
+    if spec:
+        ax.scatter([r["speedup_vs_full"] for r in spec], [r["agreement_with_full"] for r in spec],
+                   marker="*", s=120, color="tab:green", label="self-speculative (lossless)", zorder=3)
+    for r in results:
+        if r["kind"] in ("hf", "int8"):
+            ax.scatter([r["speedup_vs_full"]], [r["agreement_with_full"]], marker="^", s=70, label=r["case"])
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("decode speed vs our full model (x)")
+    ax.set_ylabel("greedy-token agreement with full")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
