@@ -238,3 +238,26 @@ def test_probabilities_apply_top_k_and_top_p() -> None:
     # Sampling frequencies follow the processed distribution.
     draws = torch.stack([sample(logits, SamplingParams(temperature=1.0, top_k=2), make_rng(i)) for i in range(400)])
     assert set(draws.flatten().tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_blocks_equal_the_module_path_bit_for_bit(dtype: torch.dtype) -> None:
+    model = _tiny_llama().to(dtype)
+    fast = Generator(model, max_seq_len=64, batch_size=2)
+    slow = Generator(model, max_seq_len=64, batch_size=2, fast=False)
+    assert all(b is not None for b in fast.blocks) and all(b is None for b in slow.blocks)
+    tokens = torch.tensor([_prompt(12, seed=3), _prompt(12, seed=4)])
+    with torch.inference_mode():
+        # A prefill, a chunk after cached positions (masked), then single tokens.
+        for start, length in ((0, 7), (7, 3), (10, 1), (11, 1)):
+            chunk = tokens[:, start : start + length]
+            a = fast.forward(chunk, all_logits=True)
+            b = slow.forward(chunk, all_logits=True)
+            assert torch.equal(a, b), (start, length)
+    for f, s in zip(fast.caches, slow.caches):
+        assert torch.equal(f.k[:, :, :12], s.k[:, :, :12]) and torch.equal(f.v[:, :, :12], s.v[:, :, :12])
+
+
+def test_fast_blocks_skip_layers_they_cannot_express() -> None:
+    # Qwen2's RoPE rotates halves, not interleaved pairs: it keeps torchtune's module path.
+    assert all(b is None for b in Generator(_tiny_qwen2(), max_seq_len=16).blocks)

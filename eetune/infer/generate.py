@@ -18,6 +18,7 @@ from torch import Tensor
 from torchtune.modules import MultiHeadAttention, TransformerDecoder, TransformerSelfAttentionLayer
 
 from eetune.errors import EetuneError
+from eetune.infer.fast_block import FastBlock
 from eetune.infer.kv_cache import LayerKVCache, caches_for_model
 from eetune.infer.sampling import SamplingParams, make_rng, sample
 
@@ -129,7 +130,9 @@ class Generator:
     do not touch `length`. Full model: `prefill`, `decode_step`, `rewind`, `generate`.
     """
 
-    def __init__(self, model: TransformerDecoder, *, max_seq_len: int | None = None, batch_size: int = 1) -> None:
+    def __init__(
+        self, model: TransformerDecoder, *, max_seq_len: int | None = None, batch_size: int = 1, fast: bool = True
+    ) -> None:
         _check_supported(model)
         limit = model.max_seq_len
         max_seq_len = limit if max_seq_len is None else max_seq_len
@@ -145,6 +148,8 @@ class Generator:
         self.vocab_size: int = model.tok_embeddings.num_embeddings
         self.device = model.tok_embeddings.weight.device
         self.caches = caches_for_model(model, batch_size=batch_size, max_seq_len=max_seq_len)
+        # Plain Llama-style blocks decode through FastBlock (same math, fewer ops).
+        self.blocks = [FastBlock(layer) if fast and FastBlock.supports(layer) else None for layer in self.layers]
         # Views of these serve every step's positions and token input without allocating.
         self._positions = torch.arange(max_seq_len, device=self.device)
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -170,9 +175,13 @@ class Generator:
 
     def run_layers(self, h: Tensor, start: int, end: int, span: Span) -> Tensor:
         """Hidden states after layers [start, end) (0-based), writing their caches at `span`."""
-        layers, caches = self.layers, self.caches
+        layers, blocks, caches = self.layers, self.blocks, self.caches
         for i in range(start, end):
-            h = layer_forward(layers[i], h, span, caches[i])
+            block = blocks[i]
+            if block is None:
+                h = layer_forward(layers[i], h, span, caches[i])
+            else:
+                h = block(h, span.input_pos, span.kv_len, span.mask, caches[i])
         return h
 
     def final_logits(self, h: Tensor) -> Tensor:
