@@ -11,6 +11,7 @@ dropped if still queued, stopped at the next token if decoding.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,13 +72,15 @@ def create_app(served: ServedModel, queue_size: int) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         served.check_model_name(body.model)
         plan = served.plan(served.completion_prompt(body.prompt), body, prompt_param="prompt")
-        return await _respond(request, worker, served, plan, CompletionFormat(served.name), body.stream, body.include_usage)
+        fmt = CompletionFormat(served.name)
+        return await _respond(request, worker, served, plan, fmt, body.stream, body.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         served.check_model_name(body.model)
         plan = served.plan(served.chat_prompt(body.turns()), body, prompt_param="messages")
-        return await _respond(request, worker, served, plan, ChatFormat(served.name), body.stream, body.include_usage)
+        fmt = ChatFormat(served.name)
+        return await _respond(request, worker, served, plan, fmt, body.stream, body.include_usage)
 
     return app
 
@@ -121,7 +124,7 @@ async def _respond(
         except RuntimeError:  # the loop is closed: the server is shutting down
             pass
 
-    def job(cancelled: Any) -> Completion:
+    def job(cancelled: threading.Event) -> Completion:
         try:
             return served.decode(plan, cancelled, on_text=post)
         finally:

@@ -54,7 +54,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
     param = _param_name(loc)
     if param is None:
-        return APIError(400, "the request body must be a JSON object (Content-Type: application/json)", code="invalid_json")
+        message = "the request body must be a JSON object (Content-Type: application/json)"
+        return APIError(400, message, code="invalid_json")
     if kind == "missing":
         return APIError(400, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":

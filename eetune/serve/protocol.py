@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from eetune.serve.service import Completion
 
 MAX_STOP_STRINGS = 4
+MAX_DRAFT_LEN = 64
 
 
 class _Strict(BaseModel):
@@ -32,7 +34,7 @@ class EarlyExitOptions(_Strict):
     threshold: float | None = Field(None, gt=0.0, le=1.0)
     confidence: Literal["max_prob", "learned"] | None = None
     draft_exit: int | None = None
-    draft_len: int | None = Field(None, ge=1, le=64)
+    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN)
 
     def over(self, defaults: EarlyExitOptions) -> EarlyExitOptions:
         """These options with every field left out taken from `defaults`."""
@@ -178,7 +180,7 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-class ResponseFormat:
+class ResponseFormat(ABC):
     """One request's response and stream chunks, sharing its id, creation time and model name."""
 
     prefix = ""
@@ -215,11 +217,13 @@ class ResponseFormat:
         """Sent last when `stream_options.include_usage` is set, as OpenAI does."""
         return self._envelope(self.chunk_object_name, [], usage=usage(completion))
 
+    @abstractmethod
     def _full_choice(self, text: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The choice's content in a whole response."""
 
+    @abstractmethod
     def _delta_choice(self, delta: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """The choice's content in a stream chunk (None: the closing chunk)."""
 
 
 class CompletionFormat(ResponseFormat):

@@ -56,7 +56,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise EetuneError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another serve.port or serve.host") from None
+        raise EetuneError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; choose another serve.port or serve.host"
+        ) from None
     return sock
 
 

@@ -18,7 +18,7 @@ from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.serve.errors import APIError
-from eetune.serve.protocol import EarlyExitOptions, GenerationRequest
+from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler
 from eetune.stages.generate import chat_prompt_ids, load_model, stop_token_ids
 
@@ -43,11 +43,13 @@ def check_serve_config(serve_cfg: Any) -> None:
     s = serve_cfg
     if not 0 <= s.port <= 65535:
         raise EetuneError(f"serve.port={s.port} must be in 0..65535 (0 picks a free port)")
-    for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size", "draft_len"):
+    for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size"):
         if getattr(s, key) < 1:
             raise EetuneError(f"serve.{key}={getattr(s, key)} must be >= 1")
     if s.default_max_tokens > s.max_tokens:
         raise EetuneError(f"serve.default_max_tokens={s.default_max_tokens} exceeds serve.max_tokens={s.max_tokens}")
+    if not 1 <= s.draft_len <= MAX_DRAFT_LEN:
+        raise EetuneError(f"serve.draft_len={s.draft_len} must be in 1..{MAX_DRAFT_LEN}")
     if not 0.0 < s.threshold <= 1.0:
         raise EetuneError(f"serve.threshold={s.threshold} must be in (0, 1] (1.0 = never exit early)")
     if s.mode != "full" and not s.run_dir:
@@ -121,7 +123,8 @@ class ServedModel:
         max_seq_len = base.model.max_seq_len
         if s.max_prompt_tokens >= max_seq_len:
             raise EetuneError(
-                f"serve.max_prompt_tokens={s.max_prompt_tokens} leaves no room to generate in model.max_seq_len={max_seq_len}"
+                f"serve.max_prompt_tokens={s.max_prompt_tokens} leaves no room to generate in "
+                f"model.max_seq_len={max_seq_len}"
             )
         limits = Limits(
             max_prompt_tokens=s.max_prompt_tokens,
@@ -147,7 +150,8 @@ class ServedModel:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt", code="invalid_value")
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt",
+                           code="invalid_value")
         return list(prompt)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
