@@ -256,6 +256,13 @@ def test_stop_strings_end_the_text_before_them(client) -> None:
         assert len(stats["exit_layers"]) < 30
 
 
+def test_chat_content_may_be_a_list_of_text_parts(client) -> None:
+    plain = client.post(CHAT, json=chat_body("Name a colour")).json()
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour"}]
+    body = {**chat_body("unused"), "messages": [{"role": "user", "content": parts}]}
+    assert client.post(CHAT, json=body).json()["choices"] == plain["choices"]
+
+
 def test_models_and_health(client, served) -> None:
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
@@ -371,6 +378,8 @@ HI = [{"role": "user", "content": "hi"}]
         (CHAT, {"messages": []}, 400, "messages", "invalid_value"),
         (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
         (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, "messages[0].content", "invalid_value"),
         (CHAT, {"messages": HI, "max_tokens": "20"}, 400, "max_tokens", "invalid_value"),
         (CHAT, {"messages": HI, "temperature": "hot"}, 400, "temperature", "invalid_value"),
         (CHAT, {"messages": HI, "temperature": 3}, 400, "temperature", "invalid_value"),

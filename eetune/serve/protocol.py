@@ -111,17 +111,17 @@ class CompletionRequest(GenerationRequest):
     prompt: Annotated[str | list[int], BeforeValidator(_one_prompt)]
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
 def _message_text(value: Any) -> Any:
-    """Message content: a string, or a list of text parts (joined)."""
-    if isinstance(value, list):
-        parts = [TextPart.model_validate(part) for part in value]
-        return "".join(part.text for part in parts)
-    return value
+    """Message content: a string, or a list of text parts `{"type": "text", "text": ...}` (joined)."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for part in value:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise ValueError('content parts must be text parts {"type": "text", "text": "..."}: '
+                             "this model reads text only")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 class ChatMessage(_Strict):
