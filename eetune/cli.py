@@ -133,6 +133,16 @@ def generate(
     stage.run(cfg, console=console)
 
 
+@app.command()
+def serve(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Serve the model over OpenAI-compatible HTTP (/v1/chat/completions, /v1/completions), early exit per request."""
+    cfg = _compose("serve", overrides, print_config)
+    if cfg is not None:
+        from eetune.serve import server as stage
+
+        stage.run(cfg, console=console)
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List built-in recipes and config groups."""

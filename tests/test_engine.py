@@ -381,6 +381,40 @@ def test_batch_on_ragged_prompts_equals_one_by_one(ee: EarlyExitModel, settings:
     assert batch[1].stopped_by == "length"
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        DecodeSettings(max_new_tokens=12),
+        DecodeSettings(mode="early_exit", threshold=0.018, max_new_tokens=12),
+        DecodeSettings(mode="self_speculative", draft_exit=3, draft_len=3, max_new_tokens=12),
+    ],
+    ids=["full", "early_exit", "self_speculative"],
+)
+def test_on_token_returning_true_stops_decoding_after_that_token(ee: EarlyExitModel, settings: DecodeSettings) -> None:
+    engine = Engine(ee)
+    prompt = _prompt(7, n=5)
+    whole = engine.generate(prompt, settings)
+    assert whole.stopped_by == "length" and len(whole.tokens) == 12
+    for stop_after in (1, 5, 12):
+        seen: list[int] = []
+
+        def on_token(token: int, layer: int) -> bool:
+            seen.append(token)
+            return len(seen) == stop_after
+
+        result = engine.generate(prompt, settings, on_token=on_token)
+        assert result.tokens == seen == whole.tokens[:stop_after]
+        assert result.exit_layers == whole.exit_layers[:stop_after]
+        assert result.stopped_by == "callback"
+    # A stop id on the same token is the more specific reason.
+    stop = DecodeSettings(**{**settings.__dict__, "stop_ids": frozenset({whole.tokens[4]})})
+    result = engine.generate(prompt, stop, on_token=lambda token, layer: token == whole.tokens[4])
+    assert result.tokens == whole.tokens[: whole.tokens.index(whole.tokens[4]) + 1]
+    assert result.stopped_by == "eos"
+    # The engine is left clean: the next request decodes as if nothing had happened.
+    assert engine.generate(prompt, settings).tokens == whole.tokens
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

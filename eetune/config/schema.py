@@ -106,6 +106,33 @@ class GenerateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`eetune serve`: an OpenAI-compatible HTTP server (presets in configs/serve/)."""
+
+    # An augment or tune run dir whose exits decode; None serves the full model only.
+    run_dir: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The model's id in /v1/models and in responses; None: model.name.
+    model_name: Optional[str] = None
+    # Early-exit settings of a request that names none; each field of a request's
+    # `early_exit` object overrides its default here (same meaning as in `generate`).
+    mode: str = "full"
+    threshold: float = 0.8
+    confidence: str = "max_prob"
+    draft_exit: Optional[int] = None
+    draft_len: int = 4
+    # Limits per request: prompt length, and the largest `max_tokens` a request may ask.
+    max_prompt_tokens: int = 1536
+    max_tokens: int = 512
+    # `max_tokens` of a request that gives none (less where the prompt leaves less room).
+    default_max_tokens: int = 256
+    # Requests admitted at once, decoding one at a time and the rest waiting; more get HTTP 503.
+    queue_size: int = 32
+    log_level: str = "info"
+
+
+@dataclass
 class OptimConfig:
     """AdamW over exit parameters only, with warmup then decay."""
 
@@ -203,6 +230,7 @@ class EetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # Continue an interrupted `tune` in the same run_dir (its config must match).
     resume: bool = False
 
@@ -216,6 +244,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "exits.confidence": ("none", "linear", "mlp"),
     "generate.mode": ("full", "early_exit", "self_speculative"),
     "generate.confidence": ("max_prob", "learned"),
+    "serve.mode": ("full", "early_exit", "self_speculative"),
+    "serve.confidence": ("max_prob", "learned"),
+    "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
     "data.hf_format": ("json", "csv", "parquet", "text"),
     "optim.decay": ("cosine", "linear", "constant"),

@@ -84,7 +84,7 @@ class DecodeResult:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     acceptance_rate: float | None = None
-    stopped_by: str = "length"  # eos | length
+    stopped_by: str = "length"  # eos | length | callback (on_token returned True)
 
 
 @dataclass(slots=True)
@@ -186,9 +186,13 @@ class Engine:
         self,
         prompt_ids: Sequence[int],
         settings: DecodeSettings,
-        on_token: Callable[[int, int], None] | None = None,
+        on_token: Callable[[int, int], bool | None] | None = None,
     ) -> DecodeResult:
-        """Decode one prompt; on_token(token, exit_layer) streams each token as it is chosen."""
+        """Decode one prompt; on_token(token, exit_layer) streams each token as it is chosen.
+
+        on_token returning True ends decoding after that token (stopped_by "callback"): how a
+        server stops at a stop string or for a client that went away.
+        """
         params = self._check_settings(settings)
         prompt = self._check_prompt(prompt_ids)
         self._check_length(len(prompt), settings)
@@ -342,7 +346,7 @@ class Engine:
         prompt: list[int],
         s: DecodeSettings,
         params: SamplingParams,
-        on_token: Callable[[int, int], None] | None,
+        on_token: Callable[[int, int], bool | None] | None,
     ) -> DecodeResult:
         n = self.num_layers
         gen = self._caches_for(1, len(prompt) + s.max_new_tokens).gen
@@ -419,7 +423,7 @@ class Engine:
         prompts: list[list[int]],
         s: DecodeSettings,
         params: SamplingParams,
-        on_token: Callable[[int, int], None] | None,
+        on_token: Callable[[int, int], bool | None] | None,
     ) -> list[DecodeResult]:
         b = len(prompts)
         width = max(len(p) for p in prompts)
@@ -452,8 +456,9 @@ class Engine:
                         continue
                     out[r].append(t)
                     exit_layers[r].append(e)
-                    if on_token is not None:
-                        on_token(t, e)
+                    if on_token is not None and on_token(t, e):
+                        stopped[r] = "callback"
+                        open_rows[r] = False
                     if t in stop_ids:
                         stopped[r] = "eos"
                         open_rows[r] = False
@@ -484,7 +489,7 @@ class Engine:
         prompt: list[int],
         s: DecodeSettings,
         params: SamplingParams,
-        on_token: Callable[[int, int], None] | None,
+        on_token: Callable[[int, int], bool | None] | None,
     ) -> DecodeResult:
         n_layers = self.num_layers
         draft_layer = s.draft_exit if s.draft_exit is not None else self.model.exit_layers[-1]
@@ -499,14 +504,16 @@ class Engine:
         out: list[int] = []
         exit_layers: list[int] = []
         drafted = accepted = 0
+        halted = False  # on_token asked to stop
 
         def emit(token: int, layer: int) -> bool:
             """Record a token; True when generation must end after it."""
+            nonlocal halted
             out.append(token)
             exit_layers.append(layer)
-            if on_token is not None:
-                on_token(token, layer)
-            return token in stop_ids or len(out) == s.max_new_tokens
+            if on_token is not None and on_token(token, layer):
+                halted = True
+            return halted or token in stop_ids or len(out) == s.max_new_tokens
 
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -583,5 +590,5 @@ class Engine:
             draft_tokens=drafted,
             accepted_tokens=accepted,
             acceptance_rate=accepted / drafted if drafted else None,
-            stopped_by="eos" if out[-1] in stop_ids else "length",
+            stopped_by="eos" if out[-1] in stop_ids else "callback" if halted else "length",
         )

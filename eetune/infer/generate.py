@@ -98,7 +98,7 @@ class GenerationResult:
     prefill_s: float  # prompt forward + first token: time to first token
     decode_s: float  # every later token
     tokens_per_s: float  # decode only: (len(tokens) - 1) / decode_s
-    stopped_by: Literal["eos", "length"]
+    stopped_by: Literal["eos", "length", "callback"]  # callback: on_token returned True
 
 
 def _check_supported(model: TransformerDecoder) -> None:
@@ -233,7 +233,7 @@ class Generator:
         top_p: float | None = None,
         stop_ids: Collection[int] = (),
         seed: int | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int], bool | None] | None = None,
     ) -> GenerationResult:
         """Generate up to max_new_tokens after prompt_ids (batch 1); see module `generate`."""
         if self.batch_size != 1:
@@ -252,16 +252,18 @@ class Generator:
             token = int(sample(self.prefill(tokens_in), params, rng)[0])
             t1 = time.perf_counter()
             out = [token]
-            if on_token is not None:
-                on_token(token)
-            stopped_by: Literal["eos", "length"] = "eos" if token in stop else "length"
+            halted = on_token is not None and bool(on_token(token))
+            stopped_by: Literal["eos", "length", "callback"] = (
+                "eos" if token in stop else "callback" if halted else "length"
+            )
             while stopped_by == "length" and len(out) < max_new_tokens:
                 token = int(sample(self.decode_step(token), params, rng)[0])
                 out.append(token)
-                if on_token is not None:
-                    on_token(token)
+                halted = on_token is not None and bool(on_token(token))
                 if token in stop:
                     stopped_by = "eos"
+                elif halted:
+                    stopped_by = "callback"
             t2 = time.perf_counter()
 
         decode_s = t2 - t1
@@ -291,13 +293,14 @@ def generate(
     top_p: float | None = None,
     stop_ids: Collection[int] = (),
     seed: int | None = None,
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
 ) -> GenerationResult:
     """Generate up to max_new_tokens after prompt_ids with a fresh KV cache sized to the request.
 
     temperature 0 is greedy; otherwise tokens are sampled with temperature/top-k/top-p from a
     private RNG seeded by `seed`. Stops early after emitting any token in stop_ids;
-    `on_token` receives each new token as soon as it is chosen (streaming).
+    `on_token` receives each new token as soon as it is chosen (streaming) and stops
+    generation after it by returning True (e.g. a stop string appeared, the client left).
     """
     _check_supported(model)
     _check_request_length(len(prompt_ids), max_new_tokens, model.max_seq_len, "the model's")

@@ -16,6 +16,7 @@ from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel, load_exits
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
+from eetune.models import BaseModel
 from eetune.stages.common import load_base
 
 
@@ -25,6 +26,15 @@ class GenerateResult:
     result: DecodeResult
 
 
+def load_model(model_cfg: Any, run_dir: str | None) -> tuple[BaseModel, EarlyExitModel]:
+    """The base model, with the exits of an augment/tune run dir on top (no exits without one)."""
+    base = load_base(model_cfg)
+    if base.tokenizer is None:
+        raise EetuneError(f"{base.checkpoint_dir} has no tokenizer: decoding text needs one (tokenizer.json)")
+    model = load_exits(run_dir, base.model, base.fingerprint) if run_dir else EarlyExitModel(base.model, [])
+    return base, model
+
+
 def build_prompt_ids(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> list[int]:
     """Token ids of a raw prompt, or of one user turn in the tokenizer's chat template."""
     if not chat:
@@ -32,6 +42,13 @@ def build_prompt_ids(tokenizer: Any, prompt: str, chat: bool, system: str | None
     if not getattr(tokenizer, "chat_template", None):
         raise EetuneError("this tokenizer has no chat template: use generate.chat=false (--no-chat)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return chat_prompt_ids(tokenizer, messages)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation ({role, content} turns) in the chat template, opening the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EetuneError("this tokenizer has no chat template: give a plain prompt instead of chat messages")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -86,10 +103,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
         raise EetuneError(f"generate.mode={gen.mode} needs exits: pass --run-dir <augment or tune run dir>")
     out = out or sys.stdout
     console = console or Console(stderr=True)
-    base = load_base(cfg.model)
-    model = (
-        load_exits(gen.run_dir, base.model, base.fingerprint) if gen.run_dir else EarlyExitModel(base.model, [])
-    )
+    base, model = load_model(cfg.model, gen.run_dir)
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
     settings = DecodeSettings(

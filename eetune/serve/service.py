@@ -1,0 +1,255 @@
+"""The model behind the API: loading it, turning requests into decode plans, decoding them.
+
+`ServedModel.plan` runs on the event loop (cheap checks, tokenisation) and refuses a bad
+request with an `APIError` before it takes a queue slot; `ServedModel.decode` runs on the
+decode worker's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eetune.errors import EetuneError
+from eetune.exits import EarlyExitModel
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
+from eetune.serve.errors import APIError
+from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
+from eetune.serve.text import TextAssembler
+from eetune.stages.generate import chat_prompt_ids, load_model, stop_token_ids
+
+
+def default_options(serve_cfg: Any) -> EarlyExitOptions:
+    """The early-exit settings of a request that names none.
+
+    The one place defaults are decided: today they come from the `serve` config; a calibrated
+    threshold stored in the run dir can take precedence here.
+    """
+    return EarlyExitOptions(
+        mode=serve_cfg.mode,
+        threshold=serve_cfg.threshold,
+        confidence=serve_cfg.confidence,
+        draft_exit=serve_cfg.draft_exit,
+        draft_len=serve_cfg.draft_len,
+    )
+
+
+def check_serve_config(serve_cfg: Any) -> None:
+    """What can be checked before loading anything (so a bad config fails in a second)."""
+    s = serve_cfg
+    if not 0 <= s.port <= 65535:
+        raise EetuneError(f"serve.port={s.port} must be in 0..65535 (0 picks a free port)")
+    for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size"):
+        if getattr(s, key) < 1:
+            raise EetuneError(f"serve.{key}={getattr(s, key)} must be >= 1")
+    if s.default_max_tokens > s.max_tokens:
+        raise EetuneError(f"serve.default_max_tokens={s.default_max_tokens} exceeds serve.max_tokens={s.max_tokens}")
+    if not 1 <= s.draft_len <= MAX_DRAFT_LEN:
+        raise EetuneError(f"serve.draft_len={s.draft_len} must be in 1..{MAX_DRAFT_LEN}")
+    if not 0.0 < s.threshold <= 1.0:
+        raise EetuneError(f"serve.threshold={s.threshold} must be in (0, 1] (1.0 = never exit early)")
+    if s.mode != "full" and not s.run_dir:
+        raise EetuneError(f"serve.mode={s.mode} needs exits: set serve.run_dir=<augment or tune run dir>")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int
+    max_tokens: int  # the most a request may ask for
+    default_max_tokens: int
+    context: int  # prompt + new tokens the engine's caches hold
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """A checked request: what to decode and how."""
+
+    prompt_ids: list[int]
+    settings: DecodeSettings
+    stop: tuple[str, ...]
+    created: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Completion:
+    """A decoded request; `text` ends before a stop string and has no special tokens."""
+
+    text: str
+    finish_reason: str  # stop | length
+    result: DecodeResult
+    settings: DecodeSettings
+    draft_exit: int | None  # the exit that drafted (self_speculative)
+    num_layers: int
+    queue_s: float  # waiting for the worker
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.result.prompt_len
+
+
+class ServedModel:
+    """An EarlyExitModel with its tokenizer, engine, default settings and limits."""
+
+    def __init__(
+        self,
+        name: str,
+        model: EarlyExitModel,
+        tokenizer: Any,
+        defaults: EarlyExitOptions,
+        limits: Limits,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.engine = Engine(model, max_seq_len=limits.context)
+        self.stop_ids = frozenset(stop_token_ids(tokenizer))
+        self.vocab_size = self.engine.vocab_size
+        self.tokens_generated = 0  # over all requests; written by the decode worker only
+        try:
+            self.defaults = self.check_options(defaults, prefix="serve.")
+        except APIError as exc:
+            raise EetuneError(exc.message) from None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ServedModel:
+        s = cfg.serve
+        check_serve_config(s)
+        base, model = load_model(cfg.model, s.run_dir)
+        max_seq_len = base.model.max_seq_len
+        if s.max_prompt_tokens >= max_seq_len:
+            raise EetuneError(
+                f"serve.max_prompt_tokens={s.max_prompt_tokens} leaves no room to generate in "
+                f"model.max_seq_len={max_seq_len}"
+            )
+        limits = Limits(
+            max_prompt_tokens=s.max_prompt_tokens,
+            max_tokens=s.max_tokens,
+            default_max_tokens=s.default_max_tokens,
+            context=min(max_seq_len, s.max_prompt_tokens + s.max_tokens),
+        )
+        name = s.model_name or (f"{cfg.model.name}+{Path(s.run_dir).name}" if s.run_dir else cfg.model.name)
+        return cls(name, model, base.tokenizer, default_options(s), limits)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    # -- requests -> plans (event loop) ---------------------------------------------------------
+
+    def check_model_name(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise APIError(404, f"model '{requested}' is not served here; this server serves '{self.name}' "
+                           "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def completion_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt",
+                           code="invalid_value")
+        return list(prompt)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return chat_prompt_ids(self.tokenizer, messages)
+        except EetuneError as exc:
+            raise APIError(400, f"{exc}: use /v1/completions", param="messages") from None
+
+    def plan(self, prompt_ids: list[int], request: GenerationRequest, prompt_param: str) -> DecodePlan:
+        """Check limits and settings; raises APIError (400) for anything this server will not decode."""
+        limits, n = self.limits, len(prompt_ids)
+        if n == 0:
+            raise APIError(400, "the prompt is empty", param=prompt_param, code="invalid_value")
+        if n > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {n} tokens; this server takes at most {limits.max_prompt_tokens}",
+                           param=prompt_param, code="context_length_exceeded")
+        max_tokens = request.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = min(limits.default_max_tokens, limits.context - n)
+        elif max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}",
+                           param="max_tokens", code="invalid_value")
+        elif n + max_tokens > limits.context:
+            raise APIError(400, f"the prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds this server's "
+                           f"context of {limits.context} tokens", param="max_tokens", code="context_length_exceeded")
+        options = self.check_options((request.early_exit or EarlyExitOptions()).over(self.defaults))
+        settings = DecodeSettings(
+            mode=options.mode,
+            threshold=options.threshold,
+            confidence=options.confidence,
+            draft_exit=options.draft_exit,
+            draft_len=options.draft_len,
+            max_new_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p if request.top_p < 1.0 else None,
+            seed=request.seed,
+            stop_ids=self.stop_ids,
+        )
+        return DecodePlan(prompt_ids, settings, tuple(request.stop))
+
+    def check_options(self, options: EarlyExitOptions, prefix: str = "early_exit.") -> EarlyExitOptions:
+        """Settings that depend on this model's exits; `prefix` names where they came from."""
+        exits = self.model.exit_layers
+        if options.mode != "full" and not exits:
+            raise APIError(400, f"{prefix}mode={options.mode} needs exits, and this server has none "
+                           "(it was started without serve.run_dir): use mode 'full'", param=f"{prefix}mode")
+        if options.draft_exit is not None and options.draft_exit not in exits:
+            raise APIError(400, f"{prefix}draft_exit={options.draft_exit} is not an exit of this model; exits are at "
+                           f"{exits}", param=f"{prefix}draft_exit")
+        if options.mode == "early_exit" and options.confidence == "learned":
+            missing = [layer for layer in exits if self.model.exit(layer).confidence is None]
+            if missing:
+                raise APIError(400, f"{prefix}confidence=learned needs a confidence estimator on every exit; exit(s) "
+                               f"{missing} have none: use 'max_prob'", param=f"{prefix}confidence")
+        return options
+
+    # -- decoding (worker thread) -----------------------------------------------------------------
+
+    def decode(
+        self,
+        plan: DecodePlan,
+        cancelled: threading.Event,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Completion:
+        """Decode a plan; `on_text` gets each piece of final text. Stops at the next token once `cancelled` is set."""
+        queue_s = time.perf_counter() - plan.created
+        text = TextAssembler(self.tokenizer, plan.stop)
+
+        def on_token(token: int, exit_layer: int) -> bool:
+            piece = text.add(token)
+            if piece and on_text is not None:
+                on_text(piece)
+            return text.stopped or cancelled.is_set()
+
+        result = self.engine.generate(plan.prompt_ids, plan.settings, on_token=on_token)
+        self.tokens_generated += len(result.tokens)
+        piece = text.finish()
+        if piece and on_text is not None:
+            on_text(piece)
+        s = plan.settings
+        draft_exit = s.draft_exit if s.draft_exit is not None else (self.model.exit_layers or [None])[-1]
+        return Completion(
+            text=text.text,
+            finish_reason="length" if result.stopped_by == "length" and not text.stopped else "stop",
+            result=result,
+            settings=s,
+            draft_exit=draft_exit,
+            num_layers=self.num_layers,
+            queue_s=queue_s,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What /v1/models says about the model beyond OpenAI's fields."""
+        return {
+            "num_layers": self.num_layers,
+            "exit_layers": self.model.exit_layers,
+            "max_model_len": self.limits.context,
+            "max_prompt_tokens": self.limits.max_prompt_tokens,
+            "max_tokens": self.limits.max_tokens,
+            "early_exit_defaults": self.defaults.model_dump(),
+        }

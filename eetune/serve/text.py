@@ -1,0 +1,73 @@
+"""Tokens to text as they arrive, releasing only text that can no longer change, up to a stop string."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_INCOMPLETE = "\ufffd"  # what a decoder shows for the first bytes of a character still to come
+
+
+class TextAssembler:
+    """Decodes a growing token list; `add` returns the newly final text, `finish` the rest.
+
+    Held back until later tokens settle them: an incomplete UTF-8 character at the end, and an
+    ending that could be the start of a stop string. When a stop string appears, the text ends
+    just before it and `stopped` turns True. The released pieces concatenate to `text`, so a
+    streamed response and a whole one are the same text.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""  # released so far
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        settled = self._decode().rstrip(_INCOMPLETE)
+        cut = self._stop_at(settled)
+        if cut is not None:
+            self.stopped = True
+            return self._release(settled[:cut])
+        return self._release(settled[: len(settled) - self._possible_stop_start(settled)])
+
+    def finish(self) -> str:
+        """Everything not released yet (no more tokens are coming)."""
+        if self.stopped:
+            return ""
+        decoded = self._decode()
+        cut = self._stop_at(decoded)
+        if cut is not None:
+            self.stopped = True
+            decoded = decoded[:cut]
+        return self._release(decoded)
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def _stop_at(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _possible_stop_start(self, text: str) -> int:
+        """Length of the longest ending of `text` that begins some stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _release(self, text: str) -> str:
+        # Released text is never taken back; a tokenizer that re-spells earlier text (none of
+        # the byte-level BPEs we load do, once incomplete characters are held back) loses it.
+        if not text.startswith(self.text):
+            return ""
+        delta = text[len(self.text) :]
+        self.text = text
+        return delta

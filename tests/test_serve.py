@@ -1,0 +1,618 @@
+"""`eetune serve` over real HTTP: uvicorn on a free loopback port, driven by httpx and the openai client.
+
+Most checks use a tiny random untied model (4 layers, byte-level tokenizer) with three random
+exits, so every decoding mode takes real, different paths; answers are compared with what the
+`generate` stage and the engine produce. One check runs the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+
+from eetune.cli import main
+from eetune.config import compose_config
+from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, save_exits
+from eetune.infer import DecodeSettings, Engine
+from eetune.models import BaseModel, get_model_entry, load_base_model
+from eetune.models.tiny import build_tiny_tokenizer, write_tiny_checkpoint
+from eetune.serve import BackgroundServer, ServedModel, create_app
+from eetune.serve.text import TextAssembler
+from eetune.stages import generate
+from eetune.stages.common import base_info
+from eetune.stages.generate import chat_prompt_ids
+
+N_LAYERS = 4
+EXIT_LAYERS = [1, 2, 3]
+# Random exits are confident around 0.012-0.02: this threshold mixes every exit and the final layer.
+MIXED_THRESHOLD = 0.016
+MODES = {
+    "full": {"mode": "full"},
+    "early_exit": {"mode": "early_exit", "threshold": MIXED_THRESHOLD},
+    "self_speculative": {"mode": "self_speculative", "draft_exit": 3, "draft_len": 3},
+}
+QUESTIONS = ["Hello there", "What is 2+2?", "Tell me a story", "Why is the sky blue?",
+             "Name a colour", "Count to five", "Say something kind", "What is a hash table?"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models are all per-op overhead: one OpenMP thread is faster on two shared cores."""
+    if "smollm2" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(
+        get_model_entry("smollm2_135m"),
+        tmp_path_factory.mktemp("serve_tiny") / "checkpoint",
+        seed=1,
+        num_hidden_layers=N_LAYERS,
+        rope_theta=100_000.0,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir with a `layer`, an `mlp` and a `norm` exit, each with a learned estimator."""
+    base = load_base_model("smollm2_135m", checkpoint_dir=tiny_dir, dtype="float32")
+    torch.manual_seed(0)
+    specs = [ExitSpec(1, "layer", init="random", confidence="linear"),
+             ExitSpec(2, "mlp", init="random", confidence="linear"),
+             ExitSpec(3, "norm", init="random", confidence="linear")]
+    model = EarlyExitModel(base.model, specs)
+    out = tmp_path_factory.mktemp("serve_run") / "exits"
+    out.mkdir()
+    save_exits(out, model, build_manifest(model, base_info(base), "augment"))
+    return out
+
+
+def serve_cfg(tiny_dir: Path, run_dir: Path | None, *overrides: str) -> Any:
+    args = [f"model.checkpoint_dir={tiny_dir}", "serve.max_tokens=64", "serve.default_max_tokens=16", *overrides]
+    if run_dir is not None:
+        args.append(f"serve.run_dir={run_dir}")
+    return compose_config("serve", args)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir: Path, run_dir: Path) -> ServedModel:
+    return ServedModel.from_config(serve_cfg(tiny_dir, run_dir, "serve.model_name=tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(served: ServedModel) -> Iterator[BackgroundServer]:
+    with BackgroundServer(create_app(served, queue_size=16)) as background:
+        yield background
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def oai(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat_body(question: str, mode: str = "full", **extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": 20, "early_exit": MODES[mode], **extra}
+
+
+def read_events(response: httpx.Response) -> list[Any]:
+    """The `data:` payloads of a server-sent event stream, [DONE] as a string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line
+    return events
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_chat_completion_equals_the_generate_stage(client, served, tiny_dir, run_dir, mode) -> None:
+    body = client.post("/v1/chat/completions", json=chat_body("Tell me a story", mode)).json()
+
+    overrides = [f"generate.{key}={value}" for key, value in MODES[mode].items()]
+    cfg = compose_config("generate", [f"model.checkpoint_dir={tiny_dir}", f"generate.run_dir={run_dir}",
+                                      "generate.max_new_tokens=20", *overrides])
+    cfg.generate.prompt = "Tell me a story"
+    expected = generate.run(cfg, out=io.StringIO())
+
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected.text}
+    assert body["usage"]["completion_tokens"] == len(expected.result.tokens) == 20
+    assert choice["finish_reason"] == "length"
+    stats = body["early_exit"]
+    assert stats["mode"] == mode
+    assert stats["exit_layers"] == expected.result.exit_layers
+    assert stats["mean_layers"] == pytest.approx(expected.result.mean_layers)
+    assert stats["acceptance_rate"] == expected.result.acceptance_rate
+    if mode == "early_exit":
+        assert set(stats["exit_layers"]) == {*EXIT_LAYERS, N_LAYERS}  # the mix is real
+        assert stats["threshold"] == MIXED_THRESHOLD and stats["draft_exit"] is None
+    if mode == "self_speculative":
+        full = client.post("/v1/chat/completions", json=chat_body("Tell me a story", "full")).json()
+        assert choice["message"]["content"] == full["choices"][0]["message"]["content"]  # lossless
+        assert stats["draft_exit"] == 3 and stats["draft_len"] == 3
+
+
+def test_completions_equal_the_engine_for_text_and_token_id_prompts(client, served) -> None:
+    engine = Engine(served.model)  # its own caches: independent of the server's
+    prompt_ids = served.tokenizer.encode("Once upon a time", add_special_tokens=True)
+    settings = DecodeSettings(mode="early_exit", threshold=MIXED_THRESHOLD, max_new_tokens=12,
+                              stop_ids=served.stop_ids)
+    expected = engine.generate(prompt_ids, settings)
+    for prompt in ("Once upon a time", ["Once upon a time"], prompt_ids):
+        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                    "early_exit": MODES["early_exit"]}).json()
+        assert body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == served.tokenizer.decode(expected.tokens, skip_special_tokens=True)
+        assert body["early_exit"]["exit_layers"] == expected.exit_layers
+        assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 12,
+                                 "total_tokens": len(prompt_ids) + 12}
+    # Fields a request leaves out come from the server's config (threshold 0.8 by default).
+    body = client.post("/v1/completions", json={"prompt": prompt_ids, "max_tokens": 4, "temperature": 0,
+                                                "early_exit": {"mode": "early_exit"}}).json()
+    assert (body["early_exit"]["mode"], body["early_exit"]["threshold"]) == ("early_exit", 0.8)
+    # No max_tokens: serve.default_max_tokens (16 here).
+    body = client.post("/v1/completions", json={"prompt": prompt_ids, "temperature": 0}).json()
+    assert body["usage"]["completion_tokens"] == 16 and body["early_exit"]["mode"] == "full"
+
+
+def test_statistics_are_consistent(client) -> None:
+    for mode in MODES:
+        body = client.post("/v1/chat/completions", json=chat_body("Why is the sky blue?", mode)).json()
+        stats, n = body["early_exit"], body["usage"]["completion_tokens"]
+        assert stats["num_layers"] == N_LAYERS
+        assert len(stats["exit_layers"]) == n
+        assert set(stats["exit_layers"]) <= {*EXIT_LAYERS, N_LAYERS}
+        assert stats["tokens_per_s"] > 0 and stats["time_to_first_token_s"] > 0 and stats["queue_s"] >= 0
+        if mode == "self_speculative":
+            assert stats["acceptance_rate"] == stats["accepted_tokens"] / stats["draft_tokens"]
+            assert stats["exit_layers"].count(3) == stats["accepted_tokens"]
+            assert stats["mean_layers"] >= sum(stats["exit_layers"]) / n  # rejected drafts cost layers too
+        else:
+            assert stats["acceptance_rate"] is None and stats["draft_tokens"] == 0
+            assert stats["mean_layers"] == pytest.approx(sum(stats["exit_layers"]) / n)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("mode", ["full", "early_exit"])
+def test_streamed_chunks_concatenate_to_the_whole_response(client, route, mode) -> None:
+    chat = route == "/v1/chat/completions"
+    body = chat_body("Count to five", mode) if chat else {
+        "prompt": "Count to five", "temperature": 0, "max_tokens": 20, "early_exit": MODES[mode]}
+    whole = client.post(route, json=body).json()
+    with client.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_events(r)
+
+    assert events[-1] == "[DONE]"
+    chunks, usage_chunk = events[:-2], events[-2]
+    assert {c["id"] for c in chunks + [usage_chunk]} == {chunks[0]["id"]}
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+    closing = chunks[-1]
+    assert closing["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
+    assert closing["early_exit"]["exit_layers"] == whole["early_exit"]["exit_layers"]
+    if chat:
+        assert chunks[0]["object"] == "chat.completion.chunk"
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == whole["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert text == whole["choices"][0]["text"]
+    assert len(chunks) > 3  # it did stream, piece by piece
+
+
+def test_stop_strings_end_the_text_before_them(client) -> None:
+    full = client.post("/v1/chat/completions", json=chat_body("Hello there", max_tokens=30)).json()
+    text = full["choices"][0]["message"]["content"]
+    stop = text[6:9]  # spans several byte-level tokens
+    cut = text.index(stop)
+    for stream in (False, True):
+        body = chat_body("Hello there", max_tokens=30, stop=[stop, "never appears"], stream=stream)
+        if stream:
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                chunks = read_events(r)[:-1]
+            answer = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            finish, stats = chunks[-1]["choices"][0]["finish_reason"], chunks[-1]["early_exit"]
+        else:
+            r = client.post("/v1/chat/completions", json=body).json()
+            answer, finish = r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"]
+            stats = r["early_exit"]
+        assert answer == text[:cut]
+        assert finish == "stop"
+        # Decoding stopped at the token that completed the stop string, not at max_tokens.
+        assert len(stats["exit_layers"]) < 30
+
+
+def test_chat_content_may_be_a_list_of_text_parts(client) -> None:
+    plain = client.post(CHAT, json=chat_body("Name a colour")).json()
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour"}]
+    body = {**chat_body("unused"), "messages": [{"role": "user", "content": parts}]}
+    assert client.post(CHAT, json=body).json()["choices"] == plain["choices"]
+
+
+def test_models_and_health(client, served) -> None:
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    (card,) = models["data"]
+    assert card["id"] == "tiny" and card["num_layers"] == N_LAYERS and card["exit_layers"] == EXIT_LAYERS
+    assert card["early_exit_defaults"]["mode"] == "full"
+    assert client.get("/v1/models/tiny").json() == card
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["decoding"] == 0 and health["waiting"] == 0
+
+
+# -- the openai client ----------------------------------------------------------------------------
+
+
+def test_openai_client_chat_completions_and_streaming(oai, client) -> None:
+    reference = client.post("/v1/chat/completions", json=chat_body("Say something kind", "early_exit")).json()
+    response = oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say something kind"}], temperature=0, max_tokens=20,
+        extra_body={"early_exit": MODES["early_exit"]},
+    )
+    assert response.choices[0].message.content == reference["choices"][0]["message"]["content"]
+    assert response.usage.completion_tokens == 20
+    assert response.model_extra["early_exit"]["exit_layers"] == reference["early_exit"]["exit_layers"]
+
+    stream = oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say something kind"}], temperature=0, max_tokens=20,
+        extra_body={"early_exit": MODES["early_exit"]}, stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == response.choices[0].message.content
+
+    completion = oai.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=8,
+                                        extra_body={"early_exit": MODES["self_speculative"]})
+    full = oai.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=8)
+    assert completion.choices[0].text == full.choices[0].text
+    assert completion.model_extra["early_exit"]["mode"] == "self_speculative"
+    assert [m.id for m in oai.models.list()] == ["tiny"]
+
+
+def test_openai_client_sees_errors_as_its_own_exceptions(oai) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "n"
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_sampling_is_reproducible_with_a_seed(client) -> None:
+    def ask(seed: int) -> str:
+        body = chat_body("Name a colour", "early_exit", temperature=0.9, top_p=0.9, seed=seed)
+        return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+    first = ask(1)
+    assert ask(1) == first
+    assert any(ask(seed) != first for seed in (2, 3, 4))
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_each_get_their_own_answer(served, oai) -> None:
+    engine = Engine(served.model)  # references, computed one by one before the load starts
+    cases = [(question, list(MODES)[i % 3]) for i, question in enumerate(QUESTIONS)]
+    expected = {}
+    for question, mode in cases:
+        ids = chat_prompt_ids(served.tokenizer, [{"role": "user", "content": question}])
+        opts = MODES[mode]
+        result = engine.generate(ids, DecodeSettings(**opts, max_new_tokens=20, stop_ids=served.stop_ids))
+        expected[question] = served.tokenizer.decode(result.tokens, skip_special_tokens=True)
+
+    answers: dict[str, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(cases))
+
+    def ask(question: str, mode: str) -> None:
+        try:
+            start.wait()
+            if mode == "early_exit":  # half of the requests stream
+                stream = oai.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=20,
+                    extra_body={"early_exit": MODES[mode]}, stream=True)
+                answers[question] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            else:
+                response = oai.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=20,
+                    extra_body={"early_exit": MODES[mode]})
+                answers[question] = response.choices[0].message.content
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=case) for case in cases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert answers == expected
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "route, body, status, param, code",
+    [
+        (CHAT, b'{"messages": [', 400, None, "invalid_json"),
+        (CHAT, b'["not", "an", "object"]', 400, None, "invalid_json"),
+        (CHAT, {"model": "tiny"}, 400, "messages", "missing_required_parameter"),
+        (CHAT, {"messages": []}, 400, "messages", "invalid_value"),
+        (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
+        (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, "messages[0].content", "invalid_value"),
+        (CHAT, {"messages": HI, "max_tokens": "20"}, 400, "max_tokens", "invalid_value"),
+        (CHAT, {"messages": HI, "temperature": "hot"}, 400, "temperature", "invalid_value"),
+        (CHAT, {"messages": HI, "temperature": 3}, 400, "temperature", "invalid_value"),
+        (CHAT, {"messages": HI, "n": 2}, 400, "n", "invalid_value"),
+        (CHAT, {"messages": HI, "max_tokens": 65}, 400, "max_tokens", "invalid_value"),
+        (CHAT, {"messages": HI, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+        (CHAT, {"messages": HI, "logprobs": True}, 400, "logprobs", "unknown_parameter"),
+        (CHAT, {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+        (CHAT, {"messages": HI, "early_exit": {"mode": "fastest"}}, 400, "early_exit.mode", "invalid_value"),
+        (CHAT, {"messages": HI, "early_exit": {"threshold": 0}}, 400, "early_exit.threshold", "invalid_value"),
+        (CHAT, {"messages": HI, "early_exit": {"threshold": 1.5}}, 400, "early_exit.threshold", "invalid_value"),
+        (CHAT, {"messages": HI, "early_exit": {"mode": "self_speculative", "draft_exit": 4}}, 400,
+         "early_exit.draft_exit", None),
+        (CHAT, {"messages": HI, "early_exit": {"theshold": 0.5}}, 400, "early_exit.theshold", "unknown_parameter"),
+        (CHAT, {"model": "gpt-4", "messages": HI}, 404, "model", "model_not_found"),
+        (COMPLETIONS, {"prompt": "x" * 200}, 400, "prompt", "context_length_exceeded"),
+        (COMPLETIONS, {"prompt": "x" * 90, "max_tokens": 64}, 400, "max_tokens", "context_length_exceeded"),
+        (COMPLETIONS, {"prompt": ["one", "two"]}, 400, "prompt", "invalid_value"),
+        (COMPLETIONS, {"prompt": [1, 2, 999]}, 400, "prompt", "invalid_value"),
+        (COMPLETIONS, {"prompt": ""}, 400, "prompt", "invalid_value"),
+        (COMPLETIONS, {"prompt": 5}, 400, "prompt", "invalid_value"),
+        ("/v1/embeddings", {"input": "x"}, 404, None, "not_found"),
+    ],
+)
+def test_malformed_requests_get_4xx_json_and_the_server_keeps_answering(
+    route, body, status, param, code, small_server
+) -> None:
+    http = small_server
+    if isinstance(body, bytes):
+        r = http.post(route, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(route, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+    ok = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_dir: Path, run_dir: Path) -> Iterator[httpx.Client]:
+    """Limits small enough to trip: prompts of at most 100 tokens, a context of 128."""
+    served = ServedModel.from_config(
+        serve_cfg(tiny_dir, run_dir, "serve.max_prompt_tokens=100", "model.max_seq_len=128")
+    )
+    with BackgroundServer(create_app(served, queue_size=4)) as background:
+        with httpx.Client(base_url=background.url, timeout=60) as http:
+            yield http
+
+
+def test_mode_needing_exits_is_refused_by_a_server_without_them(tiny_dir) -> None:
+    served = ServedModel.from_config(serve_cfg(tiny_dir, None))
+    with BackgroundServer(create_app(served, queue_size=2)) as background:
+        r = httpx.post(f"{background.url}{CHAT}", json={"messages": HI, "early_exit": {"mode": "early_exit"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit.mode"
+        assert "serve.run_dir" in r.json()["error"]["message"]
+        r = httpx.post(f"{background.url}{CHAT}", json={"messages": HI, "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["early_exit"]["exit_layers"] == [N_LAYERS] * 3
+
+
+# -- the queue: full, and freed by clients that leave ----------------------------------------------------
+
+
+def wait_until_idle(http: httpx.Client) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        health = http.get("/health").json()
+        if health["decoding"] == 0 and health["waiting"] == 0:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the server never became idle: {health}")
+
+
+@pytest.fixture
+def one_slot_server(tiny_dir: Path, run_dir: Path) -> Iterator[tuple[httpx.Client, Any]]:
+    """A server that admits one request at a time (queue_size 1) and may decode 1900 tokens."""
+    served = ServedModel.from_config(
+        serve_cfg(tiny_dir, run_dir, "serve.max_tokens=1900", "serve.max_prompt_tokens=100")
+    )
+    app = create_app(served, queue_size=1)
+    with BackgroundServer(app) as background:
+        with httpx.Client(base_url=background.url, timeout=60) as http:
+            yield http, app.state.worker
+
+
+def test_a_full_queue_answers_503_until_a_slot_frees(one_slot_server) -> None:
+    http, worker = one_slot_server
+    gate = threading.Event()
+    worker.submit(lambda cancelled: gate.wait(60))  # holds the only slot
+    r = http.post(CHAT, json={"messages": HI, "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "server_error"
+    gate.set()
+    wait_until_idle(http)
+    assert http.post(CHAT, json={"messages": HI, "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_leaving_mid_stream_stops_its_decode_and_frees_the_slot(one_slot_server) -> None:
+    http, worker = one_slot_server
+    # Greedy, this prompt runs the whole 1900 tokens (no end-of-turn token): seconds of decoding.
+    body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 1900, "temperature": 0,
+            "stream": True}
+    with http.stream("POST", CHAT, json=body) as r:
+        lines = r.iter_lines()
+        received = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        assert len(received) == 3
+    # The connection is closed: the decode stops at its next token instead of running to 1900.
+    health = wait_until_idle(http)
+    assert (health["cancelled"], health["completed"]) == (1, 0)
+    assert 2 <= health["tokens_generated"] < 1900
+    ok = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200
+    assert http.get("/health").json()["tokens_generated"] == health["tokens_generated"] + 2
+
+
+def test_a_client_leaving_while_queued_is_dropped_from_the_queue(tiny_dir, run_dir) -> None:
+    served = ServedModel.from_config(serve_cfg(tiny_dir, run_dir))
+    app = create_app(served, queue_size=2)
+    with BackgroundServer(app) as background, httpx.Client(base_url=background.url, timeout=60) as http:
+        worker = app.state.worker
+        gate = threading.Event()
+        worker.submit(lambda cancelled: gate.wait(60))
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(CHAT, json={"messages": HI, "max_tokens": 2}, timeout=1.0)
+        deadline = time.monotonic() + 60  # the server notices the closed connection
+        while http.get("/health").json()["cancelled"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gate.set()
+        health = wait_until_idle(http)
+        assert (health["cancelled"], health["completed"]) == (1, 1)  # the gate job completed
+        assert health["tokens_generated"] == 0  # the request never decoded
+        assert http.post(CHAT, json={"messages": HI, "max_tokens": 2}).status_code == 200
+
+
+# -- text assembly ------------------------------------------------------------------------------------
+
+
+def test_text_assembler_holds_back_partial_characters_and_stop_string_prefixes() -> None:
+    tokenizer = build_tiny_tokenizer()  # byte level: "é" is two tokens, "€" three
+    text = "ab é€ STOP tail"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+
+    whole = TextAssembler(tokenizer)
+    pieces = [whole.add(t) for t in ids] + [whole.finish()]
+    assert "".join(pieces) == whole.text == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+    stopping = TextAssembler(tokenizer, stop=["STOP", "zzz"])
+    released = []
+    for t in ids:
+        released.append(stopping.add(t))
+        assert not "".join(released).endswith(("S", "ST", "STO"))  # could still become STOP
+        if stopping.stopped:
+            break
+    assert stopping.stopped and "".join(released) == stopping.text == "ab é€ "
+    assert stopping.finish() == ""
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["eetune", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["serve.mode=fastest"], "serve.mode='fastest' is not one of: full, early_exit, self_speculative"),
+        (["serve.mode=early_exit"], "serve.mode=early_exit needs exits: set serve.run_dir="),
+        (["serve.threshold=0"], "serve.threshold=0.0 must be in (0, 1]"),
+        (["serve.port=70000"], "serve.port=70000 must be in 0..65535"),
+        (["serve.queue_size=0"], "serve.queue_size=0 must be >= 1"),
+        (["serve.default_max_tokens=600"], "serve.default_max_tokens=600 exceeds serve.max_tokens=512"),
+        (["serve.portt=1"], "unknown key 'serve.portt' — did you mean 'serve.port'?"),
+        (["serve=turbo"], "unknown serve config 'turbo'"),
+    ],
+)
+def test_cli_bad_config_exits_2_in_one_line(monkeypatch, capsys, overrides, message) -> None:
+    code, err = run_cli(monkeypatch, capsys, "serve", *overrides)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_errors_found_while_loading_exit_2(monkeypatch, capsys, tiny_dir, run_dir, tmp_path) -> None:
+    model = f"model.checkpoint_dir={tiny_dir}"  # port 0: whatever is free, should loading ever succeed
+    code, err = run_cli(monkeypatch, capsys, "serve", model, "serve.port=0", f"serve.run_dir={tmp_path / 'nope'}")
+    assert code == 2 and "run dir not found" in err
+    code, err = run_cli(monkeypatch, capsys, "serve", model, "serve.port=0", f"serve.run_dir={run_dir}",
+                        "serve.draft_exit=4")
+    assert code == 2 and "serve.draft_exit=4 is not an exit of this model; exits are at [1, 2, 3]" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_cli(monkeypatch, capsys, "serve", model, f"serve.port={port}")
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_cli_print_config_shows_the_serve_preset(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["eetune", "serve", "serve=lossless", "serve.port=9000", "--print-config"])
+    main()
+    out = capsys.readouterr().out
+    assert "mode: self_speculative" in out and "port: 9000" in out
+
+
+# -- the real model -----------------------------------------------------------------------------------
+
+
+def test_smollm2_server_answers_like_generate(monkeypatch, smollm2: BaseModel) -> None:
+    monkeypatch.setattr(generate, "load_base", lambda model_cfg: smollm2)
+    served = ServedModel.from_config(compose_config("serve", []))
+    cfg = compose_config("generate", ["generate.max_new_tokens=12"])
+    cfg.generate.prompt = "What is the capital of France?"
+    expected = generate.run(cfg, out=io.StringIO())
+
+    with BackgroundServer(create_app(served, queue_size=4)) as background:
+        oai = openai.OpenAI(base_url=f"{background.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        response = oai.chat.completions.create(model="smollm2_135m", messages=messages, temperature=0, max_tokens=12)
+        stream = oai.chat.completions.create(model="smollm2_135m", messages=messages, temperature=0, max_tokens=12,
+                                             stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    assert response.choices[0].message.content == expected.text == streamed
+    assert "Paris" in expected.text
+    assert response.usage.completion_tokens == len(expected.result.tokens)
+    assert response.choices[0].finish_reason == ("stop" if expected.result.stopped_by == "eos" else "length")
