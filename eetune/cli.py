@@ -100,6 +100,9 @@ def generate(
     draft_vocab: Optional[int] = typer.Option(
         None, "--draft-vocab", help="self_speculative: draft over the N most frequent tokens (FR-Spec)."
     ),
+    draft_confidence: Optional[float] = typer.Option(
+        None, "--draft-confidence", help="self_speculative: end a draft where the exit's estimator falls below this."
+    ),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour tokens by the exit they left at."),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
@@ -117,6 +120,7 @@ def generate(
         "generate.draft_exit": draft_exit,
         "generate.draft_len": draft_len,
         "generate.draft_vocab": draft_vocab,
+        "generate.draft_confidence": draft_confidence,
         "generate.color": color,
     }
     cfg = compose_config("generate", overrides or [])

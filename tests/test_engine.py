@@ -309,6 +309,29 @@ def test_restricted_draft_vocab_greedy_equals_full(ee: EarlyExitModel, draft_voc
     assert accepted_any or draft_vocab == 1  # one kept token is rarely the right one
 
 
+def test_adaptive_draft_length_stays_exact(ee_learned: EarlyExitModel) -> None:
+    engine = Engine(ee_learned)
+    drafted: dict[float, int] = {}
+    for threshold in (0.45, 0.5, 0.55, 1.0):
+        drafted[threshold] = 0
+        for seed in range(6):
+            prompt = _prompt(seed + 500)
+            full = engine.generate(prompt, DecodeSettings(max_new_tokens=16)).tokens
+            for draft_exit in (1, 2):
+                result = engine.generate(
+                    prompt,
+                    DecodeSettings(
+                        mode="self_speculative", draft_exit=draft_exit, draft_len=4, max_new_tokens=16,
+                        draft_confidence=threshold,
+                    ),
+                )
+                assert result.tokens == full, (threshold, seed, draft_exit)
+                drafted[threshold] += result.draft_tokens
+    # An estimator that always doubts drafts nothing (plain full decoding); lower bars draft more.
+    assert drafted[1.0] == 0
+    assert drafted[0.45] >= drafted[0.5] >= drafted[0.55] and drafted[0.45] > drafted[0.55]
+
+
 def test_token_order_ranks_by_frequency_with_forced_ids() -> None:
     from eetune.infer.draft_vocab import count_tokens, token_order
 
@@ -430,6 +453,8 @@ def test_bad_settings_raise_eetune_error(ee: EarlyExitModel, ee_fixture: EarlyEx
         (DecodeSettings(mode="self_speculative", draft_exit=4), "draft_exit 4 is not an exit"),
         (DecodeSettings(mode="self_speculative", draft_len=0), "draft_len"),
         (DecodeSettings(mode="self_speculative", draft_vocab=8), "token_order"),
+        (DecodeSettings(mode="self_speculative", draft_exit=1, draft_confidence=0.5), "estimator on the drafting exit 1"),
+        (DecodeSettings(mode="self_speculative", draft_confidence=1.5), "draft_confidence"),
         # exits 1 and 3 have no estimator
         (DecodeSettings(mode="early_exit", threshold=0.5, confidence="learned"), r"exit\(s\) \[1, 3\]"),
         (DecodeSettings(max_new_tokens=-1), "max_new_tokens"),

@@ -101,6 +101,9 @@ class GenerateConfig:
     # self_speculative: draft over only the N most frequent tokens of the tuning data (FR-Spec;
     # output stays exact). null drafts over the whole vocabulary.
     draft_vocab: Optional[int] = None
+    # self_speculative: end a draft early where the drafting exit's learned estimator puts its
+    # agreement below this (adaptive draft length; needs exits.confidence). null: always draft_len.
+    draft_confidence: Optional[float] = None
     # Colour each streamed token by the exit it left at.
     color: bool = False
 

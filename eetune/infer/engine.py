@@ -56,6 +56,9 @@ class DecodeSettings:
     # streams N rows instead of the whole vocabulary; verification with the full head keeps the
     # output exact. None drafts over the whole vocabulary. Needs the engine's `token_order`.
     draft_vocab: int | None = None
+    # self_speculative: stop a draft early where the drafting exit's learned estimator puts its
+    # agreement with the full model below this (adaptive draft length). None: always draft_len.
+    draft_confidence: float | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int | None = None
@@ -247,6 +250,15 @@ class Engine:
                 )
             if s.draft_vocab < 1:
                 raise EetuneError(f"draft_vocab must be >= 1 token, got {s.draft_vocab}")
+        if s.draft_confidence is not None:
+            if not 0.0 < s.draft_confidence <= 1.0:
+                raise EetuneError(f"draft_confidence must be in (0, 1], got {s.draft_confidence}")
+            layer = s.draft_exit if s.draft_exit is not None else (model.exit_layers or [None])[-1]
+            if layer in model.exit_layers and model.exit(layer).confidence is None:
+                raise EetuneError(
+                    f"draft_confidence needs a learned confidence estimator on the drafting exit {layer} "
+                    "(tune with exits.confidence=linear|mlp)"
+                )
         if s.draft_exit is not None and s.draft_exit not in model.exit_layers:
             raise EetuneError(
                 f"draft_exit {s.draft_exit} is not an exit of this model; exits are at {model.exit_layers}"
@@ -303,6 +315,10 @@ class Engine:
     def _exit_logits(self, layer: int, hidden: Tensor) -> Tensor:
         self.head_calls[layer] += hidden.shape[0]
         return torch.nn.functional.linear(hidden, self.model.head_weight(layer)).float()
+
+    def _doubts(self, layer: int, hidden: Tensor, threshold: float) -> bool:
+        """Whether exit `layer`'s learned estimator puts its agreement below `threshold`."""
+        return float(torch.sigmoid(self.model.exit(layer).confidence(hidden).float())) < threshold
 
     def _draft_head(self, layer: int, size: int) -> tuple[Tensor, Tensor]:
         """(kept token ids [n], their rows of exit `layer`'s head [n, dim]) for FR-Spec drafting."""
@@ -530,11 +546,16 @@ class Engine:
                 draft_ids: list[Tensor] = []
                 draft_probs: list[Tensor] = []
                 states: list[Tensor] = []
+                doubted = False
                 for i in range(k):
                     span = caches.span(pos + i, 1)
                     h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
                     states.append(h)
                     hidden = self._exit_hidden(caches, draft_layer, h, span)
+                    if s.draft_confidence is not None and self._doubts(draft_layer, hidden, s.draft_confidence):
+                        # The exit's estimator doubts this draft: verify the drafts so far now.
+                        doubted = True
+                        break
                     if draft_head is None:
                         logits = self._exit_logits(draft_layer, hidden)
                     else:
@@ -551,13 +572,17 @@ class Engine:
                     if draft_head is not None:
                         token = draft_head[0][token]
                     draft_ids.append(token[:, 0])
-                # Verify: the last draft through layers 1..L, then all k + 1 positions on from L.
-                span = caches.span(pos + k, 1)
-                h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
-                if layer_exit:
-                    # Its exit KV is owed to later drafts if every draft is accepted.
-                    layer_forward(self.model.exit(draft_layer).block, h, span, caches.exit_caches[draft_layer])
-                h = gen.run_layers(torch.cat(states + [h], dim=1), draft_layer, n_layers, caches.span(pos, k + 1))
+                k = len(draft_ids)
+                if not doubted:
+                    # The last draft through layers 1..L (a doubted step already ran it).
+                    span = caches.span(pos + k, 1)
+                    h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
+                    if layer_exit:
+                        # Its exit KV is owed to later drafts if every draft is accepted.
+                        layer_forward(self.model.exit(draft_layer).block, h, span, caches.exit_caches[draft_layer])
+                    states.append(h)
+                # Verify: all k + 1 positions on from their layer-L states.
+                h = gen.run_layers(torch.cat(states, dim=1), draft_layer, n_layers, caches.span(pos, k + 1))
                 target = self._final_logits(caches, h[0])  # [k + 1, vocab]
                 draft = torch.cat(draft_ids) if k else torch.empty(0, dtype=torch.long, device=device)
                 if params.greedy:

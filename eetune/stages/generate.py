@@ -113,6 +113,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
         draft_exit=gen.draft_exit,
         draft_len=gen.draft_len,
         draft_vocab=gen.draft_vocab,
+        draft_confidence=gen.draft_confidence,
         max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_k=gen.top_k,
