@@ -168,6 +168,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--policies", default="max_prob,learned")
     parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
     parser.add_argument("--draft-vocab", default="0,4096", help="draft vocab sizes (0 = whole vocabulary)")
+    parser.add_argument("--draft-confidence", default="0,0.5", help="adaptive draft thresholds (0 = off)")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
     parser.add_argument("--int8", action="store_true", help="also run full on torchao int8 weight-only weights")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
@@ -196,12 +197,16 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
         for vocab in (int(v) for v in args.draft_vocab.split(",")):
             if vocab and not has_token_order:
                 continue  # the run dir holds no token frequencies (an augment run)
-            label = f"self_spec exit {layer} k={k}" + (f" vocab {vocab}" if vocab else "")
-            cases.append(
-                Case(label, "self_speculative",
-                     DecodeSettings(mode="self_speculative", draft_exit=layer, draft_len=k,
-                                    draft_vocab=vocab or None, max_new_tokens=n))
-            )
+            for conf in (float(c) for c in args.draft_confidence.split(",")):
+                if conf and not has_learned:
+                    continue
+                label = (f"self_spec exit {layer} k={k}" + (f" vocab {vocab}" if vocab else "")
+                         + (f" conf {conf:g}" if conf else ""))
+                cases.append(
+                    Case(label, "self_speculative",
+                         DecodeSettings(mode="self_speculative", draft_exit=layer, draft_len=k, draft_vocab=vocab or None,
+                                        draft_confidence=conf or None, max_new_tokens=n))
+                )
     return cases
 
 
@@ -265,7 +270,7 @@ def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
 def _settings_dict(s: DecodeSettings) -> dict[str, Any]:
     return {
         "mode": s.mode, "threshold": s.threshold, "confidence": s.confidence, "draft_exit": s.draft_exit,
-        "draft_len": s.draft_len, "draft_vocab": s.draft_vocab,
+        "draft_len": s.draft_len, "draft_vocab": s.draft_vocab, "draft_confidence": s.draft_confidence,
     }
 
 
