@@ -26,6 +26,7 @@ from eetune.cli import main
 from eetune.config import compose_config
 from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, save_exits
 from eetune.infer import DecodeSettings, Engine
+from eetune.infer.draft_vocab import save_token_counts
 from eetune.models import BaseModel, get_model_entry, load_base_model
 from eetune.models.tiny import build_tiny_tokenizer, write_tiny_checkpoint
 from eetune.serve import BackgroundServer, ServedModel, create_app
@@ -85,6 +86,8 @@ def run_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("serve_run") / "exits"
     out.mkdir()
     save_exits(out, model, build_manifest(model, base_info(base), "augment"))
+    # Token frequencies as `tune` writes them: a made-up ranking is enough for exactness checks.
+    save_token_counts(out, torch.randperm(base.model.tok_embeddings.num_embeddings))
     return out
 
 
@@ -163,6 +166,17 @@ def test_chat_completion_equals_the_generate_stage(client, served, tiny_dir, run
         full = client.post("/v1/chat/completions", json=chat_body("Tell me a story", "full")).json()
         assert choice["message"]["content"] == full["choices"][0]["message"]["content"]  # lossless
         assert stats["draft_exit"] == 3 and stats["draft_len"] == 3
+
+
+def test_cheaper_drafts_keep_self_speculative_exact(client) -> None:
+    full = client.post("/v1/chat/completions", json=chat_body("Tell me a story", "full")).json()
+    options = {"mode": "self_speculative", "draft_exit": 2, "draft_len": 3, "draft_vocab": 64, "draft_confidence": 0.5}
+    body = client.post("/v1/chat/completions", json={**chat_body("Tell me a story"), "early_exit": options}).json()
+    assert body["choices"][0]["message"] == full["choices"][0]["message"]
+    stats = body["early_exit"]
+    assert (stats["draft_vocab"], stats["draft_confidence"]) == (64, 0.5)
+    bad = client.post("/v1/chat/completions", json={**chat_body("Hi"), "early_exit": {**options, "draft_vocab": 0}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "early_exit.draft_vocab"
 
 
 def test_completions_equal_the_engine_for_text_and_token_id_prompts(client, served) -> None:

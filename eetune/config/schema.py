@@ -125,6 +125,8 @@ class ServeConfig:
     confidence: str = "max_prob"
     draft_exit: Optional[int] = None
     draft_len: int = 4
+    draft_vocab: Optional[int] = None
+    draft_confidence: Optional[float] = None
     # Limits per request: prompt length, and the largest `max_tokens` a request may ask.
     max_prompt_tokens: int = 1536
     max_tokens: int = 512

@@ -2,7 +2,7 @@
 
 Requests are strict: a wrongly typed value or an unknown parameter is a 400, as with OpenAI.
 Beyond OpenAI's fields, a request may carry `early_exit: {mode, threshold, confidence,
-draft_exit, draft_len}`; each field it gives overrides the server's default. Responses carry
+draft_exit, draft_len, draft_vocab, draft_confidence}`; each field it gives overrides the server's default. Responses carry
 the decoding statistics in an `early_exit` object beside `usage`.
 """
 
@@ -35,6 +35,8 @@ class EarlyExitOptions(_Strict):
     confidence: Literal["max_prob", "learned"] | None = None
     draft_exit: int | None = None
     draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN)
+    draft_vocab: int | None = Field(None, ge=1)
+    draft_confidence: float | None = Field(None, gt=0.0, le=1.0)
 
     def over(self, defaults: EarlyExitOptions) -> EarlyExitOptions:
         """These options with every field left out taken from `defaults`."""
@@ -157,6 +159,8 @@ def statistics(completion: Completion) -> dict[str, Any]:
         "confidence": s.confidence if early else None,
         "draft_exit": completion.draft_exit if speculative else None,
         "draft_len": s.draft_len if speculative else None,
+        "draft_vocab": s.draft_vocab if speculative else None,
+        "draft_confidence": s.draft_confidence if speculative else None,
         "num_layers": completion.num_layers,
         "exit_layers": r.exit_layers,
         "mean_layers": r.mean_layers,

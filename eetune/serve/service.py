@@ -16,6 +16,7 @@ from typing import Any
 
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
+from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
@@ -35,6 +36,8 @@ def default_options(serve_cfg: Any) -> EarlyExitOptions:
         confidence=serve_cfg.confidence,
         draft_exit=serve_cfg.draft_exit,
         draft_len=serve_cfg.draft_len,
+        draft_vocab=serve_cfg.draft_vocab,
+        draft_confidence=serve_cfg.draft_confidence,
     )
 
 
@@ -50,6 +53,10 @@ def check_serve_config(serve_cfg: Any) -> None:
         raise EetuneError(f"serve.default_max_tokens={s.default_max_tokens} exceeds serve.max_tokens={s.max_tokens}")
     if not 1 <= s.draft_len <= MAX_DRAFT_LEN:
         raise EetuneError(f"serve.draft_len={s.draft_len} must be in 1..{MAX_DRAFT_LEN}")
+    if s.draft_vocab is not None and s.draft_vocab < 1:
+        raise EetuneError(f"serve.draft_vocab={s.draft_vocab} must be >= 1 (or null for the whole vocabulary)")
+    if s.draft_confidence is not None and not 0.0 < s.draft_confidence <= 1.0:
+        raise EetuneError(f"serve.draft_confidence={s.draft_confidence} must be in (0, 1] (or null)")
     if not 0.0 < s.threshold <= 1.0:
         raise EetuneError(f"serve.threshold={s.threshold} must be in (0, 1] (1.0 = never exit early)")
     if s.mode != "full" and not s.run_dir:
@@ -101,13 +108,16 @@ class ServedModel:
         tokenizer: Any,
         defaults: EarlyExitOptions,
         limits: Limits,
+        run_dir: str | None = None,
     ) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits
-        self.engine = Engine(model, max_seq_len=limits.context)
         self.stop_ids = frozenset(stop_token_ids(tokenizer))
+        # The run's token frequencies, for drafting over the frequent tokens only (draft_vocab).
+        token_order = load_token_order(Path(run_dir), always=tuple(sorted(self.stop_ids))) if run_dir else None
+        self.engine = Engine(model, max_seq_len=limits.context, token_order=token_order)
         self.vocab_size = self.engine.vocab_size
         self.tokens_generated = 0  # over all requests; written by the decode worker only
         try:
@@ -133,7 +143,7 @@ class ServedModel:
             context=min(max_seq_len, s.max_prompt_tokens + s.max_tokens),
         )
         name = s.model_name or (f"{cfg.model.name}+{Path(s.run_dir).name}" if s.run_dir else cfg.model.name)
-        return cls(name, model, base.tokenizer, default_options(s), limits)
+        return cls(name, model, base.tokenizer, default_options(s), limits, run_dir=s.run_dir)
 
     @property
     def num_layers(self) -> int:
@@ -184,6 +194,8 @@ class ServedModel:
             confidence=options.confidence,
             draft_exit=options.draft_exit,
             draft_len=options.draft_len,
+            draft_vocab=options.draft_vocab,
+            draft_confidence=options.draft_confidence,
             max_new_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p if request.top_p < 1.0 else None,
@@ -201,6 +213,14 @@ class ServedModel:
         if options.draft_exit is not None and options.draft_exit not in exits:
             raise APIError(400, f"{prefix}draft_exit={options.draft_exit} is not an exit of this model; exits are at "
                            f"{exits}", param=f"{prefix}draft_exit")
+        if options.draft_vocab is not None and self.engine.token_order is None:
+            raise APIError(400, f"{prefix}draft_vocab needs token frequencies, and this server's run dir has none "
+                           "(a tune run dir writes them)", param=f"{prefix}draft_vocab")
+        if options.mode == "self_speculative" and options.draft_confidence is not None:
+            layer = options.draft_exit if options.draft_exit is not None else exits[-1]
+            if self.model.exit(layer).confidence is None:
+                raise APIError(400, f"{prefix}draft_confidence needs a confidence estimator on the drafting exit "
+                               f"{layer}, which has none", param=f"{prefix}draft_confidence")
         if options.mode == "early_exit" and options.confidence == "learned":
             missing = [layer for layer in exits if self.model.exit(layer).confidence is None]
             if missing:
