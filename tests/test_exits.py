@@ -81,6 +81,19 @@ def test_mlp_exit_copies_its_own_layers_mlp_and_the_final_norm(tokens):
     torch.testing.assert_close(model(tokens)[2], expected, rtol=0, atol=1e-6)
 
 
+def test_norm_init_ones_copies_the_mlp_but_starts_norms_at_identity():
+    backbone = tiny_llama()
+    with torch.no_grad():  # non-trivial scales, so copying and resetting differ
+        backbone.norm.scale.uniform_(0.5, 2.0)
+        backbone.layers[1].mlp_norm.scale.uniform_(0.5, 2.0)
+    copied = EarlyExitModel(backbone, [ExitSpec(2, arch="mlp", norm_init="copy")]).exit(2)
+    ones = EarlyExitModel(backbone, [ExitSpec(2, arch="mlp", norm_init="ones")]).exit(2)
+    assert torch.equal(copied.norm.scale, backbone.norm.scale)
+    assert torch.equal(ones.mlp.w2.weight, backbone.layers[1].mlp.w2.weight)
+    for norm in (ones.norm, ones.mlp_norm):
+        assert torch.equal(norm.scale, torch.ones_like(norm.scale))
+
+
 def test_embedding_exit_is_the_head_on_the_raw_layer_output(tokens):
     backbone = tiny_llama()
     model = EarlyExitModel(backbone, [ExitSpec(1, arch="embedding", init="copy", head="copy")])
@@ -152,6 +165,7 @@ def test_random_init_draws_fresh_weights_and_copy_init_does_not(tokens):
         ([ExitSpec(2), ExitSpec(2)], "two exits at layer 2"),
         ([ExitSpec(2, arch="conv")], "unknown exit arch 'conv'"),
         ([ExitSpec(2, init="zeros")], "unknown exit init"),
+        ([ExitSpec(2, norm_init="zeros")], "unknown exit norm_init"),
         ([ExitSpec(2, arch="embedding", head="shared")], "nothing to train"),
         ([], "no exits given"),
     ],

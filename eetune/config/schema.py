@@ -41,6 +41,8 @@ class ExitsConfig:
     head: str = "shared"
     # Std of the normal init for `random` exits.
     init_std: float = 0.02
+    # init=copy: `copy` takes the norms from the backbone too, `ones` starts them at identity.
+    norm_init: str = "copy"
     # A tiny learned estimator per exit that predicts "my top-1 equals the final layer's",
     # so inference can skip the vocabulary head where it would not exit: none, linear, mlp.
     confidence: str = "none"
@@ -246,6 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "exits.arch": ("embedding", "norm", "mlp", "layer"),
     "exits.init": ("random", "copy"),
     "exits.head": ("shared", "copy"),
+    "exits.norm_init": ("copy", "ones"),
     "exits.confidence": ("none", "linear", "mlp"),
     "generate.mode": ("full", "early_exit", "self_speculative"),
     "generate.confidence": ("max_prob", "learned"),

@@ -129,6 +129,8 @@ def build_exit(spec: ExitSpec, backbone: TransformerDecoder, init_std: float = 0
         raise ValueError(f"unknown exit arch {spec.arch!r}")
     if spec.init == "random":
         _init_random(module, init_std)
+    elif spec.norm_init == "ones":
+        _reset_norms(module)
     if spec.confidence != "none":
         weight = lm_head_weight(backbone)
         module.confidence = ConfidenceEstimator(weight.shape[1], spec.confidence).to(weight.dtype)
@@ -162,7 +164,13 @@ def _init_random(module: nn.Module, std: float) -> None:
             nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
-        elif isinstance(sub, RMSNorm):
+    _reset_norms(module)
+
+
+@torch.no_grad()
+def _reset_norms(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, RMSNorm):
             nn.init.ones_(sub.scale)
         elif isinstance(sub, nn.LayerNorm):
             sub.reset_parameters()

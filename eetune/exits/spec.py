@@ -11,6 +11,7 @@ ARCHS = ("embedding", "norm", "mlp", "layer")
 INITS = ("random", "copy")
 HEADS = ("shared", "copy")
 CONFIDENCES = ("none", "linear", "mlp")
+NORM_INITS = ("copy", "ones")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class ExitSpec:
     head: str = "shared"
     # Learned confidence estimator on the exit's hidden state (CALM's "meta" classifier).
     confidence: str = "none"
+    # With init=copy: `copy` also copies the norms (final norm, the layer's MLP norm); `ones`
+    # starts them at identity, since the final norm's scales suit final-layer states only.
+    norm_init: str = "copy"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,7 +36,10 @@ def specs_from_config(exits_cfg: Any) -> list[ExitSpec]:
     """One spec per layer in `exits.layers`, sharing arch/init/head; sorted by depth."""
     return sorted(
         (
-            ExitSpec(int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head, exits_cfg.get("confidence", "none"))
+            ExitSpec(
+                int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head, exits_cfg.get("confidence", "none"),
+                exits_cfg.get("norm_init", "copy"),
+            )
             for layer in exits_cfg.layers
         ),
         key=lambda spec: spec.layer,
@@ -60,6 +67,8 @@ def check_specs(specs: Iterable[ExitSpec], num_layers: int) -> None:
             raise EetuneError(f"unknown exit init '{spec.init}': choose one of {', '.join(INITS)}")
         if spec.head not in HEADS:
             raise EetuneError(f"unknown exit head '{spec.head}': choose one of {', '.join(HEADS)}")
+        if spec.norm_init not in NORM_INITS:
+            raise EetuneError(f"unknown exit norm_init '{spec.norm_init}': choose one of {', '.join(NORM_INITS)}")
         if spec.confidence not in CONFIDENCES:
             raise EetuneError(
                 f"unknown exit confidence '{spec.confidence}': choose one of {', '.join(CONFIDENCES)}"
