@@ -99,6 +99,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
         raise EetuneError(f"run dir not found: {run_dir}: pass run_dir=<a tune (or augment) run dir>")
     read_manifest(run_dir)
     tasks = [load_task(t.name, t.path, t.metric, cfg.eval.max_items) for t in cfg.eval.tasks]
+    if not any(task.is_generation for task in tasks):
+        raise EetuneError("eval.tasks has no generation task (metric rouge_l or f1): the decoding sweep needs prompts")
     out_dir = output_dir(cfg)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise EetuneError(f"eval output dir {out_dir} already exists and is not empty: choose another eval.out_dir=...")
@@ -114,8 +116,6 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
         Prompt(build_prompt_ids(base.tokenizer, item.prompt, cfg.eval.chat), task.name, i)
         for task in tasks if task.is_generation for i, item in enumerate(task.items)
     ]
-    if not prompts:
-        raise EetuneError("eval.tasks has no generation task (metric rouge_l or f1): the decoding sweep needs prompts")
     choice_tasks = [task for task in tasks if not task.is_generation]
     stop_ids = frozenset(stop_token_ids(base.tokenizer))
 
