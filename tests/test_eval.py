@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from eetune.cli import main
-from eetune.config import compose_config
+from eetune.config import compose_config, list_recipes
 from eetune.errors import EetuneError
 from eetune.eval import stage
 from eetune.eval.calibration import (
@@ -435,7 +435,28 @@ def test_eval_logs_tables_and_images_to_wandb(evaluated):
     assert "eval/oracle_speedup" in summary and "eval/speedup/max_prob@0.3" in summary
 
 
-# --- bad input: one line, exit 2, before any model loads ------------------------------------------
+# --- config and bad input: one line, exit 2, before any model loads ---------------------------------
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_composes_for_eval_and_takes_the_eval_group(recipe):
+    extra = ["data.path=/data/train.jsonl", "model.checkpoint_dir=/ckpt", "run_dir=runs/x"]
+    cfg = compose_config("eval", [f"recipe={recipe}", *extra])
+    assert cfg.stage == "eval" and list(cfg.eval.thresholds) == [1.0, 0.9, 0.8, 0.6, 0.4, 0.2]
+    assert [t.name for t in cfg.eval.tasks] == ["summarize", "qa", "mc"]
+    quick = compose_config("eval", [f"recipe={recipe}", *extra, "eval=quick"])
+    assert list(quick.eval.thresholds) == [1.0, 0.8, 0.4] and quick.eval.max_items == 3
+
+
+def test_eval_print_config_shows_a_custom_task(monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setattr(sys, "argv", ["eetune", "eval", "run_dir=runs/x", "eval.tasks=[{name:qa2,path:/d/qa.jsonl,metric:f1}]",
+                                      "eval.thresholds=[0.7]", "--print-config"])
+    main()
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["stage"] == "eval" and cfg["run_dir"] == "runs/x" and cfg["eval"]["thresholds"] == [0.7]
+    assert cfg["eval"]["tasks"] == [{"name": "qa2", "path": "/d/qa.jsonl", "metric": "f1"}]
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:

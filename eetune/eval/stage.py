@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,23 +26,13 @@ from rich.table import Table
 from eetune.data import heldout_batch
 from eetune.errors import EetuneError
 from eetune.eval.calibration import CALIBRATION_FILE, Calibration, Candidate, pick_threshold, write_calibration
+from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
 from eetune.eval.heldout import TokenStats, token_stats
-from eetune.eval.metrics import (
-    as_dicts,
-    chosen,
-    expected_calibration_error,
-    exit_fractions,
-    first_exit,
-    oracle_exit,
-    perplexity,
-    precision_recall,
-    reliability,
-)
 from eetune.eval.plots import draw_all
 from eetune.eval.report import REPORT_MD, log_wandb, sweep_table, write_report
 from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.eval.sweep import Prompt, Setting, SweepRow, run_sweep
-from eetune.eval.tasks import ChoiceItem, Task, load_task
+from eetune.eval.tasks import Task, load_task
 from eetune.eval.timing import Costs, measure_costs
 from eetune.exits import EarlyExitModel, load_exits, read_manifest
 from eetune.infer.engine import CONFIDENCES, Engine
@@ -140,8 +130,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
             for task in choice_tasks
         }
 
-    report = build_report(cfg, base.name, str(base.dtype).removeprefix("torch."), model, stats, costs, tasks,
-                          rows, choice_scores, batch.shape, prompts)
+    report = build_report(
+        cfg, model_name=base.name, dtype=str(base.dtype).removeprefix("torch."), model=model, stats=stats,
+        costs=costs, tasks=tasks, rows=rows, choice_scores=choice_scores, heldout_shape=tuple(batch.shape),
+        prompts=prompts,
+    )
     calibrations = calibrations_from_sweep(cfg, rows) if cfg.eval.calibrate else []
     if calibrations:
         report["calibration"] = {
@@ -181,99 +174,37 @@ def sweep_settings(cfg: DictConfig, model: EarlyExitModel, console: Console) -> 
     return settings
 
 
-def choice_accuracy(model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance) -> dict[str, float]:
-    """Exact match per setting: each choice's log-likelihood under the setting's exit policy.
+def choice_accuracy(
+    model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance: Callable[[], None]
+) -> dict[str, float]:
+    """Exact match per setting: the choice with the highest log-likelihood under the setting's exit policy.
 
-    Every layer's view of a choice is computed once; each setting only picks among them.
+    Every layer's view of a choice is computed once (one forward); each setting only picks among them.
     """
-    correct = dict.fromkeys((s.name for s in settings), 0)
+    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence)) for s in settings}
+    views_of = next(iter(scorers.values()))
+    correct = dict.fromkeys(scorers, 0)
     for item in task.items:
-        assert isinstance(item, ChoiceItem)
         context = tokenizer.encode(item.context, add_special_tokens=True)
-        views = []
-        for i in range(len(item.choices)):
-            continuation = tokenizer.encode(item.context + item.continuation(i), add_special_tokens=True)[len(context):]
-            scorer = PolicyScorer(model, ExitPolicy())
-            views.append((scorer.layer_tokens(context, continuation), continuation))
-        for s in settings:
-            scorer = PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence))
-            scores = [scorer.pick(layers, continuation).logprob for layers, continuation in views]
-            correct[s.name] += int(max(range(len(scores)), key=scores.__getitem__) == item.answer)
+        # Encode the whole text, then split: the tokens a choice adds after its context.
+        continuations = [
+            tokenizer.encode(item.context + item.continuation(i), add_special_tokens=True)[len(context) :]
+            for i in range(len(item.choices))
+        ]
+        views = [views_of.layer_tokens(context, continuation) for continuation in continuations]
+        for name, scorer in scorers.items():
+            scores = [scorer.pick(v, c).logprob for v, c in zip(views, continuations)]
+            correct[name] += int(scores.index(max(scores)) == item.answer)
         advance()
     return {name: n / len(task.items) for name, n in correct.items()}
 
 
-def per_exit_metrics(stats: TokenStats, bins: int, estimator_threshold: float = 0.5) -> list[dict[str, Any]]:
-    out = []
-    for layer in [*stats.exit_layers, stats.final_layer]:
-        view = stats.layers[layer]
-        right = view.top1 == stats.labels
-        agrees = stats.agrees(layer)
-        rel = reliability(view.max_prob, right, bins)
-        rel_final = reliability(view.max_prob, agrees, bins)
-        estimator = None
-        if view.learned is not None:
-            estimator = asdict(precision_recall(view.learned >= estimator_threshold, agrees))
-        ce = stats.cross_entropy(layer)
-        out.append({
-            "layer": layer, "final": layer == stats.final_layer, "cross_entropy": ce, "perplexity": perplexity(ce),
-            "agreement": stats.agreement(layer), "accuracy": float(right.float().mean()),
-            "ece": expected_calibration_error(rel),
-            "ece_vs_final": None if layer == stats.final_layer else expected_calibration_error(rel_final),
-            "reliability": as_dicts(rel), "reliability_vs_final": as_dicts(rel_final), "estimator": estimator,
-        })
-    return out
-
-
-def policy_metrics(stats: TokenStats, costs: Costs, thresholds: list[float], confidences: list[str]) -> dict[str, Any]:
-    """Teacher-forced: where each policy sends tokens, its agreement, its modelled speedup; the oracle."""
-    layers = stats.exit_layers
-    stack = [*layers, stats.final_layer]
-    n = stats.final_layer  # the final layer's number is the layer count
-    top1 = torch.stack([stats.layers[layer].top1 for layer in stack])
-    final_top1 = stats.layers[stats.final_layer].top1
-    agrees = torch.stack([stats.agrees(layer) for layer in layers]) if layers else torch.zeros(0, stats.num_tokens, dtype=torch.bool)
-    policies = []
-    for confidence in confidences:
-        views = [stats.layers[layer] for layer in layers]
-        if confidence == "learned" and any(v.learned is None for v in views):
-            continue
-        conf = torch.stack([v.learned if confidence == "learned" else v.max_prob for v in views])
-        for t in sorted(set(thresholds), reverse=True):
-            index = first_exit(conf, t)
-            fractions = exit_fractions(index, len(layers))
-            policies.append({
-                "confidence": confidence, "threshold": t,
-                "fractions": {str(layer): f for layer, f in zip(stack, fractions)},
-                "agreement": float((chosen(top1, index) == final_top1).float().mean()),
-                "speedup": costs.speedup(fractions, layers, n, confidence if t < 1.0 else "full"),
-            })
-    index = oracle_exit(agrees)
-    fractions = exit_fractions(index, len(layers))
-    oracle = {
-        "confidence": "oracle", "threshold": None, "fractions": {str(layer): f for layer, f in zip(stack, fractions)},
-        "agreement": float((chosen(top1, index) == final_top1).float().mean()),
-        "speedup": costs.speedup(fractions, layers, n, "oracle"),
-        "mean_layers": sum(f * layer for f, layer in zip(fractions, stack)),
-    }
-    return {"policies": policies, "oracle": oracle}
-
-
-def estimator_metrics(stats: TokenStats, thresholds: list[float]) -> list[dict[str, Any]]:
-    out = []
-    for layer in stats.exit_layers:
-        view = stats.layers[layer]
-        if view.learned is None:
-            continue
-        for t in sorted({0.5, *(t for t in thresholds if t < 1.0)}, reverse=True):
-            out.append({"layer": layer, "threshold": t, **asdict(precision_recall(view.learned >= t, stats.agrees(layer)))})
-    return out
-
-
 def build_report(
-    cfg: DictConfig, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
-    tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]], batch_shape, prompts,
+    cfg: DictConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
+    tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]],
+    heldout_shape: tuple[int, ...], prompts: list[Prompt],
 ) -> dict[str, Any]:
+    """Everything measured, as report.json holds it."""
     thresholds = [float(t) for t in cfg.eval.thresholds]
     policies = policy_metrics(stats, costs, thresholds, list(dict.fromkeys(cfg.eval.confidences)))
     sweep = []
@@ -297,7 +228,7 @@ def build_report(
         "model": {"name": model_name, "dtype": dtype},
         "exit_layers": model.exit_layers,
         "num_layers": model.num_layers,
-        "heldout": {"sequences": batch_shape[0], "seq_len": batch_shape[1], "tokens": stats.num_tokens},
+        "heldout": {"sequences": heldout_shape[0], "seq_len": heldout_shape[1], "tokens": stats.num_tokens},
         "per_exit": per_exit_metrics(stats, cfg.eval.ece_bins),
         **policies,
         "best_policy_speedup": max(eligible, default=None),
