@@ -105,6 +105,32 @@ def test_text_metrics_match_hand_computed_values():
     assert token_agreement([], []) == 1.0
 
 
+def test_sweep_summary_matches_hand_computed_values():
+    from eetune.eval.sweep import Output, Setting, SweepRow, summarise
+    from eetune.infer.engine import DecodeResult
+
+    def output(tokens, exits, decode_s, text, calls, drafted=0, accepted=0):
+        mean = sum(exits) / len(exits)
+        return Output(DecodeResult(tokens, exits, 5, 0.1, decode_s, 0.0, mean, drafted, accepted), text, calls)
+
+    full = SweepRow(Setting("full"), [output([1, 2, 3, 4], [4] * 4, 1.5, "a b c", 4),
+                                      output([5, 6], [4, 4], 0.5, "d", 2)])
+    early = SweepRow(Setting("early_exit", 0.5), [output([1, 2, 9, 9], [1, 4, 2, 4], 0.5, "a b x", 7),
+                                                  output([5, 6], [1, 1], 0.5, "d", 2)])
+    summarise(full, full)
+    summarise(early, full)
+    assert full.tokens_per_s == pytest.approx(4 / 2.0)  # (3 + 1) decoded tokens over 1.5 + 0.5 s
+    assert early.tokens_per_s == pytest.approx(4 / 1.0) and early.speedup == pytest.approx(2.0)
+    assert early.mean_layers == pytest.approx((1 + 4 + 2 + 4 + 1 + 1) / 6)
+    assert early.head_calls_per_token == pytest.approx(9 / 6)
+    assert early.exit_counts == {1: 3, 4: 2, 2: 1}
+    assert early.token_agreement == pytest.approx((2 / 4 + 1) / 2)
+    assert early.rouge_l_vs_full == pytest.approx((2 / 3 + 1) / 2)  # "a b x" vs "a b c": LCS 2 of 3
+    spec = SweepRow(Setting("self_speculative"), [output([1, 2, 3, 4], [3, 3, 4, 4], 1.0, "a b c", 4, 6, 3)])
+    summarise(spec, SweepRow(Setting("full"), full.outputs[:1]))
+    assert spec.acceptance_rate == 0.5 and spec.token_agreement == 1.0
+
+
 # --- a tiny model with soft predictions, and exits tuned on it ---------------------------------
 
 

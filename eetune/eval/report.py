@@ -111,6 +111,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         "output with the full model's output for the same prompt; task columns score outputs against the "
         "references (multiple choice: log-likelihood under the setting's exit policy).",
         md_table(*sweep_table(report)),
+        *_spec_note(report),
         f"![speed vs quality]({plots['speed_quality']})",
         f"![exit-layer histogram]({plots['exit_histogram']})",
         "## Per-exit quality on held-out text",
@@ -146,6 +147,17 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     tasks = [[t["name"], t["metric"], str(t["items"]), f"`{t['path']}`"] for t in report["tasks"]]
     parts += ["## Tasks", md_table(["task", "metric", "items", "file"], tasks)]
     return "\n\n".join(parts) + "\n"
+
+
+def _spec_note(report: dict[str, Any]) -> list[str]:
+    """Why a lossless method can show < 100% agreement: low-precision rounding, not the method."""
+    spec = [r for r in report["sweep"] if r["mode"] == "self_speculative" and r["token_agreement"] < 1.0]
+    if not spec or report["model"]["dtype"] == "float32":
+        return []
+    return [
+        f"self_speculative is lossless in exact arithmetic; in {report['model']['dtype']} its verify forward (several "
+        "positions at once) rounds differently from one-token steps, so near-tied greedy choices can flip."
+    ]
 
 
 def write_report(out_dir: Path, report: dict[str, Any], plots: dict[str, Path]) -> None:

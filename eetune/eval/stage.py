@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,7 +30,7 @@ from eetune.eval.calibration import CALIBRATION_FILE, Calibration, Candidate, pi
 from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
 from eetune.eval.heldout import TokenStats, token_stats
 from eetune.eval.plots import draw_all
-from eetune.eval.report import REPORT_MD, log_wandb, sweep_table, write_report
+from eetune.eval.report import REPORT_MD, log_wandb, write_report
 from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.eval.sweep import Prompt, Setting, SweepRow, run_sweep
 from eetune.eval.tasks import Task, load_task
@@ -265,12 +266,19 @@ def calibration_source(cfg: DictConfig, prompts: list[Prompt]) -> dict[str, Any]
 
 
 def print_summary(console: Console, report: dict[str, Any], out_dir: Path, plots: dict[str, Path], calibration: Path | None) -> None:
-    header, rows = sweep_table(report)
-    table = Table(title=f"decoding sweep ({report['sweep_info']['prompts']} prompts, batch 1, greedy)")
-    for column in header:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
+    # A compact table that fits 80 columns; report.md has the full one.
+    tasks = [t["name"] for t in report["tasks"]]
+    table = Table(title=f"decoding sweep ({report['sweep_info']['prompts']} prompts, batch 1, greedy)",
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for i, column in enumerate(["setting", "tok/s", "speed", "layers", "agree", "R-L", *tasks, "acc"]):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in report["sweep"]:
+        accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
+        table.add_row(
+            r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['mean_layers']:.1f}",
+            f"{r['token_agreement']:.0%}", f"{r['rouge_l_vs_full']:.2f}",
+            *(f"{r['task_scores'][name]:.2f}" for name in tasks), accept,
+        )
     console.print(table)
     console.print(f"oracle bound (perfect policy, 100% agreement): {report['oracle']['speedup']:.2f}x by the cost model")
     if calibration is not None:
