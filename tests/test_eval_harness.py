@@ -202,6 +202,15 @@ def test_loglikelihood_rolling_scores_every_token_once_within_max_length(run_dir
     assert rolled != pytest.approx(whole, abs=1e-3)  # a shorter context changes the numbers
 
 
+def test_self_speculative_generation_is_the_full_models(run_dir):
+    class Request:
+        args = ("Q: What do bees make?\nA:", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})
+
+    full = harness.EetuneLM(run_dir=str(run_dir), mode="full").generate_until([Request()])
+    spec = harness.EetuneLM(run_dir=str(run_dir), mode="self_speculative", draft_len=3).generate_until([Request()])
+    assert spec == full and full[0]
+
+
 def test_bad_model_args_are_one_line_errors(run_dir):
     with pytest.raises(EetuneError, match="needs run_dir"):
         harness.EetuneLM()
