@@ -336,6 +336,21 @@ def test_generate_defaults_to_the_calibrated_threshold(tuned_run, base, tmp_path
     assert used == [generate.DEFAULT_THRESHOLD, 0.35, 0.9]
 
 
+def test_a_tune_run_saved_without_the_eval_section_still_resumes(soft_tiny, corpus, tmp_path):
+    """Older run dirs have no `eval` section and generate.threshold 0.8: neither affects tuning."""
+    import yaml
+
+    overrides = [f"model.checkpoint_dir={soft_tiny}", f"run_dir={tmp_path / 'run'}", *data_overrides(corpus),
+                 "exits.layers=[1,2]", "train.steps=2", "train.checkpoint_every=1"]
+    loop.run(compose_config("tune", [*overrides, "train.steps=1"]))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["eval"]
+    saved["generate"]["threshold"] = 0.8
+    saved["train"]["steps"] = 2
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert loop.run(compose_config("tune", [*overrides, "resume=true"])).steps == 2
+
+
 # --- the stage end to end ------------------------------------------------------------------------
 
 
