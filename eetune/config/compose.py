@@ -128,7 +128,7 @@ def validate(cfg: DictConfig) -> None:
         raise EetuneError(f"generate.temperature={cfg.generate.temperature} must be >= 0 (0 = greedy)")
     if cfg.generate.top_p is not None and not 0.0 < cfg.generate.top_p <= 1.0:
         raise EetuneError(f"generate.top_p={cfg.generate.top_p} must be in (0, 1]")
-    if not 0.0 < cfg.generate.threshold <= 1.0:
+    if cfg.generate.threshold is not None and not 0.0 < cfg.generate.threshold <= 1.0:
         raise EetuneError(f"generate.threshold={cfg.generate.threshold} must be in (0, 1] (1.0 = never exit early)")
     if cfg.generate.draft_len < 1:
         raise EetuneError(f"generate.draft_len={cfg.generate.draft_len} must be >= 1")

@@ -94,7 +94,8 @@ class GenerateConfig:
     # An augment or tune run dir whose exits to load.
     run_dir: Optional[str] = None
     # early_exit: leave at the first exit whose confidence >= threshold (1.0 = full model).
-    threshold: float = 0.8
+    # None: the threshold `eetune eval` calibrated into the run dir, else 0.8.
+    threshold: Optional[float] = None
     # max_prob (the paper) or learned (the exits' confidence estimators).
     confidence: str = "max_prob"
     # self_speculative: the exit that drafts (default: the deepest) and tokens per draft.
@@ -137,6 +138,55 @@ class ServeConfig:
     # Requests admitted at once, decoding one at a time and the rest waiting; more get HTTP 503.
     queue_size: int = 32
     log_level: str = "info"
+
+
+@dataclass
+class EvalTaskConfig:
+    """One task of `eetune eval`: a JSONL file scored by `metric`."""
+
+    name: str = "task"
+    # A JSONL file; None means the bundled task of this name (eetune/data/tasks/<name>.jsonl).
+    path: Optional[str] = None
+    # rouge_l or f1: generation ({prompt, reference}); exact_match: multiple choice by
+    # log-likelihood ({question, choices, answer}).
+    metric: str = "rouge_l"
+
+
+@dataclass
+class EvalConfig:
+    """`eetune eval run_dir=<tune run>`: per-exit metrics, a threshold sweep, tasks, a report."""
+
+    # early_exit thresholds swept through the engine (1.0 is the full model).
+    thresholds: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.6, 0.4, 0.2])
+    # Confidence policies swept; `learned` only where every exit has an estimator.
+    confidences: List[str] = field(default_factory=lambda: ["max_prob", "learned"])
+    # Also measure lossless self-speculative decoding (draft exit: the deepest, or draft_exit).
+    self_speculative: bool = True
+    draft_exit: Optional[int] = None
+    draft_len: int = 4
+    tasks: List[EvalTaskConfig] = field(
+        default_factory=lambda: [
+            EvalTaskConfig(name="summarize", metric="rouge_l"),
+            EvalTaskConfig(name="qa", metric="f1"),
+            EvalTaskConfig(name="mc", metric="exact_match"),
+        ]
+    )
+    # Items used per task (None: all of them).
+    max_items: Optional[int] = 6
+    # Greedy tokens generated per prompt in the sweep.
+    max_new_tokens: int = 32
+    # Wrap generation prompts in the chat template.
+    chat: bool = True
+    # Bins of the reliability diagram / expected calibration error.
+    ece_bins: int = 10
+    # Timed repetitions of one layer step and one head evaluation (the cost model).
+    timing_repeats: int = 30
+    # Calibration: the fastest threshold whose greedy-token agreement with the full model
+    # on the sweep's prompts is >= this, written to <run_dir>/calibration.json.
+    target_agreement: float = 0.98
+    calibrate: bool = True
+    # Where report.{json,md} and the plots go; None: <run_dir>/eval-<time>. Never overwritten.
+    out_dir: Optional[str] = None
 
 
 @dataclass
@@ -238,6 +288,7 @@ class EetuneConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Continue an interrupted `tune` in the same run_dir (its config must match).
     resume: bool = False
 

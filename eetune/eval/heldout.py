@@ -1,8 +1,13 @@
-"""Held-out quality of every exit: cross-entropy and top-1 agreement with the final layer."""
+"""Held-out quality of every exit, token by token: what each exit predicts and how sure it is.
+
+`token_stats` runs held-out sequences through the backbone once and keeps, per layer (every
+exit and the final layer) and per predicted position, the four numbers every later metric
+needs: log-probability of the true next token, top-1 token, max probability, and the learned
+estimator's confidence where the exit has one. Nothing of size vocabulary outlives a sequence.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -18,23 +23,98 @@ class ExitQuality:
     agreement: float  # fraction of tokens whose top-1 equals the final layer's top-1
 
 
-@torch.no_grad()
-def heldout_quality(model: EarlyExitModel, batch: torch.Tensor) -> dict[int, ExitQuality]:
-    """Next-token CE and agreement for every exit and the final layer (key `num_layers`).
+@dataclass
+class LayerTokens:
+    """One layer's view of every scored position (1-D tensors, one entry per token)."""
 
-    One sequence at a time: only one [seq_len, vocab] logits tensor per exit is alive.
+    label_logprob: torch.Tensor  # log p(true next token), float
+    top1: torch.Tensor  # argmax token, long
+    max_prob: torch.Tensor  # max softmax probability, float
+    learned: torch.Tensor | None  # sigmoid of the exit's estimator; None without one
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of every exit and of the final layer (key `final_layer`)."""
+
+    layers: dict[int, LayerTokens]
+    labels: torch.Tensor  # the true next tokens, long
+    final_layer: int
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return sorted(layer for layer in self.layers if layer != self.final_layer)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.labels)
+
+    def cross_entropy(self, layer: int) -> float:
+        return float(-self.layers[layer].label_logprob.mean())
+
+    def agrees(self, layer: int) -> torch.Tensor:
+        """Bool per token: this layer's top-1 equals the final layer's."""
+        return self.layers[layer].top1 == self.layers[self.final_layer].top1
+
+    def agreement(self, layer: int) -> float:
+        return float(self.agrees(layer).float().mean())
+
+
+# Positions per head evaluation: bounds the transient [positions, vocab] logits.
+_CHUNK = 512
+
+
+@torch.no_grad()
+def sequence_tokens(model: EarlyExitModel, tokens: torch.Tensor, targets: torch.Tensor) -> dict[int, LayerTokens]:
+    """Every layer's view of predicting targets [n] from the last n positions of tokens [1, m].
+
+    Uses the same pieces as `EarlyExitModel.forward` (layer outputs, exit hidden state, exit
+    head), plus the estimator on the very hidden state the head reads; heads run only on the
+    last n positions.
     """
-    ce_sum: dict[int, float] = defaultdict(float)
-    agree: dict[int, int] = defaultdict(int)
-    count = 0
-    for sequence in batch:
-        inputs, targets = sequence[None, :-1], sequence[1:]
-        logits = model(inputs, include_final=True)
-        final_top1 = logits[model.num_layers][0].argmax(-1)
-        for layer, layer_logits in logits.items():
-            ce_sum[layer] += F.cross_entropy(layer_logits[0], targets, reduction="sum").item()
-            agree[layer] += int((layer_logits[0].argmax(-1) == final_top1).sum())
-        count += len(targets)
+    n, final = len(targets), model.num_layers
+    states = model.hidden_states(tokens, [*model.exit_layers, final])
+    out = {}
+    for layer in model.exit_layers:
+        hidden = model.exit_hidden(layer, states[layer])[0, -n:]
+        estimator = model.exit(layer).confidence
+        learned = torch.sigmoid(estimator(hidden).float()) if estimator is not None else None
+        head = model.head_weight(layer)
+        out[layer] = _summarise(lambda rows: F.linear(rows, head).float(), hidden, targets, learned)
+    normed = model.backbone.norm(states[final][0, -n:])
+    out[final] = _summarise(lambda rows: model.backbone.output(rows).float(), normed, targets, None)
+    return out
+
+
+def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, learned: torch.Tensor | None) -> LayerTokens:
+    chunks = []
+    for start in range(0, len(targets), _CHUNK):
+        logprobs = head(hidden[start : start + _CHUNK]).log_softmax(-1)
+        max_logprob, top1 = logprobs.max(-1)
+        chunks.append((logprobs.gather(-1, targets[start : start + _CHUNK, None])[:, 0], top1, max_logprob.exp()))
+    label_logprob, top1, max_prob = (torch.cat(column) for column in zip(*chunks))
+    return LayerTokens(label_logprob, top1, max_prob, learned)
+
+
+def token_stats(model: EarlyExitModel, batch: torch.Tensor) -> TokenStats:
+    """Statistics of next-token prediction over sequences batch [n, seq_len], one sequence at a time."""
+    per_sequence = [sequence_tokens(model, sequence[None, :-1], sequence[1:]) for sequence in batch]
+    layers = {}
+    for layer in per_sequence[0]:
+        views = [seq[layer] for seq in per_sequence]
+        learned = None if views[0].learned is None else torch.cat([v.learned for v in views])
+        layers[layer] = LayerTokens(
+            torch.cat([v.label_logprob for v in views]),
+            torch.cat([v.top1 for v in views]),
+            torch.cat([v.max_prob for v in views]),
+            learned,
+        )
+    return TokenStats(layers, batch[:, 1:].reshape(-1).clone(), model.num_layers)
+
+
+def heldout_quality(model: EarlyExitModel, batch: torch.Tensor) -> dict[int, ExitQuality]:
+    """Next-token CE and agreement for every exit and the final layer (key `num_layers`)."""
+    stats = token_stats(model, batch)
     return {
-        layer: ExitQuality(layer, ce_sum[layer] / count, agree[layer] / count) for layer in sorted(ce_sum)
+        layer: ExitQuality(layer, stats.cross_entropy(layer), stats.agreement(layer)) for layer in sorted(stats.layers)
     }

@@ -13,11 +13,16 @@ from rich.console import Console
 from rich.text import Text
 
 from eetune.errors import EetuneError
+from eetune.eval.calibration import load_calibrated_threshold
 from eetune.exits import EarlyExitModel, load_exits
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.models import BaseModel
 from eetune.stages.common import load_base
+
+
+# early_exit threshold when none is given and the run dir has no calibration.
+DEFAULT_THRESHOLD = 0.8
 
 
 @dataclass
@@ -106,9 +111,10 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     base, model = load_model(cfg.model, gen.run_dir)
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
+    threshold = default_threshold(gen, console) if gen.threshold is None else gen.threshold
     settings = DecodeSettings(
         mode=gen.mode,
-        threshold=gen.threshold,
+        threshold=threshold,
         confidence=gen.confidence,
         draft_exit=gen.draft_exit,
         draft_len=gen.draft_len,
@@ -132,6 +138,16 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     console.print(f"[dim]{summary_line(result, model.num_layers)}[/]")
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     return GenerateResult(text=text, result=result)
+
+
+def default_threshold(gen: Any, console: Console) -> float:
+    """The threshold `eetune eval` calibrated for the run's exits, else DEFAULT_THRESHOLD."""
+    calibrated = load_calibrated_threshold(gen.run_dir, gen.confidence) if gen.run_dir else None
+    if calibrated is None:
+        return DEFAULT_THRESHOLD
+    if gen.mode == "early_exit":
+        console.print(f"[dim]threshold {calibrated:g}: calibrated by eetune eval ({gen.run_dir}/calibration.json)[/]")
+    return calibrated
 
 
 def summary_line(result: DecodeResult, num_layers: int) -> str:

@@ -36,8 +36,9 @@ from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves,
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state
 
-# Keys that may differ between a run and its resumption.
-_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger")
+# Keys that may differ between a run and its resumption (sections tuning never reads included,
+# so runs saved before a section existed or changed its defaults still resume).
+_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger", "generate", "serve", "eval")
 
 
 @dataclass

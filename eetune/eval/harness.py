@@ -1,0 +1,228 @@
+"""lm-evaluation-harness model type `eetune`: a run dir's early-exit model behind lm-eval's LM API.
+
+    eetune lm-eval --model eetune --model_args run_dir=runs/quick,mode=early_exit,threshold=0.8 --tasks <task>
+
+`eetune lm-eval` is lm-eval's own command line (every flag, the same output) run after this
+module has registered the model type. lm-eval 0.4.13 discovers model types only from its
+built-in table and from registrations in the running process (no entry-point plugins), so
+its bare `lm_eval` script cannot see third-party models; from Python, `import
+eetune.eval.harness` before `lm_eval.simple_evaluate(model="eetune", ...)` does the same.
+
+- loglikelihood (multiple choice, perplexity): teacher-forced under the exit policy
+  (eetune.eval.scoring): each token is scored by the exit the engine would leave at.
+- generate_until: the decoding engine itself (full, early_exit or self_speculative).
+
+model_args: run_dir (required), mode (full | early_exit | self_speculative), threshold (default:
+the run's calibrated one, else 0.8), confidence (max_prob | learned), draft_exit, draft_len,
+dtype, max_length, max_gen_toks, seed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (the built-in types first: the registry skips them once non-empty)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from eetune.errors import EetuneError
+from eetune.eval.calibration import load_calibrated_threshold
+from eetune.eval.scoring import ExitPolicy, PolicyScorer
+from eetune.exits import load_exits, read_manifest
+from eetune.infer.engine import DecodeSettings, Engine
+from eetune.stages.common import CONFIG_FILE, load_base
+from eetune.stages.generate import DEFAULT_THRESHOLD, stop_token_ids
+
+
+@register_model("eetune")
+class EetuneLM(TemplateLM):
+    """An eetune run dir (augment or tune) decoded in `mode`."""
+
+    def __init__(
+        self,
+        run_dir: str | None = None,
+        mode: str = "full",
+        threshold: float | None = None,
+        confidence: str = "max_prob",
+        draft_exit: int | None = None,
+        draft_len: int = 4,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        seed: int = 0,
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not run_dir:
+            raise EetuneError("the eetune model type needs run_dir=<an eetune augment or tune run dir> in --model_args")
+        read_manifest(run_dir)
+        model_cfg = _run_model_config(Path(run_dir), dtype, device)
+        if threshold is None:
+            calibrated = load_calibrated_threshold(run_dir, confidence)
+            threshold = DEFAULT_THRESHOLD if calibrated is None else calibrated
+        self.policy = ExitPolicy(mode, float(threshold), confidence)
+        base = load_base(model_cfg)
+        if base.tokenizer is None:
+            raise EetuneError(f"model {base.name} has no tokenizer; lm-eval needs one")
+        self.tokenizer = base.tokenizer
+        self.model = load_exits(run_dir, base.model, base.fingerprint)
+        self.engine = Engine(self.model)
+        self.scorer = PolicyScorer(self.model, self.policy)
+        self.draft_exit, self.draft_len = draft_exit, int(draft_len)
+        self.max_length = min(int(max_length or model_cfg.max_seq_len), base.model.max_seq_len)
+        self.max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)
+        self.stop_ids = frozenset(stop_token_ids(self.tokenizer))
+        self._device = base.model.tok_embeddings.weight.device
+        # Decoding statistics over every generate_until request, for get_model_info().
+        self.exit_counts: Counter[int] = Counter()
+        self.decoded_tokens = 0
+        self.decode_s = 0.0
+        # Fail on bad settings now, not at the first request.
+        if self.draft_exit is not None and self.draft_exit not in self.model.exit_layers:
+            raise EetuneError(f"draft_exit={self.draft_exit} is not an exit of {run_dir}; exits are at {self.model.exit_layers}")
+        if self.policy.exits_early and confidence == "learned":
+            missing = [layer for layer in self.model.exit_layers if self.model.exit(layer).confidence is None]
+            if missing:
+                raise EetuneError(f"confidence=learned needs an estimator on every exit; exit(s) {missing} of {run_dir} have none")
+
+    # -- tokenisation ----------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        out = []
+        for request, context, continuation in tqdm(requests, disable=disable_tqdm, desc="eetune loglikelihood"):
+            # Keep the newest max_length + 1 tokens: the model sees max_length positions.
+            whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
+            scored = self.scorer.score(whole[: len(whole) - len(continuation)], continuation)
+            answer = (scored.logprob, scored.is_greedy)
+            out.append(answer)
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="eetune loglikelihood_rolling"):
+            (text,) = request.args
+            windows = map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1,
+                ),
+            )
+            total = sum(self.scorer.score(context, continuation).logprob for context, continuation in windows)
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return out
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _settings(self, max_new_tokens: int, temperature: float, extra_stops: frozenset[int] = frozenset()) -> DecodeSettings:
+        return DecodeSettings(
+            mode=self.policy.mode, threshold=self.policy.threshold, confidence=self.policy.confidence,
+            draft_exit=self.draft_exit, draft_len=self.draft_len, max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=self.seed, stop_ids=self.stop_ids | extra_stops,
+        )
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="eetune generate_until"):
+            context, gen_kwargs = request.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1) :]
+            max_new = min(max_new, self.max_length - len(ids))
+            # A stop string that is one token stops the engine itself; the rest are cut below.
+            single = {tuple(self.tok_encode(s)) for s in until}
+            extra = frozenset(t[0] for t in single if len(t) == 1)
+            result = self.engine.generate(ids, self._settings(max_new, temperature, extra))
+            text = self.tok_decode(result.tokens)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            self.exit_counts.update(result.exit_layers)
+            self.decoded_tokens += max(len(result.tokens) - 1, 0)
+            self.decode_s += result.decode_s
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return out
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Goes into lm-eval's results["config"]: the policy and what decoding did."""
+        total = sum(self.exit_counts.values())
+        info: dict[str, Any] = {
+            "eetune_mode": self.policy.mode,
+            "eetune_threshold": self.policy.threshold,
+            "eetune_confidence": self.policy.confidence,
+            "eetune_exit_layers": self.model.exit_layers,
+        }
+        if total:
+            info["eetune_mean_exit_layer"] = sum(layer * n for layer, n in self.exit_counts.items()) / total
+            info["eetune_exit_counts"] = {str(layer): n for layer, n in sorted(self.exit_counts.items())}
+        if self.decode_s > 0:
+            info["eetune_decode_tokens_per_s"] = self.decoded_tokens / self.decode_s
+        return info
+
+
+def _run_model_config(run_dir: Path, dtype: str | None, device: str | None) -> Any:
+    """The run's own model section (what its exits were tuned on), with dtype/device overrides."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise EetuneError(f"{run_dir} has no {CONFIG_FILE}: is it an eetune augment or tune run dir?")
+    model_cfg = OmegaConf.load(path).model
+    if dtype:
+        model_cfg.dtype = dtype
+    # lm-eval's CLI passes --device (default cuda:0) to every model; use it only where it exists.
+    if device and (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
+        model_cfg.device = device
+    return model_cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's own command line, in this process, with the `eetune` model type registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()

@@ -1,0 +1,91 @@
+"""Log-likelihood of text under an exit policy, teacher-forced (multiple choice, lm-eval).
+
+A decoding engine in `early_exit` mode predicts each token from the first exit whose
+confidence reaches the threshold; the deeper layers still run later for that position's KV
+(exactly, EE-LLM style), so every layer's hidden state at every position equals the full
+forward's. The distribution it samples from at position i is therefore the one this module
+picks from a single full forward: the first confident exit's, else the final layer's.
+`self_speculative` is lossless: its distribution is the full model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from eetune.errors import EetuneError
+from eetune.eval.heldout import LayerTokens, sequence_tokens
+from eetune.eval.metrics import chosen, first_exit
+from eetune.exits.model import EarlyExitModel
+from eetune.infer.engine import CONFIDENCES, MODES
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    mode: str = "full"  # full | early_exit | self_speculative
+    threshold: float = 1.0
+    confidence: str = "max_prob"  # max_prob | learned
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise EetuneError(f"unknown decoding mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise EetuneError(f"threshold must be in (0, 1] (1.0 = never exit early), got {self.threshold}")
+        if self.confidence not in CONFIDENCES:
+            raise EetuneError(f"unknown confidence {self.confidence!r}: choose one of {', '.join(CONFIDENCES)}")
+
+    @property
+    def exits_early(self) -> bool:
+        return self.mode == "early_exit" and self.threshold < 1.0
+
+
+def policy_index(layers: dict[int, LayerTokens], exit_layers: Sequence[int], policy: ExitPolicy) -> torch.Tensor:
+    """Exit index per position (len(exit_layers) = the final layer) the policy leaves at."""
+    num_tokens = len(next(iter(layers.values())).top1)
+    if not policy.exits_early or not exit_layers:
+        return torch.full((num_tokens,), len(exit_layers), dtype=torch.long)
+    if policy.confidence == "learned":
+        missing = [layer for layer in exit_layers if layers[layer].learned is None]
+        if missing:
+            raise EetuneError(f"confidence 'learned' needs an estimator on every exit; exit(s) {missing} have none")
+        confidence = torch.stack([layers[layer].learned for layer in exit_layers])
+    else:
+        confidence = torch.stack([layers[layer].max_prob for layer in exit_layers])
+    return first_exit(confidence, policy.threshold)
+
+
+@dataclass
+class Scored:
+    logprob: float  # sum of log p(continuation token) under the policy
+    is_greedy: bool  # every continuation token is the policy's argmax
+    exit_layers: list[int]  # the layer each continuation token was predicted from
+
+
+class PolicyScorer:
+    """Scores continuations of a context with an EarlyExitModel under an ExitPolicy."""
+
+    def __init__(self, model: EarlyExitModel, policy: ExitPolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self.stack = [*model.exit_layers, model.num_layers]  # exit index -> layer
+
+    def layer_tokens(self, context: Sequence[int], continuation: Sequence[int]) -> dict[int, LayerTokens]:
+        """Every layer's view of each continuation token (see eetune.eval.heldout.sequence_tokens)."""
+        if not context or not continuation:
+            raise EetuneError("scoring needs a non-empty context and a non-empty continuation")
+        device = self.model.backbone.tok_embeddings.weight.device
+        ids = torch.tensor([*context, *continuation], device=device)
+        return sequence_tokens(self.model, ids[None, :-1], ids[len(context) :])
+
+    def pick(self, layers: dict[int, LayerTokens], continuation: Sequence[int]) -> Scored:
+        """The policy's log-likelihood of the continuation, from every layer's view of it."""
+        index = policy_index(layers, self.model.exit_layers, self.policy)
+        logprob = chosen(torch.stack([layers[layer].label_logprob for layer in self.stack]), index)
+        top1 = chosen(torch.stack([layers[layer].top1 for layer in self.stack]), index)
+        greedy = top1.tolist() == list(continuation)
+        return Scored(float(logprob.sum()), greedy, [self.stack[i] for i in index.tolist()])
+
+    def score(self, context: Sequence[int], continuation: Sequence[int]) -> Scored:
+        return self.pick(self.layer_tokens(context, continuation), continuation)

@@ -1,0 +1,288 @@
+"""`eetune eval run_dir=<tune run>`: what each exit is worth, the speed/quality curve, a report.
+
+1. Per-exit metrics on the held-out split of the tuning data (teacher-forced): CE, perplexity,
+   agreement with the final layer, calibration, where each threshold would send tokens, the
+   learned estimators' precision/recall, and the oracle bound, costed with measured times.
+2. A sweep of decoding settings through the real engine on the generation tasks' prompts.
+3. Task metrics per setting (ROUGE-L, F1; multiple choice by log-likelihood under the policy).
+4. Calibration of the default threshold into <run_dir>/calibration.json.
+5. report.json, report.md, PNG plots in a fresh output dir; W&B when logger=wandb.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from eetune.data import heldout_batch
+from eetune.errors import EetuneError
+from eetune.eval.calibration import CALIBRATION_FILE, Calibration, Candidate, pick_threshold, write_calibration
+from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
+from eetune.eval.heldout import TokenStats, token_stats
+from eetune.eval.plots import draw_all
+from eetune.eval.report import REPORT_MD, log_wandb, write_report
+from eetune.eval.scoring import ExitPolicy, PolicyScorer
+from eetune.eval.sweep import Prompt, Setting, SweepRow, run_sweep
+from eetune.eval.tasks import Task, load_task
+from eetune.eval.timing import Costs, measure_costs
+from eetune.exits import EarlyExitModel, load_exits, read_manifest
+from eetune.infer.engine import CONFIDENCES, Engine
+from eetune.rundir import new_run_dir
+from eetune.stages.common import load_base
+from eetune.stages.generate import build_prompt_ids, stop_token_ids
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    report: dict[str, Any]
+    plots: dict[str, Path]
+    calibration: Path | None
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """Every value `eval` reads, checked before anything slow runs."""
+    e = cfg.eval
+    if not e.thresholds:
+        raise EetuneError("eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]")
+    for t in e.thresholds:
+        if not 0.0 < t <= 1.0:
+            raise EetuneError(f"eval.thresholds has {t}: every threshold must be in (0, 1] (1.0 = the full model)")
+    for c in e.confidences:
+        if c not in CONFIDENCES:
+            raise EetuneError(f"eval.confidences has {c!r}: choose from {', '.join(CONFIDENCES)}")
+    if not 0.0 < e.target_agreement <= 1.0:
+        raise EetuneError(f"eval.target_agreement={e.target_agreement} must be in (0, 1]")
+    for key in ("max_new_tokens", "ece_bins", "timing_repeats", "draft_len"):
+        if e[key] < 1:
+            raise EetuneError(f"eval.{key}={e[key]} must be >= 1")
+    if e.max_items is not None and e.max_items < 1:
+        raise EetuneError(f"eval.max_items={e.max_items} must be >= 1 (or null for every item)")
+    if not e.tasks:
+        raise EetuneError("eval.tasks is empty: give at least one task (the bundled ones: summarize, qa, mc)")
+    names = [t.name for t in e.tasks]
+    if len(set(names)) != len(names):
+        raise EetuneError(f"eval.tasks names {names} repeat: give each task its own name")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.eval.out_dir:
+        return Path(cfg.eval.out_dir).expanduser()
+    return Path(cfg.run_dir) / f"eval-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    check_eval_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise EetuneError(f"run dir not found: {run_dir}: pass run_dir=<a tune (or augment) run dir>")
+    read_manifest(run_dir)
+    tasks = [load_task(t.name, t.path, t.metric, cfg.eval.max_items) for t in cfg.eval.tasks]
+    if not any(task.is_generation for task in tasks):
+        raise EetuneError("eval.tasks has no generation task (metric rouge_l or f1): the decoding sweep needs prompts")
+    out_dir = output_dir(cfg)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise EetuneError(f"eval output dir {out_dir} already exists and is not empty: choose another eval.out_dir=...")
+
+    base = load_base(cfg.model)
+    model = load_exits(run_dir, base.model, base.fingerprint)
+    if base.tokenizer is None:
+        raise EetuneError(f"model {base.name} has no tokenizer: eval needs one to read tasks")
+    batch = heldout_batch(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
+    batch = batch.to(base.model.tok_embeddings.weight.device)
+    settings = sweep_settings(cfg, model, console)
+    prompts = [
+        Prompt(build_prompt_ids(base.tokenizer, item.prompt, cfg.eval.chat), task.name, i)
+        for task in tasks if task.is_generation for i, item in enumerate(task.items)
+    ]
+    choice_tasks = [task for task in tasks if not task.is_generation]
+    stop_ids = frozenset(stop_token_ids(base.tokenizer))
+
+    progress = Progress(
+        TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        step = progress.add_task("held-out per-exit metrics", total=1)
+        stats = token_stats(model, batch)
+        progress.update(step, advance=1, description="timing one layer step and one head")
+        costs = measure_costs(model, repeats=cfg.eval.timing_repeats)
+        step = progress.add_task("decoding sweep", total=len(prompts) * len(settings))
+        rows = run_sweep(
+            Engine(model), prompts, settings, max_new_tokens=cfg.eval.max_new_tokens, stop_ids=stop_ids,
+            decode=lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+            advance=lambda: progress.advance(step),
+        )
+        step = progress.add_task("multiple-choice tasks", total=sum(len(t.items) for t in choice_tasks))
+        choice_scores = {
+            task.name: choice_accuracy(model, base.tokenizer, task, settings, lambda: progress.advance(step))
+            for task in choice_tasks
+        }
+
+    report = build_report(
+        cfg, model_name=base.name, dtype=str(base.dtype).removeprefix("torch."), model=model, stats=stats,
+        costs=costs, tasks=tasks, rows=rows, choice_scores=choice_scores, heldout_shape=tuple(batch.shape),
+        prompts=prompts,
+    )
+    calibrations = calibrations_from_sweep(cfg, rows) if cfg.eval.calibrate else []
+    if calibrations:
+        report["calibration"] = {
+            "path": str(run_dir / CALIBRATION_FILE), "target_agreement": cfg.eval.target_agreement,
+            "thresholds": {c.confidence: asdict(c) for c in calibrations},
+        }
+    report["elapsed_s"] = time.perf_counter() - started
+    with new_run_dir(out_dir) as staging:
+        plots = draw_all(report, staging)
+        write_report(staging, report, plots)
+        if cfg.logger.kind == "wandb":
+            named = OmegaConf.merge(cfg, {"logger": {"name": cfg.logger.name or out_dir.name}})
+            log_wandb(staging, named, report, plots)
+    plots = {key: out_dir / path.name for key, path in plots.items()}
+    # Recorded once the report exists: a failed eval leaves the previous calibration in place.
+    calibration = write_calibration(run_dir, calibrations, calibration_source(cfg, prompts)) if calibrations else None
+    print_summary(console, report, out_dir, plots, calibration)
+    return EvalResult(out_dir, report, plots, calibration)
+
+
+def sweep_settings(cfg: DictConfig, model: EarlyExitModel, console: Console) -> list[Setting]:
+    """full first, then each confidence policy at each threshold below 1.0, then self-speculative."""
+    e = cfg.eval
+    settings = [Setting("full")]
+    has_estimators = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
+    for confidence in dict.fromkeys(e.confidences):
+        if confidence == "learned" and not has_estimators:
+            console.print("[dim]eval: skipping confidence 'learned': these exits have no estimators "
+                          "(tune with exits.confidence=linear|mlp)[/]")
+            continue
+        for t in sorted({float(t) for t in e.thresholds if t < 1.0}, reverse=True):
+            settings.append(Setting("early_exit", t, confidence))
+    if e.self_speculative:
+        if e.draft_exit is not None and e.draft_exit not in model.exit_layers:
+            raise EetuneError(f"eval.draft_exit={e.draft_exit} is not an exit of this run; exits are at {model.exit_layers}")
+        settings.append(Setting("self_speculative", draft_exit=e.draft_exit, draft_len=e.draft_len))
+    return settings
+
+
+def choice_accuracy(
+    model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance: Callable[[], None]
+) -> dict[str, float]:
+    """Exact match per setting: the choice with the highest log-likelihood under the setting's exit policy.
+
+    Every layer's view of a choice is computed once (one forward); each setting only picks among them.
+    """
+    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence)) for s in settings}
+    views_of = next(iter(scorers.values()))
+    correct = dict.fromkeys(scorers, 0)
+    for item in task.items:
+        context = tokenizer.encode(item.context, add_special_tokens=True)
+        # Encode the whole text, then split: the tokens a choice adds after its context.
+        continuations = [
+            tokenizer.encode(item.context + item.continuation(i), add_special_tokens=True)[len(context) :]
+            for i in range(len(item.choices))
+        ]
+        views = [views_of.layer_tokens(context, continuation) for continuation in continuations]
+        for name, scorer in scorers.items():
+            scores = [scorer.pick(v, c).logprob for v, c in zip(views, continuations)]
+            correct[name] += int(scores.index(max(scores)) == item.answer)
+        advance()
+    return {name: n / len(task.items) for name, n in correct.items()}
+
+
+def build_report(
+    cfg: DictConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
+    tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]],
+    heldout_shape: tuple[int, ...], prompts: list[Prompt],
+) -> dict[str, Any]:
+    """Everything measured, as report.json holds it."""
+    thresholds = [float(t) for t in cfg.eval.thresholds]
+    policies = policy_metrics(stats, costs, thresholds, list(dict.fromkeys(cfg.eval.confidences)))
+    sweep = []
+    for row in rows:
+        entry = row.summary()
+        scores = {}
+        for task in tasks:
+            if task.is_generation:
+                pairs = [(o, p) for o, p in zip(row.outputs, prompts) if p.task == task.name]
+                scores[task.name] = sum(task.score_generation(o.text, task.items[p.index]) for o, p in pairs) / len(pairs)
+            else:
+                scores[task.name] = choice_scores[task.name][row.setting.name]
+        entry["task_scores"] = scores
+        entry["outputs"] = [{"task": p.task, "item": p.index, "text": o.text} for o, p in zip(row.outputs, prompts)]
+        sweep.append(entry)
+    target = cfg.eval.target_agreement
+    eligible = [p["speedup"] for p in policies["policies"] if p["confidence"] == "max_prob" and p["agreement"] >= target]
+    return {
+        "title": f"eetune eval: {Path(cfg.run_dir).name}",
+        "run_dir": str(cfg.run_dir),
+        "model": {"name": model_name, "dtype": dtype},
+        "exit_layers": model.exit_layers,
+        "num_layers": model.num_layers,
+        "heldout": {"sequences": heldout_shape[0], "seq_len": heldout_shape[1], "tokens": stats.num_tokens},
+        "per_exit": per_exit_metrics(stats, cfg.eval.ece_bins),
+        **policies,
+        "best_policy_speedup": max(eligible, default=None),
+        "target_agreement": target,
+        "estimator": estimator_metrics(stats, thresholds),
+        "costs": {**asdict(costs), "exit_s": {str(k): v for k, v in costs.exit_s.items()},
+                  "estimator_s": {str(k): v for k, v in costs.estimator_s.items()}},
+        "sweep_info": {"prompts": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "chat": cfg.eval.chat},
+        "sweep": sweep,
+        "tasks": [{"name": t.name, "metric": t.metric, "items": len(t.items), "path": str(t.path)} for t in tasks],
+    }
+
+
+def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calibration]:
+    """Per confidence policy swept, the fastest threshold meeting eval.target_agreement."""
+    out = []
+    for confidence in dict.fromkeys(cfg.eval.confidences):
+        candidates = [
+            Candidate(r.setting.threshold, r.token_agreement, r.speedup)
+            for r in rows if r.setting.mode == "early_exit" and r.setting.confidence == confidence
+        ]
+        if candidates:
+            out.append(pick_threshold(confidence, candidates, cfg.eval.target_agreement))
+    return out
+
+
+def calibration_source(cfg: DictConfig, prompts: list[Prompt]) -> dict[str, Any]:
+    """What the calibration was measured on."""
+    return {
+        "prompts": len(prompts), "tasks": sorted({p.task for p in prompts}), "max_new_tokens": cfg.eval.max_new_tokens,
+        "chat": cfg.eval.chat, "model": cfg.model.name, "dtype": cfg.model.dtype,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def print_summary(console: Console, report: dict[str, Any], out_dir: Path, plots: dict[str, Path], calibration: Path | None) -> None:
+    # A compact table that fits 80 columns; report.md has the full one.
+    tasks = [t["name"] for t in report["tasks"]]
+    table = Table(title=f"decoding sweep ({report['sweep_info']['prompts']} prompts, batch 1, greedy)",
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for i, column in enumerate(["setting", "tok/s", "speed", "layers", "agree", "R-L", *tasks, "acc"]):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in report["sweep"]:
+        accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
+        table.add_row(
+            r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['mean_layers']:.1f}",
+            f"{r['token_agreement']:.0%}", f"{r['rouge_l_vs_full']:.2f}",
+            *(f"{r['task_scores'][name]:.2f}" for name in tasks), accept,
+        )
+    console.print(table)
+    console.print(f"oracle bound (perfect policy, 100% agreement): {report['oracle']['speedup']:.2f}x by the cost model")
+    if calibration is not None:
+        for confidence, c in report["calibration"]["thresholds"].items():
+            console.print(f"calibrated {confidence} threshold: {c['threshold']:g} "
+                          f"(agreement {c['agreement']:.1%}, {c['speedup']:.2f}x) -> {calibration}")
+    console.print(f"report: [bold]{out_dir / REPORT_MD}[/] (+ report.json); plots: " + ", ".join(str(p) for p in plots.values()))

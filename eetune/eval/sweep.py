@@ -1,0 +1,155 @@
+"""The threshold sweep: every decoding setting through the real engine, side by side.
+
+Each prompt is decoded under every setting before the next prompt starts, so slow drift in
+the machine's load spreads over all settings instead of biasing whichever ran last. Quality
+is measured against the full model's greedy output for the same prompt.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eetune.eval.text_metrics import rouge_l, token_agreement
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One decoding configuration of the sweep."""
+
+    mode: str  # full | early_exit | self_speculative
+    threshold: float = 1.0
+    confidence: str = "max_prob"
+    draft_exit: int | None = None
+    draft_len: int = 4
+
+    @property
+    def name(self) -> str:
+        if self.mode == "early_exit":
+            return f"{self.confidence}@{self.threshold:g}"
+        if self.mode == "self_speculative":
+            return f"self_speculative(k={self.draft_len})"
+        return "full"
+
+    def decode_settings(self, max_new_tokens: int, stop_ids: frozenset[int]) -> DecodeSettings:
+        return DecodeSettings(
+            mode=self.mode,
+            threshold=self.threshold,
+            confidence=self.confidence,
+            draft_exit=self.draft_exit,
+            draft_len=self.draft_len,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            stop_ids=stop_ids,
+        )
+
+
+@dataclass
+class Prompt:
+    """A generation prompt: its token ids and where it came from (task name, item index)."""
+
+    ids: list[int]
+    task: str
+    index: int
+
+
+@dataclass
+class Output:
+    result: DecodeResult
+    text: str
+    head_calls: int  # rows put through a vocabulary head (exits and final) while decoding it
+
+
+@dataclass
+class SweepRow:
+    setting: Setting
+    outputs: list[Output] = field(default_factory=list)
+    # filled by `summarise`:
+    tokens_per_s: float = 0.0
+    speedup: float = 1.0
+    mean_layers: float = 0.0
+    head_calls_per_token: float = 0.0
+    token_agreement: float = 1.0
+    rouge_l_vs_full: float = 1.0
+    acceptance_rate: float | None = None
+    exit_counts: dict[int, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "setting": self.setting.name,
+            "mode": self.setting.mode,
+            "threshold": self.setting.threshold,
+            "confidence": self.setting.confidence if self.setting.mode == "early_exit" else None,
+            "tokens_per_s": self.tokens_per_s,
+            "speedup": self.speedup,
+            "mean_layers": self.mean_layers,
+            "head_calls_per_token": self.head_calls_per_token,
+            "token_agreement": self.token_agreement,
+            "rouge_l_vs_full": self.rouge_l_vs_full,
+            "acceptance_rate": self.acceptance_rate,
+            "exit_counts": {str(layer): n for layer, n in sorted(self.exit_counts.items())},
+            "tokens": sum(len(o.result.tokens) for o in self.outputs),
+        }
+
+
+def run_sweep(
+    engine: Engine,
+    prompts: Sequence[Prompt],
+    settings: Sequence[Setting],
+    *,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    decode: Callable[[list[int]], str],
+    advance: Callable[[], None] | None = None,
+) -> list[SweepRow]:
+    """Decode every prompt under every setting (settings[0] must be `full`); `advance` ticks a progress bar."""
+    if not settings or settings[0].mode != "full":
+        raise ValueError("the first setting of a sweep must be the full model (the reference)")
+    rows = [SweepRow(setting) for setting in settings]
+    # Warm up allocator and kernels so the first timed setting is not penalised.
+    if prompts:
+        for setting in {settings[0], settings[-1]}:
+            engine.generate(prompts[0].ids, setting.decode_settings(min(4, max_new_tokens), stop_ids))
+    for prompt in prompts:
+        for row in rows:
+            before = sum(engine.head_calls.values())
+            result = engine.generate(prompt.ids, row.setting.decode_settings(max_new_tokens, stop_ids))
+            calls = sum(engine.head_calls.values()) - before
+            row.outputs.append(Output(result, decode(result.tokens), calls))
+            if advance is not None:
+                advance()
+    for row in rows:
+        summarise(row, rows[0])
+    return rows
+
+
+def summarise(row: SweepRow, full: SweepRow) -> None:
+    """Speed, depth and agreement with the full model's outputs (prompt by prompt)."""
+    results = [o.result for o in row.outputs]
+    decoded = sum(max(len(r.tokens) - 1, 0) for r in results)
+    decode_s = sum(r.decode_s for r in results)
+    row.tokens_per_s = decoded / decode_s if decode_s > 0 else 0.0
+    exit_layers = [layer for r in results for layer in r.exit_layers]
+    n_tokens = max(len(exit_layers), 1)
+    # Layer calls, as the engine counts them, summed over prompts: per-token mean, token-weighted.
+    row.mean_layers = sum(r.mean_layers * len(r.tokens) for r in results) / n_tokens
+    row.head_calls_per_token = sum(o.head_calls for o in row.outputs) / n_tokens
+    row.exit_counts = dict(Counter(exit_layers))
+    pairs = list(zip(row.outputs, full.outputs))
+    if pairs:
+        row.token_agreement = sum(token_agreement(o.result.tokens, f.result.tokens) for o, f in pairs) / len(pairs)
+        row.rouge_l_vs_full = sum(_rouge_or_match(o.text, f.text) for o, f in pairs) / len(pairs)
+    drafted = sum(r.draft_tokens for r in results)
+    row.acceptance_rate = sum(r.accepted_tokens for r in results) / drafted if drafted else None
+    if row is not full:
+        row.speedup = row.tokens_per_s / full.tokens_per_s if full.tokens_per_s > 0 else 0.0
+
+
+def _rouge_or_match(text: str, reference: str) -> float:
+    """ROUGE-L, except that two outputs without a single word compare by equality."""
+    if not any(ch.isalnum() for ch in text + reference):
+        return float(text == reference)
+    return rouge_l(text, reference)

@@ -1,0 +1,119 @@
+"""The decode-time cost model: measured seconds of one layer step and one head at batch 1.
+
+Measured once per evaluation with the engine's own pieces (`Generator.run_layers` over a
+KV cache, the exit modules, `F.linear` with the exit's head weight + the max-probability the
+engine computes), then used to cost what a policy does per token: the layers it runs, the
+exit modules and heads it evaluates on the way, and the head of the layer it leaves at.
+
+Skipped layers still owe KV entries; the engine runs them later in the same call as the
+next token (one call over several positions), so, like `DecodeResult.mean_layers`, a layer
+call is counted once per token that starts it, not once per position.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from eetune.exits.model import EarlyExitModel
+from eetune.infer.generate import Generator
+
+POLICIES = ("full", "max_prob", "learned", "oracle")
+
+
+@dataclass
+class Costs:
+    """Seconds per call at batch 1 (one token)."""
+
+    layer_s: float  # one decoder layer with a KV cache of `context` positions
+    head_s: float  # an exit's vocabulary head + max probability
+    final_s: float  # final norm + LM head
+    exit_s: dict[int, float]  # each exit's module (norm / MLP / block) on one token
+    estimator_s: dict[int, float]  # each exit's learned confidence estimator, where it has one
+    context: int  # cached positions the layer step attended to
+
+    def full_token(self, num_layers: int) -> float:
+        return num_layers * self.layer_s + self.final_s
+
+    def index_costs(self, exit_layers: Sequence[int], num_layers: int, policy: str) -> list[float]:
+        """Cost of one token that leaves at exit index k = 0..E (E: the final layer), per policy.
+
+        full checks nothing (threshold 1.0: the engine runs the plain model); max_prob checks every exit up to the one it leaves at with a head; learned checks
+        them with the estimator and runs a head only where it leaves; oracle knows where
+        to leave and evaluates that exit alone.
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}")
+        costs = []
+        for k in range(len(exit_layers) + 1):
+            depth = exit_layers[k] if k < len(exit_layers) else num_layers
+            checked = exit_layers[: k + 1]
+            if policy == "full":
+                checks = 0.0
+            elif policy == "max_prob":
+                checks = sum(self.exit_s[layer] + self.head_s for layer in checked)
+            elif policy == "learned":
+                checks = sum(self.exit_s[layer] + self.estimator_s.get(layer, 0.0) for layer in checked)
+                checks += self.head_s if k < len(exit_layers) else 0.0
+            else:
+                checks = self.exit_s[exit_layers[k]] + self.head_s if k < len(exit_layers) else 0.0
+            costs.append(depth * self.layer_s + checks + (self.final_s if k == len(exit_layers) else 0.0))
+        return costs
+
+    def speedup(self, fractions: Sequence[float], exit_layers: Sequence[int], num_layers: int, policy: str) -> float:
+        """Full-model cost per token over the policy's mean cost per token, given exit fractions."""
+        per_index = self.index_costs(exit_layers, num_layers, policy)
+        mean = sum(f * c for f, c in zip(fractions, per_index))
+        return self.full_token(num_layers) / mean
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_costs(model: EarlyExitModel, *, context: int = 64, repeats: int = 30) -> Costs:
+    """Median time of each piece over `repeats` calls, after a short warmup."""
+    backbone = model.backbone
+    device = backbone.tok_embeddings.weight.device
+    vocab = backbone.tok_embeddings.num_embeddings
+    gen = Generator(backbone, max_seq_len=context + 1)
+    gen.prefill(torch.arange(context, device=device) % vocab)
+    span = gen.span(context, 1)
+    token = torch.ones(1, 1, dtype=torch.long, device=device)
+    h = gen.embed(token)
+    n = gen.num_layers
+    layer_s = _median_seconds(lambda: gen.run_layers(h, 0, n, span), repeats) / n
+    h = gen.run_layers(h, 0, n, span)[:, -1]
+
+    def head(weight: torch.Tensor) -> Callable[[], object]:
+        def run() -> object:
+            logits = F.linear(h, weight).float()
+            return (logits.amax(-1) - logits.logsumexp(-1)).exp()
+
+        return run
+
+    exit_s, estimator_s = {}, {}
+    for layer in model.exit_layers:
+        module = model.exit(layer)
+        exit_s[layer] = _median_seconds(lambda m=module: m(h[:, None]), repeats)
+        if module.confidence is not None:
+            estimator_s[layer] = _median_seconds(lambda m=module: m.confidence(h), repeats)
+    head_weights = {model.head_weight(layer).data_ptr(): model.head_weight(layer) for layer in model.exit_layers}
+    head_s = (
+        statistics.mean(_median_seconds(head(w), repeats) for w in head_weights.values()) if head_weights else 0.0
+    )
+    final_s = _median_seconds(lambda: gen.final_logits(h), repeats)
+    return Costs(layer_s, head_s, final_s, exit_s, estimator_s, context)

@@ -1,0 +1,528 @@
+"""`eetune eval`: metrics against hand-computed values, the teacher-forced policy against the
+engine, tasks, calibration, the stage end to end on a tiny model, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eetune.cli import main
+from eetune.config import compose_config, list_recipes
+from eetune.errors import EetuneError
+from eetune.eval import stage
+from eetune.eval.calibration import (
+    CALIBRATION_FILE,
+    Candidate,
+    load_calibrated_threshold,
+    pick_threshold,
+    write_calibration,
+)
+from eetune.eval.heldout import heldout_quality, token_stats
+from eetune.eval.metrics import (
+    exit_fractions,
+    expected_calibration_error,
+    first_exit,
+    oracle_exit,
+    precision_recall,
+    reliability,
+)
+from eetune.eval.scoring import ExitPolicy, PolicyScorer
+from eetune.eval.tasks import bundled_tasks, load_task
+from eetune.eval.text_metrics import rouge_l, token_agreement, token_f1
+from eetune.eval.timing import Costs
+from eetune.exits import load_exits
+from eetune.infer.engine import DecodeSettings, Engine
+from eetune.models import get_model_entry, load_base_model
+from eetune.models.checkpoint import save_hf_checkpoint
+from eetune.models.tiny import build_tiny_tokenizer, random_decoder, tiny_hf_config
+from eetune.stages import generate
+from eetune.train import loop
+
+# --- pure metrics, against hand-computed values ------------------------------------------------
+
+
+def test_first_exit_oracle_and_fractions_match_hand_computed_values():
+    # 2 exits x 4 tokens.
+    confidence = torch.tensor([[0.9, 0.2, 0.5, 0.1], [0.95, 0.7, 0.85, 0.3]])
+    assert first_exit(confidence, 0.8).tolist() == [0, 2, 1, 2]
+    assert first_exit(confidence, 0.5).tolist() == [0, 1, 0, 2]
+    assert first_exit(confidence, 1.0).tolist() == [2, 2, 2, 2]  # 1.0 never exits, like the engine
+    assert exit_fractions(torch.tensor([0, 2, 1, 2]), 2) == [0.25, 0.25, 0.5]
+    agrees = torch.tensor([[False, True, False], [True, True, False]])
+    assert oracle_exit(agrees).tolist() == [1, 0, 2]
+
+
+def test_reliability_bins_and_ece_match_hand_computed_values():
+    confidence = torch.tensor([0.1, 0.15, 0.85, 0.95, 1.0])
+    correct = torch.tensor([False, True, True, True, False])
+    bins = reliability(confidence, correct, 2)
+    assert [b.count for b in bins] == [2, 3]  # 1.0 falls in the last bin
+    assert bins[0].confidence == pytest.approx(0.125) and bins[0].accuracy == pytest.approx(0.5)
+    assert bins[1].confidence == pytest.approx(0.9333333) and bins[1].accuracy == pytest.approx(2 / 3)
+    # 2/5 * |0.5 - 0.125| + 3/5 * |2/3 - 0.9333|
+    assert expected_calibration_error(bins) == pytest.approx(0.4 * 0.375 + 0.6 * 0.2666667, abs=1e-6)
+    empty = reliability(torch.tensor([0.05]), torch.tensor([True]), 4)
+    assert [b.count for b in empty] == [1, 0, 0, 0] and empty[1].accuracy is None
+
+
+def test_precision_recall_match_hand_computed_values():
+    predicted = torch.tensor([True, True, False, True, False])
+    actual = torch.tensor([True, False, False, True, True])
+    pr = precision_recall(predicted, actual)
+    assert (pr.precision, pr.recall, pr.predicted, pr.actual) == (2 / 3, 2 / 3, 3, 3)
+    none = precision_recall(torch.zeros(3, dtype=torch.bool), torch.tensor([True, False, False]))
+    assert none.precision is None and none.recall == 0.0
+
+
+def test_cost_model_matches_hand_computed_values():
+    # Exits at 1 and 2 of 4 layers; a layer 1 s, a head 2 s, the final head 3 s, exit modules 0.5 s.
+    costs = Costs(1.0, 2.0, 3.0, {1: 0.5, 2: 0.5}, {1: 0.1, 2: 0.1}, context=8)
+    assert costs.full_token(4) == 7.0
+    assert costs.index_costs([1, 2], 4, "max_prob") == pytest.approx([3.5, 7.0, 12.0])
+    assert costs.index_costs([1, 2], 4, "learned") == pytest.approx([3.6, 5.2, 8.2])
+    assert costs.index_costs([1, 2], 4, "oracle") == pytest.approx([3.5, 4.5, 7.0])
+    assert costs.index_costs([1, 2], 4, "full") == pytest.approx([1.0, 2.0, 7.0])
+    # Half the tokens at exit 1, half through every layer: (3.5 + 12) / 2 per token vs 7.
+    assert costs.speedup([0.5, 0.0, 0.5], [1, 2], 4, "max_prob") == pytest.approx(7 / 7.75)
+    assert costs.speedup([0.5, 0.0, 0.5], [1, 2], 4, "oracle") == pytest.approx(7 / 5.25)
+
+
+def test_text_metrics_match_hand_computed_values():
+    # LCS 3 of 3 predicted and 6 reference words: P 1, R 0.5, F 2/3.
+    assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    assert rouge_l("the cat sat", ["dogs bark", "the cat sat"]) == pytest.approx(1.0)
+    assert token_f1("The Cat!", "cat") == 1.0  # articles and punctuation are dropped
+    assert token_f1("a big dog", "the dog barked") == pytest.approx(0.5)
+    assert token_f1("nothing", ["dog", "nothing at all"]) == pytest.approx(0.5)
+    assert token_agreement([1, 2, 3], [1, 5, 3, 4]) == 0.5
+    assert token_agreement([], []) == 1.0
+
+
+def test_sweep_summary_matches_hand_computed_values():
+    from eetune.eval.sweep import Output, Setting, SweepRow, summarise
+    from eetune.infer.engine import DecodeResult
+
+    def output(tokens, exits, decode_s, text, calls, drafted=0, accepted=0):
+        mean = sum(exits) / len(exits)
+        return Output(DecodeResult(tokens, exits, 5, 0.1, decode_s, 0.0, mean, drafted, accepted), text, calls)
+
+    full = SweepRow(Setting("full"), [output([1, 2, 3, 4], [4] * 4, 1.5, "a b c", 4),
+                                      output([5, 6], [4, 4], 0.5, "d", 2)])
+    early = SweepRow(Setting("early_exit", 0.5), [output([1, 2, 9, 9], [1, 4, 2, 4], 0.5, "a b x", 7),
+                                                  output([5, 6], [1, 1], 0.5, "d", 2)])
+    summarise(full, full)
+    summarise(early, full)
+    assert full.tokens_per_s == pytest.approx(4 / 2.0)  # (3 + 1) decoded tokens over 1.5 + 0.5 s
+    assert early.tokens_per_s == pytest.approx(4 / 1.0) and early.speedup == pytest.approx(2.0)
+    assert early.mean_layers == pytest.approx((1 + 4 + 2 + 4 + 1 + 1) / 6)
+    assert early.head_calls_per_token == pytest.approx(9 / 6)
+    assert early.exit_counts == {1: 3, 4: 2, 2: 1}
+    assert early.token_agreement == pytest.approx((2 / 4 + 1) / 2)
+    assert early.rouge_l_vs_full == pytest.approx((2 / 3 + 1) / 2)  # "a b x" vs "a b c": LCS 2 of 3
+    spec = SweepRow(Setting("self_speculative"), [output([1, 2, 3, 4], [3, 3, 4, 4], 1.0, "a b c", 4, 6, 3)])
+    summarise(spec, SweepRow(Setting("full"), full.outputs[:1]))
+    assert spec.acceptance_rate == 0.5 and spec.token_agreement == 1.0
+
+
+# --- a tiny model with soft predictions, and exits tuned on it ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def soft_tiny(tmp_path_factory) -> Path:
+    """A 4-layer tiny SmolLM2 whose tied embeddings are small, so its distributions are soft
+    (the default tiny model is near one-hot everywhere, which makes every policy trivial)."""
+    entry = get_model_entry("smollm2_135m")
+    config = tiny_hf_config(entry, num_hidden_layers=4, rope_theta=100_000.0, rope_scaling=None,
+                            tie_word_embeddings=True, max_position_embeddings=2048)
+    model = random_decoder(entry, config, seed=0)
+    with torch.no_grad():
+        model.tok_embeddings.weight.normal_(0.0, 0.15, generator=torch.Generator().manual_seed(0))
+    return save_hf_checkpoint(model, entry, config, tmp_path_factory.mktemp("soft") / "ckpt",
+                              tokenizer=build_tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(topics["assignment"][:6000])
+    return path
+
+
+def data_overrides(corpus: Path) -> list[str]:
+    return ["data=text", f"data.path={corpus}", "data.seq_len=64", "data.heldout_sequences=2"]
+
+
+@pytest.fixture(scope="module")
+def tuned_run(soft_tiny, corpus, tmp_path_factory) -> Path:
+    """Exits at 1/2/3 with linear confidence estimators, tuned 12 steps toward the final layer."""
+    run_dir = tmp_path_factory.mktemp("tuned") / "run"
+    loop.run(compose_config("tune", [
+        f"model.checkpoint_dir={soft_tiny}", f"run_dir={run_dir}", *data_overrides(corpus), "exits.layers=[1,2,3]",
+        "exits.confidence=linear", "loss.ce_target=teacher", "optim.lr=1e-2", "train.steps=12",
+        "train.checkpoint_every=0",
+    ]))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def base(soft_tiny):
+    return load_base_model("smollm2_135m", checkpoint_dir=soft_tiny)
+
+
+@pytest.fixture(scope="module")
+def model(base, tuned_run):
+    return load_exits(tuned_run, base.model, base.fingerprint)
+
+
+def test_token_stats_agree_with_the_model_forward(model, base):
+    batch = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    stats = token_stats(model, batch)
+    with torch.no_grad():
+        for layer in (1, 2, 3, 4):
+            logits = torch.cat([model(seq[None, :-1], include_final=True)[layer][0] for seq in batch])
+            targets = batch[:, 1:].reshape(-1)
+            view = stats.layers[layer]
+            torch.testing.assert_close(view.label_logprob, -F.cross_entropy(logits, targets, reduction="none"))
+            assert torch.equal(view.top1, logits.argmax(-1))
+            torch.testing.assert_close(view.max_prob, logits.softmax(-1).amax(-1))
+            if layer < 4:
+                hidden = torch.cat([model.exit_hidden(layer, model.hidden_states(s[None, :-1], [layer])[layer])[0]
+                                    for s in batch])
+                torch.testing.assert_close(view.learned, torch.sigmoid(model.exit(layer).confidence(hidden)))
+    quality = heldout_quality(model, batch)
+    assert quality[4].agreement == 1.0
+    assert quality[2].cross_entropy == pytest.approx(float(-stats.layers[2].label_logprob.mean()))
+
+
+@pytest.mark.parametrize("confidence", ["max_prob", "learned"])
+def test_teacher_forced_policy_picks_the_layers_and_tokens_the_engine_decodes(model, base, confidence):
+    """The scorer's per-token exit choice is the engine's, token for token (sampled, so tokens vary)."""
+    prompt = base.tokenizer.encode("The assignment statement binds names", add_special_tokens=False)
+    engine = Engine(model)
+    seen: set[int] = set()
+    for threshold in (0.5, 0.3, 0.15):
+        settings = DecodeSettings(mode="early_exit", threshold=threshold, confidence=confidence, max_new_tokens=40,
+                                  temperature=1.0, seed=3)
+        result = engine.generate(prompt, settings)
+        scored = PolicyScorer(model, ExitPolicy("early_exit", threshold, confidence)).score(prompt, result.tokens)
+        assert scored.exit_layers == result.exit_layers
+        seen |= set(result.exit_layers)
+        greedy = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=threshold, confidence=confidence,
+                                                        max_new_tokens=12))
+        again = PolicyScorer(model, ExitPolicy("early_exit", threshold, confidence)).score(prompt, greedy.tokens)
+        assert again.is_greedy and again.exit_layers == greedy.exit_layers
+    assert len(seen) >= 3, f"the thresholds should send tokens to several layers, saw {sorted(seen)}"
+
+
+def test_full_policy_log_likelihood_is_the_final_layers(model):
+    context, continuation = [5, 17, 99, 42], [7, 8, 200]
+    scored = PolicyScorer(model, ExitPolicy("full")).score(context, continuation)
+    with torch.no_grad():
+        logits = model.final_logits(model.hidden_states(torch.tensor([context + continuation[:-1]]), [4])[4])[0]
+    expected = sum(float(logits[len(context) - 1 + i].log_softmax(-1)[t]) for i, t in enumerate(continuation))
+    assert scored.logprob == pytest.approx(expected, abs=1e-4)
+    assert scored.exit_layers == [4, 4, 4]
+    # self_speculative is lossless: the same distribution as the full model.
+    spec = PolicyScorer(model, ExitPolicy("self_speculative")).score(context, continuation)
+    assert spec.logprob == pytest.approx(scored.logprob)
+
+
+# --- tasks ---------------------------------------------------------------------------------------
+
+
+def test_bundled_tasks_load():
+    assert bundled_tasks() == ["mc", "qa", "summarize"]
+    assert len(load_task("summarize", None, "rouge_l").items) == 10
+    assert len(load_task("qa", None, "f1").items) == 10
+    mc = load_task("mc", None, "exact_match")
+    assert len(mc.items) == 12 and mc.items[0].choices[mc.items[0].answer] == "Paris"
+    assert len(load_task("qa", None, "f1", max_items=3).items) == 3
+
+
+@pytest.mark.parametrize(
+    "lines, metric, message",
+    [
+        (['{"prompt": "a", "reference": "b"}', "", "{not json"], "rouge_l", r"bad.jsonl:3: not valid JSON"),
+        (['{"prompt": "a", "reference": "b"}', '{"prompt": "a"}'], "f1", r"bad.jsonl:2: .*'reference'"),
+        (['{"prompt": "", "reference": "b"}'], "f1", r"bad.jsonl:1: .*non-empty string 'prompt'"),
+        (['["a"]'], "f1", r"bad.jsonl:1: expected a JSON object"),
+        (['{"question": "q", "choices": ["a", "b"], "answer": 2}'], "exact_match", r"bad.jsonl:1: 'answer' must"),
+        (['{"question": "q", "choices": ["a"], "answer": 0}'], "exact_match", r"bad.jsonl:1: .*at least 2"),
+        (['{"question": "q", "choices": ["a", "b"], "answer": "c"}'], "exact_match", r"bad.jsonl:1: 'answer' 'c'"),
+        ([""], "rouge_l", "holds no items"),
+    ],
+)
+def test_malformed_task_lines_fail_with_their_line_number(tmp_path, lines, metric, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EetuneError, match=message):
+        load_task("bad", str(path), metric)
+
+
+def test_task_file_errors_name_the_file(tmp_path):
+    with pytest.raises(EetuneError, match="task file not found: .*nope.jsonl"):
+        load_task("x", str(tmp_path / "nope.jsonl"), "f1")
+    with pytest.raises(EetuneError, match="not a bundled task"):
+        load_task("cnn", None, "rouge_l")
+    with pytest.raises(EetuneError, match="metric 'bleu'"):
+        load_task("qa", None, "bleu")
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+
+def test_pick_threshold_is_the_fastest_meeting_the_target():
+    candidates = [Candidate(0.9, 0.995, 1.2), Candidate(0.8, 0.985, 1.5), Candidate(0.6, 0.90, 2.0)]
+    assert pick_threshold("max_prob", candidates, 0.98).threshold == 0.8
+    assert pick_threshold("max_prob", candidates, 0.99).threshold == 0.9
+    # Nothing below 1.0 qualifies: the full model.
+    none = pick_threshold("max_prob", candidates, 0.999)
+    assert (none.threshold, none.agreement, none.speedup) == (1.0, 1.0, 1.0)
+    # Slower than the full model is never "fastest"; equal speed goes to the higher threshold.
+    slow = pick_threshold("max_prob", [Candidate(0.8, 1.0, 0.9)], 0.98)
+    assert slow.threshold == 1.0
+    tie = pick_threshold("max_prob", [Candidate(0.8, 1.0, 1.3), Candidate(0.6, 1.0, 1.3)], 0.98)
+    assert tie.threshold == 0.8
+
+
+def test_calibration_round_trip_and_staleness(tuned_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tuned_run, run_dir)
+    assert load_calibrated_threshold(run_dir) is None
+    cal = pick_threshold("max_prob", [Candidate(0.6, 0.99, 1.4)], 0.98)
+    write_calibration(run_dir, [cal], {"prompts": 3})
+    assert load_calibrated_threshold(run_dir) == 0.6
+    assert load_calibrated_threshold(run_dir, "learned") is None
+    # Other exits (re-tuned weights) make the calibration stale.
+    (run_dir / "exits.safetensors").write_bytes((run_dir / "exits.safetensors").read_bytes() + b" ")
+    assert load_calibrated_threshold(run_dir) is None
+    (run_dir / CALIBRATION_FILE).write_text("{oops")
+    with pytest.raises(EetuneError, match="calibration.json is not valid JSON"):
+        load_calibrated_threshold(run_dir)
+
+
+def test_generate_defaults_to_the_calibrated_threshold(tuned_run, base, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tuned_run, run_dir)
+    used: list[float] = []
+    original = Engine.generate
+
+    def spy(self, prompt_ids, settings, on_token=None):
+        used.append(settings.threshold)
+        return original(self, prompt_ids, settings, on_token)
+
+    monkeypatch.setattr(generate, "load_base", lambda model_cfg: base)
+    monkeypatch.setattr(Engine, "generate", spy)
+
+    def run(*overrides):
+        cfg = compose_config("generate", ["generate.mode=early_exit", f"generate.run_dir={run_dir}",
+                                          "generate.max_new_tokens=3", "generate.chat=false", *overrides])
+        cfg.generate.prompt = "x = 1"
+        generate.run(cfg, out=open(tmp_path / "out.txt", "w"))
+
+    run()
+    write_calibration(run_dir, [pick_threshold("max_prob", [Candidate(0.35, 1.0, 1.5)], 0.98)], {})
+    run()
+    run("generate.threshold=0.9")
+    assert used == [generate.DEFAULT_THRESHOLD, 0.35, 0.9]
+
+
+def test_a_tune_run_saved_without_the_eval_section_still_resumes(soft_tiny, corpus, tmp_path):
+    """Older run dirs have no `eval` section and generate.threshold 0.8: neither affects tuning."""
+    import yaml
+
+    overrides = [f"model.checkpoint_dir={soft_tiny}", f"run_dir={tmp_path / 'run'}", *data_overrides(corpus),
+                 "exits.layers=[1,2]", "train.steps=2", "train.checkpoint_every=1"]
+    loop.run(compose_config("tune", [*overrides, "train.steps=1"]))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["eval"]
+    saved["generate"]["threshold"] = 0.8
+    saved["train"]["steps"] = 2
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert loop.run(compose_config("tune", [*overrides, "resume=true"])).steps == 2
+
+
+# --- the stage end to end ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(soft_tiny, corpus, tuned_run, tmp_path_factory):
+    """One eval run of the tiny model (with W&B offline), on a copy of the tuned run dir."""
+    root = tmp_path_factory.mktemp("eval")
+    run_dir = root / "run"
+    shutil.copytree(tuned_run, run_dir)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_SILENT", "true")
+    cfg = compose_config("eval", [
+        f"model.checkpoint_dir={soft_tiny}", f"run_dir={run_dir}", *data_overrides(corpus),
+        "eval.thresholds=[1.0,0.3,0.15]", "eval.max_items=2", "eval.max_new_tokens=8", "eval.timing_repeats=2",
+        "eval.target_agreement=0.5", f"eval.out_dir={root / 'out'}", "logger=wandb", "logger.mode=offline",
+    ])
+    try:
+        yield stage.run(cfg), run_dir, cfg
+    finally:
+        mp.undo()
+
+
+def test_eval_writes_the_report_and_plots(evaluated):
+    result, run_dir, _ = evaluated
+    out = result.out_dir
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "exits.png", "speed_quality.png", "exit_histogram.png", "reliability.png"} <= names
+    for plot in result.plots.values():
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.parent.glob(".*.partial"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["plots"]["speed_quality"] == "speed_quality.png"
+    md = (out / "report.md").read_text()
+    assert "| setting | tok/s | speedup |" in md and "| self_speculative(k=4) |" in md
+    assert "![speed vs quality](speed_quality.png)" in md
+
+
+def test_eval_per_exit_metrics_are_the_held_out_ones(evaluated, model, base, corpus):
+    result, _, cfg = evaluated
+    from eetune.data import heldout_batch
+
+    quality = heldout_quality(model, heldout_batch(cfg.data, base.tokenizer))
+    per_exit = {e["layer"]: e for e in result.report["per_exit"]}
+    assert sorted(per_exit) == [1, 2, 3, 4] and per_exit[4]["final"]
+    for layer, q in quality.items():
+        assert per_exit[layer]["cross_entropy"] == pytest.approx(q.cross_entropy)
+        assert per_exit[layer]["perplexity"] == pytest.approx(math.exp(q.cross_entropy))
+        assert per_exit[layer]["agreement"] == pytest.approx(q.agreement)
+        assert sum(b["count"] for b in per_exit[layer]["reliability"]) == result.report["heldout"]["tokens"]
+    assert per_exit[1]["estimator"]["precision"] is not None and per_exit[4]["estimator"] is None
+    for policy in [*result.report["policies"], result.report["oracle"]]:
+        assert sum(policy["fractions"].values()) == pytest.approx(1.0)
+    oracle = result.report["oracle"]
+    assert oracle["agreement"] == 1.0 and oracle["speedup"] > 1.0
+    # Tokens no exit gets right must go through every layer: the oracle's final share.
+    agree_any = 1.0 - oracle["fractions"]["4"]
+    assert agree_any >= max(q.agreement for layer, q in quality.items() if layer < 4) - 1e-9
+    at_one = [p for p in result.report["policies"] if p["threshold"] == 1.0]
+    assert all(p["speedup"] == pytest.approx(1.0) and p["agreement"] == 1.0 for p in at_one)
+
+
+def test_eval_sweep_runs_every_setting_through_the_engine(evaluated):
+    result, _, _ = evaluated
+    sweep = {r["setting"]: r for r in result.report["sweep"]}
+    assert list(sweep) == ["full", "max_prob@0.3", "max_prob@0.15", "learned@0.3", "learned@0.15",
+                           "self_speculative(k=4)"]
+    full = sweep["full"]
+    assert full["speedup"] == 1.0 and full["mean_layers"] == 4.0 and full["token_agreement"] == 1.0
+    assert full["exit_counts"] == {"4": full["tokens"]}
+    # Greedy self-speculative decoding is lossless: the full model's tokens exactly (fp32).
+    spec = sweep["self_speculative(k=4)"]
+    assert spec["token_agreement"] == 1.0 and spec["rouge_l_vs_full"] == 1.0
+    assert [o["text"] for o in spec["outputs"]] == [o["text"] for o in full["outputs"]]
+    assert spec["acceptance_rate"] is not None
+    for r in sweep.values():
+        assert sum(r["exit_counts"].values()) == r["tokens"]
+        assert set(r["task_scores"]) == {"summarize", "qa", "mc"}
+        assert all(0.0 <= v <= 1.0 for v in r["task_scores"].values())
+        mean_exit = sum(int(k) * v for k, v in r["exit_counts"].items()) / r["tokens"]
+        if r["mode"] == "early_exit":
+            assert r["mean_layers"] == pytest.approx(mean_exit)
+
+
+def test_eval_calibrates_the_run_dir_and_generate_reads_it(evaluated):
+    result, run_dir, _ = evaluated
+    cal = json.loads((run_dir / CALIBRATION_FILE).read_text())
+    chosen = cal["thresholds"]["max_prob"]
+    rows = {r["threshold"]: r for r in result.report["sweep"] if r["confidence"] == "max_prob"}
+    meeting = {t: r for t, r in rows.items() if r["token_agreement"] >= 0.5}
+    expected = max([(1.0, 1.0)] + [(r["speedup"], t) for t, r in meeting.items()])[1]
+    assert chosen["threshold"] == expected
+    assert load_calibrated_threshold(run_dir) == expected
+    assert set(cal["thresholds"]) == {"max_prob", "learned"}
+    assert result.report["calibration"]["thresholds"]["max_prob"]["threshold"] == expected
+
+
+def test_eval_logs_tables_and_images_to_wandb(evaluated):
+    from test_tune import read_wandb_records
+
+    from eetune.eval.report import sweep_table
+
+    result, _, _ = evaluated
+    offline = list((result.out_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    logged: dict[str, dict[str, object]] = {}  # key -> {field: value} of each logged media object
+    summary: set[str] = set()
+    for record in read_wandb_records(offline[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            for item in record.history.item:
+                if len(item.nested_key) == 2:
+                    logged.setdefault(item.nested_key[0], {})[item.nested_key[1]] = json.loads(item.value_json)
+        elif kind == "summary":
+            summary |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
+    for key in ("eval/sweep", "eval/per_exit", "eval/policies", "eval/estimator", "eval/costs"):
+        assert logged[key]["_type"] == "table-file", key
+    for key in ("eval/exits", "eval/speed_quality", "eval/exit_histogram", "eval/reliability"):
+        assert logged[key]["_type"] == "image-file", key
+    # The logged sweep table holds exactly the report's main table.
+    table = json.loads((offline[0].parent / "files" / logged["eval/sweep"]["path"]).read_text())
+    header, rows = sweep_table(result.report)
+    assert table["columns"] == header and table["data"] == rows
+    assert "eval/oracle_speedup" in summary and "eval/speedup/max_prob@0.3" in summary
+
+
+# --- config and bad input: one line, exit 2, before any model loads ---------------------------------
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_composes_for_eval_and_takes_the_eval_group(recipe):
+    extra = ["data.path=/data/train.jsonl", "model.checkpoint_dir=/ckpt", "run_dir=runs/x"]
+    cfg = compose_config("eval", [f"recipe={recipe}", *extra])
+    assert cfg.stage == "eval" and list(cfg.eval.thresholds) == [1.0, 0.9, 0.8, 0.6, 0.4, 0.2]
+    assert [t.name for t in cfg.eval.tasks] == ["summarize", "qa", "mc"]
+    quick = compose_config("eval", [f"recipe={recipe}", *extra, "eval=quick"])
+    assert list(quick.eval.thresholds) == [1.0, 0.8, 0.4] and quick.eval.max_items == 3
+
+
+def test_eval_print_config_shows_a_custom_task(monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setattr(sys, "argv", ["eetune", "eval", "run_dir=runs/x", "eval.tasks=[{name:qa2,path:/d/qa.jsonl,metric:f1}]",
+                                      "eval.thresholds=[0.7]", "--print-config"])
+    main()
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["stage"] == "eval" and cfg["run_dir"] == "runs/x" and cfg["eval"]["thresholds"] == [0.7]
+    assert cfg["eval"]["tasks"] == [{"name": "qa2", "path": "/d/qa.jsonl", "metric": "f1"}]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["eetune", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def test_bad_eval_input_is_one_line_and_exit_2(monkeypatch, capsys, tuned_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "b"}\n')
+    cases = [
+        (["run_dir=/nope/run"], "run dir not found: /nope/run"),
+        ([f"run_dir={tuned_run}", "eval.thresholds=[0.8,1.5]"], "eval.thresholds has 1.5"),
+        ([f"run_dir={tuned_run}", "eval.thresholds=[0]"], "eval.thresholds has 0"),
+        ([f"run_dir={tuned_run}", "eval.tasks=[{name:x,path:/nope/x.jsonl,metric:f1}]"], "task file not found"),
+        ([f"run_dir={tuned_run}", f"eval.tasks=[{{name:x,path:{bad},metric:f1}}]"], f"{bad}:2:"),
+        ([f"run_dir={tuned_run}", "eval.confidences=[max_prob,entropy]"], "eval.confidences has 'entropy'"),
+        ([f"run_dir={tuned_run}", "eval.tasks=[{name:mc,metric:exact_match}]"], "no generation task"),
+    ]
+    for overrides, message in cases:
+        code, err = run_cli(monkeypatch, capsys, "eval", *overrides)
+        assert code == 2, (overrides, err)
+        assert message in err and len(err.strip().splitlines()) == 1, err
