@@ -26,8 +26,9 @@ from eetune.models import hf_config as hfc
 from eetune.models.registry import ModelEntry, ModelFamily, resolve_family
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# PEFT adapters sit next to base weights in some dirs; they are not part of the base model.
-_NOT_BASE_WEIGHTS = {"adapter_model.safetensors"}
+# PEFT adapters sit next to base weights in some dirs, and `eetune export hf` dirs keep their
+# exits beside them; neither is part of the base model.
+_NOT_BASE_WEIGHTS = {"adapter_model.safetensors", "exits.safetensors"}
 
 
 def find_safetensors(checkpoint_dir: Path) -> list[str]:
