@@ -35,6 +35,7 @@ DRAFT_FORMAT = "eetune.draft/1"
 class ExportResult:
     out: Path
     format: str
+    base_checkpoint_dir: Path  # where the base weights were read
     exit_layer: int | None  # the draft's exit (draft, gguf)
     num_layers: int | None  # the draft's decoder layers (draft, gguf)
 
@@ -81,7 +82,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
             f"wrote [bold]{out}[/]: the base model + exits at {sorted(exits)}; load it with "
             f"model.checkpoint_dir={out} generate.run_dir={out}"
         )
-        return ExportResult(out, fmt, None, None)
+        return ExportResult(out, fmt, base.checkpoint_dir, None, None)
 
     layer = int(exp.exit)
     draft = build_draft(model, layer, base.hf_config)
@@ -96,7 +97,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
         f"wrote [bold]{out}[/]: layers 1..{layer} + the {spec.arch} exit at {layer} "
         f"({draft.num_layers} decoder layers, {'tied' if draft.tied else 'own'} head, {exp.dtype})"
     )
-    return ExportResult(out, fmt, layer, draft.num_layers)
+    return ExportResult(out, fmt, base.checkpoint_dir, layer, draft.num_layers)
 
 
 def _base_checkpoint_dir(cfg: DictConfig, manifest: dict[str, Any], run_dir: Path) -> str | None:
