@@ -238,26 +238,24 @@ def test_gguf_draft_of_other_families_matches_the_exit(tmp_path, tokens, model_n
     torch.testing.assert_close(got, exit_logits(run_dir, base, 2, tokens), rtol=0, atol=1e-4)
 
 
-def test_smollm2_gguf_draft_keeps_the_tokenizer_and_the_exits_logits(smollm2, tmp_path, monkeypatch):
+def test_smollm2_gguf_draft_carries_a_tokenizer_transformers_rebuilds_exactly(smollm2, tmp_path, monkeypatch):
+    # Logits through GGUF are checked on the tiny models above (same llama layout, GQA included);
+    # here the real 49k-token BPE vocabulary, its merges, specials and chat template. (Reading
+    # them back is slow: gguf's reader parses metadata arrays in Python.)
     monkeypatch.setattr(stage, "load_base_model", lambda *args, **kwargs: smollm2)
-    run_dir = make_run(tmp_path / "run", smollm2, [ExitSpec(4, "mlp", "copy", "shared")])
-    out = tmp_path / "draft4.gguf"
-    export("gguf", run_dir, out, "export.exit=4")
+    run_dir = make_run(tmp_path / "run", smollm2, [ExitSpec(2, "norm", "copy", "shared")])
+    out = tmp_path / "draft2.gguf"
+    export("gguf", run_dir, out, "export.exit=2", "export.dtype=float16")
 
     original = smollm2.tokenizer
     converted = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
     text = original.apply_chat_template(
-        [{"role": "user", "content": "Naïve café owners say: `x = 1_000`!\n\tOK?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "Naïve café owners say: `x = 1_000`!\n\tOK?  Sure..."}],
+        tokenize=False, add_generation_prompt=True,
     )
-    ids = original.encode(text, add_special_tokens=False)
-    assert converted.encode(text, add_special_tokens=False) == ids
+    assert converted.encode(text, add_special_tokens=False) == original.encode(text, add_special_tokens=False)
     assert converted.chat_template == original.chat_template
     assert (converted.bos_token_id, converted.eos_token_id) == (1, 2)
-
-    prompt = torch.tensor([ids])
-    torch.testing.assert_close(
-        hf_logits(tmp_path, prompt, gguf_file=out.name), exit_logits(run_dir, smollm2, 4, prompt), rtol=0, atol=1e-4
-    )
 
 
 def test_gguf_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path):
