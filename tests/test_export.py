@@ -7,6 +7,7 @@ import filecmp
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def test_draft_dir_is_a_plain_llama_whose_logits_equal_the_exits(
     assert config["tie_word_embeddings"] == (spec["head"] == "shared")  # the tiny base is tied
     assert ("lm_head.weight" in weights) == (spec["head"] == "copy")
     assert not list(out.glob("*.py"))  # no custom code anywhere
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
     assert (out / "tokenizer.json").read_bytes() == (tiny_base_model.checkpoint_dir / "tokenizer.json").read_bytes()
     if arch == "mlp":  # an attention half that adds nothing
         assert not weights[f"model.layers.{layer}.self_attn.o_proj.weight"].any()

@@ -8,6 +8,7 @@ directly: the checkpointer can only save what it loaded itself (it needs its wei
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -136,6 +137,12 @@ def publish_dir(staged: Path, out_dir: Path) -> None:
     """Move a finished staging dir to ``out_dir`` in one rename."""
     if out_dir.exists():
         raise EetuneError(f"{out_dir} already exists; delete it or choose another output dir")
+    # safetensors' save_file creates files readable by their owner only; give them the usual mode.
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in staged.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
     staged.rename(out_dir)
 
 
