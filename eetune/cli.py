@@ -28,11 +28,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Make tuning data.", no_args_is_help=True)
+export_app = typer.Typer(
+    help="Hand a run's exits to other tools: a draft model (HF dir or GGUF) or the base model + exits.",
+    no_args_is_help=True,
+)
 recipes_app = typer.Typer(help="List, show and copy recipes to start your own.", no_args_is_help=True)
 import_app = typer.Typer(help="Convert checkpoints from other formats into Hugging Face dirs.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(import_app, name="import")
 app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
 
 console = Console(stderr=True)
 
@@ -170,6 +175,43 @@ def serve(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT
         from eetune.serve import server as stage
 
         stage.run(cfg, console=console)
+
+
+# `eetune export draft run_dir=R exit=24 out=D`: these bare keys are short for export.<key>.
+EXPORT_SHORTHANDS = ("run_dir", "exit", "out", "dtype")
+EXPORT_OVERRIDES = typer.Argument(
+    None,
+    metavar="run_dir=RUN [exit=L] out=PATH [dtype=float32|bfloat16|float16] [KEY=VALUE]...",
+    help="The run dir with the exits, the drafting exit, the output and Hydra overrides.",
+    show_default=False,
+)
+
+
+def _export(fmt: str, overrides: Optional[List[str]], print_config: bool) -> None:
+    args = [f"export.{arg}" if arg.split("=", 1)[0] in EXPORT_SHORTHANDS else arg for arg in overrides or []]
+    cfg = _compose("export", [*args, f"export.format={fmt}"], print_config)
+    if cfg is not None:
+        from eetune.stages import export as stage
+
+        stage.run(cfg, console=console)
+
+
+@export_app.command("draft")
+def export_draft(overrides: Optional[List[str]] = EXPORT_OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Layers 1..L + the exit at L as a standard Hugging Face causal LM dir (a draft model)."""
+    _export("draft", overrides, print_config)
+
+
+@export_app.command("hf")
+def export_hf(overrides: Optional[List[str]] = EXPORT_OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """The base model plus all exits as one Hugging Face dir that eetune loads back alone."""
+    _export("hf", overrides, print_config)
+
+
+@export_app.command("gguf")
+def export_gguf(overrides: Optional[List[str]] = EXPORT_OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Layers 1..L + the exit at L as an unquantised GGUF file (a llama.cpp draft model)."""
+    _export("gguf", overrides, print_config)
 
 
 @recipes_app.command("list")

@@ -271,6 +271,23 @@ class DistillConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`eetune export draft|hf|gguf` (shorthand on the command line: run_dir= exit= out= dtype=)."""
+
+    # draft: layers 1..exit + that exit as a Hugging Face causal LM; hf: the base model + all
+    # exits in one Hugging Face dir; gguf: the draft as a GGUF file (set by the subcommand).
+    format: str = "draft"
+    # The augment or tune run dir (or `eetune export hf` dir) whose exits to export.
+    run_dir: Optional[str] = None
+    # draft/gguf: the exit layer whose sub-network becomes the draft model.
+    exit: Optional[int] = None
+    # A new dir (draft, hf) or a new .gguf file (gguf); never overwritten.
+    out: Optional[str] = None
+    # draft/gguf weights: float32 (exact), bfloat16 or float16 (gguf: float32 or float16).
+    dtype: str = "float32"
+
+
+@dataclass
 class EetuneConfig:
     """Everything a stage reads. The CLI sets `stage`; recipes set the rest."""
 
@@ -289,6 +306,7 @@ class EetuneConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # Continue an interrupted `tune` in the same run_dir (its config must match).
     resume: bool = False
 
@@ -312,6 +330,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.weighting": ("constant", "linear", "cosine", "dynamic"),
     "loss.ce_target": ("labels", "teacher"),
     "logger.kind": ("none", "wandb"),
+    "export.format": ("draft", "hf", "gguf"),
+    "export.dtype": ("float32", "bfloat16", "float16"),
 }
 
 SCHEMA_NAME = "eetune_schema"

@@ -2,6 +2,10 @@
 
 The manifest names the base model by fingerprint, so exits are never silently loaded onto
 weights they were not built for.
+
+An `eetune export hf` dir is a Hugging Face checkpoint that carries its exits: the manifest sits
+in config.json under `EXPORT_CONFIG_KEY`, and `exits.safetensors` holds the same tensors with
+their names prefixed (`tensor_prefix`). Everything that reads a run dir reads such a dir too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from eetune.rundir import atomic_write, atomic_write_json, git_revision, package
 EXITS_FILE = "exits.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "eetune.exits/1"
+EXPORT_CONFIG_KEY = "eetune"
 
 
 def build_manifest(model: EarlyExitModel, base: dict[str, Any], stage: str, extra: dict | None = None) -> dict:
@@ -49,18 +54,41 @@ def save_exits(run_dir: Path, model: EarlyExitModel, manifest: dict) -> None:
 
 
 def read_manifest(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / MANIFEST_FILE
-    if not Path(run_dir).is_dir():
+    """The manifest of a run dir, or of an `eetune export hf` dir (from its config.json)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
         raise EetuneError(f"run dir not found: {run_dir}")
-    if not path.is_file():
-        raise EetuneError(f"{run_dir} has no {MANIFEST_FILE}: is it an eetune run dir (from augment or tune)?")
+    path = run_dir / MANIFEST_FILE
+    if path.is_file():
+        manifest = _read_json(path)
+    else:
+        manifest = _exported_manifest(run_dir)
+        path = run_dir / "config.json"
+        if manifest is None:
+            raise EetuneError(
+                f"{run_dir} has no {MANIFEST_FILE}: is it an eetune run dir (from augment or tune) "
+                "or an `eetune export hf` dir?"
+            )
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise EetuneError(f"{path} has format {found!r}; this eetune reads {FORMAT!r}")
+    return manifest
+
+
+def _read_json(path: Path) -> Any:
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise EetuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if manifest.get("format") != FORMAT:
-        raise EetuneError(f"{path} has format {manifest.get('format')!r}; this eetune reads {FORMAT!r}")
-    return manifest
+
+
+def _exported_manifest(export_dir: Path) -> dict | None:
+    """The manifest an `eetune export hf` dir keeps in its config.json, or None."""
+    config_path = export_dir / "config.json"
+    if not config_path.is_file():
+        return None
+    config = _read_json(config_path)
+    return config.get(EXPORT_CONFIG_KEY) if isinstance(config, dict) else None
 
 
 def load_exits(run_dir: str | Path, backbone: TransformerDecoder, fingerprint: str) -> EarlyExitModel:
@@ -83,6 +111,8 @@ def load_exits(run_dir: str | Path, backbone: TransformerDecoder, fingerprint: s
         state = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as exc:
         raise EetuneError(f"cannot read {path}: {exc}") from None
+    prefix = manifest.get("tensor_prefix", "")
+    state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
     try:
         missing, unexpected = model.exits.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

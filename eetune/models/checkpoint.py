@@ -8,6 +8,7 @@ directly: the checkpointer can only save what it loaded itself (it needs its wei
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -26,8 +27,9 @@ from eetune.models import hf_config as hfc
 from eetune.models.registry import ModelEntry, ModelFamily, resolve_family
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# PEFT adapters sit next to base weights in some dirs; they are not part of the base model.
-_NOT_BASE_WEIGHTS = {"adapter_model.safetensors"}
+# PEFT adapters sit next to base weights in some dirs, and `eetune export hf` dirs keep their
+# exits beside them; neither is part of the base model.
+_NOT_BASE_WEIGHTS = {"adapter_model.safetensors", "exits.safetensors"}
 
 
 def find_safetensors(checkpoint_dir: Path) -> list[str]:
@@ -135,6 +137,12 @@ def publish_dir(staged: Path, out_dir: Path) -> None:
     """Move a finished staging dir to ``out_dir`` in one rename."""
     if out_dir.exists():
         raise EetuneError(f"{out_dir} already exists; delete it or choose another output dir")
+    # safetensors' save_file creates files readable by their owner only; give them the usual mode.
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in staged.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
     staged.rename(out_dir)
 
 

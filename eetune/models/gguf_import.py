@@ -52,6 +52,7 @@ _BLOCK_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_HF_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -69,10 +70,30 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise EetuneError(f"unexpected tensor {gguf_name!r} in the GGUF file; eetune cannot import this model")
 
 
+def gguf_tensor_name(hf_name: str) -> str:
+    """GGUF tensor name (llama.cpp naming) of an HF parameter: the inverse of ``hf_tensor_name``."""
+    for gguf_name, name in _GLOBAL_TENSORS.items():
+        if name == hf_name:
+            return gguf_name
+    match = _HF_BLOCK_RE.fullmatch(hf_name)
+    if match:
+        for gguf_suffix, suffix in _BLOCK_TENSORS.items():
+            if suffix == match.group(2):
+                return f"blk.{match.group(1)}.{gguf_suffix}"
+    raise EetuneError(f"tensor {hf_name!r} has no GGUF name; eetune cannot export this model to GGUF")
+
+
 def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's half split)."""
     half = weight.shape[0] // n_heads // 2
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def permute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (HF's half split -> interleaved RoPE pairs), as its
+    convert_hf_to_gguf.py applies to Llama-style models; the inverse of ``_unpermute_rope``."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 class _Progress:

@@ -1,0 +1,7 @@
+"""Exits for the rest of the ecosystem: draft models (HF dir, GGUF) and base + exits bundles."""
+
+from eetune.export.bundle import export_bundle, load_exported
+from eetune.export.draft import Draft, build_draft, check_exportable, save_draft
+from eetune.export.gguf_file import save_draft_gguf
+
+__all__ = ["Draft", "build_draft", "check_exportable", "export_bundle", "load_exported", "save_draft", "save_draft_gguf"]

@@ -1,0 +1,188 @@
+"""A draft decoder as a GGUF file, so llama.cpp can use it as a speculative draft model.
+
+Tensors and metadata follow llama.cpp's own ``convert_hf_to_gguf.py``: HF names mapped to GGUF
+names (the inverse of eetune's GGUF import), q/k rows of Llama-style models permuted into
+llama.cpp's interleaved RoPE layout, unquantised F32 (or F16 for matrices, norms and biases
+staying F32), Llama 3 RoPE scaling as a ``rope_freqs`` tensor, and the tokenizer as
+``tokenizer.ggml.*`` metadata. Only byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2.5) are
+written; a SentencePiece vocabulary needs its scores, which llama.cpp's converter reads from
+``tokenizer.model``: run that converter on an ``eetune export draft`` dir instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from eetune.errors import EetuneError
+from eetune.export.draft import Draft
+from eetune.models import hf_config as hfc
+from eetune.models.checkpoint import tune_to_hf_state_dict
+from eetune.models.gguf_import import gguf_tensor_name, permute_rope
+from eetune.models.registry import ModelFamily
+from eetune.rundir import atomic_write
+
+GGUF_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# llama.cpp architecture per HF model_type: it runs Mistral as llama.
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# llama.cpp's name for the pre-tokenizer (text splitting before BPE), by eetune model name or
+# family; it cannot be read off tokenizer.json. Anything else gets llama.cpp's GPT-2-like default.
+_PRE_TOKENIZERS = {"smollm2_135m": "smollm", "llama3_1": "llama-bpe", "llama3_2": "llama-bpe", "qwen2": "qwen2"}
+
+
+def save_draft_gguf(
+    draft: Draft,
+    family: ModelFamily,
+    model_name: str,
+    checkpoint_dir: Path,
+    out_file: Path,
+    dtype: torch.dtype,
+    title: str,
+) -> Path:
+    """Write ``draft`` (torchtune weights of a ``family`` decoder) as one GGUF file, atomically.
+
+    ``checkpoint_dir`` is the base model's HF dir, read for its tokenizer; ``title`` becomes
+    ``general.name``.
+    """
+    import gguf
+
+    out_file = Path(out_file)
+    if out_file.exists():
+        raise EetuneError(f"{out_file} already exists; delete it or choose another out=...")
+    if dtype not in GGUF_DTYPES.values():
+        raise EetuneError(f"GGUF export writes float32 or float16 weights, not {dtype}: pass dtype=float32 or float16")
+    arch = _GGUF_ARCH.get(family.hf_model_type)
+    if arch is None:
+        raise EetuneError(f"eetune cannot write {family.name} models as GGUF")
+    config = draft.hf_config
+    tokenizer = _TokenizerMetadata(checkpoint_dir, int(config["vocab_size"]))
+    tensors = gguf_tensors(draft, family, arch, dtype)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(title)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_hyperparameters(writer, config, arch)
+        tokenizer.add_to(writer, _PRE_TOKENIZERS.get(model_name, _PRE_TOKENIZERS.get(family.name, "default")))
+        for name, array in tensors.items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(out_file, write)
+    return out_file
+
+
+def gguf_tensors(draft: Draft, family: ModelFamily, arch: str, dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """GGUF name -> array, in llama.cpp's layout; matrices in ``dtype``, vectors in float32."""
+    config = draft.hf_config
+    hf_tensors = tune_to_hf_state_dict(
+        family, {k: v.float() for k, v in draft.state_dict.items()}, config
+    )
+    heads, kv_heads = int(config["num_attention_heads"]), hfc.num_kv_heads(config)
+    out: dict[str, np.ndarray] = {}
+    for hf_name, tensor in hf_tensors.items():
+        array = tensor.cpu().numpy()
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            array = permute_rope(array, heads)
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            array = permute_rope(array, kv_heads)
+        if array.ndim > 1 and dtype == torch.float16:
+            array = array.astype(np.float16)
+        out[gguf_tensor_name(hf_name)] = np.ascontiguousarray(array)
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        out["rope_freqs.weight"] = factors
+    return out
+
+
+def llama3_rope_factors(config: Mapping[str, Any]) -> np.ndarray | None:
+    """Per-frequency divisors of Llama 3 scaled RoPE (llama.cpp's ``rope_freqs``), or None.
+
+    Read off torchtune's ``Llama3ScaledRoPE`` (what eetune computes with): plain RoPE frequencies
+    divided by its scaled ones.
+    """
+    scaling = hfc.rope_scaling(config)
+    if scaling is None:
+        return None
+    if scaling["rope_type"] != "llama3":
+        raise EetuneError(f"RoPE scaling {scaling['rope_type']!r} cannot be written to GGUF by eetune")
+    from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+
+    head_dim = hfc.head_dim(config)
+    base = hfc.rope_theta(config, 10_000.0)
+    rope = Llama3ScaledRoPE(dim=head_dim, max_seq_len=1, base=base, scale_factor=float(scaling.get("factor", 8.0)))
+    plain = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    return (plain / rope.theta).numpy().astype(np.float32)
+
+
+def _add_hyperparameters(writer: Any, config: Mapping[str, Any], arch: str) -> None:
+    writer.add_context_length(int(config.get("max_position_embeddings") or 4096))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(hfc.num_layers(config))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(int(config["num_attention_heads"]))
+    writer.add_head_count_kv(hfc.num_kv_heads(config))
+    writer.add_rope_freq_base(hfc.rope_theta(config, 10_000.0))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    if arch == "llama":
+        writer.add_rope_dimension_count(hfc.head_dim(config))
+
+
+class _TokenizerMetadata:
+    """The base model's byte-level BPE tokenizer as ``tokenizer.ggml.*`` fields.
+
+    Tokens by id, padded to the model's vocabulary with unused placeholders (as llama.cpp's
+    converter does); added special tokens are control tokens; merges, special ids, add-BOS and
+    the chat template come from gguf's own ``SpecialVocab`` reader of the tokenizer files.
+    """
+
+    def __init__(self, checkpoint_dir: Path, vocab_size: int) -> None:
+        import gguf
+        from transformers import AutoTokenizer
+
+        path = Path(checkpoint_dir) / "tokenizer.json"
+        spec = json.loads(path.read_text()) if path.is_file() else {}
+        model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+            raise EetuneError(
+                f"the tokenizer in {checkpoint_dir} is not a byte-level BPE (GPT-2 style), the only kind eetune "
+                "writes to GGUF: export the draft with `eetune export draft` and convert that dir with "
+                "llama.cpp's convert_hf_to_gguf.py"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+        added = tokenizer.added_tokens_decoder
+        if max(by_id) >= vocab_size:
+            raise EetuneError(
+                f"the tokenizer in {checkpoint_dir} has ids up to {max(by_id)}, beyond the model's vocab_size {vocab_size}"
+            )
+        self.tokens: list[str] = []
+        self.types: list[int] = []
+        for index in range(vocab_size):
+            if index not in by_id:
+                self.tokens.append(f"[PAD{index}]")
+                self.types.append(gguf.TokenType.UNUSED)
+            else:
+                self.tokens.append(by_id[index])
+                special = index in added and added[index].special
+                user = index in added and not special
+                self.types.append(
+                    gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED if user else gguf.TokenType.NORMAL
+                )
+        self.special = gguf.SpecialVocab(Path(checkpoint_dir), load_merges=bool(model.get("merges")), n_vocab=vocab_size)
+
+    def add_to(self, writer: Any, pre: str) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        self.special.add_to_gguf(writer, quiet=True)

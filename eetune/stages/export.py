@@ -1,0 +1,137 @@
+"""`eetune export draft|hf|gguf`: hand a run's exits to transformers, llama.cpp and friends.
+
+- draft: layers 1..L + the exit at L as a standard Hugging Face causal LM dir (a speculative
+  draft model for transformers' assisted generation, vLLM, ...).
+- hf: the base checkpoint plus all exits in one Hugging Face dir that eetune loads back alone.
+- gguf: the draft as a GGUF file for llama.cpp's speculative decoding.
+
+Every check that needs no weights (run dir, exit layer, output path) runs before the base
+model loads, so mistakes fail in a second.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from rich.console import Console
+
+from eetune.errors import EetuneError
+from eetune.exits import load_exits, read_manifest
+from eetune.exits.spec import ExitSpec
+from eetune.export.bundle import export_bundle
+from eetune.export.draft import build_draft, check_exportable, save_draft
+from eetune.export.gguf_file import GGUF_DTYPES, save_draft_gguf
+from eetune.models import DEFAULT_MODEL, load_base_model
+from eetune.models.load import parse_dtype
+
+DRAFT_FORMAT = "eetune.draft/1"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    base_checkpoint_dir: Path  # where the base weights were read
+    exit_layer: int | None  # the draft's exit (draft, gguf)
+    num_layers: int | None  # the draft's decoder layers (draft, gguf)
+
+
+def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
+    console = console or Console(stderr=True)
+    exp = cfg.export
+    fmt = exp.format
+    if not exp.run_dir:
+        raise EetuneError(f"no run dir: pass run_dir=<augment or tune run dir>, e.g. eetune export {fmt} run_dir=runs/quick ...")
+    if not exp.out:
+        what = "<file.gguf>" if fmt == "gguf" else "<new dir>"
+        raise EetuneError(f"no output: pass out={what}")
+    out = Path(exp.out)
+    if out.exists():
+        raise EetuneError(f"{out} already exists; delete it or choose another out=...")
+    if fmt == "gguf" and out.suffix != ".gguf":
+        raise EetuneError(f"out={out} must be a file name ending in .gguf")
+    run_dir = Path(exp.run_dir)
+    manifest = read_manifest(run_dir)
+    exits = {int(spec["layer"]): spec["arch"] for spec in manifest["exits"]}
+    if fmt in ("draft", "gguf"):
+        if exp.exit is None:
+            raise EetuneError(f"export {fmt} needs the drafting exit: pass exit=L, one of {sorted(exits)}")
+        check_exportable(exits, int(exp.exit), str(run_dir))
+    dtype = parse_dtype(exp.dtype)
+    if fmt == "gguf" and dtype not in GGUF_DTYPES.values():
+        raise EetuneError(f"GGUF export writes float32 or float16, not dtype={exp.dtype}")
+
+    with console.status(f"loading the base model and the exits of {run_dir}"):
+        base = load_base_model(
+            manifest["base_model"]["name"],
+            checkpoint_dir=_base_checkpoint_dir(cfg, manifest, run_dir),
+            dtype=_load_dtype(fmt, exp.dtype),
+            max_seq_len=cfg.model.max_seq_len,
+            device=cfg.model.device,
+        )
+        model = load_exits(run_dir, base.model, base.fingerprint)
+
+    if fmt == "hf":
+        with console.status(f"copying {base.checkpoint_dir} and the exits to {out}"):
+            export_bundle(run_dir, base, manifest, out)
+        console.print(
+            f"wrote [bold]{out}[/]: the base model + exits at {sorted(exits)}; load it with "
+            f"model.checkpoint_dir={out} generate.run_dir={out}"
+        )
+        return ExportResult(out, fmt, base.checkpoint_dir, None, None)
+
+    layer = int(exp.exit)
+    draft = build_draft(model, layer, base.hf_config)
+    spec = model.exit(layer).spec
+    with console.status(f"writing the layer-{layer} draft to {out}"):
+        if fmt == "draft":
+            save_draft(draft, base.family, base.checkpoint_dir, out, dtype, _provenance(manifest, spec, run_dir, draft.num_layers))
+        else:
+            title = f"{base.name} exit {layer} draft"
+            save_draft_gguf(draft, base.family, base.name, base.checkpoint_dir, out, dtype, title)
+    console.print(
+        f"wrote [bold]{out}[/]: layers 1..{layer} + the {spec.arch} exit at {layer} "
+        f"({draft.num_layers} decoder layers, {'tied' if draft.tied else 'own'} head, {exp.dtype})"
+    )
+    return ExportResult(out, fmt, base.checkpoint_dir, layer, draft.num_layers)
+
+
+def _base_checkpoint_dir(cfg: DictConfig, manifest: dict[str, Any], run_dir: Path) -> str | None:
+    """Where the base weights are: model.checkpoint_dir if given, else where the run loaded them."""
+    if cfg.model.checkpoint_dir:
+        return str(cfg.model.checkpoint_dir)
+    name = manifest["base_model"]["name"]
+    recorded = manifest["base_model"].get("checkpoint_dir")
+    if recorded:
+        path = run_dir / recorded  # an exported dir records "." (itself); absolute paths stay as they are
+        if path.is_dir():
+            return str(path)
+    if name == DEFAULT_MODEL:
+        return None  # the bundled model, wherever this machine keeps it
+    raise EetuneError(
+        f"the base model of {run_dir} was loaded from {recorded}, which does not exist here: "
+        "pass model.checkpoint_dir=<that Hugging Face checkpoint dir>"
+    )
+
+
+def _load_dtype(fmt: str, dtype: str) -> str:
+    # A draft is written in `dtype` anyway; GGUF keeps norms in float32 even in an F16 file; the
+    # bundle copies files and only needs the (dtype-independent) fingerprint, so half the memory.
+    return {"draft": dtype, "gguf": "float32", "hf": "bfloat16"}[fmt]
+
+
+def _provenance(manifest: dict[str, Any], spec: ExitSpec, run_dir: Path, num_layers: int) -> dict[str, Any]:
+    base = manifest["base_model"]
+    return {
+        "format": DRAFT_FORMAT,
+        "base_model": {"name": base["name"], "fingerprint": base["fingerprint"], "num_layers": base["num_layers"]},
+        "exit": spec.to_dict(),
+        "num_layers": num_layers,
+        "run_dir": str(run_dir),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
