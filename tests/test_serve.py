@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import sys
 import threading
@@ -177,6 +178,25 @@ def test_cheaper_drafts_keep_self_speculative_exact(client) -> None:
     assert (stats["draft_vocab"], stats["draft_confidence"]) == (64, 0.5)
     bad = client.post("/v1/chat/completions", json={**chat_body("Hi"), "early_exit": {**options, "draft_vocab": 0}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "early_exit.draft_vocab"
+
+
+def test_a_threshold_left_out_is_the_calibrated_one(tiny_dir, run_dir, tmp_path) -> None:
+    from eetune.eval.calibration import Candidate, pick_threshold, write_calibration
+    from eetune.serve.protocol import ChatCompletionRequest
+
+    calibrated_dir = tmp_path / "calibrated"
+    shutil.copytree(run_dir, calibrated_dir)
+    write_calibration(calibrated_dir, [pick_threshold("learned", [Candidate(0.3, 0.99, 1.5)], 0.98)], {"prompts": 1})
+    served = ServedModel.from_config(serve_cfg(tiny_dir, calibrated_dir, "serve.mode=early_exit"))
+
+    def threshold(early_exit: dict[str, Any]) -> float:
+        request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}],
+                                                        "early_exit": early_exit})
+        return served.plan([1, 2, 3], request, "messages").settings.threshold
+
+    assert threshold({"confidence": "learned"}) == 0.3  # calibrated for this policy
+    assert threshold({"confidence": "max_prob"}) == 0.8  # none calibrated for this one
+    assert threshold({"confidence": "learned", "threshold": 0.5}) == 0.5  # a request's own wins
 
 
 def test_completions_equal_the_engine_for_text_and_token_id_prompts(client, served) -> None:

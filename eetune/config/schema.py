@@ -124,7 +124,9 @@ class ServeConfig:
     # Early-exit settings of a request that names none; each field of a request's
     # `early_exit` object overrides its default here (same meaning as in `generate`).
     mode: str = "full"
-    threshold: float = 0.8
+    # null: the threshold `eetune eval` calibrated into the run dir for the request's
+    # confidence policy, else 0.8.
+    threshold: Optional[float] = None
     confidence: str = "max_prob"
     draft_exit: Optional[int] = None
     draft_len: int = 4

@@ -17,18 +17,19 @@ from typing import Any
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
-from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
+from eetune.eval.calibration import load_calibrated_threshold
+from eetune.infer.engine import CONFIDENCES, DecodeResult, DecodeSettings, Engine
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler
-from eetune.stages.generate import chat_prompt_ids, load_model, stop_token_ids
+from eetune.stages.generate import DEFAULT_THRESHOLD, chat_prompt_ids, load_model, stop_token_ids
 
 
 def default_options(serve_cfg: Any) -> EarlyExitOptions:
-    """The early-exit settings of a request that names none.
+    """The early-exit settings of a request that names none, from the `serve` config.
 
-    The one place defaults are decided: today they come from the `serve` config; a calibrated
-    threshold stored in the run dir can take precedence here.
+    A threshold left null there is decided per request by `ServedModel.threshold_for`: the
+    one `eetune eval` calibrated for the request's confidence policy, else 0.8.
     """
     return EarlyExitOptions(
         mode=serve_cfg.mode,
@@ -57,7 +58,7 @@ def check_serve_config(serve_cfg: Any) -> None:
         raise EetuneError(f"serve.draft_vocab={s.draft_vocab} must be >= 1 (or null for the whole vocabulary)")
     if s.draft_confidence is not None and not 0.0 < s.draft_confidence <= 1.0:
         raise EetuneError(f"serve.draft_confidence={s.draft_confidence} must be in (0, 1] (or null)")
-    if not 0.0 < s.threshold <= 1.0:
+    if s.threshold is not None and not 0.0 < s.threshold <= 1.0:
         raise EetuneError(f"serve.threshold={s.threshold} must be in (0, 1] (1.0 = never exit early)")
     if s.mode != "full" and not s.run_dir:
         raise EetuneError(f"serve.mode={s.mode} needs exits: set serve.run_dir=<augment or tune run dir>")
@@ -117,6 +118,10 @@ class ServedModel:
         self.stop_ids = frozenset(stop_token_ids(tokenizer))
         # The run's token frequencies, for drafting over the frequent tokens only (draft_vocab).
         token_order = load_token_order(Path(run_dir), always=tuple(sorted(self.stop_ids))) if run_dir else None
+        # Thresholds `eetune eval` calibrated for these exits, per confidence policy.
+        self.calibrated = {
+            policy: load_calibrated_threshold(run_dir, policy) if run_dir else None for policy in CONFIDENCES
+        }
         self.engine = Engine(model, max_seq_len=limits.context, token_order=token_order)
         self.vocab_size = self.engine.vocab_size
         self.tokens_generated = 0  # over all requests; written by the decode worker only
@@ -190,7 +195,7 @@ class ServedModel:
         options = self.check_options((request.early_exit or EarlyExitOptions()).over(self.defaults))
         settings = DecodeSettings(
             mode=options.mode,
-            threshold=options.threshold,
+            threshold=self.threshold_for(options),
             confidence=options.confidence,
             draft_exit=options.draft_exit,
             draft_len=options.draft_len,
@@ -203,6 +208,13 @@ class ServedModel:
             stop_ids=self.stop_ids,
         )
         return DecodePlan(prompt_ids, settings, tuple(request.stop))
+
+    def threshold_for(self, options: EarlyExitOptions) -> float:
+        """The request's threshold, else the calibrated one for its policy, else DEFAULT_THRESHOLD."""
+        if options.threshold is not None:
+            return options.threshold
+        calibrated = self.calibrated.get(options.confidence)
+        return DEFAULT_THRESHOLD if calibrated is None else calibrated
 
     def check_options(self, options: EarlyExitOptions, prefix: str = "early_exit.") -> EarlyExitOptions:
         """Settings that depend on this model's exits; `prefix` names where they came from."""
