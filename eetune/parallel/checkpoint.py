@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -126,6 +127,19 @@ def check_same_mesh(state_dir: Path, topology: Topology) -> None:
         raise EetuneError(
             f"{state_dir} was saved on the mesh {shown}, not {topology.dims.describe()}: resume on the same mesh "
             "(its tuned exits.safetensors, once written, load on any mesh through train.init_from)"
+        )
+
+
+def refuse_mesh_state(run_dir: Path) -> None:
+    """For a single-process resume: state sharded by a mesh run cannot be read here."""
+    path = Path(run_dir) / STATE_DIR / MESH_FILE
+    if path.is_file():
+        dims = json.loads(path.read_text())
+        shown = " x ".join(f"{k}={v}" for k, v in dims.items())
+        processes = math.prod(dims.values())
+        raise EetuneError(
+            f"{run_dir} was saved on a mesh of {processes} processes ({shown}): resume it with "
+            f"parallel.nproc_per_node={processes} (or the same launcher), or start a new run_dir"
         )
 
 

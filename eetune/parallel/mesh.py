@@ -51,8 +51,9 @@ class ParallelDims:
         if dp_shard == -1:
             if world_size % others:
                 raise EetuneError(
-                    f"{world_size} processes cannot be split into pp={pp} x dp_replicate={dp_replicate} x tp={tp} "
-                    "x dp_shard: the world size must be a multiple of their product"
+                    f"the mesh pp={pp} x dp_replicate={dp_replicate} x tp={tp} (x dp_shard) needs a multiple of "
+                    f"{others} processes but {world_size} were started: set parallel.nproc_per_node (or the "
+                    "launcher's process count) to one"
                 )
             dp_shard = world_size // others
         elif dp_shard < 1:

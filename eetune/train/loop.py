@@ -245,6 +245,9 @@ class Trainer:
         return TuneResult(self.run_dir, self.step, self.tokens_seen, before, after)
 
     def _resume(self) -> None:
+        from eetune.parallel.checkpoint import refuse_mesh_state
+
+        refuse_mesh_state(self.run_dir)
         self._restore(load_state(self.run_dir))
 
     def _metric_logger(self) -> MetricLogger:
