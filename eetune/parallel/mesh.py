@@ -75,6 +75,13 @@ class ParallelDims:
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.dp:
+            raise EetuneError(
+                f"data.batch_size={batch_size} must be a multiple of the {self.dp} data-parallel ranks "
+                "(parallel.dp_replicate x parallel.dp_shard): each takes an equal share of every micro-batch"
+            )
+
     def describe(self) -> str:
         return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_DIMS)
 

@@ -64,11 +64,7 @@ def run(cfg: DictConfig, console: Optional[Console] = None) -> loop.TuneResult:
 def _run(cfg: DictConfig, topology: Topology, console: Console) -> loop.TuneResult:
     if cfg.data.cache_hidden:
         raise EetuneError("data.cache_hidden is single-process only: drop it for a mesh run")
-    if cfg.data.batch_size % topology.dims.dp:
-        raise EetuneError(
-            f"data.batch_size={cfg.data.batch_size} must be a multiple of the {topology.dims.dp} data-parallel "
-            "ranks (parallel.dp_replicate x parallel.dp_shard): each takes an equal share of every micro-batch"
-        )
+    topology.dims.check_batch_size(int(cfg.data.batch_size))
     run_dir = Path(cfg.run_dir)
     _on_rank0_first(lambda: loop._prepare_run_dir(cfg, run_dir))
     specs = run_specs(cfg)
