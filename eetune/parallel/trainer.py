@@ -63,7 +63,9 @@ def run(cfg: DictConfig, console: Optional[Console] = None) -> loop.TuneResult:
 
 def _run(cfg: DictConfig, topology: Topology, console: Console) -> loop.TuneResult:
     if cfg.data.cache_hidden:
-        raise EetuneError("data.cache_hidden is single-process only: drop it for a mesh run")
+        raise EetuneError("data.cache_hidden is single-process only: set data.cache_hidden=false for a mesh run")
+    if cfg.model.dtype == "float16":
+        raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
     topology.dims.check_batch_size(int(cfg.data.batch_size))
     run_dir = Path(cfg.run_dir)
     _on_rank0_first(lambda: loop._prepare_run_dir(cfg, run_dir))
@@ -75,8 +77,6 @@ def _run(cfg: DictConfig, topology: Topology, console: Console) -> loop.TuneResu
     torch.manual_seed(cfg.seed)  # before the exits are built, as in a single process
     stage = build_stage_model(cfg, topology, specs, needs_final, loop._build_model)
     check_loaded(stage)
-    if stage.base.dtype == torch.float16:
-        raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
     data = load_tuning_data(cfg.data, stage.base.tokenizer, max_seq_len=cfg.model.max_seq_len)
     return MeshTrainer(cfg, stage, data, run_dir, console, topology).fit()
 
@@ -174,7 +174,7 @@ class MeshTrainer(loop.Trainer):
 
     def _mesh_micro_step(self, batch: dict[str, torch.Tensor], weights: dict[int, float], normalizer: float) -> torch.Tensor:
         """This rank's sums for one micro-batch: [loss, then _STATS per exit of the run]."""
-        sums = torch.zeros(1 + len(_STATS) * len(self.layers), dtype=torch.float64)
+        sums = torch.zeros(1 + len(_STATS) * len(self.layers), dtype=torch.float64, device=self.device)
         states = self._stage_states(batch["tokens"], self.train_pipeline)
         if not self.stage_layers:
             return sums
@@ -188,7 +188,8 @@ class MeshTrainer(loop.Trainer):
                       stats.kd * count if stats.kd is not None else 0.0,
                       stats.agreement * count if stats.agreement is not None else 0.0,
                       confidence[layer].detach() * normalizer if layer in confidence else 0.0)
-            sums[offset : offset + len(_STATS)] = torch.tensor([float(v) for v in values], dtype=torch.float64)
+            sums[offset : offset + len(_STATS)] = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                                                               device=self.device)
         return sums
 
     def _metrics_from_sums(self, sums: torch.Tensor, counts: list[float], normalizer: float) -> dict[str, float]:

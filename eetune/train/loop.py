@@ -37,7 +37,7 @@ from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state
 
 # Keys that may differ between a run and its resumption.
-_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger")
+_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger", "plan")
 # Launch settings: how the processes were started, not what they compute.
 _RESUME_FREE_DOTTED = ("parallel.nproc_per_node", "parallel.backend")
 
