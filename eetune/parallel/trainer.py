@@ -32,11 +32,11 @@ from eetune.parallel.launch import relaunch
 from eetune.parallel.load import StageModel, build_stage_model, check_loaded, run_specs
 from eetune.parallel.mesh import Topology, init_topology, under_launcher
 from eetune.parallel.pipeline import BackboneStage, StagePipeline
-from eetune.rundir import atomic_write_json
 from eetune.stages.common import base_info
 from eetune.train import loop
+from eetune.train.loop import local_shard
 from eetune.train.losses import VocabShard, exit_losses
-from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics
+from eetune.train.metrics import LOSS_PLOT_FILE, plot_loss_curves, read_metrics
 from eetune.train.schedule import exit_weight
 from eetune.train.state import capture_rng, restore_rng
 
@@ -234,7 +234,7 @@ class MeshTrainer(loop.Trainer):
             shape = (*inputs.shape, self.base.hf_config["hidden_size"]) if self.final_built else None
             states = self.heldout_pipeline.forward(inputs, shape, self.base.dtype)
         teacher = states.get("final")
-        lm_head = _local(lm_head_weight(self.base.model))
+        lm_head = local_shard(lm_head_weight(self.base.model))
         scored: dict[int, tuple[float, Optional[float]]] = {}
         with self._autocast():
             hiddens = {layer: self.model.exit_hidden(layer, states[str(layer)]) for layer in self.stage_layers}
@@ -242,7 +242,7 @@ class MeshTrainer(loop.Trainer):
             hiddens[self.model.num_layers] = teacher
         if hiddens:
             dtype = next(iter(hiddens.values())).dtype
-            heads = {layer: (_local(self.model.head_weight(layer)) if layer in self.stage_layers else lm_head).to(dtype)
+            heads = {layer: (local_shard(self.model.head_weight(layer)) if layer in self.stage_layers else lm_head).to(dtype)
                      for layer in hiddens}
             out = exit_losses(
                 hiddens, heads, targets, {layer: 1.0 for layer in hiddens},
@@ -385,10 +385,6 @@ def _vocab_shard(stage: StageModel, topology: Topology) -> Optional[VocabShard]:
     per_rank = -(-vocab // parts)  # DTensor Shard(0) splits like torch.chunk
     start = min(topology.tp_rank * per_rank, vocab)
     return VocabShard(group=topology.tp_group, start=start, size=min(per_rank, vocab - start), vocab=vocab)
-
-
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def result_from_run_dir(run_dir: Path) -> loop.TuneResult:

@@ -311,9 +311,9 @@ class Trainer:
         with self._autocast():
             hiddens = {layer: self.model.exit_hidden(layer, states[str(layer)]) for layer in layers}
         dtype = next(iter(hiddens.values())).dtype
-        heads = {layer: _local(self.model.head_weight(layer)).to(dtype) for layer in layers}
+        heads = {layer: local_shard(self.model.head_weight(layer)).to(dtype) for layer in layers}
         teacher = states.get("final")
-        lm_head = _local(lm_head_weight(self.base.model)).to(dtype)
+        lm_head = local_shard(lm_head_weight(self.base.model)).to(dtype)
         targets = labels
         if cfg.loss.ce_target == "teacher":
             top1 = chunked_argmax(teacher, lm_head, cfg.loss.chunk_size, self.vocab_shard)
@@ -466,7 +466,7 @@ def chunked_argmax(
     return out.view(hidden.shape[:-1])
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
+def local_shard(weight: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor-parallel (DTensor) weight; a plain tensor as it is."""
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
