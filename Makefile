@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test slurm-test bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Only the real-Slurm test (root: installs slurmctld/slurmd/munge, runs scripts/slurm/tune.sbatch).
+# `make test` runs it too.
+slurm-test: setup
+	$(BIN)/python -m pytest -q tests/test_parallel_slurm.py
 
 bench: setup
 	$(BIN)/python scripts/bench/tune_cost.py

@@ -103,6 +103,16 @@ def lm_eval_command(ctx: typer.Context) -> None:
     harness.main(list(ctx.args))
 
 
+@app.command()
+def plan(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
+    """Estimate per-GPU memory and tokens/s of `tune` on a mesh (plan.nodes x plan.gpus_per_node GPUs)."""
+    cfg = _compose("plan", overrides, print_config)
+    if cfg is not None:
+        from eetune.parallel import plan as stage
+
+        stage.run(cfg, console=Console())
+
+
 @data_app.command("distill")
 def data_distill(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_CONFIG) -> None:
     """Generate a self-distillation corpus (JSONL) from the base model itself."""

@@ -134,7 +134,7 @@ def validate(cfg: DictConfig) -> None:
         raise EetuneError(f"generate.draft_len={cfg.generate.draft_len} must be >= 1")
     if cfg.generate.top_k is not None and cfg.generate.top_k < 1:
         raise EetuneError(f"generate.top_k={cfg.generate.top_k} must be >= 1")
-    if cfg.data.source in ("text", "jsonl", "hf") and not cfg.data.path:
+    if cfg.data.source in ("text", "jsonl", "hf") and not cfg.data.path and cfg.stage != "plan":  # plan reads no data
         raise EetuneError(f"data.source={cfg.data.source} needs data.path=<file>")
 
 

@@ -20,25 +20,28 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from torch.distributed.tensor import DTensor
 
 from eetune.data import IGNORE_INDEX, TuningData, load_tuning_data
 from eetune.data.batches import TrainBatches
 from eetune.errors import EetuneError
 from eetune.eval.heldout import ExitQuality, heldout_quality
-from eetune.exits import EarlyExitModel, build_manifest, check_specs, load_exits, save_exits, specs_from_config
+from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, check_specs, load_exits, save_exits, specs_from_config
 from eetune.exits.modules import lm_head_weight
 from eetune.infer.draft_vocab import count_tokens, save_token_counts
 from eetune.models import BaseModel
 from eetune.stages.common import CONFIG_FILE, base_info, load_base, write_config
 from eetune.train.hidden_cache import HiddenCache
-from eetune.train.losses import exit_losses
+from eetune.train.losses import ExitLossOutput, VocabShard, exit_losses, vocab_argmax
 from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state
 
 # Keys that may differ between a run and its resumption (sections tuning never reads included,
 # so runs saved before a section existed or changed its defaults still resume).
-_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger", "generate", "serve", "eval")
+_RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger", "generate", "serve", "eval", "export", "plan")
+# Launch settings: how the processes were started, not what they compute.
+_RESUME_FREE_DOTTED = ("parallel.nproc_per_node", "parallel.backend")
 
 
 @dataclass
@@ -53,6 +56,12 @@ class TuneResult:
 def run(cfg: DictConfig, console: Console | None = None) -> TuneResult:
     console = console or Console(stderr=True)
     check_tune_config(cfg)
+    from eetune.parallel import on_mesh
+
+    if on_mesh(cfg):
+        from eetune.parallel.trainer import run as run_on_mesh
+
+        return run_on_mesh(cfg, console)
     run_dir = Path(cfg.run_dir)
     _prepare_run_dir(cfg, run_dir)
     base = load_base(cfg.model)
@@ -102,6 +111,9 @@ def _check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) ->
         return {k: v for k, v in container.items() if k not in _RESUME_FREE_KEYS}
 
     old, new = _flatten(comparable(saved)), _flatten(comparable(current))
+    for key in _RESUME_FREE_DOTTED:
+        old.pop(key, None)
+        new.pop(key, None)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         key = changed[0]
@@ -135,10 +147,12 @@ def _build_model(cfg: DictConfig, base: BaseModel) -> EarlyExitModel:
 class Trainer:
     def __init__(
         self, cfg: DictConfig, base: BaseModel, model: EarlyExitModel, data: TuningData, run_dir: Path,
-        console: Console,
+        console: Console, specs: list[ExitSpec] | None = None,
     ) -> None:
+        """`specs`: every exit of the run (default: the model's; a pipeline stage holds only some)."""
         self.cfg, self.base, self.model, self.data, self.run_dir, self.console = cfg, base, model, data, run_dir, console
-        self.layers = model.exit_layers
+        specs = model.specs if specs is None else specs
+        self.layers = [spec.layer for spec in specs]
         self.bf16 = base.dtype == torch.bfloat16
         self.device = base.model.tok_embeddings.weight.device
         weights = list(cfg.loss.exit_weights) or [1.0] * len(self.layers)
@@ -147,7 +161,7 @@ class Trainer:
                 f"loss.exit_weights has {len(weights)} values for {len(self.layers)} exits {self.layers}"
             )
         self.base_weights = dict(zip(self.layers, (float(w) for w in weights)))
-        self.has_confidence = any(model.exit(layer).confidence is not None for layer in self.layers)
+        self.has_confidence = any(spec.confidence != "none" for spec in specs)
         # The final layer is computed only when a loss needs it.
         self.needs_final = cfg.loss.kd_alpha > 0 or cfg.loss.ce_target == "teacher" or self.has_confidence
 
@@ -155,23 +169,29 @@ class Trainer:
             data.train_tokens, data.train_labels, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed
         )
         self.heldout = data.heldout_batch(cfg.data.heldout_sequences)
-        params = model.exit_parameters()
-        self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(
-                step, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
-                decay=cfg.optim.decay, min_ratio=cfg.optim.min_lr_ratio,
-            ),
-        )
+        # Heads split over the vocabulary (tensor parallel) set this; None: each head is whole.
+        self.vocab_shard: VocabShard | None = None
+        self.optimizer, self.scheduler = self._make_optimizer(model.exit_parameters())
         self.cache = self._open_cache() if cfg.data.cache_hidden else None
         self.step = 0
         self.tokens_seen = 0
         self.flat_stop = FlatStop(cfg.train.flat_patience, cfg.train.flat_min_delta)
         self.stopped_flat = False
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        return lr_factor(
+            step, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
+            decay=cfg.optim.decay, min_ratio=cfg.optim.min_lr_ratio,
+        )
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]):
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
 
     def _open_cache(self) -> HiddenCache:
         keys = [str(layer) for layer in self.layers] + (["final"] if self.needs_final else [])
@@ -185,9 +205,9 @@ class Trainer:
     def fit(self) -> TuneResult:
         cfg = self.cfg
         if cfg.resume:
-            self._restore(load_state(self.run_dir))
+            self._resume()
         before = self._heldout_quality() if self.step == 0 else self._quality_from_metrics()
-        logger = MetricLogger(self.run_dir, cfg, resume_step=self.step)
+        logger = self._metric_logger()
         if self.step == 0:
             logger.log(0, self._quality_metrics(before))
             self.flat_stop.update({layer: q.cross_entropy for layer, q in before.items() if layer in self.layers})
@@ -226,6 +246,15 @@ class Trainer:
         self._write_results(before, after)
         return TuneResult(self.run_dir, self.step, self.tokens_seen, before, after)
 
+    def _resume(self) -> None:
+        from eetune.parallel.checkpoint import refuse_mesh_state
+
+        refuse_mesh_state(self.run_dir)
+        self._restore(load_state(self.run_dir))
+
+    def _metric_logger(self) -> MetricLogger:
+        return MetricLogger(self.run_dir, self.cfg, resume_step=self.step)
+
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         start = time.perf_counter()
@@ -257,42 +286,13 @@ class Trainer:
         return totals
 
     def _micro_step(self, batch: dict[str, torch.Tensor], weights: dict[int, float], normalizer: float) -> dict:
-        cfg = self.cfg
         states = self._backbone_states(batch)
         labels = batch["labels"]
-        with self._autocast():
-            hiddens = {layer: self.model.exit_hidden(layer, states[str(layer)]) for layer in self.layers}
-        dtype = next(iter(hiddens.values())).dtype
-        heads = {layer: self.model.head_weight(layer).to(dtype) for layer in self.layers}
-        teacher = states.get("final")
-        lm_head = lm_head_weight(self.base.model).to(dtype)
-        targets = labels
-        if cfg.loss.ce_target == "teacher":
-            top1 = chunked_argmax(teacher, lm_head, cfg.loss.chunk_size)
-            targets = torch.where(labels == IGNORE_INDEX, labels, top1)
-        out = exit_losses(
-            hiddens, heads, targets, weights,
-            token_weighting="dynamic" if cfg.loss.weighting == "dynamic" else "none",
-            teacher_hidden=teacher, teacher_head_weight=lm_head if teacher is not None else None,
-            kd_alpha=cfg.loss.kd_alpha, kd_temperature=cfg.loss.kd_temperature,
-            normalizer=normalizer, chunk_size=cfg.loss.chunk_size, return_top1=self.has_confidence,
-        )
-        loss = out.loss
+        loss, out, confidence_losses = self._exit_loss(self.layers, states, labels, weights, normalizer)
         metrics: dict[str, float] = {}
-        if self.has_confidence:
-            valid = (labels != IGNORE_INDEX).float()
-            for layer in self.layers:
-                estimator = self.model.exit(layer).confidence
-                if estimator is None:
-                    continue
-                # Detached input: the estimator learns to read the exit, not to reshape it.
-                with self._autocast():
-                    logit = estimator(hiddens[layer].detach()).float()
-                agree = (out.exit_top1[layer] == out.teacher_top1).float()
-                bce = F.binary_cross_entropy_with_logits(logit, agree, reduction="none")
-                conf_loss = (bce * valid).sum() / normalizer
-                loss = loss + cfg.loss.confidence_weight * conf_loss
-                metrics[f"confidence_bce/exit_{layer}"] = float(conf_loss.detach()) * normalizer / max(float(valid.sum()), 1)
+        valid_count = max(float((labels != IGNORE_INDEX).float().sum()), 1)
+        for layer, conf_loss in confidence_losses.items():
+            metrics[f"confidence_bce/exit_{layer}"] = float(conf_loss.detach()) * normalizer / valid_count
         loss.backward()
         metrics["loss"] = float(loss.detach())
         for layer, stats in out.exits.items():
@@ -303,6 +303,48 @@ class Trainer:
             if stats.kd is not None:
                 metrics[f"kd/exit_{layer}"] = float(stats.kd)
         return metrics
+
+    def _exit_loss(
+        self, layers: list[int], states: dict[str, torch.Tensor], labels: torch.Tensor, weights: dict[int, float],
+        normalizer: float,
+    ) -> tuple[torch.Tensor, ExitLossOutput, dict[int, torch.Tensor]]:
+        """The step loss of `layers`' exits on backbone `states`: (loss, fused output, confidence BCE per exit)."""
+        cfg = self.cfg
+        with self._autocast():
+            hiddens = {layer: self.model.exit_hidden(layer, states[str(layer)]) for layer in layers}
+        dtype = next(iter(hiddens.values())).dtype
+        heads = {layer: local_shard(self.model.head_weight(layer)).to(dtype) for layer in layers}
+        teacher = states.get("final")
+        lm_head = local_shard(lm_head_weight(self.base.model)).to(dtype)
+        targets = labels
+        if cfg.loss.ce_target == "teacher":
+            top1 = chunked_argmax(teacher, lm_head, cfg.loss.chunk_size, self.vocab_shard)
+            targets = torch.where(labels == IGNORE_INDEX, labels, top1)
+        out = exit_losses(
+            hiddens, heads, targets, {layer: weights[layer] for layer in layers},
+            token_weighting="dynamic" if cfg.loss.weighting == "dynamic" else "none",
+            teacher_hidden=teacher, teacher_head_weight=lm_head if teacher is not None else None,
+            kd_alpha=cfg.loss.kd_alpha, kd_temperature=cfg.loss.kd_temperature,
+            normalizer=normalizer, chunk_size=cfg.loss.chunk_size, return_top1=self.has_confidence,
+            vocab_shard=self.vocab_shard,
+        )
+        loss = out.loss
+        confidence_losses: dict[int, torch.Tensor] = {}
+        if self.has_confidence:
+            valid = (labels != IGNORE_INDEX).float()
+            for layer in layers:
+                estimator = self.model.exit(layer).confidence
+                if estimator is None:
+                    continue
+                # Detached input: the estimator learns to read the exit, not to reshape it.
+                with self._autocast():
+                    logit = estimator(hiddens[layer].detach()).float()
+                agree = (out.exit_top1[layer] == out.teacher_top1).float()
+                bce = F.binary_cross_entropy_with_logits(logit, agree, reduction="none")
+                conf_loss = (bce * valid).sum() / normalizer
+                loss = loss + cfg.loss.confidence_weight * conf_loss
+                confidence_losses[layer] = conf_loss
+        return loss, out, confidence_losses
 
     @torch.no_grad()
     def _backbone_states(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -378,7 +420,8 @@ class Trainer:
             self.flat_stop.load_state_dict(state.extra["flat_stop"])
         self.console.print(f"resumed {self.run_dir} at step {self.step}")
 
-    def _write_results(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> None:
+    def _tune_summary(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> dict[str, Any]:
+        """The manifest's `tune` entry: how long it ran and the held-out quality before and after."""
         heldout = {
             str(layer): {
                 "cross_entropy_before": before[layer].cross_entropy,
@@ -388,19 +431,21 @@ class Trainer:
             }
             for layer in after
         }
+        return {"steps": self.step, "tokens_seen": self.tokens_seen, "stopped_flat": self.stopped_flat,
+                "heldout": heldout}
+
+    def _save_token_counts(self) -> None:
+        """Token frequencies of the training targets: the kept vocabulary of FR-Spec drafting."""
+        # From the config: a pipeline or tensor-parallel rank may hold none or part of the embeddings.
+        vocab_size = int(self.base.hf_config["vocab_size"])
+        save_token_counts(self.run_dir, count_tokens(self.data.train_labels, vocab_size, IGNORE_INDEX))
+
+    def _write_results(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> None:
         manifest = build_manifest(
-            self.model, base_info(self.base), stage="tune",
-            extra={
-                "tune": {
-                    "steps": self.step, "tokens_seen": self.tokens_seen, "stopped_flat": self.stopped_flat,
-                    "heldout": heldout,
-                }
-            },
+            self.model, base_info(self.base), stage="tune", extra={"tune": self._tune_summary(before, after)}
         )
         save_exits(self.run_dir, self.model, manifest)
-        # Token frequencies of the training targets: the kept vocabulary of FR-Spec drafting.
-        vocab_size = lm_head_weight(self.base.model).shape[0]
-        save_token_counts(self.run_dir, count_tokens(self.data.train_labels, vocab_size, IGNORE_INDEX))
+        self._save_token_counts()
         plot_loss_curves(
             read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / LOSS_PLOT_FILE,
             title=f"{self.base.name}: exits {self.layers} (train CE vs {self._ce_target_name()})",
@@ -417,25 +462,39 @@ class Trainer:
         return f"CE {ces} | {metrics['tokens_per_s']:.0f} tok/s"
 
 
-def chunked_argmax(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """argmax(hidden @ weight.T) over the last dim, `chunk_size` rows at a time."""
+def chunked_argmax(
+    hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int, vocab_shard: VocabShard | None = None
+) -> torch.Tensor:
+    """argmax(hidden @ weight.T) over the last dim, `chunk_size` rows at a time (over all ranks'
+    vocabulary rows when `weight` is this rank's `vocab_shard`)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for start in range(0, flat.shape[0], chunk_size):
-        out[start : start + chunk_size] = (flat[start : start + chunk_size] @ weight.T).argmax(-1)
+        out[start : start + chunk_size] = vocab_argmax(flat[start : start + chunk_size] @ weight.T, vocab_shard)
     return out.view(hidden.shape[:-1])
+
+
+def local_shard(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor-parallel (DTensor) weight; a plain tensor as it is."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def _results_table(
     layers: list[int], num_layers: int, before: dict[int, ExitQuality], after: dict[int, ExitQuality]
 ) -> Table:
+    """Rows for the exits and the final layer; a mesh run that never built the final layer has
+    neither its row nor agreement (n/a)."""
     table = Table(title="held-out quality per exit")
     for column in ("layer", "CE before", "CE after", "agreement before", "agreement after"):
         table.add_column(column, justify="right")
-    for layer in [*layers, num_layers]:
+
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    for layer in [layer for layer in [*layers, num_layers] if layer in after]:
         table.add_row(
             str(layer) if layer != num_layers else f"{layer} (final)",
             f"{before[layer].cross_entropy:.3f}", f"{after[layer].cross_entropy:.3f}",
-            f"{before[layer].agreement:.1%}", f"{after[layer].agreement:.1%}",
+            share(before[layer].agreement), share(after[layer].agreement),
         )
     return table

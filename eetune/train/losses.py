@@ -13,6 +13,12 @@ w.r.t. the hidden states (and w.r.t. a head weight only when it requires grad: a
 costs no [V, D] weight-gradient matmul), keeps the gradients and only scales them in backward (the
 approach of Liger's fused linear cross-entropy). The teacher's chunk of logits is computed once and
 shared by every exit. `exit_losses_reference` is the plain full-logits autograd version, for tests.
+
+Vocabulary parallel (tensor parallel heads, "loss parallel"): with a `VocabShard`, every head weight
+holds only this rank's rows of the vocabulary; per-token reductions over the vocabulary (max, sum,
+the target's logit, argmax, dot products with the teacher) are completed with all-reduces over the
+shard's group, and the gradient w.r.t. the (replicated) hiddens is summed over it. Loss, gradients
+and statistics then equal the unsplit computation on every rank; weight gradients stay sharded.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
@@ -33,6 +40,83 @@ DEFAULT_CHUNK_SIZE = 1024
 
 # Columns of the per-exit stats tensor the fused function returns (sums over this call's tokens).
 _WEIGHTED, _CE, _KD, _MAX_PROB, _AGREE = range(5)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows [start, start + size) of a `vocab`-row head split across `group`."""
+
+    group: Any  # torch.distributed ProcessGroup
+    start: int
+    size: int
+    vocab: int
+
+
+class _LocalVocab:
+    """Reductions over the vocabulary when each rank holds all of it: plain tensor ops."""
+
+    def max(self, row_max: torch.Tensor) -> torch.Tensor:
+        return row_max
+
+    def sum(self, *row_sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return row_sums
+
+    def argmax(self, z: torch.Tensor) -> torch.Tensor:
+        return z.argmax(dim=-1)
+
+    def target_logit(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return z.gather(1, targets[:, None]).squeeze(1)
+
+    def sub_at_targets_(self, grad: torch.Tensor, targets: torch.Tensor, values: torch.Tensor) -> None:
+        grad.scatter_add_(1, targets[:, None], -values[:, None])
+
+    def sum_hidden_grad_(self, grad: torch.Tensor) -> None:
+        pass
+
+
+class _ShardedVocab(_LocalVocab):
+    """The same reductions when the vocabulary is split across a process group (see module doc)."""
+
+    def __init__(self, shard: VocabShard) -> None:
+        self.shard = shard
+
+    def max(self, row_max: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.shard.group)
+        return row_max
+
+    def sum(self, *row_sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        stacked = torch.stack(row_sums)  # one all-reduce for all of them
+        dist.all_reduce(stacked, group=self.shard.group)
+        return tuple(stacked.unbind(0))
+
+    def argmax(self, z: torch.Tensor) -> torch.Tensor:
+        # Local (max, index) pairs from every rank; the first rank holding the global max wins,
+        # which is torch.argmax's first-occurrence rule over the whole vocabulary.
+        local_max, local_idx = z.max(dim=-1)
+        size = dist.get_world_size(self.shard.group)
+        maxes = [torch.empty_like(local_max) for _ in range(size)]
+        indices = [torch.empty_like(local_idx) for _ in range(size)]
+        dist.all_gather(maxes, local_max, group=self.shard.group)
+        dist.all_gather(indices, local_idx + self.shard.start, group=self.shard.group)
+        best = torch.stack(maxes).argmax(dim=0)
+        return torch.stack(indices).gather(0, best[None]).squeeze(0)
+
+    def _local(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = targets - self.shard.start
+        owned = (local >= 0) & (local < self.shard.size)
+        return torch.where(owned, local, 0), owned
+
+    def target_logit(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        local, owned = self._local(targets)
+        return torch.where(owned, z.gather(1, local[:, None]).squeeze(1), 0.0)  # summed by the caller
+
+    def sub_at_targets_(self, grad: torch.Tensor, targets: torch.Tensor, values: torch.Tensor) -> None:
+        local, owned = self._local(targets)
+        grad.scatter_add_(1, local[:, None], -(values * owned)[:, None])
+
+    def sum_hidden_grad_(self, grad: torch.Tensor) -> None:
+        # Each rank's rows of the head contribute a part of dloss/dhidden.
+        dist.all_reduce(grad, group=self.shard.group)
 
 
 @dataclass(frozen=True)
@@ -67,6 +151,13 @@ class ExitLossOutput:
     """The teacher's argmax token at every position; only with `return_top1` and a teacher."""
 
 
+def vocab_argmax(logits: torch.Tensor, vocab_shard: Optional[VocabShard] = None) -> torch.Tensor:
+    """Row-wise argmax of [N, V] logits; with a `vocab_shard`, of every rank's columns together."""
+    if vocab_shard is None:
+        return logits.argmax(dim=-1)
+    return _ShardedVocab(vocab_shard).argmax(logits)
+
+
 @dataclass(frozen=True)
 class _Args:
     """Validated, flattened arguments shared by the fused and the reference implementation."""
@@ -85,6 +176,7 @@ class _Args:
     normalizer: float
     num_valid: int
     chunk_size: int
+    vocab: _LocalVocab
 
 
 def _check_args(
@@ -99,6 +191,7 @@ def _check_args(
     kd_temperature: float,
     normalizer: Optional[float],
     chunk_size: int,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> _Args:
     """Option mistakes raise EetuneError; inconsistent tensors (a caller bug) raise ValueError."""
     if token_weighting not in TOKEN_WEIGHTINGS:
@@ -134,6 +227,8 @@ def _check_args(
     layers = tuple(sorted(hiddens))
     dim = hiddens[layers[0]].shape[-1]
     vocab = head_weights[layers[0]].shape[0]
+    if vocab_shard is not None and vocab != vocab_shard.size:
+        raise ValueError(f"head weights have {vocab} rows but this rank's vocabulary shard has {vocab_shard.size}")
 
     def flat_hidden(name: str, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if h.shape != (*targets.shape, dim):
@@ -155,8 +250,9 @@ def _check_args(
 
     flat_targets = targets.reshape(-1).long()
     valid = flat_targets != IGNORE_INDEX
-    if bool(((flat_targets < 0) | (flat_targets >= vocab))[valid].any()):
-        raise ValueError(f"targets must be token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored)")
+    full_vocab = vocab if vocab_shard is None else vocab_shard.vocab
+    if bool(((flat_targets < 0) | (flat_targets >= full_vocab))[valid].any()):
+        raise ValueError(f"targets must be token ids in [0, {full_vocab}) or {IGNORE_INDEX} (ignored)")
     num_valid = int(valid.sum())
     return _Args(
         layers=layers,
@@ -174,6 +270,7 @@ def _check_args(
         normalizer=float(normalizer) if normalizer is not None else float(max(num_valid, 1)),
         num_valid=num_valid,
         chunk_size=chunk_size,
+        vocab=_LocalVocab() if vocab_shard is None else _ShardedVocab(vocab_shard),
     )
 
 
@@ -244,16 +341,16 @@ class _TeacherChunk:
     top1: torch.Tensor  # [C]
 
 
-def _teacher_chunk(hidden: torch.Tensor, head: torch.Tensor, buffers: _Buffers) -> _TeacherChunk:
+def _teacher_chunk(hidden: torch.Tensor, head: torch.Tensor, buffers: _Buffers, vocab: _LocalVocab) -> _TeacherChunk:
     assert buffers.q is not None and buffers.scratch is not None
     rows = hidden.shape[0]
     z = buffers.logits_of(hidden, head, buffers.q)
-    z_max = z.amax(dim=-1)  # several times faster than max(dim) with its indices
-    top1 = z.argmax(dim=-1)
+    z_max = vocab.max(z.amax(dim=-1))  # amax: several times faster than max(dim) with its indices
+    top1 = vocab.argmax(z)
     x = z.sub_(z_max[:, None]).div_(buffers.temperature)  # log q up to the row constant log(sum exp x)
     e = torch.exp(x, out=buffers.scratch[:rows])
-    s = e.sum(dim=-1)
-    neg_entropy = _rowdot(e, x) / s - s.log()  # sum q log q = sum q x - log s
+    s, e_dot_x = vocab.sum(e.sum(dim=-1), _rowdot(e, x))
+    neg_entropy = e_dot_x / s - s.log()  # sum q log q = sum q x - log s
     q = torch.div(e, s[:, None], out=x)  # x is no longer needed: q takes its place
     return _TeacherChunk(q=q, neg_entropy=neg_entropy, top1=top1)
 
@@ -277,22 +374,25 @@ def _exit_chunk(
     softmax and then the gradient, which stays valid until the next exit reuses the buffer. The
     argmax (a slow indexed pass) is computed only when returned or needed for teacher agreement.
     """
-    alpha, temp = args.kd_alpha, args.temperature
+    alpha, temp, vocab = args.kd_alpha, args.temperature, args.vocab
     z = buffers.logits_of(hidden, head, buffers.logits)
-    z_target = z.gather(1, targets[:, None]).squeeze(1)
-    z_max = z.amax(dim=-1)
-    top1 = z.argmax(dim=-1) if want_top1 or teacher is not None else None
+    z_target = vocab.target_logit(z, targets)
+    z_max = vocab.max(z.amax(dim=-1))
+    top1 = vocab.argmax(z) if want_top1 or teacher is not None else None
     kd_dot = _rowdot(teacher.q, z) if teacher is not None else None
     p_temp: Optional[torch.Tensor] = None  # softmax(z / T), needed only when T != 1
     lse_temp: Optional[torch.Tensor] = None
     if teacher is not None and temp != 1.0:
         assert buffers.scratch is not None
         p_temp = torch.div(z, temp, out=buffers.scratch[: z.shape[0]]).sub_((z_max / temp)[:, None]).exp_()
-        s_temp = p_temp.sum(dim=-1)
+        (s_temp,) = vocab.sum(p_temp.sum(dim=-1))
         p_temp.div_(s_temp[:, None])
         lse_temp = z_max / temp + s_temp.log()
     e = z.sub_(z_max[:, None]).exp_()  # unnormalised softmax, overwriting the logits
-    s = e.sum(dim=-1)
+    if kd_dot is None:
+        s, z_target = vocab.sum(e.sum(dim=-1), z_target)
+    else:
+        s, z_target, kd_dot = vocab.sum(e.sum(dim=-1), z_target, kd_dot)
     lse = z_max + s.log()
     ce = lse - z_target
     max_prob = s.reciprocal()  # exp(z_max - lse)
@@ -322,7 +422,7 @@ def _exit_chunk(
         if teacher is not None and alpha > 0 and p_temp is not None:
             e.addcmul_(p_temp.sub_(teacher.q), (alpha * temp * coef)[:, None])
     if alpha < 1:
-        e.scatter_add_(1, targets[:, None], (-(1.0 - alpha) * coef)[:, None])
+        vocab.sub_at_targets_(e, targets, (1.0 - alpha) * coef)
     return e, stats, top1
 
 
@@ -367,7 +467,7 @@ class _FusedExitLoss(torch.autograd.Function):
             valid = is_valid.float()
             teacher = None
             if args.teacher_hidden is not None and args.teacher_head is not None:
-                teacher = _teacher_chunk(args.teacher_hidden[start:end], args.teacher_head, buffers)
+                teacher = _teacher_chunk(args.teacher_hidden[start:end], args.teacher_head, buffers, args.vocab)
                 if teacher_top1.numel():
                     teacher_top1[start:end] = teacher.top1
             for i in range(num_exits):
@@ -392,6 +492,9 @@ class _FusedExitLoss(torch.autograd.Function):
                     else:
                         gw.add_(torch.mm(g.t(), h, out=low_grad_w))
 
+        for gh in grad_h:
+            if gh is not None:
+                args.vocab.sum_hidden_grad_(gh)
         ctx.num_exits = num_exits
         ctx.head_dtypes = [w.dtype for w in heads]
         ctx.save_for_backward(*grad_h, *grad_w)
@@ -432,6 +535,7 @@ def exit_losses(
     normalizer: Optional[float] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_top1: bool = False,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> ExitLossOutput:
     """Weighted sum of all exits' losses, fused with their heads and computed `chunk_size` tokens at a time.
 
@@ -452,12 +556,14 @@ def exit_losses(
             this call's valid-token count.
         chunk_size: tokens per chunk; peak extra memory is a few [chunk_size, V] fp32 tensors.
         return_top1: also return each exit's (and the teacher's) argmax at every position.
+        vocab_shard: the heads (and teacher head) hold only this rank's vocabulary rows (tensor
+            parallel); every rank of its group must call with the same hiddens and targets.
 
     Logits are computed in the input dtype (bf16 works); softmax, losses and sums in fp32.
     The returned loss supports one backward (the gradients are computed here, in forward).
     """
     args = _check_args(hiddens, head_weights, targets, exit_weights, token_weighting, teacher_hidden,
-                       teacher_head_weight, kd_alpha, kd_temperature, normalizer, chunk_size)
+                       teacher_head_weight, kd_alpha, kd_temperature, normalizer, chunk_size, vocab_shard)
     # Distinct head tensors by identity: a shared head is one input with one gradient buffer.
     distinct: dict[int, int] = {}
     heads: list[torch.Tensor] = []

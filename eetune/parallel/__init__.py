@@ -1,0 +1,25 @@
+"""Tuning on a device mesh: FSDP2, tensor and pipeline parallel, torchrun and Slurm launch, planning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eetune.parallel.mesh import ParallelDims, launched_world_size, under_launcher
+
+
+def on_mesh(cfg: Any) -> bool:
+    """Whether `tune` runs on a device mesh (several processes) rather than in one plain process.
+
+    Also checks the mesh fits the process count, so a single process asked for tp=2 fails clearly
+    instead of silently running unsharded.
+    """
+    processes = launched_world_size() if under_launcher() else int(cfg.parallel.nproc_per_node)
+    if processes < 1:
+        from eetune.errors import EetuneError
+
+        raise EetuneError(f"parallel.nproc_per_node={processes} must be >= 1")
+    ParallelDims.from_config(cfg.parallel, processes)
+    return processes > 1
+
+
+__all__ = ["ParallelDims", "on_mesh"]

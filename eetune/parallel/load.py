@@ -1,0 +1,224 @@
+"""Build one rank's part of the model: only the tensors its pipeline stage needs are ever read.
+
+The decoder is built on the meta device (no memory). Tensors are read one at a time from the
+checkpoint's safetensors files (memory-mapped) and converted to torchtune names with the family's
+own converter (the one `FullModelHFCheckpointer` uses), so a rank never holds more than its stage,
+and a layer's full weights only while that layer is being sharded (`parallelize_stage`).
+
+Exits are built exactly as in a single process, every exit in order on every rank, so random
+initialisation draws the same numbers; a rank then keeps only its stage's exits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torchtune.models import convert_weights
+from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+from torchtune.modules import TransformerDecoder
+
+from eetune.errors import EetuneError
+from eetune.exits import EarlyExitModel, ExitSpec, read_manifest, specs_from_config
+from eetune.models import BaseModel, fingerprint, get_model_entry
+from eetune.models import hf_config as hfc
+from eetune.models.checkpoint import find_safetensors
+from eetune.models.load import _resolve_checkpoint_dir, load_tokenizer, parse_dtype
+from eetune.models.registry import ModelFamily
+from eetune.parallel.mesh import Topology
+from eetune.parallel.parallelize import parallelize_stage
+from eetune.parallel.pipeline import StagePlan, plan_stages
+
+
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint dir's weights by torchtune name, each read and converted only when asked for."""
+
+    def __init__(self, family: ModelFamily, checkpoint_dir: Path, hf_config: Mapping[str, Any]) -> None:
+        self.family, self.hf_config = family, hf_config
+        self._handles = {name: safe_open(str(Path(checkpoint_dir) / name), framework="pt")
+                         for name in find_safetensors(checkpoint_dir)}
+        self._source: dict[str, tuple[str, str]] = {}  # torchtune name -> (file, HF key)
+        for file, handle in self._handles.items():
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                # Converting a meta tensor gives the name without reading any data.
+                for name in self._convert({key: torch.empty(shape, device="meta")}):
+                    self._source[name] = (file, key)
+        if hfc.tie_word_embeddings(hf_config):
+            self._source.pop("output.weight", None)  # as load_tune_state_dict: HF ignores it too
+
+    def _convert(self, hf_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        config = self.hf_config
+        kwargs = dict(num_heads=int(config["num_attention_heads"]), num_kv_heads=hfc.num_kv_heads(config),
+                      dim=int(config["hidden_size"]))
+        if self.family.model_type == "QWEN2":
+            return qwen2_hf_to_tune(hf_tensors, tie_word_embeddings=hfc.tie_word_embeddings(config), **kwargs)
+        return convert_weights.hf_to_tune(hf_tensors, head_dim=config.get("head_dim"), **kwargs)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file, key = self._source[name]
+        return self._convert({key: self._handles[file].get_tensor(key)})[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
+@dataclass
+class StageModel:
+    base: BaseModel  # `model` is the meta-built decoder with this stage's parts materialised
+    model: EarlyExitModel  # this stage's exits only
+    plan: StagePlan
+    plans: list[StagePlan]  # every stage's, so any rank can tell where an exit lives
+    specs: list[ExitSpec]  # every exit of the run, in layer order
+
+
+def build_stage_model(
+    cfg: Any, topology: Topology, specs: list[ExitSpec], needs_final: bool,
+    build_exits: Callable[[Any, BaseModel], EarlyExitModel],
+) -> StageModel:
+    """This rank's stage of the backbone and exits, loaded, tensor-parallel and FSDP-sharded.
+
+    `specs` are every exit of the run; `build_exits(cfg, base)` is the single-process exit builder
+    (it reads `base.model`'s layers).
+    """
+    model_cfg = cfg.model
+    entry = get_model_entry(model_cfg.name)
+    path = _resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
+    config = hfc.read_hf_config(path)
+    dtype = parse_dtype(model_cfg.dtype)
+    seq_len = int(model_cfg.max_seq_len or config.get("max_position_embeddings") or 4096)
+    kwargs = entry.family.decoder_kwargs(config, seq_len)
+    tokenizer = load_tokenizer(path)
+    tensors = CheckpointTensors(entry.family, path, config)
+    with torch.device("meta"):
+        decoder = entry.family.builder(**kwargs)
+    decoder.to(dtype=dtype).eval().requires_grad_(False)
+    num_layers = len(decoder.layers)
+
+    depth = num_layers if needs_final or not cfg.parallel.partial else max(spec.layer for spec in specs)
+    plans = plan_stages(topology.dims.pp, depth, [spec.layer for spec in specs], needs_final or not cfg.parallel.partial)
+    plan = plans[topology.pp_rank]
+    base = BaseModel(
+        name=entry.name, model=decoder, tokenizer=tokenizer, checkpoint_dir=path, hf_config=config,
+        fingerprint=_shared_fingerprint(tensors),
+    )
+    loader = _Materialiser(decoder, tensors, topology.device, dtype)
+
+    # Exits, built from full source weights on every rank (same random draws), then this stage's kept.
+    loader.load(_exit_sources(specs, num_layers, _lm_head_name(config)))
+    model = build_exits(cfg, base)
+    for layer in model.exit_layers:
+        if layer not in plan.exits:
+            del model.exits[str(layer)]
+    model.exits.to(topology.device)
+
+    stage_names = _stage_names(plan, config)
+    loader.unload(loader.loaded - set(loader.expand(stage_names)))  # exit sources this stage does not run
+    loader.load(name for name in stage_names if not name.startswith("layers."))
+    # Layers load one at a time, right before they are sharded.
+    parallelize_stage(model, plan, topology, bf16=dtype == torch.bfloat16,
+                      before_block=lambda index: loader.load([f"layers.{index}."]))
+    _init_rope(model, topology.device)
+    return StageModel(base=base, model=model, plan=plan, plans=plans, specs=specs)
+
+
+def run_specs(cfg: Any) -> list[ExitSpec]:
+    """Every exit of the run: from the config, or from the run dir `train.init_from` names."""
+    if cfg.train.init_from:
+        return sorted((ExitSpec(**spec) for spec in read_manifest(cfg.train.init_from)["exits"]), key=lambda s: s.layer)
+    return specs_from_config(cfg.exits)
+
+
+def _shared_fingerprint(tensors: CheckpointTensors) -> str:
+    """The single-process fingerprint of the base weights, computed on rank 0 and shared.
+
+    Rank 0 streams every tensor once (one in memory at a time); other ranks load meanwhile.
+    """
+    value = [fingerprint(tensors) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def _lm_head_name(config: Mapping[str, Any]) -> str:
+    return "tok_embeddings.weight" if hfc.tie_word_embeddings(config) else "output.weight"
+
+
+def _exit_sources(specs: list[ExitSpec], num_layers: int, lm_head: str) -> set[str]:
+    """What `build_exit` copies from: its own layer (mlp), the last layer (layer), final norm, LM head."""
+    names = {lm_head, "norm.scale"}
+    for spec in specs:
+        if spec.arch == "mlp":
+            names.add(f"layers.{min(spec.layer, num_layers) - 1}.")
+        elif spec.arch == "layer":
+            names.add(f"layers.{num_layers - 1}.")
+    return names
+
+
+def _stage_names(plan: StagePlan, config: Mapping[str, Any]) -> list[str]:
+    names = [f"layers.{index}." for index in plan.layer_indices]
+    if plan.is_first:
+        names.append("tok_embeddings.weight")
+    if plan.exits or plan.computes_final:
+        # Exits and the teacher read the final norm and the LM head.
+        names += ["norm.scale", _lm_head_name(config)]
+    return names
+
+
+class _Materialiser:
+    """Replaces the meta decoder's tensors with real ones (by name or `layers.N.` prefix) and back."""
+
+    def __init__(self, decoder: TransformerDecoder, tensors: CheckpointTensors, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.decoder, self.tensors, self.device, self.dtype = decoder, tensors, device, dtype
+        self.loaded: set[str] = set()
+
+    def expand(self, names) -> list[str]:
+        """Tensor names given exactly or by a prefix ending in "."."""
+        names = list(names)
+        return [name for name in self.tensors
+                if any(name == n or (n.endswith(".") and name.startswith(n)) for n in names)]
+
+    def load(self, names) -> None:
+        wanted = [name for name in self.expand(names) if name not in self.loaded]
+        if wanted:
+            # assign=True adopts the tensors; parameters keep the module's requires_grad=False.
+            state = {name: self.tensors[name].to(device=self.device, dtype=self.dtype) for name in wanted}
+            self.decoder.load_state_dict(state, strict=False, assign=True)
+            self.loaded |= set(wanted)
+
+    def unload(self, names) -> None:
+        for name in self.expand(names):
+            module_name, _, param = name.rpartition(".")
+            module = self.decoder.get_submodule(module_name)
+            tensor = getattr(module, param)
+            setattr(module, param, torch.nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=False))
+            self.loaded.discard(name)
+
+
+def _init_rope(model: EarlyExitModel, device: torch.device) -> None:
+    """RoPE tables are buffers outside any state dict: build them for real on the device."""
+    with torch.device(device):
+        for module in model.modules():
+            if hasattr(module, "rope_init"):
+                module.rope_init()
+
+
+def check_loaded(stage: StageModel) -> None:
+    """No tensor a stage runs may still be on the meta device (an internal error if one is)."""
+    used: list[torch.nn.Module] = list(stage.model.exits.values())
+    backbone = stage.model.backbone
+    used += [backbone.layers[i] for i in stage.plan.layer_indices]
+    if stage.plan.is_first:
+        used.append(backbone.tok_embeddings)
+    for module in used:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_meta:
+                raise EetuneError(f"internal error: stage {stage.plan.stage} kept {name} on the meta device")

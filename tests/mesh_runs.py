@@ -1,0 +1,48 @@
+"""Several `tune` runs on one torchrun process group, for tests/test_parallel.py.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/mesh_runs.py runs.json
+
+runs.json is a list of {"overrides": [...], "stop_after": step or null}. A run with `stop_after`
+is interrupted on every rank after that many steps (as a killed job would be), so a later run with
+resume=true can continue it. One launch for many runs: each process imports torch once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from eetune.config import compose_config
+from eetune.parallel import trainer
+from eetune.train import loop
+
+
+class Interrupted(Exception):
+    pass
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    original_step = trainer.MeshTrainer.train_step
+    try:
+        for run in json.loads(open(path).read()):
+            stop_after = run.get("stop_after")
+
+            def train_step(self, stop_after=stop_after):
+                if stop_after is not None and self.step == stop_after:
+                    raise Interrupted
+                return original_step(self)
+
+            trainer.MeshTrainer.train_step = train_step
+            try:
+                loop.run(compose_config("tune", run["overrides"]))
+            except Interrupted:
+                pass
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

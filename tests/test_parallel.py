@@ -1,0 +1,283 @@
+"""Tuning on a device mesh (CPU, gloo) equals tuning in one process.
+
+Each mesh run and its single-process reference tune the tiny model for 4 steps on the same data;
+they must agree on the logged loss of every step (relative 1e-6) and on every tuned exit weight
+(absolute 1e-6; the weights are O(0.1-1), one step moves them by ~lr = 1e-2). What differs is only
+the order of floating-point sums (sharded norms and matmuls, all-reduces): <= 3e-7 here. Most runs
+train against the final layer (teacher CE + KD): the random tiny model's CE against the data is
+~58 nats, a near one-hot softmax where such last-bit differences grow to ~1e-5 in the weights
+after 4 steps (measured; the losses still agree to 1e-7), which would test the model, not us. All 2-process runs share one
+torchrun launch and all 4-process runs another (tests/mesh_runs.py): starting processes and
+importing torch is most of the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eetune.config import compose_config
+from eetune.errors import EetuneError
+from eetune.exits import load_exits
+from eetune.parallel import on_mesh
+from eetune.parallel.checkpoint import check_same_mesh
+from eetune.parallel.load import CheckpointTensors
+from eetune.parallel.mesh import ParallelDims
+from eetune.parallel.pipeline import plan_stages
+from eetune.train import loop
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_RTOL = 1e-6
+WEIGHT_ATOL = 1e-6
+
+# Teacher CE + KD + confidence estimators: every path that needs the final layer.
+TEACHER = ["loss.ce_target=teacher", "loss.kd_alpha=0.5", "exits.confidence=linear"]
+LABELS = ["loss.ce_target=labels", "loss.kd_alpha=0", "exits.confidence=none"]
+
+# name -> (training settings shared with the reference, mesh settings)
+TWO_PROCESS = {
+    "fsdp": (TEACHER, ["parallel.dp_shard=2"]),
+    "tp": (TEACHER, ["parallel.tp=2", "parallel.dp_shard=1"]),
+    "pp": (TEACHER, ["parallel.pp=2", "parallel.dp_shard=1"]),
+    # Layers 1-2 and 3: stage 0 holds no exit, layer 4 is never built (partial pipeline).
+    "pp_partial": ([*LABELS, "exits.layers=[3]"], ["parallel.pp=2", "parallel.dp_shard=1"]),
+}
+FOUR_PROCESS = {
+    "fsdp_tp": (TEACHER, ["parallel.dp_shard=2", "parallel.tp=2"]),
+    "pp_fsdp": (TEACHER, ["parallel.pp=2", "parallel.dp_shard=2"]),
+    "hsdp": (TEACHER, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    # Trainable vocabulary-parallel heads and attention exits, sharded over tp and dp.
+    "fsdp_tp_copy_heads": ([*TEACHER, "exits.head=copy", "exits.arch=layer"], ["parallel.dp_shard=2", "parallel.tp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(topics["assignment"][:6000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def common(tiny_base_model, corpus) -> list[str]:
+    return [
+        f"model.checkpoint_dir={tiny_base_model.checkpoint_dir}", "model.dtype=float32",
+        "data=text", f"data.path={corpus}", "data.seq_len=32", "data.batch_size=4", "data.cache_hidden=false",
+        "data.heldout_sequences=2", "exits.layers=[1,2,3]", "exits.arch=mlp", "exits.head=shared",
+        "optim.lr=1e-2", "optim.warmup_steps=2", "train.steps=4", "train.checkpoint_every=2",
+        "train.eval_every=2", "train.flat_patience=0",
+    ]
+
+
+class References:
+    """Single-process runs, one per distinct training setting, made on first use."""
+
+    def __init__(self, root: Path, common: list[str]) -> None:
+        self.root, self.common, self.runs = root, common, {}
+
+    def __call__(self, settings: list[str]) -> Path:
+        key = tuple(settings)
+        if key not in self.runs:
+            run_dir = self.root / f"reference-{len(self.runs)}"
+            loop.run(compose_config("tune", [*self.common, *settings, f"run_dir={run_dir}"]))
+            self.runs[key] = run_dir
+        return self.runs[key]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, common) -> References:
+    return References(tmp_path_factory.mktemp("references"), common)
+
+
+def launch(nproc: int, runs: list[dict], tmp: Path) -> None:
+    spec = tmp / "runs.json"
+    spec.write_text(json.dumps(runs))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         str(REPO / "tests" / "mesh_runs.py"), str(spec)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, common, references) -> dict[str, Path]:
+    """The 2-process meshes, plus an interrupted FSDP run resumed, plus exits moved to a TP mesh."""
+    root = tmp_path_factory.mktemp("mesh2")
+    runs, dirs = [], {}
+    for name, (settings, mesh) in TWO_PROCESS.items():
+        dirs[name] = root / name
+        runs.append({"overrides": [*common, *settings, *mesh, f"run_dir={dirs[name]}"]})
+    fsdp = [*common, *TEACHER, "parallel.dp_shard=2", f"run_dir={root / 'resumed'}"]
+    runs.append({"overrides": fsdp, "stop_after": 3})  # state saved at step 2, then "killed"
+    runs.append({"overrides": [*fsdp, "resume=true"]})
+    dirs["resumed"] = root / "resumed"
+    dirs["init_from_fsdp"] = root / "init_from_fsdp"
+    runs.append({"overrides": [*common, *TEACHER, "parallel.tp=2", "parallel.dp_shard=1",
+                               f"train.init_from={dirs['fsdp']}", f"run_dir={dirs['init_from_fsdp']}"]})
+    launch(2, runs, root)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def four_process_runs(tmp_path_factory, common) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mesh4")
+    dirs = {name: root / name for name in FOUR_PROCESS}
+    launch(4, [{"overrides": [*common, *settings, *mesh, f"run_dir={dirs[name]}"]}
+               for name, (settings, mesh) in FOUR_PROCESS.items()], root)
+    return dirs
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_same_run(mesh_dir: Path, reference_dir: Path) -> None:
+    expected, got = train_losses(reference_dir), train_losses(mesh_dir)
+    assert len(got) == len(expected) == 4
+    assert got == pytest.approx(expected, rel=LOSS_RTOL, abs=0)
+    reference, tuned = load_file(str(reference_dir / "exits.safetensors")), load_file(str(mesh_dir / "exits.safetensors"))
+    assert tuned.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(tuned[key], reference[key], rtol=0, atol=WEIGHT_ATOL)
+    assert got[-1] < got[0]  # it trained: the equality is not "nothing moved"
+    counts = "draft_vocab.safetensors"  # the FR-Spec token frequencies, written by rank 0
+    assert load_file(str(mesh_dir / counts))["counts"].equal(load_file(str(reference_dir / counts))["counts"])
+
+
+@pytest.mark.parametrize("name", ["fsdp", "tp", "pp", "pp_partial"])
+def test_two_process_mesh_tunes_like_one_process(name, two_process_runs, references):
+    settings, _ = TWO_PROCESS[name]
+    assert_same_run(two_process_runs[name], references(settings))
+
+
+@pytest.mark.parametrize("name", list(FOUR_PROCESS))
+def test_four_process_mesh_tunes_like_one_process(name, four_process_runs, references):
+    settings, _ = FOUR_PROCESS[name]
+    assert_same_run(four_process_runs[name], references(settings))
+
+
+def test_partial_pipeline_builds_nothing_past_the_deepest_exit(two_process_runs):
+    manifest = json.loads((two_process_runs["pp_partial"] / "manifest.json").read_text())
+    assert manifest["tune"]["mesh"] == {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+    # Layers 1-2 on a stage without exits, layer 3 with its exit; layer 4 nowhere.
+    assert manifest["tune"]["stages"] == [{"layers": [1, 2], "exits": []}, {"layers": [3, 3], "exits": [3]}]
+    heldout = manifest["tune"]["heldout"]
+    assert set(heldout) == {"3"} and heldout["3"]["agreement_after"] is None  # no final layer to agree with
+    # With a teacher the last stage computes the final layer, and stages split all 4 layers.
+    teacher = json.loads((two_process_runs["pp"] / "manifest.json").read_text())["tune"]
+    assert teacher["stages"] == [{"layers": [1, 2], "exits": [1, 2]}, {"layers": [3, 4], "exits": [3]}]
+    assert teacher["heldout"]["4"]["agreement_after"] == 1.0
+
+
+def test_exits_tuned_on_a_mesh_load_in_one_process(two_process_runs, tiny_base_model):
+    run_dir = two_process_runs["fsdp"]
+    model = load_exits(run_dir, tiny_base_model.model, tiny_base_model.fingerprint)
+    saved = load_file(str(run_dir / "exits.safetensors"))
+    for key, value in model.exits.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["exit_parameters"] == sum(p.numel() for p in model.exits.parameters())
+
+
+def test_exits_from_one_mesh_start_a_run_on_another(two_process_runs, references):
+    # FSDP-tuned exits as the starting point of a tensor-parallel run, against a single-process run
+    # started from the same exits.
+    reference = references([*TEACHER, f"train.init_from={two_process_runs['fsdp']}"])
+    assert_same_run(two_process_runs["init_from_fsdp"], reference)
+
+
+def test_interrupted_mesh_run_resumes_to_the_uninterrupted_result(two_process_runs, references):
+    run_dir = two_process_runs["resumed"]
+    assert json.loads((run_dir / "state" / "mesh.json").read_text())["dp_shard"] == 2
+    assert_same_run(run_dir, references(TEACHER))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(3) == 1  # the steps after the step-2 state were redone, not logged twice
+
+
+def test_mesh_state_resumes_on_its_own_mesh_only(two_process_runs):
+    state_dir = two_process_runs["resumed"] / "state"
+    check_same_mesh(state_dir, SimpleNamespace(dims=ParallelDims(pp=1, dp_replicate=1, dp_shard=2, tp=1)))
+    with pytest.raises(EetuneError, match="saved on the mesh pp=1 x dp_replicate=1 x dp_shard=2 x tp=1, not"):
+        check_same_mesh(state_dir, SimpleNamespace(dims=ParallelDims(pp=1, dp_replicate=1, dp_shard=1, tp=2)))
+
+
+def test_stages_split_layers_up_to_the_deepest_exit():
+    plans = plan_stages(3, depth=20, exit_layers=[4, 12, 20], needs_final=False)
+    assert [(p.first, p.last, p.exits) for p in plans] == [(0, 7, (4,)), (7, 14, (12,)), (14, 20, (20,))]
+    assert [p.computes_final for p in plans] == [False, False, False]
+    plans = plan_stages(2, depth=4, exit_layers=[1], needs_final=True)
+    assert [(p.first, p.last, p.exits, p.computes_final) for p in plans] == [(0, 2, (1,), False), (2, 4, (), True)]
+    with pytest.raises(EetuneError, match="parallel.pp=4 stages need at least 4 layers"):
+        plan_stages(4, depth=3, exit_layers=[3], needs_final=False)
+
+
+def test_mesh_degrees_must_match_the_processes(common):
+    cfg = compose_config("tune", [*common, "parallel.tp=2", "parallel.dp_shard=-1"])
+    assert ParallelDims.from_config(cfg.parallel, 8) == ParallelDims(pp=1, dp_replicate=1, dp_shard=4, tp=2)
+    with pytest.raises(EetuneError, match="needs a multiple of 2 processes but 3 were started"):
+        ParallelDims.from_config(cfg.parallel, 3)
+    cfg = compose_config("tune", [*common, "parallel.tp=2", "parallel.dp_shard=2"])
+    with pytest.raises(EetuneError, match=r"needs 4 processes but 2 were started"):
+        ParallelDims.from_config(cfg.parallel, 2)
+    # One plain process asked for a mesh fails instead of silently running unsharded.
+    with pytest.raises(EetuneError, match="needs a multiple of 2 processes but 1 were started"):
+        on_mesh(compose_config("tune", [*common, "parallel.pp=2"]))
+    assert not on_mesh(compose_config("tune", common))
+
+
+def test_streamed_checkpoint_tensors_match_the_loaded_model(tiny_base_model):
+    """What a stage reads tensor by tensor equals the whole-checkpoint load (names, values, fingerprint)."""
+    from eetune.models import fingerprint
+
+    tensors = CheckpointTensors(tiny_base_model.family, tiny_base_model.checkpoint_dir, tiny_base_model.hf_config)
+    state = tiny_base_model.model.state_dict()
+    assert set(tensors) == set(state)
+    for name in ("layers.2.attn.q_proj.weight", "layers.0.attn.k_proj.weight", "tok_embeddings.weight"):
+        torch.testing.assert_close(tensors[name], state[name], rtol=0, atol=0)
+    assert fingerprint(tensors) == tiny_base_model.fingerprint
+
+
+def test_cli_relaunches_itself_under_torchrun(tiny_base_model, corpus, common, references, tmp_path):
+    """`eetune tune ... parallel.nproc_per_node=2` from a plain process: torchrun, 2 ranks, FSDP."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "eetune.cli", "tune", *common, *TEACHER, "parallel.nproc_per_node=2",
+         f"run_dir={run_dir}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "launching 2 processes under torchrun" in proc.stderr
+    assert "mesh pp=1 x dp_replicate=1 x dp_shard=2 x tp=1 on 2 processes (cpu)" in proc.stderr
+    assert_same_run(run_dir, references(TEACHER))
+
+    # A mistake is one line and exit code 2, from the launcher and the workers alike.
+    bad = subprocess.run(
+        [sys.executable, "-m", "eetune.cli", "tune", *common, *LABELS, "parallel.nproc_per_node=2",
+         "data.batch_size=3", f"run_dir={tmp_path / 'bad'}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert bad.returncode == 2
+    assert "error: data.batch_size=3 must be a multiple of the 2 data-parallel ranks" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    # Its state is sharded for 2 processes: one process refuses it instead of misreading it.
+    single = subprocess.run(
+        [sys.executable, "-m", "eetune.cli", "tune", *common, *TEACHER, f"run_dir={run_dir}", "resume=true"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert single.returncode == 2
+    assert "was saved on a mesh of 2 processes (pp=1 x dp_replicate=1 x dp_shard=2 x tp=1)" in single.stderr
