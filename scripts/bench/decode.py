@@ -42,7 +42,7 @@ from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
 from eetune.rundir import atomic_write  # noqa: E402
 from eetune.stages.generate import build_prompt_ids, stop_token_ids  # noqa: E402
 
-PROMPTS_FILE = Path(__file__).resolve().parents[2] / "eetune" / "data" / "prompts" / "distill_prompts.txt"
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.txt"  # chat prompts no tuning data was made from
 
 
 @dataclass
