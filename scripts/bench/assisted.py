@@ -44,7 +44,7 @@ PROMPTS = (
 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="augment/tune run dir (or `eetune export hf` dir)")
     parser.add_argument("--exits", type=int, nargs="*", help="drafting exits (default: every exportable exit)")
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     console = make_console()
 
     import torch
@@ -140,6 +140,7 @@ def main() -> None:
         "speedup = plain seconds / assisted seconds, summed over prompts",
     )
     console.print(f"wrote {out}")
+    return report
 
 
 def _mode(layer: int, draft_tokens: int) -> str:

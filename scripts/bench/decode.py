@@ -156,6 +156,16 @@ def main() -> None:
     )
     _plot(results, args.out / "decode.png", title=f"SmolLM2-135M {args.dtype}: speed vs quality")
     console.print(f"wrote {args.out / 'decode.json'} and {args.out / 'decode.png'}")
+    # The other two decode benchmarks, each in its own script and JSON, on the same exits.
+    if args.assisted:
+        import assisted
+
+        assisted.main(["--run-dir", str(args.run_dir), "--max-new-tokens", str(args.new_tokens),
+                       "--dtype", args.dtype, "--draft-tokens", "0", "3", "--out", str(args.out)])
+    if args.serve:
+        import serve_load
+
+        serve_load.main(["--run-dir", str(args.run_dir), "--dtype", args.dtype, "--out", str(args.out)])
 
 
 def _parse_args() -> argparse.Namespace:
@@ -171,6 +181,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--draft-confidence", default="0,0.5", help="adaptive draft thresholds (0 = off)")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
     parser.add_argument("--int8", action="store_true", help="also run full on torchao int8 weight-only weights")
+    parser.add_argument("--assisted", action="store_true",
+                        help="also run assisted.py: transformers assisted generation with exported exit drafts")
+    parser.add_argument("--serve", action="store_true",
+                        help="also run serve_load.py: 8 concurrent clients x 16 requests against eetune serve")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     return parser.parse_args()
 
