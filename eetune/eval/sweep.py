@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eetune.eval.text_metrics import rouge_l, token_agreement
-from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,7 @@ class Setting:
         return "full"
 
     def decode_settings(self, max_new_tokens: int, stop_ids: frozenset[int]) -> DecodeSettings:
-        return DecodeSettings(
-            mode=self.mode,
-            threshold=self.threshold,
-            confidence=self.confidence,
-            draft_exit=self.draft_exit,
-            draft_len=self.draft_len,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            stop_ids=stop_ids,
-        )
+        return exit_settings(self, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids)
 
 
 @dataclass

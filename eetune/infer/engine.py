@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,6 +66,18 @@ class DecodeSettings:
     top_p: float | None = None
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
+
+
+# The fields of DecodeSettings that say how to use the exits; the generate and serve configs,
+# serve's per-request options and eval's sweep settings name them the same.
+EXIT_FIELDS = ("mode", "threshold", "confidence", "draft_exit", "draft_len", "draft_vocab", "draft_confidence")
+
+
+def exit_settings(source: Any, **rest: Any) -> DecodeSettings:
+    """DecodeSettings with the EXIT_FIELDS `source` has (a config section, request options, ...)
+    and everything else from `rest`, which also wins over `source`."""
+    fields = {name: getattr(source, name) for name in EXIT_FIELDS if hasattr(source, name)}
+    return DecodeSettings(**{**fields, **rest})
 
 
 @dataclass

@@ -18,7 +18,7 @@ from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
 from eetune.eval.calibration import load_calibrated_threshold
-from eetune.infer.engine import CONFIDENCES, DecodeResult, DecodeSettings, Engine
+from eetune.infer.engine import CONFIDENCES, EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler
@@ -31,15 +31,7 @@ def default_options(serve_cfg: Any) -> EarlyExitOptions:
     A threshold left null there is decided per request by `ServedModel.threshold_for`: the
     one `eetune eval` calibrated for the request's confidence policy, else 0.8.
     """
-    return EarlyExitOptions(
-        mode=serve_cfg.mode,
-        threshold=serve_cfg.threshold,
-        confidence=serve_cfg.confidence,
-        draft_exit=serve_cfg.draft_exit,
-        draft_len=serve_cfg.draft_len,
-        draft_vocab=serve_cfg.draft_vocab,
-        draft_confidence=serve_cfg.draft_confidence,
-    )
+    return EarlyExitOptions(**{name: serve_cfg[name] for name in EXIT_FIELDS})
 
 
 def check_serve_config(serve_cfg: Any) -> None:
@@ -193,14 +185,9 @@ class ServedModel:
             raise APIError(400, f"the prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds this server's "
                            f"context of {limits.context} tokens", param="max_tokens", code="context_length_exceeded")
         options = self.check_options((request.early_exit or EarlyExitOptions()).over(self.defaults))
-        settings = DecodeSettings(
-            mode=options.mode,
+        settings = exit_settings(
+            options,
             threshold=self.threshold_for(options),
-            confidence=options.confidence,
-            draft_exit=options.draft_exit,
-            draft_len=options.draft_len,
-            draft_vocab=options.draft_vocab,
-            draft_confidence=options.draft_confidence,
             max_new_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p if request.top_p < 1.0 else None,

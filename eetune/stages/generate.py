@@ -16,7 +16,7 @@ from eetune.errors import EetuneError
 from eetune.eval.calibration import load_calibrated_threshold
 from eetune.exits import EarlyExitModel, load_exits
 from eetune.infer.draft_vocab import load_token_order
-from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
+from eetune.infer.engine import DecodeResult, Engine, exit_settings
 from eetune.models import BaseModel
 from eetune.stages.common import load_base
 
@@ -112,14 +112,9 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
     threshold = default_threshold(gen, console) if gen.threshold is None else gen.threshold
-    settings = DecodeSettings(
-        mode=gen.mode,
+    settings = exit_settings(
+        gen,
         threshold=threshold,
-        confidence=gen.confidence,
-        draft_exit=gen.draft_exit,
-        draft_len=gen.draft_len,
-        draft_vocab=gen.draft_vocab,
-        draft_confidence=gen.draft_confidence,
         max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_k=gen.top_k,
