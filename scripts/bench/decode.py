@@ -15,9 +15,14 @@ Decode speed counts tokens after the first one (prefill excluded) for every case
 (timed with a streamer). Quality is greedy-token agreement with `full`: the fraction of
 positions holding the same token, and how many outputs are identical.
 
-    .venv/bin/python scripts/bench/decode.py --run-dir runs/smollm2_135m [--prompts 10] [--new-tokens 128]
+    .venv/bin/python scripts/bench/decode.py --run-dir runs/smollm2_135m [--prompts 10] [--new-tokens 128] \
+        [--int8] [--assisted] [--serve]
 
 Writes decode.json and decode.png (speedup vs agreement) under --out and prints a table.
+`--assisted` and `--serve` also run assisted.py (transformers assisted generation with each
+exit exported as a draft model) and serve_load.py (8 concurrent clients x 16 requests against
+`eetune serve`) on the same exits; each writes its own JSON beside decode.json. The prompts
+(scripts/bench/prompts.txt) are not among the ones `eetune data distill` makes tuning data from.
 """
 
 from __future__ import annotations
