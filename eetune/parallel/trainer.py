@@ -37,7 +37,6 @@ from eetune.train import loop
 from eetune.train.loop import local_shard
 from eetune.train.losses import VocabShard, exit_losses
 from eetune.train.metrics import LOSS_PLOT_FILE, plot_loss_curves, read_metrics
-from eetune.train.schedule import exit_weight
 from eetune.train.state import capture_rng, restore_rng
 
 # Per exit, the sums a micro-batch contributes (divided by its global valid-token count after reduction).
@@ -146,10 +145,7 @@ class MeshTrainer(loop.Trainer):
         micro_batches = [next(self.batches) for _ in range(cfg.optim.grad_accum)]  # the same on every rank
         counts = [float((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
         normalizer = sum(counts)  # the global count of loss tokens, as in a single process
-        weights = {
-            layer: exit_weight(w, self.step, weighting=cfg.loss.weighting, warmup_steps=cfg.loss.warmup_steps)
-            for layer, w in self.base_weights.items()
-        }
+        weights = self._exit_weights()
         rows = slice(topo.dp_rank * self.rows, (topo.dp_rank + 1) * self.rows)
         sums = torch.stack([
             self._mesh_micro_step(
@@ -163,14 +159,7 @@ class MeshTrainer(loop.Trainer):
         if cfg.optim.grad_clip > 0:
             totals["grad_norm"] = clip_grad_norm_(self.model.exit_parameters(), cfg.optim.grad_clip, topo)
         totals["lr"] = cfg.optim.lr * self._lr_factor(self.step)  # what LambdaLR sets, on every stage
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        totals["tokens_per_s"] = sum(b["tokens"].numel() for b in micro_batches) / elapsed
-        totals.update({f"weight/exit_{layer}": w for layer, w in weights.items()})
-        return totals
+        return self._finish_step(totals, micro_batches, weights, start)
 
     def _mesh_micro_step(self, batch: dict[str, torch.Tensor], weights: dict[int, float], normalizer: float) -> torch.Tensor:
         """This rank's sums for one micro-batch: [loss, then _STATS per exit of the run]."""

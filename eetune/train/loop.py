@@ -264,10 +264,7 @@ class Trainer:
         ]
         # The global count of loss tokens: accumulation then equals one big batch exactly.
         normalizer = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches))
-        weights = {
-            layer: exit_weight(w, self.step, weighting=cfg.loss.weighting, warmup_steps=cfg.loss.warmup_steps)
-            for layer, w in self.base_weights.items()
-        }
+        weights = self._exit_weights()
         totals: dict[str, float] = {}
         for batch in micro_batches:
             for key, value in self._micro_step(batch, weights, normalizer).items():
@@ -277,9 +274,24 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.exit_parameters(), cfg.optim.grad_clip)
             totals["grad_norm"] = float(norm)
         totals["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step used
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return self._finish_step(totals, micro_batches, weights, start)
+
+    def _exit_weights(self) -> dict[int, float]:
+        """w_i of every exit at this step (warmed up, or constant)."""
+        loss = self.cfg.loss
+        return {
+            layer: exit_weight(w, self.step, weighting=loss.weighting, warmup_steps=loss.warmup_steps)
+            for layer, w in self.base_weights.items()
+        }
+
+    def _finish_step(
+        self, totals: dict[str, float], micro_batches: list[dict], weights: dict[int, float], start: float
+    ) -> dict[str, float]:
+        """Step the optimizer (if this trainer has one) and add the step's speed and weights to `totals`."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         totals["tokens_per_s"] = sum(b["tokens"].numel() for b in micro_batches) / elapsed
         totals.update({f"weight/exit_{layer}": w for layer, w in weights.items()})

@@ -10,7 +10,6 @@ layer per exit at the end, and plot held-out CE against step.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
