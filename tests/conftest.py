@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,21 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
         max_position_embeddings=2048,
     )
     return load_base_model("smollm2_135m", checkpoint_dir=checkpoint_dir, dtype="float32")
+
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Runs `eetune *args` in-process and returns (exit code, stderr)."""
+    from eetune.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["eetune", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return code, capsys.readouterr().err
+
+    return run

@@ -500,17 +500,7 @@ def test_eval_print_config_shows_a_custom_task(monkeypatch, capsys):
     assert cfg["eval"]["tasks"] == [{"name": "qa2", "path": "/d/qa.jsonl", "metric": "f1"}]
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["eetune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
-def test_bad_eval_input_is_one_line_and_exit_2(monkeypatch, capsys, tuned_run, tmp_path):
+def test_bad_eval_input_is_one_line_and_exit_2(run_cli, tuned_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "b"}\n')
     cases = [
@@ -523,6 +513,6 @@ def test_bad_eval_input_is_one_line_and_exit_2(monkeypatch, capsys, tuned_run, t
         ([f"run_dir={tuned_run}", "eval.tasks=[{name:mc,metric:exact_match}]"], "no generation task"),
     ]
     for overrides, message in cases:
-        code, err = run_cli(monkeypatch, capsys, "eval", *overrides)
+        code, err = run_cli("eval", *overrides)
         assert code == 2, (overrides, err)
         assert message in err and len(err.strip().splitlines()) == 1, err

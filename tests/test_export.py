@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eetune.cli import main
 from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, load_exits, read_manifest, save_exits
@@ -363,16 +361,6 @@ def test_load_exported_refuses_a_plain_run_dir(bundle):
 # --- bad input: one line, exit code 2 ------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["eetune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def embedding_run(tiny_base_model, tmp_path_factory) -> Path:
     specs = [ExitSpec(1, "embedding", "copy", "copy"), ExitSpec(2, "mlp")]
@@ -393,7 +381,7 @@ def embedding_run(tiny_base_model, tmp_path_factory) -> Path:
         ("draft", ["exit=two"], "invalid value for export.exit"),
     ],
 )
-def test_bad_export_input_is_one_line_and_exit_code_2(embedding_run, tmp_path, monkeypatch, capsys, command, args, message):
+def test_bad_export_input_is_one_line_and_exit_code_2(embedding_run, tmp_path, run_cli, command, args, message):
     taken = tmp_path / "taken"
     taken.mkdir()
     defaults = {"run_dir": str(embedding_run), "out": str(tmp_path / "out")}
@@ -408,15 +396,15 @@ def test_bad_export_input_is_one_line_and_exit_code_2(embedding_run, tmp_path, m
             defaults.pop(arg.split("=")[0], None)
     if command == "gguf" and defaults.get("out", "").endswith("out"):
         defaults["out"] += ".gguf"
-    code, err = run_cli(monkeypatch, capsys, "export", command, *words, *(f"{k}={v}" for k, v in defaults.items()))
+    code, err = run_cli("export", command, *words, *(f"{k}={v}" for k, v in defaults.items()))
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing written
 
 
-def test_cli_shorthand_exports_a_draft(mixed_run, tmp_path, monkeypatch, capsys):
+def test_cli_shorthand_exports_a_draft(mixed_run, tmp_path, run_cli):
     out = tmp_path / "d"
-    code, err = run_cli(monkeypatch, capsys, "export", "draft", f"run_dir={mixed_run}", "exit=2", f"out={out}")
+    code, err = run_cli("export", "draft", f"run_dir={mixed_run}", "exit=2", f"out={out}")
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["eetune_draft"]["exit"]["layer"] == 2

@@ -577,16 +577,6 @@ def test_text_assembler_holds_back_partial_characters_and_stop_string_prefixes()
 # -- the command line ---------------------------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["eetune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -600,24 +590,24 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["serve=turbo"], "unknown serve config 'turbo'"),
     ],
 )
-def test_cli_bad_config_exits_2_in_one_line(monkeypatch, capsys, overrides, message) -> None:
-    code, err = run_cli(monkeypatch, capsys, "serve", *overrides)
+def test_cli_bad_config_exits_2_in_one_line(run_cli, overrides, message) -> None:
+    code, err = run_cli("serve", *overrides)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_cli_errors_found_while_loading_exit_2(monkeypatch, capsys, tiny_dir, run_dir, tmp_path) -> None:
+def test_cli_errors_found_while_loading_exit_2(run_cli, tiny_dir, run_dir, tmp_path) -> None:
     model = f"model.checkpoint_dir={tiny_dir}"  # port 0: whatever is free, should loading ever succeed
-    code, err = run_cli(monkeypatch, capsys, "serve", model, "serve.port=0", f"serve.run_dir={tmp_path / 'nope'}")
+    code, err = run_cli("serve", model, "serve.port=0", f"serve.run_dir={tmp_path / 'nope'}")
     assert code == 2 and "run dir not found" in err
-    code, err = run_cli(monkeypatch, capsys, "serve", model, "serve.port=0", f"serve.run_dir={run_dir}",
+    code, err = run_cli("serve", model, "serve.port=0", f"serve.run_dir={run_dir}",
                         "serve.draft_exit=4")
     assert code == 2 and "serve.draft_exit=4 is not an exit of this model; exits are at [1, 2, 3]" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, err = run_cli(monkeypatch, capsys, "serve", model, f"serve.port={port}")
+        code, err = run_cli("serve", model, f"serve.port={port}")
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
 
 
