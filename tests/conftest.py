@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from eetune.models import BaseModel, default_smollm2_dir, get_model_entry, load_base_model
 from eetune.models.tiny import write_tiny_checkpoint
@@ -49,16 +51,30 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """Runs `eetune *args` in-process and returns (exit code, stderr)."""
+    """Runs `eetune *args` in-process and returns (exit code, stdout, stderr)."""
     from eetune.cli import main
 
-    def run(*args: str) -> tuple[int, str]:
+    def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["eetune", *args])
         try:
             main()
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        return code, capsys.readouterr().err
+        out, err = capsys.readouterr()
+        return code, out, err
 
     return run
+
+
+@pytest.fixture
+def one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models are all per-op overhead: a second OpenMP thread only adds barrier waits,
+    which stall for long stretches when the machine's two cores are shared. SmolLM2 tests keep both."""
+    if "smollm2" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,25 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eetune.cli import main
 from eetune.config import compose_config, list_recipes
 from eetune.errors import EetuneError
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["eetune", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_print_config_shows_overrides_applied(monkeypatch, capsys):
+def test_print_config_shows_overrides_applied(run_cli):
     code, out, _ = run_cli(
-        monkeypatch, capsys, "augment", "recipe=smollm2_135m", "exits.layers=[8,16,24]", "exits.arch=norm",
+        "augment", "recipe=smollm2_135m", "exits.layers=[8,16,24]", "exits.arch=norm",
         "--print-config",
     )
     assert code == 0
@@ -62,36 +50,36 @@ def test_group_override_swaps_a_whole_section():
         (["exits.layers=[8"], "cannot parse override"),
     ],
 )
-def test_bad_config_is_one_line_and_exit_code_2(monkeypatch, capsys, args, message):
-    code, out, err = run_cli(monkeypatch, capsys, "augment", *args, "--print-config")
+def test_bad_config_is_one_line_and_exit_code_2(run_cli, args, message):
+    code, out, err = run_cli("augment", *args, "--print-config")
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert message in err
 
 
-def test_unknown_key_inside_a_user_recipe_is_reported_with_its_full_key(tmp_path, monkeypatch, capsys):
+def test_unknown_key_inside_a_user_recipe_is_reported_with_its_full_key(tmp_path, run_cli):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text("defaults:\n  - eetune_schema\n  - model: smollm2_135m\n  - _self_\nmodel:\n  nmae: x\n")
-    code, _, err = run_cli(monkeypatch, capsys, "augment", f"recipe={recipe}", "--print-config")
+    code, _, err = run_cli("augment", f"recipe={recipe}", "--print-config")
     assert code == 2
     assert "unknown key 'model.nmae'" in err and "did you mean 'model.name'?" in err
 
 
-def test_recipes_list_show_and_copy_round_trip(tmp_path, monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "list")
+def test_recipes_list_show_and_copy_round_trip(tmp_path, run_cli):
+    code, out, _ = run_cli("recipes", "list")
     assert code == 0
     for name in list_recipes():
         assert name in out
     assert "llama2_13b" in out  # config groups are listed too
 
-    code, out, _ = run_cli(monkeypatch, capsys, "recipes", "show", "smollm2_135m")
+    code, out, _ = run_cli("recipes", "show", "smollm2_135m")
     assert code == 0 and "exits: mlp" in out
 
     dest = tmp_path / "my_recipe.yaml"
-    assert run_cli(monkeypatch, capsys, "recipes", "copy", "smollm2_135m", str(dest))[0] == 0
+    assert run_cli("recipes", "copy", "smollm2_135m", str(dest))[0] == 0
     assert dest.read_text() == Path("recipes/smollm2_135m.yaml").read_text()
-    code, _, err = run_cli(monkeypatch, capsys, "recipes", "copy", "smollm2_135m", str(dest))
+    code, _, err = run_cli("recipes", "copy", "smollm2_135m", str(dest))
     assert code == 2 and "already exists" in err
 
     # The copy composes like the original, from anywhere, and takes overrides.
@@ -101,9 +89,9 @@ def test_recipes_list_show_and_copy_round_trip(tmp_path, monkeypatch, capsys):
     assert copied == original
 
 
-def test_generate_flags_override_config_without_hydra_quoting(monkeypatch, capsys):
+def test_generate_flags_override_config_without_hydra_quoting(run_cli):
     prompt = "What's 2+2, [really]? a=b"
-    code, out, _ = run_cli(monkeypatch, capsys, "generate", "--prompt", prompt, "-n", "7", "--no-chat", "--print-config")
+    code, out, _ = run_cli("generate", "--prompt", prompt, "-n", "7", "--no-chat", "--print-config")
     assert code == 0
     cfg = yaml.safe_load(out)["generate"]
     assert cfg["prompt"] == prompt and cfg["max_new_tokens"] == 7 and cfg["chat"] is False
@@ -133,15 +121,15 @@ def test_every_recipe_composes_for_every_stage(recipe):
         assert cfg.stage == stage and cfg.exits.layers
 
 
-def test_generate_mode_flags_reach_the_config_and_are_validated(monkeypatch, capsys):
+def test_generate_mode_flags_reach_the_config_and_are_validated(run_cli):
     code, out, _ = run_cli(
-        monkeypatch, capsys, "generate", "--prompt", "x", "--mode", "self_speculative", "--run-dir", "runs/a",
+        "generate", "--prompt", "x", "--mode", "self_speculative", "--run-dir", "runs/a",
         "--draft-exit", "24", "--draft-len", "3", "--print-config",
     )
     assert code == 0
     cfg = yaml.safe_load(out)["generate"]
     assert (cfg["mode"], cfg["run_dir"], cfg["draft_exit"], cfg["draft_len"]) == ("self_speculative", "runs/a", 24, 3)
-    code, _, err = run_cli(monkeypatch, capsys, "generate", "--prompt", "x", "--threshold", "1.5", "--print-config")
+    code, _, err = run_cli("generate", "--prompt", "x", "--threshold", "1.5", "--print-config")
     assert code == 2 and "generate.threshold=1.5 must be in (0, 1]" in err
-    code, _, err = run_cli(monkeypatch, capsys, "generate", "--prompt", "x", "--mode", "fast", "--print-config")
+    code, _, err = run_cli("generate", "--prompt", "x", "--mode", "fast", "--print-config")
     assert code == 2 and "generate.mode='fast' is not one of" in err

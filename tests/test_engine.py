@@ -63,17 +63,8 @@ def _untied_llama(seed: int = 0) -> TransformerDecoder:
     ).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request: pytest.FixtureRequest):
-    """Tiny models are all per-op overhead: a second OpenMP thread only adds barrier waits,
-    which stall for long stretches when the machine's two cores are shared."""
-    if "smollm2" in request.fixturenames:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models are all per-op overhead: one OpenMP thread is faster on two shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
 @pytest.fixture(scope="module")

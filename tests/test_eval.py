@@ -513,6 +513,6 @@ def test_bad_eval_input_is_one_line_and_exit_2(run_cli, tuned_run, tmp_path):
         ([f"run_dir={tuned_run}", "eval.tasks=[{name:mc,metric:exact_match}]"], "no generation task"),
     ]
     for overrides, message in cases:
-        code, err = run_cli("eval", *overrides)
+        code, _, err = run_cli("eval", *overrides)
         assert code == 2, (overrides, err)
         assert message in err and len(err.strip().splitlines()) == 1, err

@@ -396,7 +396,7 @@ def test_bad_export_input_is_one_line_and_exit_code_2(embedding_run, tmp_path, r
             defaults.pop(arg.split("=")[0], None)
     if command == "gguf" and defaults.get("out", "").endswith("out"):
         defaults["out"] += ".gguf"
-    code, err = run_cli("export", command, *words, *(f"{k}={v}" for k, v in defaults.items()))
+    code, _, err = run_cli("export", command, *words, *(f"{k}={v}" for k, v in defaults.items()))
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert message in err
@@ -405,6 +405,6 @@ def test_bad_export_input_is_one_line_and_exit_code_2(embedding_run, tmp_path, r
 
 def test_cli_shorthand_exports_a_draft(mixed_run, tmp_path, run_cli):
     out = tmp_path / "d"
-    code, err = run_cli("export", "draft", f"run_dir={mixed_run}", "exit=2", f"out={out}")
+    code, _, err = run_cli("export", "draft", f"run_dir={mixed_run}", "exit=2", f"out={out}")
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["eetune_draft"]["exit"]["layer"] == 2

@@ -49,16 +49,8 @@ QUESTIONS = ["Hello there", "What is 2+2?", "Tell me a story", "Why is the sky b
              "Name a colour", "Count to five", "Say something kind", "What is a hash table?"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tiny models are all per-op overhead: one OpenMP thread is faster on two shared cores."""
-    if "smollm2" in request.fixturenames:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models are all per-op overhead: one OpenMP thread is faster on two shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
 
 
 @pytest.fixture(scope="module")
@@ -591,23 +583,23 @@ def test_text_assembler_holds_back_partial_characters_and_stop_string_prefixes()
     ],
 )
 def test_cli_bad_config_exits_2_in_one_line(run_cli, overrides, message) -> None:
-    code, err = run_cli("serve", *overrides)
+    code, _, err = run_cli("serve", *overrides)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_cli_errors_found_while_loading_exit_2(run_cli, tiny_dir, run_dir, tmp_path) -> None:
     model = f"model.checkpoint_dir={tiny_dir}"  # port 0: whatever is free, should loading ever succeed
-    code, err = run_cli("serve", model, "serve.port=0", f"serve.run_dir={tmp_path / 'nope'}")
+    code, _, err = run_cli("serve", model, "serve.port=0", f"serve.run_dir={tmp_path / 'nope'}")
     assert code == 2 and "run dir not found" in err
-    code, err = run_cli("serve", model, "serve.port=0", f"serve.run_dir={run_dir}",
+    code, _, err = run_cli("serve", model, "serve.port=0", f"serve.run_dir={run_dir}",
                         "serve.draft_exit=4")
     assert code == 2 and "serve.draft_exit=4 is not an exit of this model; exits are at [1, 2, 3]" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, err = run_cli("serve", model, f"serve.port={port}")
+        code, _, err = run_cli("serve", model, f"serve.port={port}")
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
 
 

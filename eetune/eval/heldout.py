@@ -9,6 +9,7 @@ estimator's confidence where the exit has one. Nothing of size vocabulary outliv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from eetune.exits.model import EarlyExitModel
 class ExitQuality:
     layer: int
     cross_entropy: float  # nats per token
-    agreement: float  # fraction of tokens whose top-1 equals the final layer's top-1
+    # fraction of tokens whose top-1 equals the final layer's top-1 (None where a mesh rank can't see it)
+    agreement: Optional[float]
 
 
 @dataclass

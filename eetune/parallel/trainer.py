@@ -252,25 +252,6 @@ class MeshTrainer(loop.Trainer):
         merged = {layer: value for part in parts for layer, value in part.items()}
         return {layer: ExitQuality(layer, ce, agreement) for layer, (ce, agreement) in sorted(merged.items())}
 
-    @staticmethod
-    def _quality_metrics(quality: dict[int, ExitQuality]) -> dict[str, float]:
-        metrics = {}
-        for layer, q in quality.items():
-            metrics[f"heldout_ce/exit_{layer}"] = q.cross_entropy
-            if q.agreement is not None:
-                metrics[f"heldout_agreement/exit_{layer}"] = q.agreement
-        return metrics
-
-    def _quality_from_metrics(self) -> dict[int, ExitQuality]:
-        first = read_metrics(self.run_dir / "metrics.jsonl")[0]
-        return {
-            int(key.rsplit("_", 1)[1]): ExitQuality(
-                int(key.rsplit("_", 1)[1]), value, first.get(key.replace("heldout_ce", "heldout_agreement"))
-            )
-            for key, value in first.items()
-            if key.startswith("heldout_ce/")
-        }
-
     # --- logging, state, results -------------------------------------------------------------
 
     def _metric_logger(self):

@@ -390,7 +390,8 @@ class Trainer:
         metrics = {}
         for layer, q in quality.items():
             metrics[f"heldout_ce/exit_{layer}"] = q.cross_entropy
-            metrics[f"heldout_agreement/exit_{layer}"] = q.agreement
+            if q.agreement is not None:
+                metrics[f"heldout_agreement/exit_{layer}"] = q.agreement
         return metrics
 
     def _quality_from_metrics(self) -> dict[int, ExitQuality]:
@@ -398,7 +399,7 @@ class Trainer:
         first = read_metrics(self.run_dir / "metrics.jsonl")[0]
         return {
             int(key.rsplit("_", 1)[1]): ExitQuality(
-                int(key.rsplit("_", 1)[1]), value, first[key.replace("heldout_ce", "heldout_agreement")]
+                int(key.rsplit("_", 1)[1]), value, first.get(key.replace("heldout_ce", "heldout_agreement"))
             )
             for key, value in first.items()
             if key.startswith("heldout_ce/")
