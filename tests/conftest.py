@@ -48,7 +48,6 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
     return load_base_model("smollm2_135m", checkpoint_dir=checkpoint_dir, dtype="float32")
 
 
-
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Runs `eetune *args` in-process and returns (exit code, stdout, stderr)."""
