@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.distributed.tensor import DTensor
 
+from eetune.config.schema import EetuneConfig
 from eetune.data import IGNORE_INDEX, TuningData, load_tuning_data
 from eetune.data.batches import TrainBatches
 from eetune.errors import EetuneError
@@ -107,6 +108,9 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 def _check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) -> None:
     def comparable(c: DictConfig) -> dict:
+        # A run saved before a schema field existed had that field at its default.
+        with contextlib.suppress(Exception):
+            c = OmegaConf.merge(OmegaConf.structured(EetuneConfig), c)
         container = OmegaConf.to_container(c, resolve=True)
         return {k: v for k, v in container.items() if k not in _RESUME_FREE_KEYS}
 
