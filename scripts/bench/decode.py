@@ -263,12 +263,12 @@ def _int8_runner(base, new_tokens: int):
     """Our full engine on a weight-only int8 copy of the backbone (torchao)."""
     import copy
 
-    from torchao.quantization import int8_weight_only, quantize_
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     from eetune.exits import EarlyExitModel
 
     backbone = copy.deepcopy(base.model)
-    quantize_(backbone, int8_weight_only())
+    quantize_(backbone, Int8WeightOnlyConfig())
     engine = Engine(EarlyExitModel(backbone, []))
 
     def run(ids: list[int]):
