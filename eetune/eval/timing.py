@@ -72,7 +72,7 @@ class Costs:
         return self.full_token(num_layers) / mean
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -95,7 +95,7 @@ def measure_costs(model: EarlyExitModel, *, context: int = 64, repeats: int = 30
     token = torch.ones(1, 1, dtype=torch.long, device=device)
     h = gen.embed(token)
     n = gen.num_layers
-    layer_s = _median_seconds(lambda: gen.run_layers(h, 0, n, span), repeats) / n
+    layer_s = median_seconds(lambda: gen.run_layers(h, 0, n, span), repeats) / n
     h = gen.run_layers(h, 0, n, span)[:, -1]
 
     def head(weight: torch.Tensor) -> Callable[[], object]:
@@ -108,12 +108,12 @@ def measure_costs(model: EarlyExitModel, *, context: int = 64, repeats: int = 30
     exit_s, estimator_s = {}, {}
     for layer in model.exit_layers:
         module = model.exit(layer)
-        exit_s[layer] = _median_seconds(lambda m=module: m(h[:, None]), repeats)
+        exit_s[layer] = median_seconds(lambda m=module: m(h[:, None]), repeats)
         if module.confidence is not None:
-            estimator_s[layer] = _median_seconds(lambda m=module: m.confidence(h), repeats)
+            estimator_s[layer] = median_seconds(lambda m=module: m.confidence(h), repeats)
     head_weights = {model.head_weight(layer).data_ptr(): model.head_weight(layer) for layer in model.exit_layers}
     head_s = (
-        statistics.mean(_median_seconds(head(w), repeats) for w in head_weights.values()) if head_weights else 0.0
+        statistics.mean(median_seconds(head(w), repeats) for w in head_weights.values()) if head_weights else 0.0
     )
-    final_s = _median_seconds(lambda: gen.final_logits(h), repeats)
+    final_s = median_seconds(lambda: gen.final_logits(h), repeats)
     return Costs(layer_s, head_s, final_s, exit_s, estimator_s, context)

@@ -7,10 +7,10 @@ On SmolLM2-135M, batch 1, the model's dtype:
 2. our `full` engine and Hugging Face transformers `generate` on the same prompts: tokens/s, and
    a torch.profiler breakdown of a token's time by op category (matmul, attention, norms, RoPE,
    KV cache, other ops) plus the time outside ops (Python and dispatch).
-3. early-exit arithmetic from measured pieces: one decoder layer, one vocabulary-head
-   evaluation, one exit module; the cost of a token leaving at each exit relative to a full
-   token (for `max_prob`, which pays the head at every exit it passes, and `learned`, which pays
-   it only where the token leaves); and for `self_speculative` the cost of a round (k drafts at
+3. early-exit arithmetic from `eetune eval`'s cost model (eetune.eval.timing: one decoder layer,
+   one vocabulary head, each exit module, measured at batch 1): the cost of a token leaving at
+   each exit relative to a full token (`max_prob` pays a head at every exit it passes, `learned`
+   only where the token leaves); and for `self_speculative` the cost of a round (k drafts at
    exit L + one verify forward of k + 1 positions), hence the per-token acceptance rate a round
    needs to break even and to reach the 1.4x goal (measured rates: decode.py's decode.json).
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from eetune.eval.timing import Costs, measure_costs, median_seconds  # noqa: E402
 from eetune.exits import EarlyExitModel, load_exits  # noqa: E402
 from eetune.infer.engine import DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import Generator  # noqa: E402
@@ -83,12 +83,14 @@ def main(argv: list[str] | None = None) -> None:
                                 args.new_tokens)
         hf_profile = _profile(lambda: hf_generate(prompt_ids[0], args.new_tokens), args.new_tokens)
     with console.status("timing the early-exit pieces"):
-        pieces = _pieces(model, args.repeats, args.draft_vocab)
+        costs = measure_costs(model, context=96, repeats=args.repeats)
+        spec_pieces = _speculative_pieces(model, costs, args.repeats, args.draft_vocab)
 
     ours_tps, hf_tps = tokens / ours_s, tokens / hf_s
     ceiling_tps = 1.0 / ceiling_s
-    exits_cost = _exit_costs(model.exit_layers, pieces)
-    spec = _speculative_costs(model, pieces, args.spec, args.draft_vocab, _measured_acceptance(args.decode_json))
+    exits_cost = _exit_costs(model.exit_layers, model.num_layers, costs)
+    spec = _speculative_costs(model, costs, spec_pieces, args.spec, args.draft_vocab,
+                              _measured_acceptance(args.decode_json))
     report: dict[str, Any] = {
         "benchmark": "decode_profile",
         "created": now_iso(),
@@ -103,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         "ours_fraction_of_ceiling": ours_tps / ceiling_tps,
         "hf_fraction_of_ceiling": hf_tps / ceiling_tps,
         "per_token_ms_by_category": {"ours_full": ours_profile, "hf_transformers": hf_profile},
-        "pieces_ms": {k: v * 1e3 for k, v in pieces.items() if isinstance(v, float)},
+        "cost_model_ms": {"layer": costs.layer_s * 1e3, "head": costs.head_s * 1e3, "final": costs.final_s * 1e3,
+                          "exits": {layer: s * 1e3 for layer, s in costs.exit_s.items()},
+                          "draft_head": spec_pieces.get("draft_head", 0.0) * 1e3,
+                          "verify": {key: s * 1e3 for key, s in spec_pieces["verify"].items()}},
         "exit_cost_vs_full_token": exits_cost,
         "self_speculative": spec,
     }
@@ -133,16 +138,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- measurements ---------------------------------------------------------------------------------
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def _ceiling_seconds(backbone: torch.nn.Module, repeats: int) -> float:
     """One token's matmuls only: every linear of every layer and the LM head, one row each."""
@@ -158,7 +153,7 @@ def _ceiling_seconds(backbone: torch.nn.Module, repeats: int) -> float:
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
 
-    return _median_seconds(step, repeats)
+    return median_seconds(step, repeats)
 
 
 def _hf_generate(checkpoint_dir: Path, dtype: str) -> Callable[[list[int], int], float]:
@@ -216,45 +211,22 @@ def _profile(run: Callable[[], Any], tokens: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def _pieces(model: EarlyExitModel, repeats: int, draft_vocab: int) -> dict[str, Any]:
-    """Seconds of the pieces early exit is built from, at a realistic cache length."""
+def _speculative_pieces(model: EarlyExitModel, costs: Costs, repeats: int, draft_vocab: int) -> dict[str, Any]:
+    """Seconds of what a self-speculative round adds to the eval cost model's pieces: a draft
+    head over the most frequent tokens, and verify forwards (k + 1 positions from exit L on)."""
     backbone = model.backbone
-    n_layers = model.num_layers
-    context = 96  # a chat prompt plus some generated tokens
-    gen = Generator(backbone, max_seq_len=context + 16)
-    gen.prefill(torch.randint(0, gen.vocab_size, (1, context)))
+    gen = Generator(backbone, max_seq_len=costs.context + 16)
+    gen.prefill(torch.randint(0, gen.vocab_size, (1, costs.context)))
     h = backbone.tok_embeddings(torch.tensor([[1]]))
-
-    def layers(start: int, end: int, positions: int = 1) -> float:
-        x = h.expand(1, positions, -1).contiguous()
-        span = gen.span(context, positions)
-        return _median_seconds(lambda: gen.run_layers(x, start, end, span), repeats)
-
-    head = model.head_weight(model.exit_layers[0]) if model.exit_layers else backbone.output.weight
-    pieces: dict[str, Any] = {
-        "full_token": _median_seconds(lambda: gen.final_logits(gen.run_layers(h, 0, n_layers, gen.span(context, 1))[:, -1]),
-                                      repeats),
-        "one_layer": layers(n_layers // 2, n_layers // 2 + 1),
-        "vocab_head": _median_seconds(lambda: F.linear(h[:, -1], head).float(), repeats),
-    }
-    if draft_vocab:
-        rows = head[:draft_vocab].contiguous()
-        pieces[f"draft_head_{draft_vocab}"] = _median_seconds(lambda: F.linear(h[:, -1], rows).float(), repeats)
-    for layer in model.exit_layers:
-        exit_module = model.exit(layer)
-        pieces[f"exit_{layer}_module"] = _median_seconds(lambda: exit_module(h[:, -1]), repeats)
-        pieces[f"layers_0_{layer}"] = layers(0, layer)
-        if exit_module.confidence is not None:
-            pieces[f"exit_{layer}_estimator"] = _median_seconds(
-                lambda: torch.sigmoid(exit_module.confidence(h[:, -1]).float()), repeats
-            )
-    pieces["verify"] = {}
+    pieces: dict[str, Any] = {"verify": {}}
+    if draft_vocab and model.exit_layers:
+        rows = model.head_weight(model.exit_layers[0])[:draft_vocab].contiguous()
+        pieces["draft_head"] = median_seconds(lambda: F.linear(h[:, -1], rows).float(), repeats)
     for k in (1, 2, 3, 4, 6, 8):
+        x, span = h.expand(1, k + 1, -1).contiguous(), gen.span(costs.context, k + 1)
         for layer in model.exit_layers:
-            x = h.expand(1, k + 1, -1).contiguous()
-            span = gen.span(context, k + 1)
-            pieces["verify"][f"{layer}:{k}"] = _median_seconds(
-                lambda: gen.final_logits(gen.run_layers(x, layer, n_layers, span)[0]), repeats
+            pieces["verify"][f"{layer}:{k}"] = median_seconds(
+                lambda: gen.final_logits(gen.run_layers(x, layer, model.num_layers, span)[0]), repeats
             )
     return pieces
 
@@ -262,68 +234,54 @@ def _pieces(model: EarlyExitModel, repeats: int, draft_vocab: int) -> dict[str, 
 # --- arithmetic -----------------------------------------------------------------------------------
 
 
-def _exit_costs(exit_layers: list[int], p: dict[str, Any]) -> dict[str, Any]:
-    """A token's cost relative to a full token when it leaves at each exit (or at none)."""
-    full = p["full_token"]
-    costs: dict[str, Any] = {"head_in_layers": p["vocab_head"] / p["one_layer"]}
+def _exit_costs(exit_layers: list[int], num_layers: int, costs: Costs) -> dict[str, Any]:
+    """A token's cost relative to a full token when it leaves at each exit (or at none), per policy."""
+    full = costs.full_token(num_layers)
+    table: dict[str, Any] = {"head_in_layers": costs.head_s / costs.layer_s}
     for policy in ("max_prob", "learned"):
-        row: dict[str, float] = {}
-        checks = 0.0
-        for layer in exit_layers:
-            exit_cost = p[f"exit_{layer}_module"] + (p.get(f"exit_{layer}_estimator", 0.0) if policy == "learned" else 0.0)
-            # max_prob pays the head at every exit it checks; learned only where the token leaves.
-            checks += exit_cost + (p["vocab_head"] if policy == "max_prob" else 0.0)
-            leave = p[f"layers_0_{layer}"] + checks + (p["vocab_head"] if policy == "learned" else 0.0)
-            row[f"exit_{layer}"] = leave / full
-        row["no_exit"] = (full + checks) / full
-        costs[policy] = row
-    return costs
+        per_index = costs.index_costs(exit_layers, num_layers, policy)
+        table[policy] = {f"exit_{layer}": c / full for layer, c in zip([*exit_layers, "none"], per_index)}
+        table[policy]["no_exit"] = table[policy].pop("exit_none")
+    return table
 
 
 def _speculative_costs(
-    model: EarlyExitModel, p: dict[str, Any], spec: str, draft_vocab: int, measured: dict[str, float]
+    model: EarlyExitModel, costs: Costs, pieces: dict[str, Any], spec: str, draft_vocab: int,
+    measured: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Per setting: a round's cost in full tokens, and the acceptance rate for 1.0x and 1.4x.
 
-    With a per-token acceptance rate a (independent per draft), a round of k drafts yields
-    1 + a + a^2 + ... + a^k tokens (the accepted prefix and the verifier's own token).
+    A round drafts k tokens (layers 1..L, the exit, a head each), runs the last draft through
+    layers 1..L, and verifies all k + 1 positions from layer L on. At acceptance rate r
+    (accepted / drafted, as the engine reports it) a round yields 1 + k r tokens on average
+    (the accepted prefix and the verifier's own token), so speedup = (1 + k r) full / round.
     """
-    full = p["full_token"]
+    full = costs.full_token(model.num_layers)
     rows = []
     for item in spec.split(","):
         layer, k = (int(x) for x in item.split(":"))
-        if layer not in model.exit_layers or f"{layer}:{k}" not in p["verify"]:
+        if layer not in model.exit_layers or f"{layer}:{k}" not in pieces["verify"]:
             continue
         for vocab in (0, draft_vocab) if draft_vocab else (0,):
-            head = p[f"draft_head_{vocab}"] if vocab else p["vocab_head"]
-            draft = p[f"layers_0_{layer}"] + p[f"exit_{layer}_module"] + head
-            round_s = k * draft + p[f"layers_0_{layer}"] + p["verify"][f"{layer}:{k}"]
+            head = pieces["draft_head"] if vocab else costs.head_s
+            draft = layer * costs.layer_s + costs.exit_s[layer] + head
+            round_s = k * draft + layer * costs.layer_s + pieces["verify"][f"{layer}:{k}"]
 
-            def speedup(a: float, k: int = k, round_s: float = round_s) -> float:
-                return sum(a**i for i in range(k + 1)) * full / round_s
+            def needed(speedup: float, k: int = k, round_s: float = round_s) -> float | None:
+                rate = (speedup * round_s / full - 1) / k
+                return max(rate, 0.0) if rate <= 1.0 else None  # None: unreachable even if all accepted
 
             rows.append({
                 "draft_exit": layer,
                 "draft_len": k,
                 "draft_vocab": vocab or None,
                 "round_cost_in_full_tokens": round_s / full,
-                "max_speedup_all_accepted": speedup(1.0),
-                "acceptance_for_1x": _solve(speedup, 1.0),
-                "acceptance_for_1_4x": _solve(speedup, 1.4),
+                "max_speedup_all_accepted": (1 + k) * full / round_s,
+                "acceptance_for_1x": needed(1.0),
+                "acceptance_for_1_4x": needed(1.4),
                 "measured_acceptance": measured.get(f"{layer}:{k}:{vocab}"),
             })
     return rows
-
-
-def _solve(f: Callable[[float], float], target: float) -> float | None:
-    """The a in [0, 1] with f(a) = target (f increasing), or None when even a = 1 falls short."""
-    if f(1.0) < target:
-        return None
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-    return hi
 
 
 def _measured_acceptance(decode_json: Path | None) -> dict[str, float]:
@@ -370,7 +328,7 @@ def _print(console, r: dict[str, Any]) -> None:
         [f"exit {s['draft_exit']} k={s['draft_len']}" + (f" vocab {s['draft_vocab']}" if s["draft_vocab"] else ""), f"{s['round_cost_in_full_tokens']:.2f}",
          f"{s['max_speedup_all_accepted']:.2f}x", pct(s["acceptance_for_1x"]), pct(s["acceptance_for_1_4x"]),
          pct(s["measured_acceptance"])] for s in r["self_speculative"]
-    ], caption="round cost: k drafts + verify, in full tokens; acceptance = per drafted token")
+    ], caption="round cost: k drafts + verify, in full tokens; acceptance = accepted / drafted tokens")
 
 
 def _plot(r: dict[str, Any], out: Path) -> None:
