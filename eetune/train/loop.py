@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -109,7 +110,7 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 def _check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) -> None:
     def comparable(c: DictConfig) -> dict:
         # A run saved before a schema field existed had that field at its default.
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OmegaConfBaseException):  # a key since removed: compare as saved
             c = OmegaConf.merge(OmegaConf.structured(EetuneConfig), c)
         container = OmegaConf.to_container(c, resolve=True)
         return {k: v for k, v in container.items() if k not in _RESUME_FREE_KEYS}

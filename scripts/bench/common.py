@@ -3,6 +3,7 @@
 - `machine_info()`: what the numbers were measured on (CPU, threads, versions, load).
 - `write_json()`: results are renamed into place, so a reader never sees half a file.
 - `make_console()` + `print_table()`: one rich table from plain rows of cells.
+- `hf_greedy_generate()`: the Hugging Face transformers `generate` baseline, timed per token.
 - `run_case_in_subprocess()` + `case_entry_point()` + `PeakMemory`: each benchmark case runs in
   a fresh Python process, so one case's allocations (or memory the allocator keeps cached after
   it) never hide or inflate another case's peak.
@@ -23,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -115,6 +117,40 @@ def print_table(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+# --- the transformers baseline -------------------------------------------------------------------
+
+
+def hf_greedy_generate(checkpoint_dir: Path, dtype: str) -> Callable[[list[int], int], tuple[list[int], float]]:
+    """transformers `generate` on a checkpoint dir: run(ids, n) decodes exactly n greedy tokens and
+    returns them with the decode seconds after the first (timed with a streamer; prefill excluded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def put(self, value) -> None:  # called with the prompt first, then once per new token
+            self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def run(ids: list[int], n: int) -> tuple[list[int], float]:
+        clock = Clock()
+        with torch.inference_mode():
+            out = hf.generate(
+                torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock,
+                pad_token_id=0,
+            )
+        return out[0, len(ids):].tolist(), clock.stamps[-1] - clock.stamps[1]
+
+    return run
 
 
 # --- memory, measured inside a case process -----------------------------------------------------

@@ -34,13 +34,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_OUT_DIR, hf_greedy_generate, machine_info, make_console, now_iso, print_table, write_json,
+)
 
 import torch  # noqa: E402
 
@@ -241,30 +242,11 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
 
 def _hf_runner(base, dtype: str, new_tokens: int):
     """transformers generate, greedy, exactly `new_tokens` tokens, decode time after the first."""
-    from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
-
-    hf = AutoModelForCausalLM.from_pretrained(base.checkpoint_dir, dtype=getattr(torch, dtype)).eval()
-
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def put(self, value) -> None:  # called with the prompt first, then once per new token
-            self.stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
+    generate = hf_greedy_generate(base.checkpoint_dir, dtype)
 
     def run(ids: list[int]):
-        clock = Clock()
-        with torch.inference_mode():
-            out = hf.generate(
-                torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                streamer=clock, pad_token_id=0,
-            )
-        tokens = out[0, len(ids):].tolist()
-        return tokens, clock.stamps[-1] - clock.stamps[1], None, 0, 0
+        tokens, decode_s = generate(ids, new_tokens)
+        return tokens, decode_s, None, 0, 0
 
     return run
 

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_OUT_DIR, hf_greedy_generate, machine_info, make_console, now_iso, print_table, write_json,
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -38,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from eetune.eval.timing import Costs, measure_costs, median_seconds  # noqa: E402
 from eetune.exits import EarlyExitModel, load_exits  # noqa: E402
+from eetune.exits.modules import lm_head_weight  # noqa: E402
 from eetune.infer.engine import DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import Generator  # noqa: E402
 from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [p for p in PROMPTS_FILE.read_text().splitlines() if p.strip()][: args.prompts]
     prompt_ids = [build_prompt_ids(base.tokenizer, p, chat=True) for p in prompts]
     engine = Engine(EarlyExitModel(base.model, []))
-    hf_generate = _hf_generate(base.checkpoint_dir, args.dtype)
+    hf_generate = hf_greedy_generate(base.checkpoint_dir, args.dtype)
 
     with console.status("measuring the matmul ceiling"):
         ceiling_s = _ceiling_seconds(base.model, args.repeats)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         for ids in prompt_ids:
             r = engine.generate(ids, DecodeSettings(max_new_tokens=args.new_tokens))
             ours_s += r.decode_s
-            hf_s += hf_generate(ids, args.new_tokens)
+            hf_s += hf_generate(ids, args.new_tokens)[1]
             tokens += args.new_tokens - 1
     with console.status("profiling"):
         ours_profile = _profile(lambda: engine.generate(prompt_ids[0], DecodeSettings(max_new_tokens=args.new_tokens)),
@@ -146,7 +149,7 @@ def _ceiling_seconds(backbone: torch.nn.Module, repeats: int) -> float:
         attn, mlp = layer.attn, layer.mlp
         weights += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.output_proj.weight,
                     mlp.w1.weight, mlp.w3.weight, mlp.w2.weight]
-    weights.append(backbone.output.weight if hasattr(backbone.output, "weight") else backbone.tok_embeddings.weight)
+    weights.append(lm_head_weight(backbone))
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
 
     def step() -> None:
@@ -154,33 +157,6 @@ def _ceiling_seconds(backbone: torch.nn.Module, repeats: int) -> float:
             F.linear(inputs[w.shape[1]], w)
 
     return median_seconds(step, repeats)
-
-
-def _hf_generate(checkpoint_dir: Path, dtype: str) -> Callable[[list[int], int], float]:
-    """transformers generate, greedy, exactly n tokens; returns the decode seconds after the first."""
-    from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
-
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
-
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def put(self, value) -> None:  # the prompt first, then once per new token
-            self.stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    def run(ids: list[int], n: int) -> float:
-        clock = Clock()
-        with torch.inference_mode():
-            hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock,
-                        pad_token_id=0)
-        return clock.stamps[-1] - clock.stamps[1]
-
-    return run
 
 
 def _category(name: str) -> str:
@@ -325,7 +301,8 @@ def _print(console, r: dict[str, Any]) -> None:
 
     print_table(console, "self_speculative: acceptance needed", [
         "draft", "round cost", "max speedup", "for 1.0x", "for 1.4x", "measured"], [
-        [f"exit {s['draft_exit']} k={s['draft_len']}" + (f" vocab {s['draft_vocab']}" if s["draft_vocab"] else ""), f"{s['round_cost_in_full_tokens']:.2f}",
+        [f"exit {s['draft_exit']} k={s['draft_len']}" + (f" vocab {s['draft_vocab']}" if s["draft_vocab"] else ""),
+         f"{s['round_cost_in_full_tokens']:.2f}",
          f"{s['max_speedup_all_accepted']:.2f}x", pct(s["acceptance_for_1x"]), pct(s["acceptance_for_1_4x"]),
          pct(s["measured_acceptance"])] for s in r["self_speculative"]
     ], caption="round cost: k drafts + verify, in full tokens; acceptance = accepted / drafted tokens")
