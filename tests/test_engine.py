@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torchtune.models.llama3_2._component_builders import llama3_2
 from torchtune.modules import TransformerDecoder
 
@@ -208,6 +209,46 @@ def test_learned_confidence_runs_the_head_only_where_tokens_exit(ee_learned: Ear
     assert any(e < N_LAYERS for e in result.exit_layers)
 
 
+class _LinearCalls(TorchFunctionMode):
+    """Every `F.linear` the engine runs, as (weight, rows): counted outside the engine, so a
+    head or layer that runs through another path than the engine's own counters still shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.nn.functional.linear:
+            x, weight = args[0], args[1]
+            self.calls.append((weight, math.prod(x.shape[:-1])))
+        return func(*args, **(kwargs or {}))
+
+    def rows(self, weight: torch.Tensor) -> list[int]:
+        """Rows per call through `weight` (matched by storage: views of it count too)."""
+        ptr = weight.untyped_storage().data_ptr()
+        return [rows for w, rows in self.calls if w.untyped_storage().data_ptr() == ptr]
+
+    def head_rows(self, vocab: int) -> int:
+        """Rows put through any vocabulary head ([vocab, dim] weights)."""
+        return sum(rows for w, rows in self.calls if w.dim() == 2 and w.shape[0] == vocab)
+
+
+def test_learned_confidence_evaluates_no_head_for_tokens_that_stay(ee_learned: EarlyExitModel) -> None:
+    """Counted at F.linear, not by the engine: one head row per generated token under `learned`,
+    far more under `max_prob` (its check runs the head at every exit a token passes)."""
+    rows = {}
+    for confidence in ("learned", "max_prob"):
+        engine = Engine(ee_learned)
+        settings = DecodeSettings(mode="early_exit", threshold=0.5, confidence=confidence, max_new_tokens=12)
+        with _LinearCalls() as calls:
+            result = engine.generate(_prompt(21), settings)
+        rows[confidence] = calls.head_rows(VOCAB)
+        if confidence == "learned":
+            assert rows["learned"] == len(result.tokens)
+            assert any(e < N_LAYERS for e in result.exit_layers) and any(e == N_LAYERS for e in result.exit_layers)
+    assert rows["max_prob"] > rows["learned"]
+
+
 # -- self-speculative ------------------------------------------------------------------------
 
 
@@ -231,6 +272,38 @@ def test_self_speculative_greedy_equals_full(ee: EarlyExitModel) -> None:
                 total_accepted += result.accepted_tokens
     # Random exits agree with the final layer often but not always: both paths ran.
     assert 0 < total_accepted < total_drafted
+
+
+@pytest.mark.parametrize("draft_exit", [1, 2])
+@pytest.mark.parametrize("draft_confidence", [None, 0.5])
+def test_self_speculative_reuses_the_draft_layers(
+    ee_learned: EarlyExitModel, draft_exit: int, draft_confidence: float | None
+) -> None:
+    """Per round, layers 1..L run once per drafted position (one position per call) and the
+    verify pass runs only layers L+1..N, once, over the k + 1 positions; recomputing the
+    prefix, or the drafts through layers 1..L again, changes these counts."""
+    engine = Engine(ee_learned)
+    prompt = _prompt(7, 9)
+    settings = DecodeSettings(
+        mode="self_speculative", draft_exit=draft_exit, draft_len=3, max_new_tokens=20,
+        draft_confidence=draft_confidence,
+    )
+    with _LinearCalls() as calls:
+        result = engine.generate(prompt, settings)
+    layers = ee_learned.backbone.layers
+    per_layer = [calls.rows(layer.attn.q_proj.weight) for layer in layers]
+    # The first call of every layer is the prompt's prefill: the whole prompt at once.
+    assert all(rows[0] == len(prompt) for rows in per_layer)
+    rounds = len(per_layer[-1]) - 1
+    positions = result.draft_tokens + rounds  # each round verifies its k drafts + 1
+    assert rounds >= 2
+    for i, rows in enumerate(per_layer):
+        decode = rows[1:]
+        if i < draft_exit:  # drafting layers: one position per call, each position once
+            assert decode == [1] * positions, i
+        else:  # verifying layers: one call per round over its k + 1 positions
+            assert len(decode) == rounds and sum(decode) == positions, i
+    assert result.tokens == engine.generate(prompt, DecodeSettings(max_new_tokens=20)).tokens
 
 
 def test_self_speculative_stops_at_stop_id_inside_accepted_drafts(ee: EarlyExitModel) -> None:
