@@ -3,7 +3,9 @@
 scripts/slurm_local.sh installs Debian's slurmctld/slurmd/munge (apt-get, once) and starts a private
 single-node cluster whose state, config and munge socket all live in a temp dir; it is shut down
 afterwards (scontrol shutdown, then the munged it started). Skipped, with the reason, only where
-that cannot run: not root, or apt-get missing or unable to install the packages.
+that cannot run: not root, or apt-get missing or unable to install the packages. With
+EETUNE_REQUIRE_SLURM=1 (set by .ci/run) those are failures instead: CI must not lose its only
+real-Slurm coverage silently.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ LOCAL_SLURM = REPO / "scripts" / "slurm_local.sh"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
 
+def unavailable(reason: str) -> None:
+    """Skip for want of a prerequisite, or fail where Slurm is required (EETUNE_REQUIRE_SLURM=1)."""
+    if os.environ.get("EETUNE_REQUIRE_SLURM") == "1":
+        pytest.fail(f"EETUNE_REQUIRE_SLURM=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def slurm() -> dict[str, str]:
     """Environment for Slurm clients talking to a private single-node cluster."""
     if os.geteuid() != 0:
-        pytest.skip("a local Slurm needs root (apt-get install, slurmctld/slurmd as root)")
+        unavailable("a local Slurm needs root (apt-get install, slurmctld/slurmd as root)")
     if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        pytest.skip("apt-get is not available to install slurmctld, slurmd and munge")
+        unavailable("apt-get is not available to install slurmctld, slurmd and munge")
     install = subprocess.run(["bash", str(LOCAL_SLURM), "install"], capture_output=True, text=True, timeout=600)
     if install.returncode != 0:
-        pytest.skip(f"apt-get could not install slurmctld, slurmd and munge: {install.stderr.strip()[-300:]}")
+        unavailable(f"apt-get could not install slurmctld, slurmd and munge: {install.stderr.strip()[-300:]}")
     # Not under pytest's private (0700) temp root: the munge user must reach its socket dir.
     directory = Path(tempfile.mkdtemp(prefix="eetune-slurm-"))
     directory.chmod(0o755)
@@ -100,3 +109,22 @@ def test_sbatch_wrapper_runs_a_two_process_tune(slurm, tiny_base_model, tmp_path
     assert manifest["tune"]["steps"] == 3 and manifest["tune"]["mesh"]["dp_shard"] == 2
     model = load_exits(run_dir, tiny_base_model.model, tiny_base_model.fingerprint)
     assert model.exit_layers == [1, 2, 3]
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_missing_slurm_skips_unless_required(tmp_path, required):
+    """With no apt-get and no slurmctld on PATH the real-Slurm test skips, or fails when required."""
+    env = {key: value for key, value in os.environ.items() if key != "EETUNE_REQUIRE_SLURM"}
+    env["PATH"] = str(Path(sys.executable).parent)  # the venv's bin: neither apt-get nor slurmctld
+    if required:
+        env["EETUNE_REQUIRE_SLURM"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
+         f"{__file__}::test_sbatch_wrapper_runs_a_two_process_tune"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    if required:
+        assert run.returncode == 1 and "1 error" in run.stdout, run.stdout[-2000:]
+        assert "EETUNE_REQUIRE_SLURM=1 but" in run.stdout
+    else:
+        assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout[-2000:]
