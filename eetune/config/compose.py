@@ -23,9 +23,11 @@ from omegaconf.errors import OmegaConfBaseException
 from eetune.config.schema import CHOICES, EetuneConfig, register_schema
 from eetune.errors import EetuneError
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPES_DIR = _REPO_ROOT / "recipes"
-CONFIGS_DIR = _REPO_ROOT / "configs"
+# Package data (links to the repository's top-level recipes/ and configs/ in a checkout), so an
+# installed wheel finds them too.
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+RECIPES_DIR = _PACKAGE_DIR / "recipes"
+CONFIGS_DIR = _PACKAGE_DIR / "configs"
 DEFAULT_RECIPE = "base"
 
 
