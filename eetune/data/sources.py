@@ -6,11 +6,11 @@ JSONL and HF records are auto-detected one by one, so a file may mix both kinds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from eetune.data.jsonl import iter_jsonl
 from eetune.errors import EetuneError
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -90,18 +90,7 @@ def record_document(record: Any, where: str, text_field: str, messages_field: st
 
 def jsonl_documents(path: Path, text_field: str, messages_field: str) -> list[Document]:
     """One document per non-blank line; a bad line is reported as path:line."""
-    documents = []
-    # split("\n"), not splitlines(): U+2028 and friends may sit unescaped inside JSON strings.
-    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EetuneError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        documents.append(record_document(record, where, text_field, messages_field))
-    return documents
+    return [record_document(record, where, text_field, messages_field) for where, record in iter_jsonl(path)]
 
 
 def hf_records(path: Path, hf_format: str) -> Iterable[Mapping[str, Any]]:

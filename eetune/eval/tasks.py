@@ -14,13 +14,12 @@ Bundled tasks (a few dozen items written for eetune) live in eetune/data/tasks/.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eetune.data.sources import read_text_file
+from eetune.data.jsonl import iter_jsonl
 from eetune.errors import EetuneError
 from eetune.eval.text_metrics import rouge_l, token_f1
 
@@ -93,19 +92,7 @@ def load_task(name: str, path: str | None, metric: str, max_items: int | None = 
         raise EetuneError(f"task '{name}' has metric {metric!r}; choose one of {', '.join(METRICS)}")
     file = task_path(name, path)
     parse = _generation_item if metric in GENERATION_METRICS else _choice_item
-    items = []
-    # split("\n"), not splitlines(): U+2028 and friends may sit unescaped inside JSON strings.
-    for number, line in enumerate(read_text_file(file, what="task").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{file}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EetuneError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, Mapping):
-            raise EetuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        items.append(parse(record, where))
+    items = [parse(record, where) for where, record in iter_jsonl(file, what="task")]
     if not items:
         raise EetuneError(f"task file {file} holds no items")
     return Task(name, file, metric, tuple(items[:max_items] if max_items else items))

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from eetune.data.jsonl import iter_jsonl
 from eetune.data.sources import read_text_file
 from eetune.errors import EetuneError
 from eetune.infer.generate import generate
@@ -29,22 +30,14 @@ DEFAULT_OUT_NAME = "distill.jsonl"
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a .jsonl/.json file (a `prompt` field per line) or text (one per line)."""
-    text = read_text_file(path, what="prompt")
-    prompts = []
-    jsonl = path.suffix.lower() in (".jsonl", ".json")
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            prompts.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EetuneError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise EetuneError(f"{path}:{number}: expected an object with a non-empty string field 'prompt'")
-        prompts.append(record["prompt"])
+    if path.suffix.lower() in (".jsonl", ".json"):
+        prompts = []
+        for where, record in iter_jsonl(path, what="prompt"):
+            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise EetuneError(f"{where}: expected an object with a non-empty string field 'prompt'")
+            prompts.append(record["prompt"])
+    else:
+        prompts = [line.strip() for line in read_text_file(path, what="prompt").split("\n") if line.strip()]
     if not prompts:
         raise EetuneError(f"{path} holds no prompts")
     return prompts
