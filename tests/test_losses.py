@@ -11,8 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from eetune.data import IGNORE_INDEX
 from eetune.errors import EetuneError
-from eetune.train.losses import IGNORE_INDEX, ExitLossOutput, exit_losses, exit_losses_reference
+from eetune.train.losses import ExitLossOutput, exit_losses, exit_losses_reference
 
 LAYERS = (2, 4, 6)
 EXIT_WEIGHTS = {2: 0.3, 4: 1.0, 6: 0.7}

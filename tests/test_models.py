@@ -38,7 +38,7 @@ from eetune.models import (
 from eetune.models import cache as model_cache
 from eetune.models import gguf_import
 from eetune.models import hf_config as hfc
-from eetune.models.checkpoint import tune_to_hf_state_dict
+from eetune.models.checkpoint import hf_to_tune_state_dict, tune_to_hf_state_dict
 from eetune.models.fingerprint import sample_indices
 from eetune.models.tiny import build_tiny_tokenizer, random_decoder, tiny_hf_config, write_tiny_checkpoint
 
@@ -157,6 +157,22 @@ def test_tiny_base_model_fixture(tiny_base_model: BaseModel) -> None:
 FAMILY_CASES = [pytest.param(name, {}, id=name) for name in list_families()] + [
     pytest.param("qwen2", {"tie_word_embeddings": False}, id="qwen2-untied"),  # Qwen2.5-7B style
 ]
+
+
+@pytest.mark.parametrize(("family_name", "overrides"), FAMILY_CASES)
+def test_state_dict_conversion_round_trips_exactly(family_name: str, overrides: dict[str, Any]) -> None:
+    """torchtune -> HF -> torchtune names and values (q/k permutations included) for every family."""
+    family = get_family(family_name)
+    config = tiny_hf_config(family, **overrides)
+    state = random_decoder(family, config, seed=0).state_dict()
+    if config["tie_word_embeddings"]:
+        state.pop("output.weight", None)
+    hf = tune_to_hf_state_dict(family, state, config)
+    assert set(hf) != set(state)  # the names really change
+    back = hf_to_tune_state_dict(family, hf, config)
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        torch.testing.assert_close(back[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(("family_name", "overrides"), FAMILY_CASES)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torchtune.models import convert_weights
-from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune, qwen2_tune_to_hf
 from torchtune.training import FullModelHFCheckpointer, MODEL_KEY
 
 from eetune.errors import EetuneError
@@ -73,6 +73,17 @@ def load_tune_state_dict(
         # Some tied checkpoints still store lm_head (a copy of the embeddings); HF ignores it too.
         state_dict.pop("output.weight", None)
     return state_dict
+
+
+def hf_to_tune_state_dict(
+    family: ModelFamily, hf_tensors: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """HF names -> torchtune names, with the converter FullModelHFCheckpointer uses for this family."""
+    kwargs = dict(num_heads=int(hf_config["num_attention_heads"]), num_kv_heads=hfc.num_kv_heads(hf_config),
+                  dim=int(hf_config["hidden_size"]))
+    if family.model_type == "QWEN2":
+        return qwen2_hf_to_tune(dict(hf_tensors), tie_word_embeddings=hfc.tie_word_embeddings(hf_config), **kwargs)
+    return convert_weights.hf_to_tune(dict(hf_tensors), head_dim=hf_config.get("head_dim"), **kwargs)
 
 
 def tune_to_hf_state_dict(

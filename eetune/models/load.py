@@ -60,7 +60,7 @@ def parse_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _resolve_checkpoint_dir(entry: ModelEntry, checkpoint_dir: str | Path | None) -> Path:
+def resolve_checkpoint_dir(entry: ModelEntry, checkpoint_dir: str | Path | None) -> Path:
     if checkpoint_dir is None:
         if entry.name != DEFAULT_MODEL:
             raise EetuneError(
@@ -150,7 +150,7 @@ def load_base_model(
         raise EetuneError(f"invalid device {device!r}; use e.g. 'cpu' or 'cuda:0'") from exc
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise EetuneError(f"device {device!r} requested but CUDA is not available here; use device=cpu")
-    path = _resolve_checkpoint_dir(entry, checkpoint_dir)
+    path = resolve_checkpoint_dir(entry, checkpoint_dir)
     config = hfc.read_hf_config(path)
     seq_len = int(max_seq_len or config.get("max_position_embeddings") or 4096)
     try:

@@ -19,16 +19,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from torchtune.models import convert_weights
-from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
 from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel, ExitSpec, read_manifest, specs_from_config
 from eetune.models import BaseModel, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
-from eetune.models.checkpoint import find_safetensors
-from eetune.models.load import _resolve_checkpoint_dir, load_tokenizer, parse_dtype
+from eetune.models.checkpoint import find_safetensors, hf_to_tune_state_dict
+from eetune.models.load import resolve_checkpoint_dir, load_tokenizer, parse_dtype
 from eetune.models.registry import ModelFamily
 from eetune.parallel.mesh import Topology
 from eetune.parallel.parallelize import parallelize_stage
@@ -53,12 +51,7 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
             self._source.pop("output.weight", None)  # as load_tune_state_dict: HF ignores it too
 
     def _convert(self, hf_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        config = self.hf_config
-        kwargs = dict(num_heads=int(config["num_attention_heads"]), num_kv_heads=hfc.num_kv_heads(config),
-                      dim=int(config["hidden_size"]))
-        if self.family.model_type == "QWEN2":
-            return qwen2_hf_to_tune(hf_tensors, tie_word_embeddings=hfc.tie_word_embeddings(config), **kwargs)
-        return convert_weights.hf_to_tune(hf_tensors, head_dim=config.get("head_dim"), **kwargs)
+        return hf_to_tune_state_dict(self.family, hf_tensors, self.hf_config)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         file, key = self._source[name]
@@ -91,7 +84,7 @@ def build_stage_model(
     """
     model_cfg = cfg.model
     entry = get_model_entry(model_cfg.name)
-    path = _resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
+    path = resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
     config = hfc.read_hf_config(path)
     dtype = parse_dtype(model_cfg.dtype)
     seq_len = int(model_cfg.max_seq_len or config.get("max_position_embeddings") or 4096)

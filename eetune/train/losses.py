@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from eetune.data.corpus import IGNORE_INDEX
 from eetune.errors import EetuneError
 
-IGNORE_INDEX = -100
 TOKEN_WEIGHTINGS = ("none", "dynamic")
 DEFAULT_CHUNK_SIZE = 1024
 
