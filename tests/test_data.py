@@ -316,6 +316,10 @@ def reuse_loaded_model(monkeypatch: pytest.MonkeyPatch, model: BaseModel) -> Non
     monkeypatch.setattr(distill, "load_base", lambda model_cfg: model)
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_distill_writes_reproducible_jsonl_that_loads_back(
     tiny_base_model: BaseModel, tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,55 +327,125 @@ def test_distill_writes_reproducible_jsonl_that_loads_back(
     out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "a.jsonl", "seed=5"))
     reuse_loaded_model(monkeypatch, tiny_base_model)
     assert out == tmp_path / "a.jsonl"
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    records = _records(out)
     assert len(records) == 3 * 2
-    assert [r["messages"][0] for r in records[::2]] == [
-        {"role": "user", "content": p} for p in ("Say hi.", "Name a fruit.", "Count to three.")
-    ]
-    assert all(r["messages"][1]["role"] == "assistant" for r in records)
+    prompts = ("Say hi.", "Name a fruit.", "Count to three.")
+    # Every prompt x sample once, in a seeded order; each record names its batch, prompt and sample.
+    assert sorted(r["id"].split(":", 1)[1] for r in records) == sorted(f"p{i}:s{j}" for i in range(3) for j in range(2))
+    for r in records:
+        i = int(r["id"].split(":")[1][1:])
+        assert r["messages"][0] == {"role": "user", "content": prompts[i]}
+        assert r["messages"][1]["role"] == "assistant" and 1 <= r["tokens"] <= 8
 
-    # Each sample's seed depends only on (seed, prompt, sample): one sample per prompt with
-    # the same seed reproduces exactly the first sample of every prompt.
-    first_samples = "".join(line + "\n" for line in out.read_text(encoding="utf-8").splitlines()[::2])
-    one = ("distill.samples_per_prompt=1",)
-    again = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "b.jsonl", "seed=5", *one))
-    assert again.read_text(encoding="utf-8") == first_samples
-    other = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "c.jsonl", "seed=6", *one))
-    assert other.read_text(encoding="utf-8") != first_samples
+    # The same seed reproduces the corpus; another seed does not.
+    again = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "b.jsonl", "seed=5"))
+    assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
+    other = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "c.jsonl", "seed=6"))
+    assert other.read_text(encoding="utf-8") != out.read_text(encoding="utf-8")
 
     cfg = data_cfg("data=jsonl", f"data.path={out}", "data.seq_len=32", "data.train_on_prompt=false")
     assert load_tuning_data(cfg, tokenizer).num_loss_tokens > 0
 
+    one = ("distill.samples_per_prompt=1",)
     text_out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "t.jsonl", "distill.chat=false", *one))
-    texts = [json.loads(line)["text"] for line in text_out.read_text(encoding="utf-8").splitlines()]
-    assert [t[: len(p)] for t, p in zip(texts, ("Say hi.", "Name a fruit.", "Count to three."))] == [
-        "Say hi.",
-        "Name a fruit.",
-        "Count to three.",
-    ]
+    for r in _records(text_out):
+        assert r["text"].startswith(prompts[int(r["id"].split(":")[1][1:])])
     assert load_tuning_data(data_cfg("data=jsonl", f"data.path={text_out}", "data.seq_len=16"), tokenizer).num_examples
 
 
-def test_distill_never_leaves_a_partial_file(
+def test_batched_distill_equals_one_prompt_at_a_time(
     tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out_dir = tmp_path / "out"
-    out = out_dir / "d.jsonl"
-    real_generate = distill.generate
+    """Greedy answers do not depend on what else shares the batch (ragged prompts, left padding)."""
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    greedy = ("distill.temperature=0", "distill.samples_per_prompt=1")
+
+    def answers(name: str, batch_size: int) -> dict[str, Any]:
+        out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / name, *greedy,
+                                      f"distill.batch_size={batch_size}"))
+        return {r["id"].split(":", 1)[1]: (r["messages"], r["tokens"]) for r in _records(out)}
+
+    one = answers("one.jsonl", 1)
+    assert answers("three.jsonl", 3) == one and len(one) == 3
+
+
+def test_distill_resumes_after_an_interruption_to_the_same_corpus(
+    tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    batched = ("distill.batch_size=2",)  # 6 items: 3 batches
+    whole = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "whole.jsonl", *batched))
+    out = tmp_path / "cut.jsonl"
+    real_decode = distill.Decoder.decode
     calls = {"n": 0}
 
-    def failing_generate(*args: Any, **kwargs: Any) -> Any:
+    def failing_decode(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
-            raise RuntimeError("boom")
-        return real_generate(*args, **kwargs)
+            raise RuntimeError("killed")
+        return real_decode(self, *args, **kwargs)
 
-    monkeypatch.setattr(distill, "generate", failing_generate)
+    monkeypatch.setattr(distill.Decoder, "decode", failing_decode)
+    with pytest.raises(RuntimeError, match="killed"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out, *batched))
+    monkeypatch.setattr(distill.Decoder, "decode", real_decode)
+    # Two whole batches are on disk; a third cut off mid-write is dropped on resume.
+    assert len(_records(out)) == 4
+    with out.open("a", encoding="utf-8") as f:
+        f.write('{"id": "b2:p0:s0", "tok')
+    with pytest.raises(EetuneError, match="already exists.*resume=true"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out, *batched))
+    with pytest.raises(EetuneError, match=r"settings differ \(distill.batch_size\)"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out, "distill.batch_size=3", "resume=true"))
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *batched, "resume=true"))
+    assert out.read_text(encoding="utf-8") == whole.read_text(encoding="utf-8")
+
+
+def test_distill_token_budget_stops_and_extends(
+    tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reuse_loaded_model(monkeypatch, tiny_base_model)
-    with pytest.raises(RuntimeError, match="boom"):
-        distill.run(distill_cfg(tiny_base_model, tmp_path, out))
-    assert not out.exists()
-    assert list(out_dir.iterdir()) == []  # no temp file left beside it either
+    out = tmp_path / "budget.jsonl"
+    common = ("distill.batch_size=1", "distill.samples_per_prompt=4")  # 12 items of <= 8 tokens
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=10"))
+    first = _records(out)
+    assert sum(r["tokens"] for r in first) >= 10 and sum(r["tokens"] for r in first[:-1]) < 10
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=30", "resume=true"))
+    extended = _records(out)
+    assert extended[: len(first)] == first and sum(r["tokens"] for r in extended[:-1]) < 30 <= sum(
+        r["tokens"] for r in extended
+    )
+
+
+def test_distill_prompts_from_topics_templates_and_the_model(
+    tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    (tmp_path / "topics.txt").write_text("# comment\nowls\nrivers\n", encoding="utf-8")
+    (tmp_path / "templates.txt").write_text("What is {topic}?\nTell me about {topic}.\n", encoding="utf-8")
+    (tmp_path / "exclude.txt").write_text("owl*\n", encoding="utf-8")
+    questions = {"n": 0}
+
+    def fake_questions(decoder: Any, topics: list[str], d: Any, seed: int, console: Any) -> list[str]:
+        questions["n"] += 1
+        return [f"Why do {t} matter?" for t in topics]
+
+    monkeypatch.setattr(distill, "model_questions", fake_questions)
+    out = tmp_path / "topics.jsonl"
+    overrides = ("distill.prompts=null", f"distill.topics={tmp_path / 'topics.txt'}",
+                 f"distill.templates={tmp_path / 'templates.txt'}", "distill.questions_per_topic=1",
+                 f"distill.exclude={tmp_path / 'exclude.txt'}", "distill.samples_per_prompt=1")
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *overrides))
+    asked = sorted(r["messages"][0]["content"] for r in _records(out))
+    # Owls are excluded everywhere, the model's own questions included.
+    assert asked == ["Tell me about rivers.", "What is rivers?", "Why do rivers matter?"]
+    # The model's questions are kept beside the corpus: a resumed run asks the same ones.
+    assert (tmp_path / "topics.jsonl.questions.txt").read_text(encoding="utf-8").splitlines() == [
+        "Why do owls matter?", "Why do rivers matter?"]
+    with pytest.raises(EetuneError, match="placeholder"):
+        (tmp_path / "templates.txt").write_text("no placeholder\n", encoding="utf-8")
+        distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "bad.jsonl", *overrides))
+    assert questions["n"] == 1
 
 
 def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseModel, tmp_path: Path) -> None:
@@ -396,3 +470,22 @@ def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseMo
     bench = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "prompts.txt"
     bench_prompts = [p.strip() for p in bench.read_text(encoding="utf-8").splitlines() if p.strip()]
     assert len(bench_prompts) >= 10 and not set(bench_prompts) & set(bundled)
+
+
+def test_unseen_topic_prompts_are_absent_from_every_tuning_prompt() -> None:
+    """The decode benchmark's second prompt set is about topics no bundled tuning prompt mentions:
+    not the prompt file, not topics x templates, not the requests for model-written questions
+    (whose answers the corpus build filters with distill.exclude=<these keywords>)."""
+    bench = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+    keywords = distill.read_lines(bench / "unseen_keywords.txt", what="keyword")
+    unseen = distill.read_lines(bench / "prompts_unseen.txt", what="prompt")
+    assert len(unseen) >= 20 and len(set(unseen)) == len(unseen)
+    assert all(distill.excluded(p, keywords) for p in unseen)  # each is about an unseen topic
+    topics = distill.read_lines(distill.DEFAULT_TOPICS, what="topic")
+    templates = distill.read_templates(distill.DEFAULT_TEMPLATES)
+    tuning = distill.read_prompts(distill.DEFAULT_PROMPTS) + [t.format(topic=x) for x in topics for t in templates]
+    tuning += [distill.QUESTION_REQUEST.format(topic=x) for x in topics]
+    assert len(tuning) > 3000
+    assert [p for p in tuning if distill.excluded(p, keywords)] == []
+    first = distill.read_lines(bench / "prompts.txt", what="prompt")
+    assert not set(first) & set(unseen)

@@ -1,31 +1,54 @@
 """`eetune data distill`: a self-distillation corpus written by the base model itself.
 
-Each prompt gets `distill.samples_per_prompt` continuations; the JSONL output feeds straight
-back into tuning as `data=jsonl data.path=<out>`. Exits tuned on the model's own outputs learn
-what the full model would say, which is exactly what early-exit decoding must reproduce.
+Prompts come from a prompt file, from topics x templates ("Explain {topic} to a beginner."),
+and from questions the model writes itself about each topic; each prompt gets
+`distill.samples_per_prompt` continuations, decoded `distill.batch_size` at a time. The JSONL
+output feeds straight back into tuning as `data=jsonl data.path=<out>`. Exits tuned on the
+model's own outputs learn what the full model would say, which is exactly what early-exit
+decoding must reproduce.
+
+The corpus grows batch by batch: each batch's records are appended with one write and made
+durable before the next batch starts, and every record names its batch. `resume=true`
+continues an interrupted run, dropping a batch that was cut off mid-write; batch `b` always
+holds the same items sampled with the same seed, so a resumed corpus equals an uninterrupted
+one. Raising `distill.max_tokens` on resume extends a finished corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from eetune.data.jsonl import iter_jsonl
 from eetune.data.sources import read_text_file
 from eetune.errors import EetuneError
-from eetune.infer.generate import generate
-from eetune.rundir import atomic_write
+from eetune.exits import EarlyExitModel
+from eetune.infer.engine import DecodeSettings, Engine
+from eetune.rundir import atomic_write_json, atomic_write_text
 from eetune.stages.common import load_base
 from eetune.stages.generate import build_prompt_ids, stop_token_ids
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "distill_prompts.txt"
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+DEFAULT_PROMPTS = PROMPTS_DIR / "distill_prompts.txt"
+DEFAULT_TOPICS = PROMPTS_DIR / "distill_topics.txt"
+DEFAULT_TEMPLATES = PROMPTS_DIR / "distill_templates.txt"
 DEFAULT_OUT_NAME = "distill.jsonl"
+# How the model is asked to write a prompt about a topic (distill.questions_per_topic).
+QUESTION_REQUEST = "Write one question a curious person might ask about {topic}. Reply with the question only."
+# Settings a resumed corpus may change without changing what its batches hold.
+RESUMABLE_KEYS = ("max_tokens",)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -37,89 +60,290 @@ def read_prompts(path: Path) -> list[str]:
                 raise EetuneError(f"{where}: expected an object with a non-empty string field 'prompt'")
             prompts.append(record["prompt"])
     else:
-        prompts = [line.strip() for line in read_text_file(path, what="prompt").split("\n") if line.strip()]
+        prompts = read_lines(path, what="prompt")
     if not prompts:
         raise EetuneError(f"{path} holds no prompts")
     return prompts
 
 
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The sampling seed of one continuation: fixed by (cfg.seed, prompt, sample), well mixed."""
-    digest = hashlib.blake2b(f"eetune-distill:{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-blank lines of a text file; lines starting with # are comments."""
+    lines = (line.strip() for line in read_text_file(path, what=what).split("\n"))
+    return [line for line in lines if line and not line.startswith("#")]
 
 
-def distill_record(prompt: str, completion: str, chat: bool) -> dict[str, Any]:
+def read_templates(path: Path) -> list[str]:
+    templates = read_lines(path, what="template")
+    bad = [t for t in templates if "{topic}" not in t]
+    if bad:
+        raise EetuneError(f"{path}: every template needs a {{topic}} placeholder; this one has none: {bad[0]!r}")
+    return templates
+
+
+def sample_seed(seed: int, *keys: int) -> int:
+    """A well-mixed sampling seed fixed by (cfg.seed, keys...)."""
+    text = ":".join(str(k) for k in ("eetune-distill", seed, *keys))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def distill_record(record_id: str, tokens: int, prompt: str, completion: str, chat: bool) -> dict[str, Any]:
     """A record `data=jsonl` reads back: chat turns, or the prompt and completion as one text."""
+    head = {"id": record_id, "tokens": tokens}
     if chat:
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
-    return {"text": prompt + completion}
-
-
-def output_path(cfg: DictConfig) -> Path:
-    out = Path(cfg.distill.out).expanduser() if cfg.distill.out else Path(cfg.run_dir) / DEFAULT_OUT_NAME
-    if out.exists():
-        raise EetuneError(f"{out} already exists: choose another distill.out=... (it is never overwritten)")
-    return out
+        return {**head, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+    return {**head, "text": prompt + completion}
 
 
 def check_distill_config(d: Any) -> None:
-    if d.samples_per_prompt < 1:
-        raise EetuneError(f"distill.samples_per_prompt={d.samples_per_prompt} must be >= 1")
-    if d.max_new_tokens < 1:
-        raise EetuneError(f"distill.max_new_tokens={d.max_new_tokens} must be >= 1")
+    for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+        if d[key] < 1:
+            raise EetuneError(f"distill.{key}={d[key]} must be >= 1")
+    if d.questions_per_topic < 0:
+        raise EetuneError(f"distill.questions_per_topic={d.questions_per_topic} must be >= 0")
+    if d.max_tokens is not None and d.max_tokens < 1:
+        raise EetuneError(f"distill.max_tokens={d.max_tokens} must be >= 1 (or null: every prompt x sample)")
     if d.temperature < 0:
         raise EetuneError(f"distill.temperature={d.temperature} must be >= 0 (0 = greedy)")
     if d.top_p is not None and not 0.0 < d.top_p <= 1.0:
         raise EetuneError(f"distill.top_p={d.top_p} must be in (0, 1]")
+    if not (d.prompts or d.topics):
+        raise EetuneError("distill needs prompts: set distill.prompts=<file> and/or distill.topics=<file>")
+
+
+def _path(value: str, default: Path) -> Path:
+    return default if value == "bundled" else Path(value).expanduser()
+
+
+def excluded(prompt: str, keywords: Sequence[str]) -> bool:
+    """Whether the prompt mentions any keyword (whole words, any case; a keyword may end in *)."""
+    return any(_keyword_re(k).search(prompt) for k in keywords)
+
+
+def _keyword_re(keyword: str) -> re.Pattern[str]:
+    suffix = r"\w*" if keyword.endswith("*") else ""
+    return re.compile(r"\b" + re.escape(keyword.rstrip("*")) + suffix + r"\b", re.IGNORECASE)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Decoder:
+    """The base model with its tokenizer, decoding batches of chat or raw prompts."""
+
+    engine: Engine
+    tokenizer: Any
+    stop_ids: frozenset[int]
+    chat: bool
+
+    def decode(self, prompts: Sequence[str], d: Any, seed: int) -> list[tuple[str, int]]:
+        """(completion text, generated token count) per prompt."""
+        ids = [build_prompt_ids(self.tokenizer, p, self.chat) for p in prompts]
+        settings = DecodeSettings(
+            max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p, seed=seed,
+            stop_ids=self.stop_ids,
+        )
+        results = self.engine.generate_batch(ids, settings)
+        return [(self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(), len(r.tokens)) for r in results]
+
+
+def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, console: Console) -> list[str]:
+    """`questions_per_topic` questions the model writes about each topic, deduplicated."""
+    requests = [QUESTION_REQUEST.format(topic=t) for t in topics for _ in range(d.questions_per_topic)]
+    questions: list[str] = []
+    seen: set[str] = set()
+    with _progress(console, "questions") as progress:
+        task = progress.add_task("questions", total=len(requests))
+        for b, start in enumerate(range(0, len(requests), d.batch_size)):
+            batch = requests[start : start + d.batch_size]
+            for text, _ in decoder.decode(batch, d, sample_seed(seed, -1, b)):
+                question = text.split("\n")[0].strip().strip('"')
+                # Keep one-line questions of sensible length; drop what is not a question.
+                if question.endswith("?") and 15 <= len(question) <= 300 and question.lower() not in seen:
+                    seen.add(question.lower())
+                    questions.append(question)
+            progress.advance(task, len(batch))
+    return questions
+
+
+# -- the corpus file ------------------------------------------------------------------------
+
+
+def completed_batches(out: Path, batch_sizes: Sequence[int]) -> tuple[int, int, int]:
+    """(batches complete from the start, their generated tokens, their byte length) in `out`.
+
+    A batch counts only when all its records are there and whole; whatever follows the last
+    complete batch (a batch cut off mid-write) is to be dropped.
+    """
+    done = tokens = good_bytes = 0
+    in_batch = batch_tokens = 0
+    offset = 0
+    with out.open("rb") as f:
+        for raw in f:
+            offset += len(raw)
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                record = json.loads(raw)
+                batch = int(str(record["id"]).split(":")[0].removeprefix("b"))
+                count = int(record["tokens"])
+            except (ValueError, KeyError, TypeError):
+                break
+            if batch != done or done >= len(batch_sizes):
+                break
+            in_batch += 1
+            batch_tokens += count
+            if in_batch == batch_sizes[done]:
+                done, tokens, good_bytes = done + 1, tokens + batch_tokens, offset
+                in_batch = batch_tokens = 0
+    return done, tokens, good_bytes
+
+
+def _append(out: Path, lines: list[str]) -> None:
+    """One batch's records in one write, durable before the next batch starts."""
+    with out.open("a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _progress(console: Console, what: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]distill[/] {what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console,
+    )
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def _questions_path(out: Path) -> Path:
+    return out.with_name(out.name + ".questions.txt")
+
+
+def _settings(cfg: DictConfig) -> dict[str, Any]:
+    """What fixes the content of every batch: recorded beside the corpus, compared on resume."""
+    d = OmegaConf.to_container(cfg.distill, resolve=True)
+    d.pop("out", None)
+    return {"seed": cfg.seed, "model": cfg.model.name, "checkpoint_dir": cfg.model.checkpoint_dir,
+            "dtype": cfg.model.dtype, "distill": d}
+
+
+def _check_resume(out: Path, cfg: DictConfig) -> None:
+    meta = _meta_path(out)
+    if not meta.is_file():
+        raise EetuneError(f"resume=true but {meta} is missing: {out} was not written by a resumable distill run")
+    old, new = json.loads(meta.read_text(encoding="utf-8")), _settings(cfg)
+    for key in RESUMABLE_KEYS:
+        old["distill"].pop(key, None)
+        new["distill"].pop(key, None)
+    changed = sorted({*_diff(old, new)})
+    if changed:
+        raise EetuneError(
+            f"cannot resume {out}: its settings differ ({', '.join(changed)}); only distill.max_tokens may change "
+            "on resume; resume with the original settings or choose another distill.out"
+        )
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def gather_prompts(d: Any, decoder_factory: Any, seed: int, out: Path, console: Console) -> list[str]:
+    """Prompt file + topics x templates + model-written questions, minus excluded keywords."""
+    prompts = read_prompts(_path(d.prompts, DEFAULT_PROMPTS)) if d.prompts else []
+    if d.topics:
+        topics = read_lines(_path(d.topics, DEFAULT_TOPICS), what="topic")
+        templates = read_templates(_path(d.templates, DEFAULT_TEMPLATES)) if d.templates else []
+        prompts += [t.format(topic=topic) for topic in topics for t in templates]
+        if d.questions_per_topic:
+            cached = _questions_path(out)
+            if cached.is_file():  # written once, so a resumed run drafts the same questions
+                questions = read_lines(cached, what="questions")
+            else:
+                questions = model_questions(decoder_factory(), topics, d, seed, console)
+                atomic_write_text(cached, "".join(q + "\n" for q in questions))
+            prompts += questions
+    keywords = read_lines(Path(d.exclude).expanduser(), what="exclude") if d.exclude else []
+    kept = list(dict.fromkeys(p for p in prompts if not excluded(p, keywords)))
+    if len(kept) < len(prompts):
+        console.print(f"distill: {len(prompts) - len(kept)} duplicate or excluded prompts dropped", soft_wrap=True)
+    if not kept:
+        raise EetuneError("distill: no prompts left (check distill.prompts, distill.topics and distill.exclude)")
+    return kept
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> Path:
-    """Generate the corpus and write it to `distill.out` (default `<run_dir>/distill.jsonl`)."""
+    """Generate the corpus into `distill.out` (default `<run_dir>/distill.jsonl`)."""
     d = cfg.distill
     console = console or Console(stderr=True)
     check_distill_config(d)
-    prompts_path = Path(d.prompts).expanduser() if d.prompts else DEFAULT_PROMPTS
-    prompts = read_prompts(prompts_path)
-    out = output_path(cfg)
+    out = Path(d.out).expanduser() if d.out else Path(cfg.run_dir) / DEFAULT_OUT_NAME
+    if out.exists() and not cfg.resume:
+        raise EetuneError(
+            f"{out} already exists: choose another distill.out=... (it is never overwritten), "
+            "or pass resume=true to continue it"
+        )
+    if cfg.resume and out.exists():
+        _check_resume(out, cfg)
+    elif cfg.resume:
+        raise EetuneError(f"resume=true but {out} does not exist: start without resume=true")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     base = load_base(cfg.model)
-    tokenizer = base.tokenizer
-    if tokenizer is None:
+    if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: distillation needs one to read prompts")
-    stop_ids = stop_token_ids(tokenizer)
-    total = len(prompts) * d.samples_per_prompt
+    decoder = Decoder(
+        Engine(EarlyExitModel(base.model, []), max_batch_size=d.batch_size), base.tokenizer,
+        frozenset(stop_token_ids(base.tokenizer)), d.chat,
+    )
+    prompts = gather_prompts(d, lambda: decoder, cfg.seed, out, console)
 
-    def write(tmp: Path) -> None:
-        progress = Progress(
-            TextColumn("[bold]distill[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("prompts"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        with tmp.open("w", encoding="utf-8") as f, progress:
-            task = progress.add_task("prompts", total=len(prompts))
-            for i, prompt in enumerate(prompts):
-                prompt_ids = build_prompt_ids(tokenizer, prompt, d.chat)
-                for j in range(d.samples_per_prompt):
-                    result = generate(
-                        base.model,
-                        prompt_ids,
-                        d.max_new_tokens,
-                        temperature=d.temperature,
-                        top_p=d.top_p,
-                        stop_ids=stop_ids,
-                        seed=sample_seed(cfg.seed, i, j),
-                    )
-                    completion = tokenizer.decode(result.tokens, skip_special_tokens=True)
-                    f.write(json.dumps(distill_record(prompt, completion, d.chat), ensure_ascii=False) + "\n")
-                progress.advance(task)
-        if out.exists():  # appeared while we were generating: still never overwrite it
-            raise EetuneError(f"{out} appeared while generating: not overwriting it; the corpus was discarded")
+    # Items (prompt, sample) in a fixed shuffled order: a token budget then covers every topic.
+    items = [(i, j) for j in range(d.samples_per_prompt) for i in range(len(prompts))]
+    random.Random(cfg.seed).shuffle(items)
+    batches = [items[s : s + d.batch_size] for s in range(0, len(items), d.batch_size)]
+    if not out.exists():
+        atomic_write_json(_meta_path(out), _settings(cfg))
+        out.touch()
+    done, tokens, good_bytes = completed_batches(out, [len(b) for b in batches])
+    if out.stat().st_size > good_bytes:
+        console.print(f"distill: dropping an incomplete batch at the end of {out}", soft_wrap=True)
+        os.truncate(out, good_bytes)
 
-    atomic_write(out, write)
-    console.print(f"wrote {total} records ({len(prompts)} prompts x {d.samples_per_prompt}) to {out}")
+    budget = d.max_tokens
+    start_tokens, t0 = tokens, time.perf_counter()
+    with _progress(console, "answers") as progress:
+        task = progress.add_task("answers", total=budget if budget else len(items),
+                                 completed=tokens if budget else min(done * d.batch_size, len(items)))
+        for b in range(done, len(batches)):
+            if budget is not None and tokens >= budget:
+                break
+            batch = batches[b]
+            answers = decoder.decode([prompts[i] for i, _ in batch], d, sample_seed(cfg.seed, b))
+            lines = [
+                json.dumps(distill_record(f"b{b}:p{i}:s{j}", n, prompts[i], text, d.chat), ensure_ascii=False) + "\n"
+                for (i, j), (text, n) in zip(batch, answers)
+            ]
+            _append(out, lines)
+            batch_tokens = sum(n for _, n in answers)
+            tokens += batch_tokens
+            progress.advance(task, batch_tokens if budget else len(batch))
+    elapsed = time.perf_counter() - t0
+    rate = (tokens - start_tokens) / elapsed if elapsed > 0 else 0.0
+    console.print(
+        f"distill: {out} holds {tokens} generated tokens from {len(prompts)} prompts "
+        f"({tokens - start_tokens} new, {rate:.1f} tokens/s)", soft_wrap=True,
+    )
     return out
