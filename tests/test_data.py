@@ -472,6 +472,14 @@ def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseMo
     assert len(bench_prompts) >= 10 and not set(bench_prompts) & set(bundled)
 
 
+def test_questions_are_extracted_from_the_model_replies() -> None:
+    assert distill.extract_question('A curious person might ask: "What\'s the best way to prune roses?"') == (
+        "What's the best way to prune roses?")
+    assert distill.extract_question("How do trains brake on ice?\nThey use sand.") == "How do trains brake on ice?"
+    assert distill.extract_question("Darling, what a question. I'll get you there.") is None
+    assert distill.extract_question("Why?") is None  # too short to be a prompt
+
+
 def test_unseen_topic_prompts_are_absent_from_every_tuning_prompt() -> None:
     """The decode benchmark's second prompt set is about topics no bundled tuning prompt mentions:
     not the prompt file, not topics x templates, not the requests for model-written questions

@@ -147,6 +147,16 @@ class Decoder:
         return [(self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(), len(r.tokens)) for r in results]
 
 
+def extract_question(text: str) -> str | None:
+    """The question in a model's reply: a quoted one ('A curious person might ask: "...?"'), else
+    a first line that is one; None when the reply holds no question of sensible length."""
+    quoted = re.search(r'"([^"\n]{15,300}\?)"', text)
+    if quoted:
+        return quoted.group(1).strip()
+    first = text.strip().split("\n")[0].strip()
+    return first if first.endswith("?") and 15 <= len(first) <= 300 else None
+
+
 def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, console: Console) -> list[str]:
     """`questions_per_topic` questions the model writes about each topic, deduplicated."""
     requests = [QUESTION_REQUEST.format(topic=t) for t in topics for _ in range(d.questions_per_topic)]
@@ -157,9 +167,8 @@ def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, cons
         for b, start in enumerate(range(0, len(requests), d.batch_size)):
             batch = requests[start : start + d.batch_size]
             for text, _ in decoder.decode(batch, d, sample_seed(seed, -1, b)):
-                question = text.split("\n")[0].strip().strip('"')
-                # Keep one-line questions of sensible length; drop what is not a question.
-                if question.endswith("?") and 15 <= len(question) <= 300 and question.lower() not in seen:
+                question = extract_question(text)
+                if question is not None and question.lower() not in seen:
                     seen.add(question.lower())
                     questions.append(question)
             progress.advance(task, len(batch))
