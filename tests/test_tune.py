@@ -181,7 +181,8 @@ def test_resume_refuses_a_changed_config_and_a_dir_without_state(tiny_base_model
     loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
     snapshot = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     # Every changed key is named, not only the first; train.steps may change alongside.
-    with pytest.raises(EetuneError, match=r"config differs \(loss.kd_alpha was 0.0, now 0.5, optim.lr was 0.01, now 0.02\)"):
+    both = r"config differs \(loss.kd_alpha was 0.0, now 0.5, optim.lr was 0.01, now 0.02\)"
+    with pytest.raises(EetuneError, match=both):
         loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=8", "optim.lr=2e-2", "loss.kd_alpha=0.5",
                           "resume=true"))
     with pytest.raises(EetuneError, match="already exists and is not empty"):

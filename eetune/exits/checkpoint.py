@@ -104,7 +104,7 @@ def load_exits(
     if expected != fingerprint:
         built_dir = base.get("checkpoint_dir")  # absent from manifests written before it was recorded
         built_on = f"from {built_dir}" if built_dir else "from a checkpoint dir its manifest does not record"
-        loaded = f"the base model loaded from {checkpoint_dir}" if checkpoint_dir is not None else "the loaded base model"
+        loaded = "the loaded base model" if checkpoint_dir is None else f"the base model loaded from {checkpoint_dir}"
         fix = f"model.checkpoint_dir={built_dir}" if built_dir else "model.checkpoint_dir=..."
         raise EetuneError(
             f"exits in {run_dir} were built on {base.get('name')} weights {built_on} (fingerprint {expected}), "
