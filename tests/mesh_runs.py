@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/mesh_runs.py runs.json
 
-runs.json is a list of {"overrides": [...], "stop_after": step or null}. A run with `stop_after`
+runs.json is a list of {"overrides": [...], "stop_after": step or null, "refused": text or null}.
+A run with `refused` must fail with an EetuneError containing that text. A run with `stop_after`
 is interrupted on every rank after that many steps (as a killed job would be), so a later run with
 resume=true can continue it. One launch for many runs: each process imports torch once.
 """
@@ -15,6 +16,7 @@ import sys
 import torch.distributed as dist
 
 from eetune.config import compose_config
+from eetune.errors import EetuneError
 from eetune.parallel import trainer
 from eetune.train import loop
 
@@ -40,6 +42,12 @@ def main(path: str) -> None:
                 loop.run(compose_config("tune", run["overrides"]))
             except Interrupted:
                 pass
+            except EetuneError as exc:
+                if run.get("refused") is None or run["refused"] not in str(exc):
+                    raise
+            else:
+                if run.get("refused") is not None:
+                    raise AssertionError(f"expected a refusal ({run['refused']}): {run['overrides']}")
     finally:
         dist.destroy_process_group()
 

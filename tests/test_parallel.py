@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from eetune.config import compose_config
@@ -123,6 +124,14 @@ def two_process_runs(tmp_path_factory, common, references) -> dict[str, Path]:
     runs.append({"overrides": fsdp, "stop_after": 3})  # state saved at step 2, then "killed"
     runs.append({"overrides": [*fsdp, "resume=true"]})
     dirs["resumed"] = root / "resumed"
+    # A start refused on the mesh (missing init_from) leaves no run dir: the corrected command then
+    # runs there. It finishes 3 steps and is extended to 6 by a resume with a larger train.steps.
+    extended = [*common, *TEACHER, "parallel.dp_shard=2", f"run_dir={root / 'extended'}"]
+    runs.append({"overrides": [*extended, "train.steps=3", f"train.init_from={root / 'nonexistent'}"],
+                 "refused": "run dir not found"})
+    runs.append({"overrides": [*extended, "train.steps=3"]})
+    runs.append({"overrides": [*extended, "train.steps=6", "resume=true"]})
+    dirs["extended"] = root / "extended"
     dirs["init_from_fsdp"] = root / "init_from_fsdp"
     runs.append({"overrides": [*common, *TEACHER, "parallel.tp=2", "parallel.dp_shard=1",
                                f"train.init_from={dirs['fsdp']}", f"run_dir={dirs['init_from_fsdp']}"]})
@@ -144,9 +153,9 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def assert_same_run(mesh_dir: Path, reference_dir: Path) -> None:
+def assert_same_run(mesh_dir: Path, reference_dir: Path, steps: int = 4) -> None:
     expected, got = train_losses(reference_dir), train_losses(mesh_dir)
-    assert len(got) == len(expected) == 4
+    assert len(got) == len(expected) == steps
     assert got == pytest.approx(expected, rel=LOSS_RTOL, abs=0)
     reference, tuned = load_file(str(reference_dir / "exits.safetensors")), load_file(str(mesh_dir / "exits.safetensors"))
     assert tuned.keys() == reference.keys()
@@ -205,6 +214,15 @@ def test_interrupted_mesh_run_resumes_to_the_uninterrupted_result(two_process_ru
     assert_same_run(run_dir, references(TEACHER))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(3) == 1  # the steps after the step-2 state were redone, not logged twice
+
+
+def test_finished_mesh_run_extended_by_a_resume_equals_a_longer_run(two_process_runs, references):
+    # Warmup 2: steps 0-2 have the same lr under 3 or 6 steps; from step 3 the resumed run must use
+    # the 6-step schedule (the 3-step one has decayed to its minimum there).
+    run_dir = two_process_runs["extended"]
+    assert_same_run(run_dir, references([*TEACHER, "train.steps=6"]), steps=6)
+    assert OmegaConf.load(run_dir / "config.yaml").train.steps == 6
+    assert json.loads((run_dir / "manifest.json").read_text())["tune"]["steps"] == 6
 
 
 def test_mesh_state_resumes_on_its_own_mesh_only(two_process_runs):

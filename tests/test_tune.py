@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from rich.console import Console
 from safetensors.torch import load_file
 
 from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.exits import load_exits
-from eetune.models import fingerprint, load_base_model
+from eetune.models import fingerprint, get_model_entry, load_base_model
+from eetune.models.tiny import write_tiny_checkpoint
 from eetune.train import loop
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 
@@ -176,8 +180,11 @@ def test_resume_refuses_a_changed_config_and_a_dir_without_state(tiny_base_model
     run_dir = tmp_path / "run"
     loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
     snapshot = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    with pytest.raises(EetuneError, match=r"config differs \(optim.lr was 0.01, now 0.02\)"):
-        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4", "optim.lr=2e-2", "resume=true"))
+    # Every changed key is named, not only the first; train.steps may change alongside.
+    both = r"config differs \(loss.kd_alpha was 0.0, now 0.5, optim.lr was 0.01, now 0.02\)"
+    with pytest.raises(EetuneError, match=both):
+        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=8", "optim.lr=2e-2", "loss.kd_alpha=0.5",
+                          "resume=true"))
     with pytest.raises(EetuneError, match="already exists and is not empty"):
         loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == snapshot
@@ -185,14 +192,111 @@ def test_resume_refuses_a_changed_config_and_a_dir_without_state(tiny_base_model
         loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "empty", "resume=true"))
 
 
-def test_exits_from_another_base_model_are_refused(tiny_base_model, corpus, tmp_path):
+def _trained(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_with_more_steps_extends_a_finished_run_on_the_longer_schedule(tiny_base_model, corpus, tmp_path):
+    # Warmup 2 then cosine: the first 3 steps have the same lr under any total, so 3 steps extended
+    # to 12 must equal 12 straight steps, provided step 3 on uses the 12-step schedule (the 3-step
+    # one has decayed to its minimum there).
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    loop.run(tune_cfg(tiny_base_model, corpus, straight))
+    loop.run(tune_cfg(tiny_base_model, corpus, extended, "train.steps=3"))
+    result = loop.run(tune_cfg(tiny_base_model, corpus, extended, "train.steps=12", "train.log_every=2",
+                               "resume=true"))
+
+    assert result.steps == 12 and result.tokens_seen == 12 * 4 * 64
+    expected, got = exit_state(straight), exit_state(extended)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    lrs = {r["step"]: r["lr"] for r in _trained(extended)}
+    assert sorted(lrs) == [1, 2, 3, 4, 6, 8, 10, 12]  # log_every=2 from the resume on
+    assert lrs == pytest.approx({r["step"]: r["lr"] for r in _trained(straight) if r["step"] in lrs}, rel=1e-12)
+    saved = OmegaConf.load(extended / "config.yaml")
+    assert saved.train.steps == 12 and saved.train.log_every == 2 and saved.resume is False
+    manifest = json.loads((extended / "manifest.json").read_text())
+    assert manifest["tune"]["steps"] == 12
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_base_model, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    done = loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
+    files = _files(run_dir)
+    out = io.StringIO()
+    # A cadence change does not make a finished run unfinished; only a larger train.steps does.
+    again = loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4", "train.eval_every=1",
+                              "resume=true"), Console(file=out, width=200))
+    assert "already finished at step 4" in out.getvalue()
+    assert _files(run_dir) == files
+    assert (again.steps, again.tokens_seen) == (done.steps, done.tokens_seen)
+    assert {k: q.cross_entropy for k, q in again.after.items()} == {k: q.cross_entropy for k, q in done.after.items()}
+
+
+def test_a_refused_start_leaves_nothing_behind(tiny_base_model, corpus, tmp_path, run_cli, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = [f"{key}={value}" for key, value in _flat_overrides(tune_cfg(tiny_base_model, corpus, run_dir))]
+    args = [a for a in args if not a.startswith("train.steps=")] + ["train.steps=2"]
+    code, _, err = run_cli("tune", *args, f"train.init_from={tmp_path / 'nonexistent'}")
+    assert code == 2 and "run dir not found" in err
+    assert not run_dir.exists()
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login
+    refusals = {
+        f"model.checkpoint_dir={tmp_path / 'no-model'}": "no-model",
+        f"data.path={tmp_path / 'no-data.txt'}": "no-data.txt",
+        "exits.layers=[2,9]": "9",
+        "loss.exit_weights=[1,2]": "exit_weights",
+        "model.dtype=float16": "float16",
+        "logger.kind=wandb": "W&B login",  # refused in the trainer, after the run dir was made
+    }
+    for override, message in refusals.items():
+        extra = ["logger.mode=online"] if override.startswith("logger") else []
+        with pytest.raises(EetuneError, match=message):
+            loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=2", override, *extra))
+        assert not run_dir.exists(), override
+    # A run dir that existed (empty) before a refusal is kept, and left empty.
+    run_dir.mkdir()
+    with pytest.raises(EetuneError, match="W&B login"):
+        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=2", "logger.kind=wandb", "logger.mode=online"))
+    assert run_dir.is_dir() and not any(run_dir.iterdir())
+
+    code, _, err = run_cli("tune", *args)
+    assert code == 0, err
+    assert (run_dir / "manifest.json").is_file()
+    code, _, err = run_cli("tune", *args, "train.steps=3", "resume=true")
+    assert code == 0, err
+    assert json.loads((run_dir / "manifest.json").read_text())["tune"]["steps"] == 3
+
+
+def test_exits_from_another_base_model_are_refused_naming_both_checkpoint_dirs(tiny_base_model, corpus, tmp_path):
     source = tmp_path / "source"
     loop.run(tune_cfg(tiny_base_model, corpus, source, "train.steps=1"))
+    other = write_tiny_checkpoint(
+        get_model_entry("smollm2_135m"), tmp_path / "other-checkpoint", seed=1, num_hidden_layers=4,
+        rope_theta=100_000.0, rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=2048,
+    )
+    cfg = tune_cfg(tiny_base_model, corpus, tmp_path / "next", f"train.init_from={source}",
+                   f"model.checkpoint_dir={other}")
+    with pytest.raises(EetuneError) as refused:
+        loop.run(cfg)
+    message = str(refused.value)
+    assert f"from {tiny_base_model.checkpoint_dir} (fingerprint {tiny_base_model.fingerprint})" in message
+    assert f"loaded from {other} has fingerprint" in message
+    assert "\n" not in message and not (tmp_path / "next").exists()
+
+    # A manifest written before checkpoint_dir was recorded: still loads, and still refuses clearly.
     manifest = json.loads((source / "manifest.json").read_text())
-    manifest["base_model"]["fingerprint"] = "0" * 64
+    del manifest["base_model"]["checkpoint_dir"]
     (source / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EetuneError, match="fingerprint 0000"):
-        loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "next", f"train.init_from={source}"))
+    assert load_exits(source, tiny_base_model.model, tiny_base_model.fingerprint).exit_layers == [1, 2, 3]
+    with pytest.raises(EetuneError, match=f"does not record .*loaded from {other}"):
+        loop.run(cfg)
 
 
 def test_confidence_estimators_train_and_are_saved_with_the_exits(tiny_base_model, corpus, tmp_path):
@@ -300,6 +404,15 @@ def test_tune_stops_when_heldout_losses_flatten(tiny_base_model, corpus, tmp_pat
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     heldout_steps = [m["step"] for m in logged if "heldout_ce/exit_1" in m]
     assert heldout_steps[:3] == [0, 3, 6]  # evaluations are logged even off the log_every grid
+
+    # Flat-stopped is finished: resumed as it is, nothing happens; a larger train.steps extends it
+    # with another flat_patience evaluations (it stops at step 12, not at the next one, 9).
+    files = _files(run_dir)
+    flat = ("train.eval_every=3", "train.flat_patience=2", "train.flat_min_delta=0.99", "train.log_every=5")
+    assert loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=40", *flat, "resume=true")).steps == 6
+    assert _files(run_dir) == files
+    assert loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=50", *flat, "resume=true")).steps == 12
+    assert json.loads((run_dir / "manifest.json").read_text())["tune"]["stopped_flat"] is True
     with pytest.raises(EetuneError, match="train.eval_every"):
         loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "bad", "train.flat_patience=2"))
     assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -232,6 +232,9 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps. A resume may raise it (or change the cadence keys below, flat_patience and
+    # the logger): the lr schedule is then the one a run configured with the new total has,
+    # evaluated from the current step on (warmup + decay recomputed for the new total).
     steps: int = 100
     log_every: int = 1
     # Score exits on held-out text every N steps (0: only at the end).
@@ -364,7 +367,10 @@ class EetuneConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    # Continue an interrupted `tune` in the same run_dir, or `data distill` in the same distill.out.
+    # Continue an interrupted `tune` in the same run_dir, or extend a finished one with a larger
+    # train.steps (a finished run resumed without one changes nothing). Its config must match but
+    # for train.steps, flat_patience, eval_every, log_every, checkpoint_every and the logger.
+    # `data distill`: continue the corpus in distill.out (only distill.max_tokens may change).
     resume: bool = False
 
 

@@ -74,7 +74,7 @@ class EetuneLM(TemplateLM):
         if base.tokenizer is None:
             raise EetuneError(f"model {base.name} has no tokenizer; lm-eval needs one")
         self.tokenizer = base.tokenizer
-        self.model = load_exits(run_dir, base.model, base.fingerprint)
+        self.model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
         self.engine = Engine(self.model)
         self.scorer = PolicyScorer(self.model, self.policy)
         self.draft_exit, self.draft_len = draft_exit, int(draft_len)

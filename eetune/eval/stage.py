@@ -97,7 +97,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
         raise EetuneError(f"eval output dir {out_dir} already exists and is not empty: choose another eval.out_dir=...")
 
     base = load_base(cfg.model)
-    model = load_exits(run_dir, base.model, base.fingerprint)
+    model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: eval needs one to read tasks")
     batch = heldout_batch(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)

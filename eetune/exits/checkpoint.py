@@ -91,18 +91,24 @@ def _exported_manifest(export_dir: Path) -> dict | None:
     return config.get(EXPORT_CONFIG_KEY) if isinstance(config, dict) else None
 
 
-def load_exits(run_dir: str | Path, backbone: TransformerDecoder, fingerprint: str) -> EarlyExitModel:
-    """Rebuild the run's exits on `backbone` and load their weights.
+def load_exits(
+    run_dir: str | Path, backbone: TransformerDecoder, fingerprint: str, checkpoint_dir: str | Path | None = None,
+) -> EarlyExitModel:
+    """Rebuild the run's exits on `backbone` (loaded from `checkpoint_dir`) and load their weights.
 
     Fails clearly when the run was made for other base weights (fingerprints differ).
     """
     manifest = read_manifest(run_dir)
-    expected = manifest["base_model"]["fingerprint"]
+    base = manifest["base_model"]
+    expected = base["fingerprint"]
     if expected != fingerprint:
+        built_dir = base.get("checkpoint_dir")  # absent from manifests written before it was recorded
+        built_on = f"from {built_dir}" if built_dir else "from a checkpoint dir its manifest does not record"
+        loaded = "the loaded base model" if checkpoint_dir is None else f"the base model loaded from {checkpoint_dir}"
+        fix = f"model.checkpoint_dir={built_dir}" if built_dir else "model.checkpoint_dir=..."
         raise EetuneError(
-            f"exits in {run_dir} were built for base model {manifest['base_model'].get('name')} "
-            f"with fingerprint {expected}, but the loaded base model has fingerprint {fingerprint}: "
-            "load the same base weights the exits were made for"
+            f"exits in {run_dir} were built on {base.get('name')} weights {built_on} (fingerprint {expected}), "
+            f"but {loaded} has fingerprint {fingerprint}: load the weights the exits were built on ({fix})"
         )
     specs = [ExitSpec(**spec) for spec in manifest["exits"]]
     model = EarlyExitModel(backbone, specs)

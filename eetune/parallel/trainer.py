@@ -10,7 +10,7 @@ Gradient clipping uses the global norm over all shards and stages. Rank 0 logs a
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +47,7 @@ def run(cfg: DictConfig, console: Optional[Console] = None) -> loop.TuneResult:
     console = console or Console(stderr=True)
     if int(cfg.parallel.nproc_per_node) > 1 and not under_launcher():
         relaunch(cfg, console)
-        return result_from_run_dir(Path(cfg.run_dir))
+        return loop.result_from_run_dir(Path(cfg.run_dir))
     owns_group = not dist.is_initialized()
     topology = init_topology(cfg.parallel, cfg.model.device)
     try:
@@ -67,7 +67,7 @@ def _run(cfg: DictConfig, topology: Topology, console: Console) -> loop.TuneResu
         raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
     topology.dims.check_batch_size(int(cfg.data.batch_size))
     run_dir = Path(cfg.run_dir)
-    _on_rank0_first(lambda: loop._prepare_run_dir(cfg, run_dir))
+    _on_rank0_first(lambda: loop.check_run_dir(cfg, run_dir))
     specs = run_specs(cfg)
     # As Trainer.needs_final: the final layer is computed only when a loss needs it.
     needs_final = cfg.loss.kd_alpha > 0 or cfg.loss.ce_target == "teacher" or any(
@@ -77,7 +77,10 @@ def _run(cfg: DictConfig, topology: Topology, console: Console) -> loop.TuneResu
     stage = build_stage_model(cfg, topology, specs, needs_final, loop._build_model)
     check_loaded(stage)
     data = load_tuning_data(cfg.data, stage.base.tokenizer, max_seq_len=cfg.model.max_seq_len)
-    return MeshTrainer(cfg, stage, data, run_dir, console, topology).fit()
+    trainer = MeshTrainer(cfg, stage, data, run_dir, console, topology)
+    # Every start-up check has passed on every rank: only now does rank 0 make the run dir.
+    with loop.started_run_dir(cfg, run_dir) if topology.is_main else contextlib.nullcontext():
+        return trainer.fit()
 
 
 def _rank0_config(cfg: DictConfig) -> DictConfig:
@@ -270,6 +273,8 @@ class MeshTrainer(loop.Trainer):
                 "extra": {"tokens_seen": self.tokens_seen, "flat_stop": self.flat_stop.state_dict()},
             },
         )
+        if self.topology.is_main:
+            self._record_config()
 
     def _resume(self) -> None:
         state = load_mesh_state(self.run_dir, self.topology, self.model.exits, self.optimizer)
@@ -343,17 +348,3 @@ def _vocab_shard(stage: StageModel, topology: Topology) -> Optional[VocabShard]:
     per_rank = -(-vocab // parts)  # DTensor Shard(0) splits like torch.chunk
     start = min(topology.tp_rank * per_rank, vocab)
     return VocabShard(group=topology.tp_group, start=start, size=min(per_rank, vocab - start), vocab=vocab)
-
-
-def result_from_run_dir(run_dir: Path) -> loop.TuneResult:
-    """A finished tune's result, read back from its manifest (what a launcher's parent returns)."""
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    tune = manifest["tune"]
-
-    def quality(when: str) -> dict[int, ExitQuality]:
-        return {
-            int(layer): ExitQuality(int(layer), values[f"cross_entropy_{when}"], values[f"agreement_{when}"])
-            for layer, values in tune["heldout"].items()
-        }
-
-    return loop.TuneResult(run_dir, tune["steps"], tune["tokens_seen"], quality("before"), quality("after"))

@@ -73,7 +73,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
             max_seq_len=cfg.model.max_seq_len,
             device=cfg.model.device,
         )
-        model = load_exits(run_dir, base.model, base.fingerprint)
+        model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
 
     if fmt == "hf":
         with console.status(f"copying {base.checkpoint_dir} and the exits to {out}"):

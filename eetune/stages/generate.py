@@ -36,7 +36,10 @@ def load_model(model_cfg: Any, run_dir: str | None) -> tuple[BaseModel, EarlyExi
     base = load_base(model_cfg)
     if base.tokenizer is None:
         raise EetuneError(f"{base.checkpoint_dir} has no tokenizer: decoding text needs one (tokenizer.json)")
-    model = load_exits(run_dir, base.model, base.fingerprint) if run_dir else EarlyExitModel(base.model, [])
+    model = (
+        load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir) if run_dir
+        else EarlyExitModel(base.model, [])
+    )
     return base, model
 
 

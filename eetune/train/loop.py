@@ -9,10 +9,12 @@ every exit's loss without materialising [tokens, vocab] logits; AdamW steps the 
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from eetune.data.batches import TrainBatches
 from eetune.errors import EetuneError
 from eetune.eval.heldout import ExitQuality, heldout_quality
 from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, check_specs, load_exits, save_exits, specs_from_config
+from eetune.exits.checkpoint import MANIFEST_FILE
 from eetune.exits.modules import lm_head_weight
 from eetune.infer.draft_vocab import count_tokens, save_token_counts
 from eetune.models import BaseModel
@@ -37,13 +40,17 @@ from eetune.train.hidden_cache import HiddenCache
 from eetune.train.losses import ExitLossOutput, VocabShard, exit_losses, vocab_argmax
 from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
-from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state
+from eetune.train.state import TrainerState, capture_rng, has_state, load_state, restore_rng, save_state, saved_step
 
 # Keys that may differ between a run and its resumption (sections tuning never reads included,
 # so runs saved before a section existed or changed its defaults still resume).
 _RESUME_FREE_KEYS = ("resume", "stage", "run_dir", "logger", "generate", "serve", "eval", "export", "plan")
-# Launch settings: how the processes were started, not what they compute.
-_RESUME_FREE_DOTTED = ("parallel.nproc_per_node", "parallel.backend")
+# Launch settings (how the processes were started, not what they compute), and how long the run
+# goes and how often it logs, evaluates and saves: a resume may extend a run or change its cadence.
+_RESUME_FREE_DOTTED = (
+    "parallel.nproc_per_node", "parallel.backend",
+    "train.steps", "train.flat_patience", "train.eval_every", "train.log_every", "train.checkpoint_every",
+)
 
 
 @dataclass
@@ -58,21 +65,30 @@ class TuneResult:
 def run(cfg: DictConfig, console: Console | None = None) -> TuneResult:
     console = console or Console(stderr=True)
     check_tune_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(cfg, run_dir)
+    finished = finished_run(cfg, run_dir)
+    if finished is not None:
+        console.print(
+            f"{run_dir} already finished at step {finished.steps}: nothing to do, nothing changed "
+            "(resume with a larger train.steps to extend it)"
+        )
+        return finished
     from eetune.parallel import on_mesh
 
     if on_mesh(cfg):
         from eetune.parallel.trainer import run as run_on_mesh
 
         return run_on_mesh(cfg, console)
-    run_dir = Path(cfg.run_dir)
-    _prepare_run_dir(cfg, run_dir)
+    # Every start-up check (base model, data, init_from, exits) comes before the run dir is made.
     base = load_base(cfg.model)
     if base.dtype == torch.float16:
         raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
     data = load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, base)
-    return Trainer(cfg, base, model, data, run_dir, console).fit()
+    with started_run_dir(cfg, run_dir):
+        return Trainer(cfg, base, model, data, run_dir, console).fit()
 
 
 def check_tune_config(cfg: DictConfig) -> None:
@@ -91,7 +107,9 @@ def check_tune_config(cfg: DictConfig) -> None:
         raise EetuneError("train.flat_patience needs held-out evaluations to watch: set train.eval_every to a step count")
 
 
-def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run needs an absent or empty run dir; a resumed one, a tune run with a compatible config.
+    Only reads: nothing is written until every start-up check has passed."""
     if cfg.resume:
         saved = run_dir / CONFIG_FILE
         if not saved.is_file() or not has_state(run_dir):
@@ -103,8 +121,56 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
             f"run dir {run_dir} already exists and is not empty: choose another run_dir=..., "
             "or pass resume=true to continue an interrupted run there"
         )
+
+
+@contextlib.contextmanager
+def started_run_dir(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
+    """Create a new run's dir and config.yaml (a resumed run's exist); if the start is refused
+    (EetuneError) before any state is saved, remove what was created, so the corrected command
+    can use the same run_dir."""
+    if cfg.resume:
+        yield
+        return
+    existed = run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
+    try:
+        yield
+    except EetuneError:
+        if not has_state(run_dir):
+            for path in [run_dir] if not existed else list(run_dir.iterdir()):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
+def finished_run(cfg: DictConfig, run_dir: Path) -> TuneResult | None:
+    """resume=true on a run whose results are written at its saved step and which the config does
+    not extend (train.steps not above the saved value): its result, read back; else None."""
+    if not cfg.resume or not (run_dir / MANIFEST_FILE).is_file():
+        return None
+    tune = json.loads((run_dir / MANIFEST_FILE).read_text()).get("tune")
+    if tune is None or tune["steps"] != saved_step(run_dir):
+        return None  # the state went past the results: an extension was interrupted
+    if cfg.train.steps > OmegaConf.load(run_dir / CONFIG_FILE).train.steps:
+        return None
+    return result_from_run_dir(run_dir)
+
+
+def result_from_run_dir(run_dir: Path) -> TuneResult:
+    """A finished tune's result, read back from its manifest."""
+    manifest = json.loads((Path(run_dir) / MANIFEST_FILE).read_text())
+    tune = manifest["tune"]
+
+    def quality(when: str) -> dict[int, ExitQuality]:
+        return {
+            int(layer): ExitQuality(int(layer), values[f"cross_entropy_{when}"], values[f"agreement_{when}"])
+            for layer, values in tune["heldout"].items()
+        }
+
+    return TuneResult(Path(run_dir), tune["steps"], tune["tokens_seen"], quality("before"), quality("after"))
 
 
 def _check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) -> None:
@@ -121,9 +187,10 @@ def _check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) ->
         new.pop(key, None)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
-        key = changed[0]
+        differences = ", ".join(f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in changed)
         raise EetuneError(
-            f"cannot resume {run_dir}: its config differs ({key} was {old.get(key)!r}, now {new.get(key)!r}); "
+            f"cannot resume {run_dir}: its config differs ({differences}); only train.steps, train.flat_patience, "
+            "train.eval_every, train.log_every, train.checkpoint_every and logger may change on resume: "
             "resume with the original settings or start a new run_dir"
         )
 
@@ -139,7 +206,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _build_model(cfg: DictConfig, base: BaseModel) -> EarlyExitModel:
     if cfg.train.init_from:
-        model = load_exits(cfg.train.init_from, base.model, base.fingerprint)
+        model = load_exits(cfg.train.init_from, base.model, base.fingerprint, base.checkpoint_dir)
     else:
         specs = specs_from_config(cfg.exits)
         check_specs(specs, base.num_layers)
@@ -211,6 +278,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self._resume()
+            self._continue_from_state()
         before = self._heldout_quality() if self.step == 0 else self._quality_from_metrics()
         logger = self._metric_logger()
         if self.step == 0:
@@ -256,6 +324,29 @@ class Trainer:
 
         refuse_mesh_state(self.run_dir)
         self._restore(load_state(self.run_dir))
+
+    def _continue_from_state(self) -> None:
+        """After a restore, go on under the current config, whose train.steps a resume may change:
+        the lr from here on is the schedule a run configured with the current train.steps has,
+        evaluated from the current step; a flat-stopped run whose train.steps was raised gets
+        another train.flat_patience evaluations."""
+        if self.scheduler is not None:
+            # The restored lr is the old schedule's; later steps already use _lr_factor.
+            factor = self._lr_factor(self.step)
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base_lr * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        # config.yaml is rewritten only with a checkpoint: it is the config of the saved state.
+        extended = self.cfg.train.steps > OmegaConf.load(self.run_dir / CONFIG_FILE).train.steps
+        if extended and self.flat_stop.fired():
+            self.flat_stop.evals_without_gain = 0
+        self.stopped_flat = self.flat_stop.fired()
+
+    def _record_config(self) -> None:
+        """A resumed run's config.yaml takes the changes a resume may make (train.steps, ...),
+        written after the state it describes."""
+        if self.cfg.resume:
+            write_config(self.run_dir, OmegaConf.merge(self.cfg, {"resume": False}))
 
     def _metric_logger(self) -> MetricLogger:
         return MetricLogger(self.run_dir, self.cfg, resume_step=self.step)
@@ -425,6 +516,7 @@ class Trainer:
                 extra={"tokens_seen": self.tokens_seen, "flat_stop": self.flat_stop.state_dict()},
             ),
         )
+        self._record_config()
 
     def _restore(self, state: TrainerState) -> None:
         self.model.exits.load_state_dict(state.exits)

@@ -59,6 +59,10 @@ class FlatStop:
             if best is None or ce < best:
                 self.best[str(layer)] = ce
         self.evals_without_gain = 0 if improved else self.evals_without_gain + 1
+        return self.fired()
+
+    def fired(self) -> bool:
+        """Whether the last `patience` evaluations brought no gain."""
         return self.patience > 0 and self.evals_without_gain >= self.patience
 
     def state_dict(self) -> dict:

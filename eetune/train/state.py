@@ -84,6 +84,15 @@ def has_state(run_dir: Path) -> bool:
     return (Path(run_dir) / STATE_DIR / _TRAINER).is_file() or (Path(run_dir) / f".{STATE_DIR}.old").is_dir()
 
 
+def saved_step(run_dir: Path) -> int:
+    """The step of the run dir's resumable state (a single-process or a mesh one), read cheaply."""
+    for directory in (Path(run_dir) / STATE_DIR, Path(run_dir) / f".{STATE_DIR}.old"):
+        if (directory / _TRAINER).is_file():
+            # Memory-mapped: only the step is read, not the optimizer state.
+            return int(torch.load(directory / _TRAINER, weights_only=False, mmap=True)["step"])
+    raise EetuneError(f"{run_dir} has no training state to resume from (no {STATE_DIR}/{_TRAINER})")
+
+
 def load_state(run_dir: Path) -> TrainerState:
     run_dir = Path(run_dir)
     directory = run_dir / STATE_DIR
