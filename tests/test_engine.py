@@ -114,14 +114,13 @@ def _reference_early_exit(
     """
     n = model.num_layers
     p = penalties or {}
-    bias = torch.zeros(VOCAB)
-    for token, value in p.get("logit_bias", {}).items():
-        bias[token] = value
 
     def adjusted(logits: torch.Tensor, out: list[int]) -> torch.Tensor:
-        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=VOCAB).float()
-        penalty = p.get("frequency_penalty", 0.0) * counts + p.get("presence_penalty", 0.0) * (counts > 0).float()
-        return logits.float() + bias - penalty
+        logits = logits.float().clone()
+        for token, value in p.get("logit_bias", {}).items():
+            logits[token] += value
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[-1]).float()
+        return logits - p.get("frequency_penalty", 0.0) * counts - p.get("presence_penalty", 0.0) * (counts > 0).float()
 
     seq, out, exits = list(prompt), [], []
     for _ in range(n_new):

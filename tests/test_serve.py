@@ -434,6 +434,19 @@ def test_openai_client_logprobs_are_the_deciding_heads_and_stream_with_their_tex
         [t.logprob for t in content])
 
 
+def test_logprobs_up_to_a_stop_string_are_the_same_streamed_or_whole(client) -> None:
+    text = client.post(CHAT, json=chat_body("Hello there", max_tokens=30)).json()["choices"][0]["message"]["content"]
+    body = chat_body("Hello there", max_tokens=30, stop=[text[6:9]], logprobs=True, top_logprobs=1)
+    whole = client.post(CHAT, json=body).json()
+    with client.stream("POST", CHAT, json={**body, "stream": True}) as r:
+        chunks = [c for c in read_events(r)[:-1] if c["choices"]]
+    streamed = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]]
+    assert whole["choices"][0]["message"]["content"] == text[: text.index(text[6:9])]
+    # Every generated token has its entry, those that completed the stop string included.
+    assert streamed == whole["choices"][0]["logprobs"]["content"]
+    assert len(streamed) == whole["usage"]["completion_tokens"] < 30
+
+
 def test_openai_client_completions_logprobs_stream_with_running_text_offsets(oai, served) -> None:
     kwargs = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 10, "logprobs": 2,
               "extra_body": {"early_exit": MODES["early_exit"]}}

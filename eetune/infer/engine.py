@@ -17,6 +17,10 @@ Everything runs on eetune.infer.generate's layer-by-layer pieces and position-in
 
 Batches (`generate_batch`) are left-padded; rows decode in lock step and a step goes as deep
 as its least confident row needs, so every row's tokens equal its own `generate`.
+
+Every mode picks tokens the same way (`_Picker`): logit bias and presence/frequency penalties
+over the row's generated tokens, then greedy or sampling; the logprobs it reports are of that
+adjusted distribution, before temperature.
 """
 
 from __future__ import annotations
