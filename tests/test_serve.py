@@ -32,7 +32,7 @@ from eetune.infer.draft_vocab import save_token_counts
 from eetune.models import BaseModel, get_model_entry, load_base_model
 from eetune.models.tiny import build_tiny_tokenizer, write_tiny_checkpoint
 from eetune.serve import BackgroundServer, ServedModel, create_app
-from eetune.serve.text import TextAssembler
+from eetune.serve.text import TextAssembler, TokenSpeller
 from eetune.stages import generate
 from eetune.stages.common import base_info
 from eetune.stages.generate import chat_prompt_ids
@@ -838,6 +838,17 @@ def test_text_assembler_holds_back_partial_characters_and_stop_string_prefixes()
             break
     assert stopping.stopped and "".join(released) == stopping.text == "ab é€ "
     assert stopping.finish() == ""
+
+
+def test_token_speller_gives_each_tokens_exact_bytes() -> None:
+    tokenizer = build_tiny_tokenizer()  # byte level: "é" is two tokens, "€" three
+    speller = TokenSpeller(tokenizer)
+    text = "ab é€ STOP"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(speller.bytes(t) for t in ids) == text.encode("utf-8")
+    assert [speller.bytes(t) for t in ids[3:5]] == [b"\xc3", b"\xa9"]  # "é", split mid-character
+    assert speller.text(ids[3]) == "\ufffd"
+    assert speller.bytes(tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
 
 
 # -- the command line ---------------------------------------------------------------------------------
