@@ -98,15 +98,35 @@ def _prompt(seed: int, n: int | None = None) -> list[int]:
 
 @torch.inference_mode()
 def _reference_early_exit(
-    model: EarlyExitModel, prompt: list[int], n_new: int, threshold: float, confidence: str = "max_prob"
+    model: EarlyExitModel,
+    prompt: list[int],
+    n_new: int,
+    threshold: float,
+    confidence: str = "max_prob",
+    penalties: dict | None = None,
+    logprobs: list[float] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Early exit by definition: at every step a full forward over the whole prefix, no cache;
-    the token leaves at the first exit whose confidence on that exact state reaches the threshold."""
+    the token leaves at the first exit whose confidence on that exact state reaches the threshold.
+
+    `penalties` (presence_penalty, frequency_penalty, logit_bias) are applied by hand to the
+    deciding head's logits before the argmax; the confidence stays on the raw head. The chosen
+    tokens' log-probabilities (of those adjusted logits) go to `logprobs` when given.
+    """
     n = model.num_layers
+    p = penalties or {}
+
+    def adjusted(logits: torch.Tensor, out: list[int]) -> torch.Tensor:
+        logits = logits.float().clone()
+        for token, value in p.get("logit_bias", {}).items():
+            logits[token] += value
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[-1]).float()
+        return logits - p.get("frequency_penalty", 0.0) * counts - p.get("presence_penalty", 0.0) * (counts > 0).float()
+
     seq, out, exits = list(prompt), [], []
     for _ in range(n_new):
         states = model.hidden_states(torch.tensor([seq]), model.exit_layers + [n])
-        token, layer = int(model.final_logits(states[n])[0, -1].argmax()), n
+        chosen, layer = adjusted(model.final_logits(states[n])[0, -1], out), n
         for exit_layer in model.exit_layers:
             hidden = model.exit_hidden(exit_layer, states[exit_layer])[0, -1]
             logits = torch.nn.functional.linear(hidden, model.head_weight(exit_layer)).float()
@@ -115,8 +135,11 @@ def _reference_early_exit(
             else:
                 conf = float(logits.softmax(-1).max())
             if conf >= threshold:
-                token, layer = int(logits.argmax()), exit_layer
+                chosen, layer = adjusted(logits, out), exit_layer
                 break
+        token = int(chosen.argmax())
+        if logprobs is not None:
+            logprobs.append(float(chosen.log_softmax(-1)[token]))
         seq.append(token)
         out.append(token)
         exits.append(layer)
@@ -442,6 +465,109 @@ def test_sampled_self_speculative_matches_full_model_distribution(ee: EarlyExitM
     assert 0 < accepted < drafted
 
 
+# -- logit bias, penalties, logprobs ------------------------------------------------------------
+
+PENALTIES = {"presence_penalty": 0.6, "frequency_penalty": 0.5, "logit_bias": {5: 2.0, 17: -100.0, 99: 1.0}}
+
+
+def test_penalties_and_logit_bias_match_a_hand_penalised_reference_in_every_mode(ee: EarlyExitModel) -> None:
+    engine = Engine(ee, max_batch_size=2, token_order=_frequency_order(1))
+    changed = 0
+    for seed in range(3):
+        prompt = _prompt(seed + 60, n=6)
+        want_lp: list[float] = []
+        want = _reference_early_exit(ee, prompt, 14, 1.0, penalties=PENALTIES, logprobs=want_lp)
+        full = engine.generate(prompt, DecodeSettings(max_new_tokens=14, logprobs=2, **PENALTIES))
+        assert (full.tokens, full.exit_layers) == want
+        assert [e.logprob for e in full.logprobs] == pytest.approx(want_lp, abs=1e-4)
+        # Greedy: the chosen token is the most likely one of the distribution reported.
+        assert all(e.top[0][0] == e.token and len(e.top) == 2 for e in full.logprobs)
+        changed += full.tokens != engine.generate(prompt, DecodeSettings(max_new_tokens=14)).tokens
+        for threshold in (0.017, 0.02):
+            want_lp = []
+            want = _reference_early_exit(ee, prompt, 14, threshold, penalties=PENALTIES, logprobs=want_lp)
+            settings = DecodeSettings(mode="early_exit", threshold=threshold, max_new_tokens=14, logprobs=0,
+                                      **PENALTIES)
+            early = engine.generate(prompt, settings)
+            assert (early.tokens, early.exit_layers) == want
+            assert any(e < N_LAYERS for e in early.exit_layers)
+            # A token that left early reports its exit head's (penalised) distribution.
+            assert [e.logprob for e in early.logprobs] == pytest.approx(want_lp, abs=1e-4)
+            # The batch path penalises each row by its own history.
+            other = _prompt(seed + 70, n=3)
+            batch = engine.generate_batch([prompt, other], settings)
+            assert (batch[0].tokens, batch[0].exit_layers) == want
+            assert batch[1].tokens == engine.generate(other, settings).tokens
+        for draft_exit, k, draft_vocab in ((1, 1, None), (3, 4, None), (2, 3, 40)):
+            settings = DecodeSettings(mode="self_speculative", draft_exit=draft_exit, draft_len=k,
+                                      draft_vocab=draft_vocab, max_new_tokens=14, logprobs=2, **PENALTIES)
+            spec = engine.generate(prompt, settings)
+            assert spec.tokens == full.tokens, (seed, draft_exit, k)
+            assert spec.draft_tokens > 0
+            # Its output is the full model's, and so are its logprobs (from the verify pass).
+            for got, expected in zip(spec.logprobs, full.logprobs):
+                assert got.token == expected.token and got.logprob == pytest.approx(expected.logprob, abs=1e-4)
+                assert [t for t, _ in got.top] == [t for t, _ in expected.top]
+    assert changed  # the penalties are not a no-op on these prompts
+
+
+def test_sampled_logprobs_are_before_temperature_and_self_speculative_keeps_the_penalised_law(
+    ee: EarlyExitModel,
+) -> None:
+    engine = Engine(ee)
+    prompt = _prompt(9, n=4)
+    settings = DecodeSettings(max_new_tokens=8, temperature=0.7, seed=3, logprobs=1, **PENALTIES)
+    result = engine.generate(prompt, settings)
+    with torch.inference_mode():
+        for i, entry in enumerate(result.logprobs):
+            logits = ee.backbone(torch.tensor([prompt + result.tokens[:i]]))[0, -1]
+            counts = torch.bincount(torch.tensor(result.tokens[:i], dtype=torch.long), minlength=VOCAB).float()
+            for token, value in PENALTIES["logit_bias"].items():
+                logits[token] += value
+            logits -= PENALTIES["frequency_penalty"] * counts + PENALTIES["presence_penalty"] * (counts > 0).float()
+            assert entry.logprob == pytest.approx(float(logits.log_softmax(-1)[entry.token]), abs=1e-4)
+    assert 17 not in result.tokens  # biased by -100
+    # Sampled self_speculative with penalties: the first 3 tokens' law equals full sampling's.
+    params = SamplingParams(temperature=1.0, top_k=3)
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(3):
+            grown: dict[tuple[int, ...], float] = {}
+            for prefix, mass in exact.items():
+                logits = ee.backbone(torch.tensor([prompt + list(prefix)]))[0, -1]
+                counts = torch.bincount(torch.tensor(prefix, dtype=torch.long), minlength=VOCAB).float()
+                for token, value in PENALTIES["logit_bias"].items():
+                    logits[token] += value
+                logits -= 2.0 * counts
+                dist = probabilities(logits, params)
+                for token in dist.nonzero().flatten().tolist():
+                    grown[prefix + (token,)] = mass * float(dist[token])
+            exact = grown
+    runs = 1200
+    counts_seen: Counter[tuple[int, ...]] = Counter()
+    for seed in range(runs):
+        spec = DecodeSettings(mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=3, temperature=1.0,
+                              top_k=3, seed=seed, frequency_penalty=2.0, logit_bias=PENALTIES["logit_bias"])
+        counts_seen[tuple(engine.generate(prompt, spec).tokens)] += 1
+    assert set(counts_seen) <= set(exact)
+    chi2 = sum((counts_seen[o] - runs * m) ** 2 / (runs * m) for o, m in exact.items())
+    assert chi2 < 3 * len(exact), (chi2, len(exact))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324])
+def test_a_vanishing_temperature_samples_like_greedy_in_every_mode(ee: EarlyExitModel, temperature: float) -> None:
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
+    probs = probabilities(logits, SamplingParams(temperature=temperature, top_p=0.9))
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    engine = Engine(ee)
+    prompt = _prompt(12, n=5)
+    for mode in ({"mode": "full"}, {"mode": "early_exit", "threshold": 0.017},
+                 {"mode": "self_speculative", "draft_exit": 3, "draft_len": 3}):
+        greedy = engine.generate(prompt, DecodeSettings(**mode, max_new_tokens=10)).tokens
+        cold = engine.generate(prompt, DecodeSettings(**mode, max_new_tokens=10, temperature=temperature, seed=1))
+        assert cold.tokens == greedy, mode
+
+
 # -- batches ------------------------------------------------------------------------------------
 
 
@@ -509,6 +635,9 @@ def test_bad_settings_raise_eetune_error(ee: EarlyExitModel, ee_fixture: EarlyEx
     engine = Engine(ee, max_batch_size=2)
     prompt = [1, 2, 3]
     cases = [
+        (DecodeSettings(logit_bias={VOCAB: 1.0}), r"logit_bias token ids must be in \[0, 256\)"),
+        (DecodeSettings(seed=2**64, temperature=1.0), "seed must be in"),
+        (DecodeSettings(logprobs=-1), "logprobs must be >= 0"),
         (DecodeSettings(mode="fast"), "unknown decoding mode"),
         (DecodeSettings(mode="early_exit", threshold=0.0), "threshold"),
         (DecodeSettings(mode="early_exit", threshold=1.5), "threshold"),

@@ -7,6 +7,7 @@ exits, so every decoding mode takes real, different paths; answers are compared 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -31,7 +32,7 @@ from eetune.infer.draft_vocab import save_token_counts
 from eetune.models import BaseModel, get_model_entry, load_base_model
 from eetune.models.tiny import build_tiny_tokenizer, write_tiny_checkpoint
 from eetune.serve import BackgroundServer, ServedModel, create_app
-from eetune.serve.text import TextAssembler
+from eetune.serve.text import TextAssembler, TokenSpeller
 from eetune.stages import generate
 from eetune.stages.common import base_info
 from eetune.stages.generate import chat_prompt_ids
@@ -347,6 +348,172 @@ def test_sampling_is_reproducible_with_a_seed(client) -> None:
     assert any(ask(seed) != first for seed in (2, 3, 4))
 
 
+# -- OpenAI's other parameters: logprobs, penalties, logit_bias, seed; what clients send ------------
+
+CLIENT_BODIES = json.loads((Path(__file__).parent / "data" / "openai_client_bodies.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CLIENT_BODIES["bodies"]))
+def test_the_bodies_langchain_and_litellm_send_are_served(client, name) -> None:
+    """Replays what LangChain's ChatOpenAI and LiteLLM really send (versions in the fixture's `versions`):
+    by default, with the options a user sets, and with tools / structured output (refused by name)."""
+    body = CLIENT_BODIES["bodies"][name]
+    if name == "langchain_chat_tools":
+        r = client.post(CHAT, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+        assert r.json()["error"]["code"] == "unsupported_parameter"
+        return
+    if name == "langchain_chat_json_schema":
+        r = client.post(CHAT, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        return
+    wants_logprobs = body.get("logprobs") is True
+    if body.get("stream"):
+        with client.stream("POST", CHAT, json=body) as r:
+            assert r.status_code == 200
+            events = read_events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [e for e in events[:-1] if e["choices"]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        entries = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]]
+        if body.get("stream_options", {}).get("include_usage"):
+            assert events[-2]["usage"]["completion_tokens"] >= len(entries)
+    else:
+        r = client.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        text = choice["message"]["content"]
+        entries = choice["logprobs"]["content"] if wants_logprobs else []
+        assert wants_logprobs or choice["logprobs"] is None
+    assert isinstance(text, str)
+    if wants_logprobs:
+        assert entries and all(len(e["top_logprobs"]) == body["top_logprobs"] for e in entries)
+    if body.get("temperature") == 0 and "logit_bias" in body:  # greedy: every token is its distribution's best
+        assert all(e["top_logprobs"][0]["token"] == e["token"] for e in entries)
+
+
+def engine_reference(served, question: str, mode: str, **settings: Any) -> Any:
+    """What the engine alone decodes for a chat question (its own caches), for comparison."""
+    ids = chat_prompt_ids(served.tokenizer, [{"role": "user", "content": question}])
+    return Engine(served.model).generate(ids, DecodeSettings(**MODES[mode], stop_ids=served.stop_ids, **settings))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_openai_client_logprobs_are_the_deciding_heads_and_stream_with_their_text(oai, served, mode) -> None:
+    question = "Tell me a story"
+    kwargs = {"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0,
+              "max_tokens": 16, "logprobs": True, "top_logprobs": 3, "extra_body": {"early_exit": MODES[mode]}}
+    response = oai.chat.completions.create(**kwargs)
+    expected = engine_reference(served, question, mode, max_new_tokens=16, logprobs=3)
+    assert expected.stopped_by == "length"  # no end-of-turn token, whose logprob is left out
+    content = response.choices[0].logprobs.content
+    assert [bytes(t.bytes) for t in content] == [served.speller.bytes(e.token) for e in expected.logprobs]
+    assert [t.logprob for t in content] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    for token, entry in zip(content, expected.logprobs):
+        assert [bytes(t.bytes) for t in token.top_logprobs] == [served.speller.bytes(t) for t, _ in entry.top]
+        assert token.top_logprobs[0].token == token.token  # greedy
+    if mode == "early_exit":
+        assert set(response.model_extra["early_exit"]["exit_layers"]) > {N_LAYERS}  # some left early
+
+    # Streamed: each chunk carries the tokens whose text it carries; the assembler holds text back.
+    chunks = [c for c in oai.chat.completions.create(**kwargs, stream=True) if c.choices]
+    streamed = [(c.choices[0].delta.content, [bytes(t.bytes) for t in c.choices[0].logprobs.content])
+                for c in chunks if c.choices[0].logprobs]
+    assembler, held, want = TextAssembler(served.tokenizer), [], []
+    for token in expected.tokens:
+        held.append(served.speller.bytes(token))
+        if piece := assembler.add(token):
+            want.append((piece, held))
+            held = []
+    if (rest := assembler.finish()) or held:
+        want.append((rest, held))
+    assert streamed == want
+    assert any(len(tokens) > 1 for _, tokens in want)  # some text was held back across tokens
+    assert [t.logprob for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == (
+        [t.logprob for t in content])
+
+
+def test_logprobs_up_to_a_stop_string_are_the_same_streamed_or_whole(client) -> None:
+    text = client.post(CHAT, json=chat_body("Hello there", max_tokens=30)).json()["choices"][0]["message"]["content"]
+    body = chat_body("Hello there", max_tokens=30, stop=[text[6:9]], logprobs=True, top_logprobs=1)
+    whole = client.post(CHAT, json=body).json()
+    with client.stream("POST", CHAT, json={**body, "stream": True}) as r:
+        chunks = [c for c in read_events(r)[:-1] if c["choices"]]
+    streamed = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]]
+    assert whole["choices"][0]["message"]["content"] == text[: text.index(text[6:9])]
+    # Every generated token has its entry, those that completed the stop string included.
+    assert streamed == whole["choices"][0]["logprobs"]["content"]
+    assert len(streamed) == whole["usage"]["completion_tokens"] < 30
+
+
+def test_openai_client_completions_logprobs_stream_with_running_text_offsets(oai, served) -> None:
+    kwargs = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 10, "logprobs": 2,
+              "extra_body": {"early_exit": MODES["early_exit"]}}
+    whole = oai.completions.create(**kwargs).choices[0].logprobs
+    tokens = [served.speller.text(t) for t in engine_reference_completion(served, "Once upon a time", 10)]
+    assert whole.tokens == tokens
+    assert whole.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    for token, logprob, top in zip(whole.tokens, whole.token_logprobs, whole.top_logprobs):
+        assert top[token] == logprob and max(top.values()) == logprob and 1 <= len(top) <= 3
+    chunks = [c.choices[0].logprobs for c in oai.completions.create(**kwargs, stream=True) if c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    assert [o for c in chunks for o in c.text_offset] == whole.text_offset
+    assert [lp for c in chunks for lp in c.token_logprobs] == whole.token_logprobs
+
+
+def engine_reference_completion(served, prompt: str, n: int) -> list[int]:
+    ids = served.tokenizer.encode(prompt, add_special_tokens=True)
+    settings = DecodeSettings(**MODES["early_exit"], max_new_tokens=n, stop_ids=served.stop_ids)
+    return Engine(served.model).generate(ids, settings).tokens
+
+
+def test_openai_client_penalties_logit_bias_and_seed(oai, served) -> None:
+    def ask(mode: str, **extra: Any) -> str:
+        response = oai.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Count to five"}], max_tokens=20,
+            extra_body={"early_exit": MODES[mode]}, **{"temperature": 0, **extra})
+        return response.choices[0].message.content
+
+    plain = ask("full")
+    banned = served.tokenizer.encode(plain, add_special_tokens=False)[0]
+    penalties = {"presence_penalty": 0.8, "frequency_penalty": 1.2, "logit_bias": {str(banned): -100, "65": 5}}
+    for mode in MODES:
+        expected = engine_reference(served, "Count to five", mode, max_new_tokens=20, presence_penalty=0.8,
+                                    frequency_penalty=1.2, logit_bias={banned: -100, 65: 5})
+        assert ask(mode, **penalties) == served.tokenizer.decode(expected.tokens, skip_special_tokens=True)
+        assert banned not in expected.tokens
+    penalised = ask("full", **penalties)
+    assert penalised != plain
+    assert ask("self_speculative", **penalties) == penalised  # lossless under penalties too
+
+    sampled = [ask("early_exit", temperature=1.0, seed=2**64 - 1) for _ in range(2)]
+    assert sampled[0] == sampled[1] != ask("early_exit", temperature=1.0, seed=5)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_vanishing_temperature_decodes_like_greedy(client, mode) -> None:
+    greedy = client.post(CHAT, json=chat_body("Name a colour", mode)).json()
+    for temperature in (1e-45, 5e-324):
+        r = client.post(CHAT, json=chat_body("Name a colour", mode, temperature=temperature, seed=3))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == greedy["choices"]
+
+
+def test_parameters_clients_send_that_change_nothing_are_accepted_and_ignored(oai) -> None:
+    messages = [{"role": "user", "content": "Name a colour"}]
+    plain = oai.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
+    ignored = oai.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, max_tokens=8, user="someone", metadata={"k": "v"},
+        store=False, service_tier="auto", parallel_tool_calls=False, response_format={"type": "text"}, n=1)
+    assert ignored.choices[0].message.content == plain.choices[0].message.content
+    assert ignored.choices[0].logprobs is None
+    completion = oai.completions.create(model="tiny", prompt="Once", temperature=0, max_tokens=5)
+    same = oai.completions.create(model="tiny", prompt="Once", temperature=0, max_tokens=5, echo=False, best_of=1,
+                                  suffix=None, user="someone")
+    assert same.choices[0].text == completion.choices[0].text
+
+
 # -- concurrency ----------------------------------------------------------------------------------
 
 
@@ -409,10 +576,34 @@ HI = [{"role": "user", "content": "hi"}]
         (CHAT, {"messages": HI, "max_tokens": "20"}, 400, "max_tokens", "invalid_value"),
         (CHAT, {"messages": HI, "temperature": "hot"}, 400, "temperature", "invalid_value"),
         (CHAT, {"messages": HI, "temperature": 3}, 400, "temperature", "invalid_value"),
-        (CHAT, {"messages": HI, "n": 2}, 400, "n", "invalid_value"),
+        (CHAT, {"messages": HI, "n": 2}, 400, "n", "unsupported_parameter"),
+        (CHAT, {"messages": HI, "n": 0}, 400, "n", "invalid_value"),
         (CHAT, {"messages": HI, "max_tokens": 65}, 400, "max_tokens", "invalid_value"),
         (CHAT, {"messages": HI, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
-        (CHAT, {"messages": HI, "logprobs": True}, 400, "logprobs", "unknown_parameter"),
+        (CHAT, {"messages": HI, "temprature": 0.5}, 400, "temprature", "unknown_parameter"),
+        (CHAT, {"messages": HI, "top_k": 5}, 400, "top_k", "unknown_parameter"),
+        (CHAT, {"messages": HI, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),  # needs logprobs
+        (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+        (CHAT, {"messages": HI, "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
+        (CHAT, {"messages": HI, "frequency_penalty": -3}, 400, "frequency_penalty", "invalid_value"),
+        (CHAT, {"messages": HI, "logit_bias": {"5": 101}}, 400, "logit_bias", "invalid_value"),
+        (CHAT, {"messages": HI, "logit_bias": {"a": 1}}, 400, "logit_bias", "invalid_value"),
+        (CHAT, {"messages": HI, "logit_bias": {"256": 1}}, 400, "logit_bias", "invalid_value"),  # vocab is 256
+        (CHAT, {"messages": HI, "seed": 2**64}, 400, "seed", "invalid_value"),
+        (CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+         "unsupported_parameter"),
+        (CHAT, {"messages": HI, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
+        (CHAT, {"messages": HI, "functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
+        (CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format",
+         "unsupported_parameter"),
+        (CHAT, {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+         "response_format", "unsupported_parameter"),
+        (CHAT, {"messages": HI, "modalities": ["text", "audio"]}, 400, "modalities", "unsupported_parameter"),
+        (CHAT, {"messages": HI, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", "unsupported_parameter"),
+        (COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
+        (COMPLETIONS, {"prompt": "hi", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
+        (COMPLETIONS, {"prompt": "hi", "suffix": "!"}, 400, "suffix", "unsupported_parameter"),
+        (COMPLETIONS, {"prompt": "hi", "logprobs": 6}, 400, "logprobs", "invalid_value"),
         (CHAT, {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
         (CHAT, {"messages": HI, "early_exit": {"mode": "fastest"}}, 400, "early_exit.mode", "invalid_value"),
         (CHAT, {"messages": HI, "early_exit": {"threshold": 0}}, 400, "early_exit.threshold", "invalid_value"),
@@ -443,6 +634,8 @@ def test_malformed_requests_get_4xx_json_and_the_server_keeps_answering(
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert (error["param"], error["code"]) == (param, code)
+    if code == "unsupported_parameter":
+        assert error["message"].startswith(f"'{param}' is not supported")
     ok = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
@@ -542,6 +735,87 @@ def test_a_client_leaving_while_queued_is_dropped_from_the_queue(tiny_dir, run_d
         assert http.post(CHAT, json={"messages": HI, "max_tokens": 2}).status_code == 200
 
 
+def test_a_streamed_client_leaving_while_queued_is_dropped_from_the_queue(tiny_dir, run_dir) -> None:
+    served = ServedModel.from_config(serve_cfg(tiny_dir, run_dir))
+    app = create_app(served, queue_size=3)
+    with BackgroundServer(app) as background, httpx.Client(base_url=background.url, timeout=60) as http:
+        worker = app.state.worker
+        gate = threading.Event()
+        worker.submit(lambda cancelled: gate.wait(60))
+        # A chat stream sends its opening chunk at once; a completions stream has nothing to send yet.
+        with http.stream("POST", CHAT, json={"messages": HI, "max_tokens": 2, "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+        with pytest.raises(httpx.ReadTimeout):
+            with http.stream("POST", COMPLETIONS, json={"prompt": "hi", "max_tokens": 2, "stream": True},
+                             timeout=1.0) as r:
+                next(r.iter_lines())
+        deadline = time.monotonic() + 60  # the server notices the closed connections
+        while http.get("/health").json()["cancelled"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http.get("/health").json()["waiting"] == 0  # freed before the gate opens
+        gate.set()
+        health = wait_until_idle(http)
+        assert (health["cancelled"], health["completed"], health["tokens_generated"]) == (2, 1, 0)
+
+
+def test_a_stream_whose_client_left_before_its_first_event_is_dropped_from_the_queue(served) -> None:
+    """The race the test above cannot time: the disconnect arrives while the response start is
+    being sent, before Starlette first asks the event generator for an event, so the generator's
+    own `finally` never runs."""
+    app = create_app(served, queue_size=2)
+    worker = app.state.worker
+    gate = threading.Event()
+    worker.submit(lambda cancelled: gate.wait(60))
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "stream": True}).encode()
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a send that yields, as uvicorn's does while its write buffer drains
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": COMPLETIONS, "raw_path": COMPLETIONS.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    try:
+        asyncio.run(app(scope, receive, send))
+        assert worker.status()["waiting"] == 0 and worker.status()["cancelled"] == 1
+    finally:
+        gate.set()
+        worker.close()
+
+
+def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_healthy(
+    server, served, monkeypatch
+) -> None:
+    real_generate = served.engine.generate
+    calls = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("the engine broke")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(served.engine, "generate", failing_once)
+    with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=1)) as http:
+        failed = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
+        assert failed.status_code == 500
+        assert failed.json() == {"error": {"message": "internal error: RuntimeError: the engine broke",
+                                           "type": "server_error", "param": None, "code": None}}
+        port = failed.extensions["network_stream"].get_extra_info("client_addr")[1]
+        ok = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        # The same keep-alive connection answered both.
+        assert ok.extensions["network_stream"].get_extra_info("client_addr")[1] == port
+        health = http.get("/health").json()
+        assert (health["decoding"], health["waiting"]) == (0, 0)
+
+
 # -- text assembly ------------------------------------------------------------------------------------
 
 
@@ -564,6 +838,17 @@ def test_text_assembler_holds_back_partial_characters_and_stop_string_prefixes()
             break
     assert stopping.stopped and "".join(released) == stopping.text == "ab é€ "
     assert stopping.finish() == ""
+
+
+def test_token_speller_gives_each_tokens_exact_bytes() -> None:
+    tokenizer = build_tiny_tokenizer()  # byte level: "é" is two tokens, "€" three
+    speller = TokenSpeller(tokenizer)
+    text = "ab é€ STOP"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(speller.bytes(t) for t in ids) == text.encode("utf-8")
+    assert [speller.bytes(t) for t in ids[3:5]] == [b"\xc3", b"\xa9"]  # "é", split mid-character
+    assert speller.text(ids[3]) == "\ufffd"
+    assert speller.bytes(tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
 
 
 # -- the command line ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from eetune.infer.generate import (
 )
 from eetune.infer.engine import DecodeCaches, DecodeResult, DecodeSettings, Engine
 from eetune.infer.kv_cache import LayerKVCache, caches_for_model
-from eetune.infer.sampling import SamplingParams, make_rng, probabilities, sample
+from eetune.infer.sampling import SamplingParams, TokenLogprob, make_rng, probabilities, sample
 from eetune.infer.speculative import accept_greedy, accept_sampled
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "LayerKVCache",
     "SamplingParams",
     "Span",
+    "TokenLogprob",
     "accept_greedy",
     "accept_sampled",
     "attention_forward",

@@ -17,6 +17,10 @@ Everything runs on eetune.infer.generate's layer-by-layer pieces and position-in
 
 Batches (`generate_batch`) are left-padded; rows decode in lock step and a step goes as deep
 as its least confident row needs, so every row's tokens equal its own `generate`.
+
+Every mode picks tokens the same way (`_Picker`): logit bias and presence/frequency penalties
+over the row's generated tokens, then greedy or sampling; the logprobs it reports are of that
+adjusted distribution, before temperature.
 """
 
 from __future__ import annotations
@@ -36,7 +40,16 @@ from eetune.exits.model import EarlyExitModel
 from eetune.exits.modules import LayerExit
 from eetune.infer.generate import Generator, Span, _check_request_length, layer_forward
 from eetune.infer.kv_cache import LayerKVCache
-from eetune.infer.sampling import SamplingParams, make_rng, probabilities, sample
+from eetune.infer.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    adjust,
+    bias_vector,
+    make_rng,
+    probabilities,
+    sample,
+    token_logprobs,
+)
 from eetune.infer.speculative import accept_greedy, accept_sampled
 
 MODES = ("full", "early_exit", "self_speculative")
@@ -66,6 +79,13 @@ class DecodeSettings:
     top_p: float | None = None
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
+    # Subtracted from the logits of tokens already generated (x 1 / x their count), and a
+    # bias added per token id; applied before temperature in every mode, greedy included.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    # Report each token's log-probability and the `logprobs` most likely ones (None: none).
+    logprobs: int | None = None
 
 
 # The fields of DecodeSettings that say how to use the exits; the generate and serve configs,
@@ -101,6 +121,10 @@ class DecodeResult:
     accepted_tokens: int = 0
     acceptance_rate: float | None = None
     stopped_by: str = "length"  # eos | length | callback (on_token returned True)
+    # One per token when settings.logprobs is set: from the distribution the token was
+    # chosen from (its exit's head; the full model's for self_speculative), after logit bias
+    # and penalties, before temperature.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -109,6 +133,73 @@ class _Pending:
 
     depth: int
     hidden: Tensor
+
+
+class _Picker:
+    """One request's token choice, row by row: sampling params, RNG, logit bias, the tokens each
+    row generated so far (for penalties) and the log-probabilities of the chosen tokens.
+
+    `choose` picks for some rows and stages their logprobs; `record` makes a row's pick part
+    of its history. The early-exit confidence decision never sees these adjustments.
+    """
+
+    def __init__(
+        self,
+        s: DecodeSettings,
+        params: SamplingParams,
+        rows: int,
+        vocab: int,
+        device: torch.device,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
+    ) -> None:
+        self.params = params
+        self.on_logprob = on_logprob  # told of each recorded entry (batch 1 streaming)
+        self.rng = None if params.greedy else make_rng(s.seed, device)
+        self.bias = bias_vector(params, vocab, device)
+        self.counts = torch.zeros(rows, vocab, device=device) if params.penalised else None
+        self.top = s.logprobs
+        self.logprobs: list[list[TokenLogprob]] | None = None if s.logprobs is None else [[] for _ in range(rows)]
+        self._staged: dict[int, TokenLogprob] = {}
+
+    def adjust(self, logits: Tensor, counts: Tensor | None, ids: Tensor | None = None) -> Tensor:
+        """Bias and penalties on logits [n, vocab] (or over the token ids `ids` only) given counts [n, vocab]."""
+        bias = self.bias
+        if ids is not None:
+            bias = None if bias is None else bias[ids]
+            counts = None if counts is None else counts[:, ids]
+        return adjust(logits, self.params, bias, counts)
+
+    def choose(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """Tokens [len(rows)] for rows `rows` from their logits [len(rows), vocab]."""
+        logits = self.adjust(logits, None if self.counts is None else self.counts[rows])
+        tokens = sample(logits, self.params, self.rng)
+        if self.top is not None:
+            for row, entry in zip(rows.tolist(), token_logprobs(logits, tokens, self.top)):
+                self._staged[row] = entry
+        return tokens
+
+    def record(self, row: int, token: int, logprob: TokenLogprob | None = None) -> TokenLogprob | None:
+        """Token `token` is row `row`'s next; returns its logprob entry (the staged one unless given)."""
+        if self.counts is not None:
+            self.counts[row, token] += 1
+        if self.logprobs is None:
+            return None
+        entry = logprob if logprob is not None else self._staged.pop(row)
+        self.logprobs[row].append(entry)
+        if self.on_logprob is not None:
+            self.on_logprob(entry)
+        return entry
+
+    def history(self, row: int, drafts: Tensor) -> Tensor | None:
+        """Counts [k + 1, vocab] at the positions of drafts [k] and the one after: position j
+        has also generated drafts[:j]. None without penalties."""
+        if self.counts is None:
+            return None
+        k, vocab = drafts.shape[0], self.counts.shape[1]
+        seen = torch.zeros(k + 1, vocab, device=self.counts.device)
+        if k:
+            seen[1:] = torch.nn.functional.one_hot(drafts, vocab).float().cumsum(0)
+        return self.counts[row] + seen
 
 
 class DecodeCaches:
@@ -203,22 +294,25 @@ class Engine:
         prompt_ids: Sequence[int],
         settings: DecodeSettings,
         on_token: Callable[[int, int], bool | None] | None = None,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
     ) -> DecodeResult:
         """Decode one prompt; on_token(token, exit_layer) streams each token as it is chosen.
 
         on_token returning True ends decoding after that token (stopped_by "callback"): how a
-        server stops at a stop string or for a client that went away.
+        server stops at a stop string or for a client that went away. With settings.logprobs
+        set, on_logprob gets each token's logprob entry just before on_token gets the token.
         """
         params = self._check_settings(settings)
         prompt = self._check_prompt(prompt_ids)
         self._check_length(len(prompt), settings)
         if settings.max_new_tokens == 0:
-            return DecodeResult([], [], len(prompt), 0.0, 0.0, 0.0, 0.0)
+            return DecodeResult([], [], len(prompt), 0.0, 0.0, 0.0, 0.0,
+                                logprobs=None if settings.logprobs is None else [])
         if settings.mode == "self_speculative":
-            return self._self_speculative(prompt, settings, params, on_token)
+            return self._self_speculative(prompt, settings, params, on_token, on_logprob)
         if not self._exit_stops(settings):
-            return self._full(prompt, settings, params, on_token)
-        return self._lockstep([prompt], settings, params, on_token)[0]
+            return self._full(prompt, settings, params, on_token, on_logprob)
+        return self._lockstep([prompt], settings, params, on_token, on_logprob)[0]
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings) -> list[DecodeResult]:
         """Decode several prompts (ragged lengths) together; `full` and `early_exit` only."""
@@ -285,7 +379,12 @@ class Engine:
                     f"confidence 'learned' needs a confidence estimator on every exit; exit(s) {missing} have none "
                     "(tune exits with exits.confidence=linear|mlp, or use confidence 'max_prob')"
                 )
-        return SamplingParams(s.temperature, s.top_k, s.top_p)
+        if s.logprobs is not None and s.logprobs < 0:
+            raise EetuneError(f"logprobs must be >= 0 (top tokens per position) or unset, got {s.logprobs}")
+        bias = tuple(sorted((int(token), float(value)) for token, value in (s.logit_bias or {}).items()))
+        if bias and not all(0 <= token < self.vocab_size for token, _ in bias):
+            raise EetuneError(f"logit_bias token ids must be in [0, {self.vocab_size}), the model's vocabulary")
+        return SamplingParams(s.temperature, s.top_k, s.top_p, s.presence_penalty, s.frequency_penalty, bias)
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
@@ -376,24 +475,37 @@ class Engine:
         s: DecodeSettings,
         params: SamplingParams,
         on_token: Callable[[int, int], bool | None] | None,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
     ) -> DecodeResult:
         n = self.num_layers
         gen = self._caches_for(1, len(prompt) + s.max_new_tokens).gen
-        stream = None if on_token is None else (lambda token: on_token(token, n))
-        r = gen.generate(
-            prompt,
-            s.max_new_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            stop_ids=s.stop_ids,
-            seed=s.seed,
-            on_token=stream,
-        )
-        self.head_calls[n] += len(r.tokens)
+        picker = _Picker(s, params, 1, self.vocab_size, gen.device, on_logprob)
+        row = torch.zeros(1, dtype=torch.long, device=gen.device)
+        stop_ids = frozenset(s.stop_ids)
+        out: list[int] = []
+        stopped_by = "length"
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = gen.prefill(prompt)
+            t1 = 0.0
+            while True:
+                token = int(picker.choose(logits, row)[0])
+                picker.record(0, token)
+                out.append(token)
+                if len(out) == 1:
+                    t1 = time.perf_counter()
+                halted = on_token is not None and bool(on_token(token, n))
+                if token in stop_ids or halted or len(out) == s.max_new_tokens:
+                    stopped_by = "eos" if token in stop_ids else "callback" if halted else "length"
+                    break
+                logits = gen.decode_step(token)
+            t2 = time.perf_counter()
+        self.head_calls[n] += len(out)
+        decode_s = t2 - t1
+        rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
         return DecodeResult(
-            r.tokens, [n] * len(r.tokens), r.prompt_len, r.prefill_s, r.decode_s, r.tokens_per_s, float(n),
-            stopped_by=r.stopped_by,
+            out, [n] * len(out), len(prompt), t1 - t0, decode_s, rate, float(n), stopped_by=stopped_by,
+            logprobs=None if picker.logprobs is None else picker.logprobs[0],
         )
 
     # -- early exit (and full for batches), lock step -----------------------------------------
@@ -407,8 +519,7 @@ class Engine:
         open_rows: Tensor,
         stops: list[int],
         s: DecodeSettings,
-        params: SamplingParams,
-        rng: torch.Generator | None,
+        picker: _Picker,
     ) -> tuple[Tensor, Tensor]:
         """Feed token [b, 1] at `pos`; returns next tokens [b] and the layer each left at [b].
 
@@ -426,14 +537,14 @@ class Engine:
             depth = stop
             rows = undecided.nonzero().squeeze(1)
             if stop == n_layers:
-                next_tokens[rows] = sample(self._final_logits(caches, group[rows, -1]), params, rng)
+                next_tokens[rows] = picker.choose(self._final_logits(caches, group[rows, -1]), rows)
                 pending.clear()  # every position now has every layer's KV
                 return next_tokens, exits
             hidden = self._exit_hidden(caches, stop, group, span)
             fire, logits = self._decide(stop, hidden[rows], s)
             if logits is not None:
                 fired = rows[fire]
-                next_tokens[fired] = sample(logits, params, rng)
+                next_tokens[fired] = picker.choose(logits, fired)
                 exits[fired] = stop
                 undecided[fired] = False
             joining = pending.pop() if pending and pending[-1].depth == stop else None
@@ -453,6 +564,7 @@ class Engine:
         s: DecodeSettings,
         params: SamplingParams,
         on_token: Callable[[int, int], bool | None] | None,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
     ) -> list[DecodeResult]:
         b = len(prompts)
         width = max(len(p) for p in prompts)
@@ -463,7 +575,7 @@ class Engine:
         tokens = torch.tensor([[_PAD_ID] * pad + p for pad, p in zip(pads, prompts)], dtype=torch.long, device=device)
         stops = self._exit_stops(s)
         stop_ids = frozenset(s.stop_ids)
-        rng = None if params.greedy else make_rng(s.seed, device)
+        picker = _Picker(s, params, b, self.vocab_size, device, on_logprob)
         out: list[list[int]] = [[] for _ in range(b)]
         exit_layers: list[list[int]] = [[] for _ in range(b)]
         stopped = ["length"] * b
@@ -478,13 +590,14 @@ class Engine:
             token, pos, t1 = tokens[:, -1:], width - 1, 0.0
             for step in range(s.max_new_tokens):
                 next_tokens, exits = self._early_exit_step(
-                    caches, token, pos, pending, open_rows, stops, s, params, rng
+                    caches, token, pos, pending, open_rows, stops, s, picker
                 )
                 for r, (t, e, is_open) in enumerate(zip(next_tokens.tolist(), exits.tolist(), open_rows.tolist())):
                     if not is_open:
                         continue
                     out[r].append(t)
                     exit_layers[r].append(e)
+                    picker.record(r, t)
                     if on_token is not None and on_token(t, e):
                         stopped[r] = "callback"
                         open_rows[r] = False
@@ -506,7 +619,7 @@ class Engine:
             results.append(
                 DecodeResult(
                     out[r], exit_layers[r], len(prompts[r]), t1 - t0, decode_s, rate, mean_layers,
-                    stopped_by=stopped[r],
+                    stopped_by=stopped[r], logprobs=None if picker.logprobs is None else picker.logprobs[r],
                 )
             )
         return results
@@ -519,6 +632,7 @@ class Engine:
         s: DecodeSettings,
         params: SamplingParams,
         on_token: Callable[[int, int], bool | None] | None,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
     ) -> DecodeResult:
         n_layers = self.num_layers
         draft_layer = s.draft_exit if s.draft_exit is not None else self.model.exit_layers[-1]
@@ -528,16 +642,20 @@ class Engine:
         caches.set_padding([0])
         gen = caches.gen
         device = gen.device
-        rng = None if params.greedy else make_rng(s.seed, device)
+        picker = _Picker(s, params, 1, self.vocab_size, device, on_logprob)
+        rng = picker.rng
+        row = torch.zeros(1, dtype=torch.long, device=device)
+        draft_ids_kept = None if draft_head is None else draft_head[0]
         stop_ids = frozenset(s.stop_ids)
         out: list[int] = []
         exit_layers: list[int] = []
         drafted = accepted = 0
         halted = False  # on_token asked to stop
 
-        def emit(token: int, layer: int) -> bool:
+        def emit(token: int, layer: int, logprob: TokenLogprob | None = None) -> bool:
             """Record a token; True when generation must end after it."""
             nonlocal halted
+            picker.record(0, token, logprob)
             out.append(token)
             exit_layers.append(layer)
             if on_token is not None and on_token(token, layer):
@@ -548,7 +666,7 @@ class Engine:
             t0 = time.perf_counter()
             fill = [draft_layer] if layer_exit else []
             h = self._prefill(caches, torch.tensor([prompt], device=device), fill)
-            first = int(sample(self._final_logits(caches, h[:, -1]), params, rng)[0])
+            first = int(picker.choose(self._final_logits(caches, h[:, -1]), row)[0])
             done = emit(first, n_layers)
             layer_calls = n_layers
             t1 = time.perf_counter()
@@ -560,6 +678,8 @@ class Engine:
                 draft_probs: list[Tensor] = []
                 states: list[Tensor] = []
                 doubted = False
+                # Penalties see the drafts of this round as already generated.
+                seen = None if picker.counts is None else picker.counts[:1].clone()
                 for i in range(k):
                     span = caches.span(pos + i, 1)
                     h = gen.run_layers(gen.embed(token), 0, draft_layer, span)
@@ -573,6 +693,7 @@ class Engine:
                         logits = self._exit_logits(draft_layer, hidden)
                     else:
                         logits = torch.nn.functional.linear(hidden, draft_head[1]).float()
+                    logits = picker.adjust(logits, seen, draft_ids_kept)
                     if params.greedy:
                         token = logits.argmax(-1, keepdim=True)
                     else:
@@ -585,6 +706,8 @@ class Engine:
                     if draft_head is not None:
                         token = draft_head[0][token]
                     draft_ids.append(token[:, 0])
+                    if seen is not None:
+                        seen[0, token[0, 0]] += 1
                 k = len(draft_ids)
                 if not doubted:
                     # The last draft through layers 1..L (a doubted step already ran it).
@@ -596,8 +719,10 @@ class Engine:
                     states.append(h)
                 # Verify: all k + 1 positions on from their layer-L states.
                 h = gen.run_layers(torch.cat(states, dim=1), draft_layer, n_layers, caches.span(pos, k + 1))
-                target = self._final_logits(caches, h[0])  # [k + 1, vocab]
                 draft = torch.cat(draft_ids) if k else torch.empty(0, dtype=torch.long, device=device)
+                # [k + 1, vocab]; position j penalised as if drafts[:j] were generated: lossless
+                # w.r.t. the penalised distribution.
+                target = picker.adjust(self._final_logits(caches, h[0]), picker.history(0, draft))
                 if params.greedy:
                     n_ok, next_token = accept_greedy(draft, target)
                 else:
@@ -606,11 +731,15 @@ class Engine:
                 layer_calls += k * draft_layer + n_layers
                 drafted += k
                 accepted += n_ok
-                for t in draft[:n_ok].tolist():
-                    if done := emit(t, draft_layer):
+                emitted = torch.cat((draft[:n_ok], torch.tensor([next_token], device=device)))
+                # The output is the full model's: its logprobs come from the verify pass.
+                logprobs = [None] * (n_ok + 1) if picker.top is None else token_logprobs(
+                    target[: n_ok + 1], emitted, picker.top)
+                for t, lp in zip(draft[:n_ok].tolist(), logprobs):
+                    if done := emit(t, draft_layer, lp):
                         break
                 if not done:
-                    done = emit(next_token, n_layers)
+                    done = emit(next_token, n_layers, logprobs[n_ok])
                 # Positions pos..pos+n_ok now hold accepted inputs; later ones are overwritten.
                 pos += n_ok + 1
             t2 = time.perf_counter()
@@ -629,4 +758,6 @@ class Engine:
             accepted_tokens=accepted,
             acceptance_rate=accepted / drafted if drafted else None,
             stopped_by="eos" if out[-1] in stop_ids else "callback" if halted else "length",
+            logprobs=None if picker.logprobs is None else picker.logprobs[0],
         )
+

@@ -1,27 +1,41 @@
-"""Turning next-token logits into token ids: greedy, temperature, top-k, top-p.
+"""Turning next-token logits into token ids: logit bias and penalties, greedy, temperature, top-k, top-p.
 
-`probabilities` is kept separate from `sample` because speculative decoding's rejection
-sampling needs the same processed distribution for draft and target, not just a token.
+The pipeline, in order: `adjust` (logit_bias, then presence/frequency penalties over the
+tokens generated so far) -> temperature -> top-k -> top-p -> draw. Greedy takes the argmax of
+the adjusted logits. `probabilities` is kept separate from `sample` because speculative
+decoding's rejection sampling needs the same processed distribution for draft and target,
+not just a token. `token_logprobs` reports the adjusted distribution, before temperature.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from eetune.errors import EetuneError
 
+# What torch.Generator.manual_seed takes: negative seeds are mapped onto the unsigned range.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick the next token. temperature 0 means greedy (top_k/top_p are then unused)."""
+    """How to pick the next token. temperature 0 means greedy (top_k/top_p are then unused).
+
+    presence_penalty / frequency_penalty subtract penalty (x 1 / x count) from the logit of
+    every token already generated (the prompt does not count); logit_bias adds its value to
+    its token's logit. Both apply before temperature, greedy included.
+    """
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -32,10 +46,20 @@ class SamplingParams:
             raise EetuneError(f"top_k must be >= 1 or unset, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise EetuneError(f"top_p must be in (0, 1] or unset, got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise EetuneError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if any(not math.isfinite(bias) for _, bias in self.logit_bias):
+            raise EetuneError("logit_bias values must be finite numbers")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the logits depend on the tokens generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def make_rng(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -43,20 +67,59 @@ def make_rng(seed: int | None, device: torch.device | str = "cpu") -> torch.Gene
     rng = torch.Generator(device=device)
     if seed is None:
         rng.seed()
+    elif not SEED_MIN <= seed <= SEED_MAX:
+        raise EetuneError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
     else:
         rng.manual_seed(seed)
     return rng
 
 
+def bias_vector(params: SamplingParams, vocab: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """logit_bias as a dense [vocab] float tensor, or None when there is none."""
+    if not params.logit_bias:
+        return None
+    ids = [token for token, _ in params.logit_bias]
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise EetuneError(f"logit_bias token ids must be in [0, {vocab}), the model's vocabulary")
+    bias = torch.zeros(vocab, device=device)
+    bias[torch.tensor(ids, device=device)] = torch.tensor([b for _, b in params.logit_bias], device=device)
+    return bias
+
+
+def adjust(logits: Tensor, params: SamplingParams, bias: Tensor | None, counts: Tensor | None) -> Tensor:
+    """Logits [r, vocab] with logit_bias ([vocab]) and penalties from counts ([r, vocab]) applied, float32.
+
+    counts[i, t]: how often token t was generated before row i's position.
+    """
+    logits = logits.float()
+    if bias is not None:
+        logits = logits + bias
+    if counts is not None and params.penalised:
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature, safe for any temperature > 0.
+
+    Shifting by the row max first keeps the top logit at exactly 0, so a temperature so small
+    that the division underflows or overflows (1e-45) still leaves a finite maximum (that is,
+    sampling turns greedy) instead of 0/0 or inf - inf in the softmax.
+    """
+    shifted = logits - logits.amax(-1, keepdim=True)
+    return torch.where(shifted == 0, 0.0, shifted / temperature)
+
+
 def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
     """Distribution after temperature, top-k and top-p: [..., vocab] float logits -> probs.
 
-    Greedy params give a one-hot distribution on the argmax.
+    Greedy params give a one-hot distribution on the argmax. Logit bias and penalties are
+    `adjust`'s business: pass adjusted logits.
     """
     logits = logits.float()
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    logits = _tempered(logits, params.temperature)
     vocab = logits.shape[-1]
     if params.top_k is not None and params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -78,3 +141,24 @@ def sample(logits: Tensor, params: SamplingParams, rng: torch.Generator | None =
         return logits.argmax(-1)
     probs = probabilities(logits, params)
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the `top` most likely tokens' (id, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of tokens [r] under adjusted logits [r, vocab] (no temperature), with the top `top`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None].long())[:, 0].tolist()
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]

@@ -4,8 +4,8 @@ POST /v1/completions, POST /v1/chat/completions (with `stream: true`: server-sen
 OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GET /health.
 
 A request is checked and planned on the event loop, then waits for the single decode worker.
-A client that goes away (mid-stream or while waiting for a whole response) cancels its job:
-dropped if still queued, stopped at the next token if decoding.
+A client that goes away (mid-stream, or while its whole or streamed response is still queued)
+cancels its job: dropped if still queued, stopped at the next token if decoding.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from eetune.errors import EetuneError
+from eetune.infer.sampling import TokenLogprob
 from eetune.serve.errors import APIError, error_body, install_error_handlers
 from eetune.serve.protocol import (
     ChatCompletionRequest,
@@ -72,14 +74,14 @@ def create_app(served: ServedModel, queue_size: int) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         served.check_model_name(body.model)
         plan = served.plan(served.completion_prompt(body.prompt), body, prompt_param="prompt")
-        fmt = CompletionFormat(served.name)
+        fmt = CompletionFormat(served.name, served.speller)
         return await _respond(request, worker, served, plan, fmt, body.stream, body.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         served.check_model_name(body.model)
         plan = served.plan(served.chat_prompt(body.turns()), body, prompt_param="messages")
-        fmt = ChatFormat(served.name)
+        fmt = ChatFormat(served.name, served.speller)
         return await _respond(request, worker, served, plan, fmt, body.stream, body.include_usage)
 
     return app
@@ -115,9 +117,9 @@ async def _respond(
         return JSONResponse(fmt.response(completion))
 
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    pieces: asyncio.Queue[_Piece | None] = asyncio.Queue()
 
-    def post(piece: str | None) -> None:
+    def post(piece: _Piece | None) -> None:
         """From the worker thread: hand a piece of text (None: the end) to the event loop."""
         try:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
@@ -126,20 +128,39 @@ async def _respond(
 
     def job(cancelled: threading.Event) -> Completion:
         try:
-            return served.decode(plan, cancelled, on_text=post)
+            return served.decode(plan, cancelled, on_text=lambda text, logprobs: post((text, logprobs)))
         finally:
             post(None)
 
     ticket = _submit(worker, job)  # a full queue is still a plain 503, before any event is sent
-    return StreamingResponse(
-        _events(ticket, pieces, fmt, include_usage),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return _EventStream(_events(ticket, pieces, fmt, include_usage), ticket)
+
+
+# A piece of streamed text and the logprobs of the tokens that completed it (None: not asked for).
+_Piece = tuple[str, list[TokenLogprob] | None]
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream that cancels its job however the response ends.
+
+    Starlette cancels the event generator when the client disconnects, but a generator that
+    never started (the client left before the first event was asked for) runs no `finally`:
+    its job would stay queued, then decode for nobody.
+    """
+
+    def __init__(self, events: AsyncIterator[str], ticket: Ticket) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.ticket = ticket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.cancel()
 
 
 async def _events(
-    ticket: Ticket, pieces: asyncio.Queue[str | None], fmt: ResponseFormat, include_usage: bool
+    ticket: Ticket, pieces: asyncio.Queue[_Piece | None], fmt: ResponseFormat, include_usage: bool
 ) -> AsyncIterator[str]:
     """The stream: opening chunk, one chunk per piece of text, the closing chunk, [DONE].
 
@@ -149,7 +170,7 @@ async def _events(
         if (opening := fmt.opening_chunk()) is not None:
             yield sse(opening)
         while (piece := await pieces.get()) is not None:
-            yield sse(fmt.chunk(piece))
+            yield sse(fmt.chunk(*piece))
         try:
             completion = await ticket.result()
         except APIError as exc:

@@ -1,19 +1,24 @@
 """HTTP errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every failure.
 
 A bad request never takes the server down: validation errors become 400, unknown routes 404,
-a full queue 503, and anything unexpected 500, all with the same JSON body.
+a full queue 503, and anything unexpected 500, all with the same JSON body and the
+connection kept alive.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from eetune.errors import EetuneError
+
+logger = logging.getLogger("uvicorn.error")
 
 class APIError(Exception):
     """A request the server refuses, with what OpenAI's clients expect to read about it."""
@@ -59,7 +64,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "missing":
         return APIError(400, f"missing required parameter '{param}'", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":
-        return APIError(400, f"unsupported parameter '{param}'", param=param, code="unknown_parameter")
+        return APIError(400, f"unknown parameter '{param}'", param=param, code="unknown_parameter")
+    if kind == "unsupported":  # protocol.unsupported: an OpenAI parameter this server does not implement
+        return APIError(400, error.get("msg", f"'{param}' is not supported"), param=param,
+                        code="unsupported_parameter")
     message = error.get("msg", "invalid value")
     # Messages of our own validators come as "Value error, <message>".
     message = message.removeprefix("Value error, ")
@@ -102,7 +110,38 @@ def install_error_handlers(app: FastAPI) -> None:
         # Checks deeper down (the engine's own) that the request checks did not anticipate.
         return JSONResponse(error_body(str(exc), "invalid_request_error"), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises it after this response, so uvicorn logs the traceback.
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
+    # Not an `Exception` handler: Starlette runs those in its outermost middleware and re-raises
+    # after answering, so uvicorn drops the keep-alive connection the client will reuse.
+    app.add_middleware(_InternalErrors)
+
+
+class _InternalErrors:
+    """Answers an exception no handler took with a JSON 500 and keeps the connection usable.
+
+    Sits inside Starlette's ServerErrorMiddleware, so the exception stops here: it is logged
+    with its traceback, uvicorn sees a complete response. An exception after the response
+    began (a stream) cannot be answered; it goes on up as before.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
+            body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send)

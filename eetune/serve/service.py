@@ -19,9 +19,10 @@ from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
 from eetune.eval.calibration import load_calibrated_threshold
 from eetune.infer.engine import CONFIDENCES, EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
+from eetune.infer.sampling import TokenLogprob
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
-from eetune.serve.text import TextAssembler
+from eetune.serve.text import TextAssembler, TokenSpeller
 from eetune.stages.generate import DEFAULT_THRESHOLD, chat_prompt_ids, load_model, stop_token_ids
 
 
@@ -85,6 +86,8 @@ class Completion:
     draft_exit: int | None  # the exit that drafted (self_speculative)
     num_layers: int
     queue_s: float  # waiting for the worker
+    # When asked for: one per generated token but a final stop token (it has no text).
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -116,6 +119,7 @@ class ServedModel:
         }
         self.engine = Engine(model, max_seq_len=limits.context, token_order=token_order)
         self.vocab_size = self.engine.vocab_size
+        self.speller = TokenSpeller(tokenizer)
         self.tokens_generated = 0  # over all requests; written by the decode worker only
         try:
             self.defaults = self.check_options(defaults, prefix="serve.")
@@ -185,6 +189,10 @@ class ServedModel:
             raise APIError(400, f"the prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds this server's "
                            f"context of {limits.context} tokens", param="max_tokens", code="context_length_exceeded")
         options = self.check_options((request.early_exit or EarlyExitOptions()).over(self.defaults))
+        logit_bias = request.logit_bias_ids()
+        if any(not 0 <= token < self.vocab_size for token in logit_bias):
+            raise APIError(400, f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias",
+                           code="invalid_value")
         settings = exit_settings(
             options,
             threshold=self.threshold_for(options),
@@ -193,6 +201,10 @@ class ServedModel:
             top_p=request.top_p if request.top_p < 1.0 else None,
             seed=request.seed,
             stop_ids=self.stop_ids,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logit_bias=logit_bias or None,
+            logprobs=request.logprob_count(),
         )
         return DecodePlan(prompt_ids, settings, tuple(request.stop))
 
@@ -233,23 +245,35 @@ class ServedModel:
         self,
         plan: DecodePlan,
         cancelled: threading.Event,
-        on_text: Callable[[str], None] | None = None,
+        on_text: Callable[[str, list[TokenLogprob] | None], None] | None = None,
     ) -> Completion:
-        """Decode a plan; `on_text` gets each piece of final text. Stops at the next token once `cancelled` is set."""
+        """Decode a plan; `on_text` gets each piece of final text with the logprobs of the tokens
+        that completed it (None unless asked for). Stops at the next token once `cancelled` is set."""
         queue_s = time.perf_counter() - plan.created
         text = TextAssembler(self.tokenizer, plan.stop)
+        wanted = plan.settings.logprobs is not None
+        logprobs: list[TokenLogprob] = []
+        held: list[TokenLogprob] = []  # tokens whose text the assembler still holds back
+
+        def on_logprob(entry: TokenLogprob) -> None:
+            if entry.token not in plan.settings.stop_ids:
+                logprobs.append(entry)
+                held.append(entry)
+
+        def release(piece: str) -> None:
+            if on_text is not None and (piece or held):
+                on_text(piece, list(held) if wanted else None)
+            held.clear()
 
         def on_token(token: int, exit_layer: int) -> bool:
             piece = text.add(token)
-            if piece and on_text is not None:
-                on_text(piece)
+            if piece:
+                release(piece)
             return text.stopped or cancelled.is_set()
 
-        result = self.engine.generate(plan.prompt_ids, plan.settings, on_token=on_token)
+        result = self.engine.generate(plan.prompt_ids, plan.settings, on_token=on_token, on_logprob=on_logprob)
         self.tokens_generated += len(result.tokens)
-        piece = text.finish()
-        if piece and on_text is not None:
-            on_text(piece)
+        release(text.finish())
         s = plan.settings
         draft_exit = s.draft_exit if s.draft_exit is not None else (self.model.exit_layers or [None])[-1]
         return Completion(
@@ -260,6 +284,7 @@ class ServedModel:
             draft_exit=draft_exit,
             num_layers=self.num_layers,
             queue_s=queue_s,
+            logprobs=logprobs if wanted else None,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -71,3 +71,51 @@ class TextAssembler:
         delta = text[len(self.text) :]
         self.text = text
         return delta
+
+
+class TokenSpeller:
+    """The bytes and text of single token ids, as `logprobs` report them.
+
+    Byte-level BPE tokens (GPT-2, SmolLM2, Llama 3, Qwen2) are spelled from their vocabulary
+    entry, so a token holding part of a UTF-8 character gets its exact bytes (its text shows
+    U+FFFD); other tokenizers fall back to decoding the id alone.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._byte_of = {char: byte for byte, char in _bytes_to_unicode().items()} if _byte_level(tokenizer) else None
+        self._cache: dict[int, bytes] = {}
+
+    def bytes(self, token: int) -> bytes:
+        spelled = self._cache.get(token)
+        if spelled is None:
+            spelled = self._cache[token] = self._spell(token)
+        return spelled
+
+    def text(self, token: int) -> str:
+        return self.bytes(token).decode("utf-8", errors="replace")
+
+    def _spell(self, token: int) -> bytes:
+        if self._byte_of is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            if isinstance(piece, str) and all(char in self._byte_of for char in piece):
+                return bytes(self._byte_of[char] for char in piece)
+        return self.tokenizer.decode([token]).encode("utf-8")
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what ByteLevel tokenizers store)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}
