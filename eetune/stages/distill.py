@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from eetune.console import make_console
 from eetune.data.sources import read_text_file
 from eetune.errors import EetuneError
 from eetune.infer.generate import generate
@@ -84,7 +85,7 @@ def check_distill_config(d: Any) -> None:
 def run(cfg: DictConfig, console: Console | None = None) -> Path:
     """Generate the corpus and write it to `distill.out` (default `<run_dir>/distill.jsonl`)."""
     d = cfg.distill
-    console = console or Console(stderr=True)
+    console = console or make_console()
     check_distill_config(d)
     prompts_path = Path(d.prompts).expanduser() if d.prompts else DEFAULT_PROMPTS
     prompts = read_prompts(prompts_path)
