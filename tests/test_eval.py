@@ -511,9 +511,11 @@ def test_eval_calibrates_the_run_dir_and_generate_reads_it(evaluated):
     result, run_dir, _ = evaluated
     cal = json.loads((run_dir / CALIBRATION_FILE).read_text())
     chosen = cal["thresholds"]["max_prob"]
-    rows = {r["threshold"]: r for r in result.report["sweep"] if r["confidence"] == "max_prob"}
-    meeting = {t: r for t, r in rows.items() if r["token_agreement"] >= 0.5}
-    expected = max([(1.0, 1.0)] + [(r["speedup"], t) for t, r in meeting.items()])[1]
+    rows = [r for r in result.report["sweep"] if r["confidence"] == "max_prob"]
+    # The sweep's measured agreement, speedup and its standard error decide (rules: test_pick_threshold_*).
+    candidates = [Candidate(r["threshold"], r["token_agreement"], r["speedup"], r["speedup_se"]) for r in rows]
+    assert all(r["speedup_se"] > 0 for r in rows)
+    expected = pick_threshold("max_prob", candidates, 0.5).threshold
     assert chosen["threshold"] == expected
     assert load_calibrated_threshold(run_dir) == expected
     assert set(cal["thresholds"]) == {"max_prob", "learned"}
