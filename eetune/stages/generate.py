@@ -140,7 +140,8 @@ def default_threshold(gen: Any, console: Console, dtype_device: tuple[str, str])
     """The threshold `eetune eval` calibrated for the run's exits in this dtype and on this device,
     else DEFAULT_THRESHOLD."""
     def warn(message: str) -> None:
-        console.print(f"warning: {message}", markup=False)
+        if gen.mode == "early_exit":  # the only mode the threshold steers
+            console.print(f"warning: {message}", markup=False)
 
     dtype, device = dtype_device
     calibrated = (
