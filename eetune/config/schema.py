@@ -214,9 +214,10 @@ class LossConfig:
     """Sum over exits of w_i * loss_i.
 
     The backbone is frozen and exits share no trainable parameter, so a constant w_i only
-    scales exit i's gradients, which AdamW normalises away per parameter: exit_weights and
-    linear/cosine warm-up change tuning only through gradient clipping and AdamW's eps
-    (scripts/bench/converge.py --weights). They are kept because the paper has them.
+    scales exit i's gradients, which AdamW normalises away per parameter: exit_weights change
+    tuning only through gradient clipping and AdamW's eps. A linear/cosine warm-up changes
+    w_i during the run, which AdamW does not cancel (scripts/bench/converge.py --weights and
+    the README's Losses). They are kept because the paper has them.
     """
 
     # w_i per exit, in exits.layers order; empty means 1.0 for every exit.
