@@ -14,10 +14,10 @@ from typing import List, Optional
 import click
 import typer
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.table import Table
 
 from eetune.config import compose_config, config_groups, list_recipes, recipe_path, validate
+from eetune.console import make_console
 from eetune.errors import EetuneError
 
 app = typer.Typer(
@@ -39,7 +39,7 @@ app.add_typer(import_app, name="import")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 
-console = Console(stderr=True)
+console = make_console()
 
 OVERRIDES = typer.Argument(
     None,
@@ -110,7 +110,7 @@ def plan(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_
     if cfg is not None:
         from eetune.parallel import plan as stage
 
-        stage.run(cfg, console=Console())
+        stage.run(cfg, console=make_console(stderr=False))
 
 
 @data_app.command("distill")
@@ -232,13 +232,13 @@ def recipes_list() -> None:
     table.add_column("description")
     for name in list_recipes():
         table.add_row(name, _description(recipe_path(name)))
-    Console().print(table)
+    make_console(stderr=False).print(table)
     groups = Table(title="config groups (override with GROUP=OPTION)")
     groups.add_column("group")
     groups.add_column("options")
     for group, options in config_groups().items():
         groups.add_row(group, ", ".join(options))
-    Console().print(groups)
+    make_console(stderr=False).print(groups)
 
 
 @recipes_app.command("show")

@@ -8,7 +8,7 @@
 #
 # Nothing outside DIR is written (no /etc/slurm, no system munge socket): the config is passed with
 # SLURM_CONF and munged listens on DIR/munge.socket, so it runs beside any other Slurm or munge.
-# Ports are picked free at start. Runs as root without systemd (checked steps: SLURM-LOCAL.md).
+# Ports are picked free at start. Runs as root without systemd.
 set -euo pipefail
 
 packages=(slurmctld slurmd slurm-client munge)

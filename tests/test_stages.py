@@ -50,7 +50,7 @@ def test_augment_writes_a_complete_run_dir_that_loads_back(tmp_path, use_smollm2
     state = load_file(str(run_dir / "exits.safetensors"))
     assert sum(t.numel() for t in state.values()) == 3 * per_exit
 
-    # Before tuning, copied mlp exits are far worse than the final layer (DESIGN.md §4).
+    # Before tuning, copied mlp exits are far worse than the final layer.
     final = result.quality[30]
     assert 1.0 < final.cross_entropy < 5.0 and final.agreement == 1.0
     for layer in (8, 16, 24):

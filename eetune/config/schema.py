@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class ExitsConfig:
-    """Where the early exits sit and what they are (DESIGN.md §3)."""
+    """Where the early exits sit and what they are (the README's "Exits" table)."""
 
     # 1-based layer numbers: an exit reads the output of that layer (1..n_layers-1).
     layers: List[int] = field(default_factory=lambda: [8, 16, 24])
@@ -211,7 +211,14 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Sum over exits of w_i * loss_i (DESIGN.md §3)."""
+    """Sum over exits of w_i * loss_i.
+
+    The backbone is frozen and exits share no trainable parameter, so a constant w_i only
+    scales exit i's gradients, which AdamW normalises away per parameter: exit_weights change
+    tuning only through gradient clipping and AdamW's eps. A linear/cosine warm-up changes
+    w_i during the run, which AdamW does not cancel (scripts/bench/converge.py --weights and
+    the README's Losses). They are kept because the paper has them.
+    """
 
     # w_i per exit, in exits.layers order; empty means 1.0 for every exit.
     exit_weights: List[float] = field(default_factory=list)
@@ -308,7 +315,7 @@ class ExportConfig:
 
 @dataclass
 class ParallelConfig:
-    """The device mesh `tune` runs on (DESIGN.md §3 Scale); world size = the product of the four.
+    """The device mesh `tune` runs on (the README's "Scaling out"); world size = the product of the four.
 
     Mesh dims, outermost first: pp (pipeline stages), dp_replicate (HSDP replicas), dp_shard
     (FSDP2 shards), tp (tensor parallel, innermost: keep it within a node).

@@ -5,13 +5,24 @@ fastest one whose greedy-token agreement with the full model is at least the tar
 writes `<run_dir>/calibration.json`. `generate` and `serve` read it through
 `load_calibrated_threshold` as their default threshold. The file names the exits it was
 measured on (a SHA-256 of exits.safetensors): after the exits change it no longer applies.
+It also records the dtype, device and engine mode (greedy, batch 1) and how many prompts and
+tokens it was measured on: speed depends on dtype and device, so a caller on another dtype
+or device ignores it with a one-line warning. Files written before these were recorded are
+used, with a warning: the agreement the threshold was chosen for hardly depends on them,
+and the fallback 0.8 is measured on nothing.
+
+Stability: measured speedups are noisy, so candidates whose speedups differ by less than
+twice the standard error of their difference (from the per-prompt speedups) count as equally
+fast, and the higher threshold wins; an early exit must beat the full model by that margin.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +40,7 @@ class Candidate:
     threshold: float
     agreement: float  # greedy-token agreement with the full model on the calibration prompts
     speedup: float  # measured decode tokens/s over the full model's
+    speedup_se: float = 0.0  # standard error of the speedup over the prompts (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -44,14 +56,18 @@ class Calibration:
 def pick_threshold(confidence: str, candidates: Sequence[Candidate], target: float) -> Calibration:
     """The fastest candidate with agreement >= target; the full model (1.0) when none qualifies.
 
-    Ties in speed go to the higher threshold (the more conservative one).
+    Speeds within noise of the fastest (a difference under 2 standard errors) count as ties,
+    and ties go to the higher threshold (the more conservative one): two evals of the same run
+    then pick the same threshold even though their timings differ.
     """
     if not 0.0 < target <= 1.0:
         raise EetuneError(f"eval.target_agreement={target} must be in (0, 1]")
     full = Candidate(1.0, 1.0, 1.0)
     pool = [full, *(c for c in candidates if c.threshold < 1.0)]
     meeting = [c for c in pool if c.agreement >= target]
-    best = max(meeting, key=lambda c: (c.speedup, c.threshold))
+    fastest = max(meeting, key=lambda c: (c.speedup, c.threshold))
+    tied = [c for c in meeting if fastest.speedup - c.speedup <= 2.0 * math.hypot(c.speedup_se, fastest.speedup_se)]
+    best = max(tied, key=lambda c: c.threshold)
     return Calibration(confidence, best.threshold, best.agreement, best.speedup, target, tuple(pool))
 
 
@@ -94,10 +110,49 @@ def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def load_calibrated_threshold(run_dir: str | Path, confidence: str = "max_prob") -> float | None:
-    """The threshold `eetune eval` calibrated for this run's exits and policy, else None."""
+def placement(module: Any) -> tuple[str, str]:
+    """(dtype, device) a model computes in, as calibration.json records them: ("bfloat16", "cpu")."""
+    weight = next(module.parameters())
+    return str(weight.dtype).removeprefix("torch."), str(weight.device)
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def calibrated_thresholds(
+    run_dir: str | Path, dtype: str | None = None, device: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """confidence policy -> the threshold `eetune eval` calibrated for this run's exits.
+
+    Empty when there is none, when it was made for other exits, or when it was measured in
+    another dtype or on another device than the given ones (then `warn` gets one line;
+    None for either skips that check).
+    """
     data = read_calibration(run_dir)
     if data is None:
-        return None
-    entry = data.get("thresholds", {}).get(confidence)
-    return float(entry["threshold"]) if entry else None
+        return {}
+    warn = warn or _stderr_warning
+    path = Path(run_dir) / CALIBRATION_FILE
+    measured = data.get("measured_on") or {}
+    wanted = {"dtype": dtype, "device": device}
+    unknown = [key for key, value in wanted.items() if value is not None and key not in measured]
+    other = [f"{key} {measured[key]} (here {value})" for key, value in wanted.items()
+             if value is not None and key in measured and str(measured[key]) != value]
+    if other:
+        warn(f"ignoring {path}: measured on {', '.join(other)}; rerun eetune eval with this dtype and device")
+        return {}
+    if unknown:
+        warn(f"{path} does not record its {' and '.join(unknown)} (made by an older eetune): using it; "
+             "rerun eetune eval to record them")
+    return {policy: float(entry["threshold"]) for policy, entry in (data.get("thresholds") or {}).items()}
+
+
+def load_calibrated_threshold(
+    run_dir: str | Path, confidence: str = "max_prob", dtype: str | None = None, device: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> float | None:
+    """The threshold `eetune eval` calibrated for this run's exits and policy (see
+    `calibrated_thresholds`), else None."""
+    return calibrated_thresholds(run_dir, dtype, device, warn).get(confidence)

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from eetune.errors import EetuneError
-from eetune.eval.calibration import load_calibrated_threshold
+from eetune.eval.calibration import load_calibrated_threshold, placement
 from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import DecodeSettings, Engine
@@ -66,11 +66,11 @@ class EetuneLM(TemplateLM):
             raise EetuneError("the eetune model type needs run_dir=<an eetune augment or tune run dir> in --model_args")
         read_manifest(run_dir)
         model_cfg = _run_model_config(Path(run_dir), dtype, device)
+        base = load_base(model_cfg)
         if threshold is None:
-            calibrated = load_calibrated_threshold(run_dir, confidence)
+            calibrated = load_calibrated_threshold(run_dir, confidence, *placement(base.model))
             threshold = DEFAULT_THRESHOLD if calibrated is None else calibrated
         self.policy = ExitPolicy(mode, float(threshold), confidence)
-        base = load_base(model_cfg)
         if base.tokenizer is None:
             raise EetuneError(f"model {base.name} has no tokenizer; lm-eval needs one")
         self.tokenizer = base.tokenizer

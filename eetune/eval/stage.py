@@ -24,9 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from eetune.console import make_console
 from eetune.data import heldout_batch
 from eetune.errors import EetuneError
-from eetune.eval.calibration import CALIBRATION_FILE, Calibration, Candidate, pick_threshold, write_calibration
+from eetune.eval.calibration import (
+    CALIBRATION_FILE, Calibration, Candidate, pick_threshold, placement, write_calibration,
+)
 from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
 from eetune.eval.heldout import TokenStats, token_stats
 from eetune.eval.plots import draw_all
@@ -82,7 +85,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
-    console = console or Console(stderr=True)
+    console = console or make_console()
     started = time.perf_counter()
     check_eval_config(cfg)
     run_dir = Path(cfg.run_dir)
@@ -123,7 +126,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
         rows = run_sweep(
             Engine(model), prompts, settings, max_new_tokens=cfg.eval.max_new_tokens, stop_ids=stop_ids,
             decode=lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
-            advance=lambda: progress.advance(step),
+            advance=lambda: progress.advance(step), seed=cfg.seed,
         )
         step = progress.add_task("multiple-choice tasks", total=sum(len(t.items) for t in choice_tasks))
         choice_scores = {
@@ -151,7 +154,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
             log_wandb(staging, named, report, plots)
     plots = {key: out_dir / path.name for key, path in plots.items()}
     # Recorded once the report exists: a failed eval leaves the previous calibration in place.
-    calibration = write_calibration(run_dir, calibrations, calibration_source(cfg, prompts)) if calibrations else None
+    measured_on = calibration_source(cfg, prompts, rows, placement(base.model))
+    calibration = write_calibration(run_dir, calibrations, measured_on) if calibrations else None
     print_summary(console, report, out_dir, plots, calibration)
     return EvalResult(out_dir, report, plots, calibration)
 
@@ -248,7 +252,7 @@ def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calib
     out = []
     for confidence in dict.fromkeys(cfg.eval.confidences):
         candidates = [
-            Candidate(r.setting.threshold, r.token_agreement, r.speedup)
+            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se)
             for r in rows if r.setting.mode == "early_exit" and r.setting.confidence == confidence
         ]
         if candidates:
@@ -256,11 +260,16 @@ def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calib
     return out
 
 
-def calibration_source(cfg: DictConfig, prompts: list[Prompt]) -> dict[str, Any]:
-    """What the calibration was measured on."""
+def calibration_source(
+    cfg: DictConfig, prompts: list[Prompt], rows: list[SweepRow], dtype_device: tuple[str, str]
+) -> dict[str, Any]:
+    """What the calibration was measured on: `generate`/`serve` check dtype and device against it."""
+    dtype, device = dtype_device
     return {
-        "prompts": len(prompts), "tasks": sorted({p.task for p in prompts}), "max_new_tokens": cfg.eval.max_new_tokens,
-        "chat": cfg.eval.chat, "model": cfg.model.name, "dtype": cfg.model.dtype,
+        "prompts": len(prompts), "tokens": sum(len(o.result.tokens) for o in rows[0].outputs),
+        "tasks": sorted({p.task for p in prompts}), "max_new_tokens": cfg.eval.max_new_tokens,
+        "chat": cfg.eval.chat, "model": cfg.model.name, "dtype": dtype, "device": device,
+        "engine": {"decoding": "greedy", "batch_size": 1}, "seed": cfg.seed,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -1,12 +1,15 @@
 """The threshold sweep: every decoding setting through the real engine, side by side.
 
-Each prompt is decoded under every setting before the next prompt starts, so slow drift in
-the machine's load spreads over all settings instead of biasing whichever ran last. Quality
-is measured against the full model's greedy output for the same prompt.
+Each prompt is decoded under every setting before the next prompt starts (in an order shuffled
+per prompt with `seed`), so slow drift in the machine's load spreads over all settings instead
+of biasing whichever ran last or right after the full model. Quality is measured against the
+full model's greedy output for the same prompt.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +64,7 @@ class SweepRow:
     # filled by `summarise`:
     tokens_per_s: float = 0.0
     speedup: float = 1.0
+    speedup_se: float = 0.0  # standard error of the mean per-prompt speedup (0 with < 2 prompts)
     mean_layers: float = 0.0
     head_calls_per_token: float = 0.0
     token_agreement: float = 1.0
@@ -76,6 +80,7 @@ class SweepRow:
             "confidence": self.setting.confidence if self.setting.mode == "early_exit" else None,
             "tokens_per_s": self.tokens_per_s,
             "speedup": self.speedup,
+            "speedup_se": self.speedup_se,
             "mean_layers": self.mean_layers,
             "head_calls_per_token": self.head_calls_per_token,
             "token_agreement": self.token_agreement,
@@ -95,6 +100,7 @@ def run_sweep(
     stop_ids: frozenset[int],
     decode: Callable[[list[int]], str],
     advance: Callable[[], None] | None = None,
+    seed: int = 0,
 ) -> list[SweepRow]:
     """Decode every prompt under every setting (settings[0] must be `full`); `advance` ticks a progress bar."""
     if not settings or settings[0].mode != "full":
@@ -104,8 +110,9 @@ def run_sweep(
     if prompts:
         for setting in {settings[0], settings[-1]}:
             engine.generate(prompts[0].ids, setting.decode_settings(min(4, max_new_tokens), stop_ids))
+    order = random.Random(seed)
     for prompt in prompts:
-        for row in rows:
+        for row in order.sample(rows, len(rows)):
             before = sum(engine.head_calls.values())
             result = engine.generate(prompt.ids, row.setting.decode_settings(max_new_tokens, stop_ids))
             calls = sum(engine.head_calls.values()) - before
@@ -137,6 +144,20 @@ def summarise(row: SweepRow, full: SweepRow) -> None:
     row.acceptance_rate = sum(r.accepted_tokens for r in results) / drafted if drafted else None
     if row is not full:
         row.speedup = row.tokens_per_s / full.tokens_per_s if full.tokens_per_s > 0 else 0.0
+        row.speedup_se = _speedup_se(results, [o.result for o in full.outputs])
+
+
+def _speedup_se(results: Sequence[DecodeResult], full: Sequence[DecodeResult]) -> float:
+    """Standard error of the mean of per-prompt speedups: how far timing noise and the choice of
+    prompts can move the measured speedup."""
+    ratios = [
+        ((len(r.tokens) - 1) / r.decode_s) / ((len(f.tokens) - 1) / f.decode_s)
+        for r, f in zip(results, full) if len(r.tokens) > 1 and len(f.tokens) > 1 and r.decode_s > 0 and f.decode_s > 0
+    ]
+    if len(ratios) < 2:
+        return 0.0
+    mean = sum(ratios) / len(ratios)
+    return math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1) / len(ratios))
 
 
 def _rouge_or_match(text: str, reference: str) -> float:

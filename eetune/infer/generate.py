@@ -68,7 +68,7 @@ def attention_forward(attn: MultiHeadAttention, x: Tensor, span: Span, cache: La
     if s == 1:
         # One query per head: the n_h // n_kv heads sharing a KV head (torchtune groups them
         # contiguously) become a query block of that head, so GQA needs no expanded copy of
-        # the cache; 2-6x faster than expanding or enable_gqa on CPU, most of all in bf16.
+        # the cache.
         # A mask is only given for left-padded batches: [b, 1, 1, kv_len] broadcasts over the block.
         out = F.scaled_dot_product_attention(q.reshape(b, n_kv, n_h // n_kv, h_d), keys, values, attn_mask=span.mask)
     else:

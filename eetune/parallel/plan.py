@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 from rich.console import Console
 from rich.table import Table
 
+from eetune.console import make_console
 from eetune.errors import EetuneError
 from eetune.exits import ExitSpec, check_specs, specs_from_config
 from eetune.models import get_model_entry, param_count
@@ -230,7 +231,7 @@ def _exit_activation_width(spec: ExitSpec, shape: Shape, tp: int) -> float:
 
 
 def run(cfg: Any, console: Optional[Console] = None) -> Plan:
-    console = console or Console()
+    console = console or make_console(stderr=False)
     plan = make_plan(cfg)
     console.print(plan_table(plan, cfg))
     verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"

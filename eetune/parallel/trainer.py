@@ -22,6 +22,7 @@ from rich.console import Console
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from eetune.console import make_console
 from eetune.data import IGNORE_INDEX, TuningData, load_tuning_data
 from eetune.errors import EetuneError
 from eetune.eval.heldout import ExitQuality
@@ -44,7 +45,7 @@ _STATS = ("ce", "max_prob", "kd", "agreement", "confidence_bce")
 
 
 def run(cfg: DictConfig, console: Optional[Console] = None) -> loop.TuneResult:
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if int(cfg.parallel.nproc_per_node) > 1 and not under_launcher():
         relaunch(cfg, console)
         return loop.result_from_run_dir(Path(cfg.run_dir))

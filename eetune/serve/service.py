@@ -17,8 +17,8 @@ from typing import Any
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
-from eetune.eval.calibration import load_calibrated_threshold
-from eetune.infer.engine import CONFIDENCES, EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
+from eetune.eval.calibration import calibrated_thresholds, placement
+from eetune.infer.engine import EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
 from eetune.infer.sampling import TokenLogprob
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
@@ -113,10 +113,8 @@ class ServedModel:
         self.stop_ids = frozenset(stop_token_ids(tokenizer))
         # The run's token frequencies, for drafting over the frequent tokens only (draft_vocab).
         token_order = load_token_order(Path(run_dir), always=tuple(sorted(self.stop_ids))) if run_dir else None
-        # Thresholds `eetune eval` calibrated for these exits, per confidence policy.
-        self.calibrated = {
-            policy: load_calibrated_threshold(run_dir, policy) if run_dir else None for policy in CONFIDENCES
-        }
+        # Thresholds `eetune eval` calibrated for these exits in this dtype and on this device, per policy.
+        self.calibrated = calibrated_thresholds(run_dir, *placement(model)) if run_dir else {}
         self.engine = Engine(model, max_seq_len=limits.context, token_order=token_order)
         self.vocab_size = self.engine.vocab_size
         self.speller = TokenSpeller(tokenizer)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from eetune.console import make_console
 from eetune.data.corpus import check_seq_len, heldout_batch
 from eetune.eval.heldout import ExitQuality, heldout_quality
 from eetune.exits import EarlyExitModel, build_manifest, check_specs, save_exits, specs_from_config
@@ -25,7 +26,7 @@ class AugmentResult:
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> AugmentResult:
-    console = console or Console(stderr=True)
+    console = console or make_console()
     base = load_base(cfg.model)
     specs = specs_from_config(cfg.exits)
     check_specs(specs, base.num_layers)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from eetune.console import make_console
 from eetune.data.jsonl import iter_jsonl
 from eetune.data.sources import read_text_file
 from eetune.errors import EetuneError
@@ -287,7 +288,7 @@ def gather_prompts(d: Any, decoder_factory: Any, seed: int, out: Path, console: 
     keywords = read_lines(Path(d.exclude).expanduser(), what="exclude") if d.exclude else []
     kept = list(dict.fromkeys(p for p in prompts if not excluded(p, keywords)))
     if len(kept) < len(prompts):
-        console.print(f"distill: {len(prompts) - len(kept)} duplicate or excluded prompts dropped", soft_wrap=True)
+        console.print(f"distill: {len(prompts) - len(kept)} duplicate or excluded prompts dropped")
     if not kept:
         raise EetuneError("distill: no prompts left (check distill.prompts, distill.topics and distill.exclude)")
     return kept
@@ -296,7 +297,7 @@ def gather_prompts(d: Any, decoder_factory: Any, seed: int, out: Path, console: 
 def run(cfg: DictConfig, console: Console | None = None) -> Path:
     """Generate the corpus into `distill.out` (default `<run_dir>/distill.jsonl`)."""
     d = cfg.distill
-    console = console or Console(stderr=True)
+    console = console or make_console()
     check_distill_config(d)
     out = Path(d.out).expanduser() if d.out else Path(cfg.run_dir) / DEFAULT_OUT_NAME
     if out.exists() and not cfg.resume:
@@ -328,7 +329,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
         out.touch()
     done, tokens, good_bytes = completed_batches(out, [len(b) for b in batches])
     if out.stat().st_size > good_bytes:
-        console.print(f"distill: dropping an incomplete batch at the end of {out}", soft_wrap=True)
+        console.print(f"distill: dropping an incomplete batch at the end of {out}")
         os.truncate(out, good_bytes)
 
     budget = d.max_tokens
@@ -353,6 +354,6 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     rate = (tokens - start_tokens) / elapsed if elapsed > 0 else 0.0
     console.print(
         f"distill: {out} holds {tokens} generated tokens from {len(prompts)} prompts "
-        f"({tokens - start_tokens} new, {rate:.1f} tokens/s)", soft_wrap=True,
+        f"({tokens - start_tokens} new, {rate:.1f} tokens/s)",
     )
     return out

@@ -12,6 +12,7 @@ model loads, so mistakes fail in a second.
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.console import Console
 
+from eetune.console import make_console
 from eetune.errors import EetuneError
 from eetune.exits import load_exits, read_manifest
 from eetune.exits.spec import ExitSpec
@@ -41,7 +43,7 @@ class ExportResult:
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
-    console = console or Console(stderr=True)
+    console = console or make_console()
     exp = cfg.export
     fmt = exp.format
     if not exp.run_dir:
@@ -78,9 +80,10 @@ def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
     if fmt == "hf":
         with console.status(f"copying {base.checkpoint_dir} and the exits to {out}"):
             export_bundle(run_dir, base, manifest, out)
+        path = shlex.quote(str(out))
         console.print(
-            f"wrote [bold]{out}[/]: the base model + exits at {sorted(exits)}; load it with "
-            f"model.checkpoint_dir={out} generate.run_dir={out}"
+            f"wrote {out}: the base model + exits at {sorted(exits)}; use it with: eetune generate "
+            f"model.checkpoint_dir={path} generate.run_dir={path} --prompt 'Hi'", markup=False,
         )
         return ExportResult(out, fmt, base.checkpoint_dir, None, None)
 
@@ -94,8 +97,8 @@ def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
             title = f"{base.name} exit {layer} draft"
             save_draft_gguf(draft, base.family, base.name, base.checkpoint_dir, out, dtype, title)
     console.print(
-        f"wrote [bold]{out}[/]: layers 1..{layer} + the {spec.arch} exit at {layer} "
-        f"({draft.num_layers} decoder layers, {'tied' if draft.tied else 'own'} head, {exp.dtype})"
+        f"wrote {out}: layers 1..{layer} + the {spec.arch} exit at {layer} "
+        f"({draft.num_layers} decoder layers, {'tied' if draft.tied else 'own'} head, {exp.dtype})", markup=False,
     )
     return ExportResult(out, fmt, base.checkpoint_dir, layer, draft.num_layers)
 

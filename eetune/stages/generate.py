@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
+from eetune.console import make_console
 from eetune.errors import EetuneError
-from eetune.eval.calibration import load_calibrated_threshold
+from eetune.eval.calibration import load_calibrated_threshold, placement
 from eetune.exits import EarlyExitModel, load_exits
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, Engine, exit_settings
@@ -110,11 +111,11 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     if gen.mode != "full" and not gen.run_dir:
         raise EetuneError(f"generate.mode={gen.mode} needs exits: pass --run-dir <augment or tune run dir>")
     out = out or sys.stdout
-    console = console or Console(stderr=True)
+    console = console or make_console()
     base, model = load_model(cfg.model, gen.run_dir)
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
-    threshold = default_threshold(gen, console) if gen.threshold is None else gen.threshold
+    threshold = default_threshold(gen, console, placement(model)) if gen.threshold is None else gen.threshold
     settings = exit_settings(
         gen,
         threshold=threshold,
@@ -138,9 +139,17 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     return GenerateResult(text=text, result=result)
 
 
-def default_threshold(gen: Any, console: Console) -> float:
-    """The threshold `eetune eval` calibrated for the run's exits, else DEFAULT_THRESHOLD."""
-    calibrated = load_calibrated_threshold(gen.run_dir, gen.confidence) if gen.run_dir else None
+def default_threshold(gen: Any, console: Console, dtype_device: tuple[str, str]) -> float:
+    """The threshold `eetune eval` calibrated for the run's exits in this dtype and on this device,
+    else DEFAULT_THRESHOLD."""
+    def warn(message: str) -> None:
+        if gen.mode == "early_exit":  # the only mode the threshold steers
+            console.print(f"warning: {message}", markup=False)
+
+    dtype, device = dtype_device
+    calibrated = (
+        load_calibrated_threshold(gen.run_dir, gen.confidence, dtype, device, warn) if gen.run_dir else None
+    )
     if calibrated is None:
         return DEFAULT_THRESHOLD
     if gen.mode == "early_exit":

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.distributed.tensor import DTensor
 
+from eetune.console import make_console
 from eetune.config.schema import EetuneConfig
 from eetune.data import IGNORE_INDEX, TuningData, load_tuning_data
 from eetune.data.batches import TrainBatches
@@ -63,7 +64,7 @@ class TuneResult:
 
 
 def run(cfg: DictConfig, console: Console | None = None) -> TuneResult:
-    console = console or Console(stderr=True)
+    console = console or make_console()
     check_tune_config(cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(cfg, run_dir)

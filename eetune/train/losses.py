@@ -345,7 +345,7 @@ def _teacher_chunk(hidden: torch.Tensor, head: torch.Tensor, buffers: _Buffers, 
     assert buffers.q is not None and buffers.scratch is not None
     rows = hidden.shape[0]
     z = buffers.logits_of(hidden, head, buffers.q)
-    z_max = vocab.max(z.amax(dim=-1))  # amax: several times faster than max(dim) with its indices
+    z_max = vocab.max(z.amax(dim=-1))  # amax: max(dim) would also compute indices
     top1 = vocab.argmax(z)
     x = z.sub_(z_max[:, None]).div_(buffers.temperature)  # log q up to the row constant log(sum exp x)
     e = torch.exp(x, out=buffers.scratch[:rows])

@@ -164,7 +164,8 @@ def main() -> None:
     write_json(args.out / "decode.json", report)
     print_table(
         console,
-        f"decode, SmolLM2-135M {args.dtype}, batch 1, {len(prompts)} chat prompts x {args.new_tokens} new tokens",
+        f"decode, SmolLM2-135M (Q4_1 GGUF dequantised) {args.dtype}, batch 1, "
+        f"{len(prompts)} chat prompts x {args.new_tokens} new tokens",
         ["case", "tok/s", "vs full", "mean layers", "token agr.", "seq. agr.", "identical", "accepted"],
         rows,
         caption=(f"exits {model.exit_layers} from {args.run_dir}; token agreement = the full model's greedy choice "
