@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchtune.models.llama3_2._component_builders import llama3_2
@@ -10,6 +12,7 @@ from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
 from eetune.infer import Generator, SamplingParams, generate, make_rng, probabilities, sample
+from eetune.infer import sampling
 
 VOCAB = 256
 MAX_SEQ_LEN = 128
@@ -238,6 +241,33 @@ def test_probabilities_apply_top_k_and_top_p() -> None:
     # Sampling frequencies follow the processed distribution.
     draws = torch.stack([sample(logits, SamplingParams(temperature=1.0, top_k=2), make_rng(i)) for i in range(400)])
     assert set(draws.flatten().tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=1.3, top_p=0.5, top_k=40),
+     SamplingParams(temperature=2.0, top_p=0.999)],  # a nucleus wider than the candidates: the exact path
+    ids=["top_p", "top_k_then_top_p", "wide"],
+)
+def test_top_p_sampling_draws_from_the_processed_distribution(params: SamplingParams, monkeypatch) -> None:
+    """Top-p sampling looks among the most likely candidates first; its draws must still follow
+    `probabilities` (a chi-square test over 4 rows x 20k draws, candidates shrunk to 64)."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 64)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 500, generator=g) * 2.5
+    expected = probabilities(logits, params)
+    rng = make_rng(1)
+    counts = torch.zeros_like(expected)
+    for _ in range(20_000 // 50):
+        draws = torch.stack([sample(logits, params, rng) for _ in range(50)])  # [50, 4]
+        counts.scatter_add_(1, draws.T, torch.ones(4, 50))
+    for row in range(4):
+        support = expected[row] > 0
+        assert bool((counts[row][~support] == 0).all())  # nothing outside the nucleus
+        e = expected[row][support] * counts[row].sum()
+        chi2 = float(((counts[row][support] - e) ** 2 / e).sum())
+        dof = int(support.sum()) - 1
+        assert chi2 < dof + 5 * math.sqrt(2 * dof), (row, chi2, dof)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

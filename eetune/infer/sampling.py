@@ -139,8 +139,36 @@ def sample(logits: Tensor, params: SamplingParams, rng: torch.Generator | None =
     """Pick one token per row: [b, vocab] logits -> [b] int64 token ids."""
     if params.greedy:
         return logits.argmax(-1)
+    if params.top_p is not None and params.top_p < 1.0:
+        picked = _sample_nucleus(logits, params, rng)
+        if picked is not None:
+            return picked
     probs = probabilities(logits, params)
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+# How many of the most likely tokens top-p sampling looks among before sorting the whole vocabulary.
+NUCLEUS_CANDIDATES = 1024
+
+
+def _sample_nucleus(logits: Tensor, params: SamplingParams, rng: torch.Generator | None) -> Tensor | None:
+    """Top-p sampling among the most likely candidates: the law of `probabilities`, without
+    sorting and drawing over the whole vocabulary (at batch 64 on SmolLM2's 49k tokens those
+    cost a fifth of a decode step). None when some row's nucleus reaches past the candidates.
+    """
+    logits = _tempered(logits.float(), params.temperature)
+    vocab = logits.shape[-1]
+    k = min(NUCLEUS_CANDIDATES, vocab, params.top_k or vocab)
+    top, ids = logits.topk(k, dim=-1)  # sorted, most likely first
+    if params.top_k is not None and params.top_k <= k:
+        probs = top.softmax(-1)  # top-k first, then top-p within it, as `probabilities` does
+    else:
+        probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
+    cumulative = probs.cumsum(-1)
+    if not bool((cumulative[..., -1] >= params.top_p).all()):
+        return None  # a non-candidate would still be kept: take the exact path
+    kept = probs.masked_fill(cumulative - probs >= params.top_p, 0.0)
+    return ids.gather(-1, torch.multinomial(kept, 1, generator=rng)).squeeze(-1)
 
 
 @dataclass(frozen=True, slots=True)
