@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torchtune.modules import TransformerDecoder
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from eetune.models.checkpoint import save_hf_checkpoint
 from eetune.models.registry import ModelEntry, ModelFamily, resolve_family
@@ -55,25 +56,12 @@ def random_decoder(
     return model
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizers emit)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
-
-
 def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     """A byte-level ChatML tokenizer with exactly ``TINY_VOCAB_SIZE`` ids (see module doc)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS)}
     for byte in range(0xFD):  # 0xFD-0xFF are never part of valid UTF-8
         vocab[byte_chars[byte]] = len(vocab)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 _INCOMPLETE = "\ufffd"  # what a decoder shows for the first bytes of a character still to come
 
 
@@ -83,7 +85,7 @@ class TokenSpeller:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._byte_of = {char: byte for byte, char in _bytes_to_unicode().items()} if _byte_level(tokenizer) else None
+        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()} if _byte_level(tokenizer) else None
         self._cache: dict[int, bytes] = {}
 
     def bytes(self, token: int) -> bytes:
@@ -106,16 +108,3 @@ class TokenSpeller:
 def _byte_level(tokenizer: Any) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what ByteLevel tokenizers store)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
