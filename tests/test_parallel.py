@@ -292,9 +292,11 @@ def test_cli_relaunches_itself_under_torchrun(tiny_base_model, corpus, common, r
     assert "error: data.batch_size=3 must be a multiple of the 2 data-parallel ranks" in bad.stderr
     assert "Traceback" not in bad.stderr
 
-    # Its state is sharded for 2 processes: one process refuses it instead of misreading it.
+    # Its state is sharded for 2 processes: one process asked to extend it refuses it instead of
+    # misreading it (resumed as it is, the finished run is left alone before any state is read).
     single = subprocess.run(
-        [sys.executable, "-m", "eetune.cli", "tune", *common, *TEACHER, f"run_dir={run_dir}", "resume=true"],
+        [sys.executable, "-m", "eetune.cli", "tune", *common, *TEACHER, f"run_dir={run_dir}", "resume=true",
+         "train.steps=6"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert single.returncode == 2
