@@ -270,7 +270,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return keys
 
 
-def gather_prompts(d: Any, decoder_factory: Any, seed: int, out: Path, console: Console) -> list[str]:
+def gather_prompts(d: Any, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
     """Prompt file + topics x templates + model-written questions, minus excluded keywords."""
     prompts = read_prompts(_path(d.prompts, DEFAULT_PROMPTS)) if d.prompts else []
     if d.topics:
@@ -282,7 +282,7 @@ def gather_prompts(d: Any, decoder_factory: Any, seed: int, out: Path, console: 
             if cached.is_file():  # written once, so a resumed run drafts the same questions
                 questions = read_lines(cached, what="questions")
             else:
-                questions = model_questions(decoder_factory(), topics, d, seed, console)
+                questions = model_questions(decoder, topics, d, seed, console)
                 atomic_write_text(cached, "".join(q + "\n" for q in questions))
             prompts += questions
     keywords = read_lines(Path(d.exclude).expanduser(), what="exclude") if d.exclude else []
@@ -318,7 +318,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
         Engine(EarlyExitModel(base.model, []), max_batch_size=d.batch_size), base.tokenizer,
         frozenset(stop_token_ids(base.tokenizer)), d.chat,
     )
-    prompts = gather_prompts(d, lambda: decoder, cfg.seed, out, console)
+    prompts = gather_prompts(d, decoder, cfg.seed, out, console)
 
     # Items (prompt, sample) in a fixed shuffled order: a token budget then covers every topic.
     items = [(i, j) for j in range(d.samples_per_prompt) for i in range(len(prompts))]
