@@ -93,3 +93,13 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{rev}-dirty" if dirty else rev
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def write_config(run_dir: Path, cfg: Any) -> None:
+    """The run's composed config, resolved, as `<run_dir>/config.yaml`."""
+    from omegaconf import OmegaConf
+
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))

@@ -17,6 +17,7 @@ from eetune.cli import main
 from eetune.config import compose_config, list_recipes
 from eetune.errors import EetuneError
 from eetune.eval import stage
+from eetune.exits.spec import DEFAULT_THRESHOLD
 from eetune.eval.calibration import (
     calibrated_thresholds,
     CALIBRATION_FILE,
@@ -344,7 +345,7 @@ def test_calibration_applies_only_to_its_dtype_and_device(tuned_run, base, tmp_p
 
     err = StringIO()
     generate.run(cfg, out=StringIO(), console=make_console(file=err))
-    assert used == [generate.DEFAULT_THRESHOLD]
+    assert used == [DEFAULT_THRESHOLD]
     warning = [line for line in err.getvalue().splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "dtype bfloat16 (here float32)" in warning[0] and "rerun eetune eval" in warning[0]
     served = ServedModel.from_config(compose_config("serve", [
@@ -397,7 +398,7 @@ def test_generate_defaults_to_the_calibrated_threshold(tuned_run, base, tmp_path
     write_calibration(run_dir, [pick_threshold("max_prob", [Candidate(0.35, 1.0, 1.5)], 0.98)], {})
     run()
     run("generate.threshold=0.9")
-    assert used == [generate.DEFAULT_THRESHOLD, 0.35, 0.9]
+    assert used == [DEFAULT_THRESHOLD, 0.35, 0.9]
 
 
 def test_a_tune_run_saved_without_the_eval_section_still_resumes(soft_tiny, corpus, tmp_path):

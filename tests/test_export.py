@@ -24,7 +24,7 @@ from eetune.models import BaseModel, get_model_entry, load_base_model
 from eetune.models.tiny import write_tiny_checkpoint
 from eetune.stages import export as stage
 from eetune.stages import generate
-from eetune.stages.common import base_info
+from eetune.models import base_info
 
 ARCHS = ("norm", "mlp", "layer")
 

@@ -34,8 +34,8 @@ from eetune.models.tiny import build_tiny_tokenizer, write_tiny_checkpoint
 from eetune.serve import BackgroundServer, ServedModel, create_app
 from eetune.serve.text import TextAssembler, TokenSpeller
 from eetune.stages import generate
-from eetune.stages.common import base_info
-from eetune.stages.generate import chat_prompt_ids
+from eetune.models import base_info
+from eetune.data.chat import chat_prompt_ids
 
 N_LAYERS = 4
 EXIT_LAYERS = [1, 2, 3]

@@ -37,8 +37,10 @@ from eetune.eval.calibration import load_calibrated_threshold, placement
 from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import DecodeSettings, Engine
-from eetune.stages.common import CONFIG_FILE, load_base
-from eetune.stages.generate import DEFAULT_THRESHOLD, stop_token_ids
+from eetune.rundir import CONFIG_FILE
+from eetune.models import load_base
+from eetune.exits.spec import DEFAULT_THRESHOLD
+from eetune.data.chat import stop_token_ids
 
 
 @register_model("eetune")

@@ -41,8 +41,8 @@ from eetune.eval.timing import Costs, measure_costs
 from eetune.exits import EarlyExitModel, load_exits, read_manifest
 from eetune.infer.engine import CONFIDENCES, Engine
 from eetune.rundir import new_run_dir
-from eetune.stages.common import load_base
-from eetune.stages.generate import build_prompt_ids, stop_token_ids
+from eetune.models import load_base
+from eetune.data.chat import build_prompt_ids, stop_token_ids
 
 
 @dataclass

@@ -12,6 +12,8 @@ INITS = ("random", "copy")
 HEADS = ("shared", "copy")
 CONFIDENCES = ("none", "linear", "mlp")
 NORM_INITS = ("copy", "ones")
+# early_exit threshold when none is given and the run dir has no calibration.
+DEFAULT_THRESHOLD = 0.8
 
 
 @dataclass(frozen=True)

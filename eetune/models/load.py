@@ -171,3 +171,24 @@ def load_base_model(
         hf_config=config,
         fingerprint=fingerprint(model.state_dict()),
     )
+
+
+def load_base(model_cfg: Any) -> BaseModel:
+    """The frozen base model a `model:` config section names."""
+    return load_base_model(
+        model_cfg.name,
+        checkpoint_dir=model_cfg.checkpoint_dir,
+        dtype=model_cfg.dtype,
+        max_seq_len=model_cfg.max_seq_len,
+        device=model_cfg.device,
+    )
+
+
+def base_info(base: BaseModel) -> dict[str, Any]:
+    """How a manifest names the base model."""
+    return {
+        "name": base.name,
+        "fingerprint": base.fingerprint,
+        "num_layers": base.num_layers,
+        "checkpoint_dir": str(base.checkpoint_dir),
+    }

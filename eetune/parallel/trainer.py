@@ -33,7 +33,7 @@ from eetune.parallel.launch import relaunch
 from eetune.parallel.load import StageModel, build_stage_model, check_loaded, run_specs
 from eetune.parallel.mesh import Topology, init_topology, under_launcher
 from eetune.parallel.pipeline import BackboneStage, StagePipeline
-from eetune.stages.common import base_info
+from eetune.models import base_info
 from eetune.train import loop
 from eetune.train.loop import local_shard
 from eetune.train.losses import VocabShard, exit_losses

@@ -23,7 +23,9 @@ from eetune.infer.sampling import TokenLogprob
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler, TokenSpeller
-from eetune.stages.generate import DEFAULT_THRESHOLD, chat_prompt_ids, load_model, stop_token_ids
+from eetune.exits.spec import DEFAULT_THRESHOLD
+from eetune.data.chat import chat_prompt_ids, stop_token_ids
+from eetune.exits.loading import load_model
 
 
 def default_options(serve_cfg: Any) -> EarlyExitOptions:

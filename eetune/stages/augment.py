@@ -15,7 +15,8 @@ from eetune.data.corpus import check_seq_len, heldout_batch
 from eetune.eval.heldout import ExitQuality, heldout_quality
 from eetune.exits import EarlyExitModel, build_manifest, check_specs, save_exits, specs_from_config
 from eetune.rundir import new_run_dir
-from eetune.stages.common import base_info, load_base, write_config
+from eetune.models import base_info, load_base
+from eetune.rundir import write_config
 
 
 @dataclass

@@ -38,8 +38,8 @@ from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.engine import DecodeSettings, Engine
 from eetune.rundir import atomic_write_json, atomic_write_text
-from eetune.stages.common import load_base
-from eetune.stages.generate import build_prompt_ids, stop_token_ids
+from eetune.models import load_base
+from eetune.data.chat import build_prompt_ids, stop_token_ids
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 DEFAULT_PROMPTS = PROMPTS_DIR / "distill_prompts.txt"

@@ -13,63 +13,19 @@ from rich.console import Console
 from rich.text import Text
 
 from eetune.console import make_console
+from eetune.data.chat import build_prompt_ids, stop_token_ids
 from eetune.errors import EetuneError
 from eetune.eval.calibration import load_calibrated_threshold, placement
-from eetune.exits import EarlyExitModel, load_exits
+from eetune.exits.loading import load_model
+from eetune.exits.spec import DEFAULT_THRESHOLD
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, Engine, exit_settings
-from eetune.models import BaseModel
-from eetune.stages.common import load_base
-
-
-# early_exit threshold when none is given and the run dir has no calibration.
-DEFAULT_THRESHOLD = 0.8
 
 
 @dataclass
 class GenerateResult:
     text: str
     result: DecodeResult
-
-
-def load_model(model_cfg: Any, run_dir: str | None) -> tuple[BaseModel, EarlyExitModel]:
-    """The base model, with the exits of an augment/tune run dir on top (no exits without one)."""
-    base = load_base(model_cfg)
-    if base.tokenizer is None:
-        raise EetuneError(f"{base.checkpoint_dir} has no tokenizer: decoding text needs one (tokenizer.json)")
-    model = (
-        load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir) if run_dir
-        else EarlyExitModel(base.model, [])
-    )
-    return base, model
-
-
-def build_prompt_ids(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of a raw prompt, or of one user turn in the tokenizer's chat template."""
-    if not chat:
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    if not getattr(tokenizer, "chat_template", None):
-        raise EetuneError("this tokenizer has no chat template: use generate.chat=false (--no-chat)")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return chat_prompt_ids(tokenizer, messages)
-
-
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation ({role, content} turns) in the chat template, opening the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise EetuneError("this tokenizer has no chat template: give a plain prompt instead of chat messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """EOS plus the chat end-of-turn token where the vocabulary has one."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
-            ids.add(token_id)
-    return ids
 
 
 # Token colours by exit depth, shallow to deep; the full model's tokens stay unstyled.

@@ -36,7 +36,8 @@ from eetune.exits.checkpoint import MANIFEST_FILE
 from eetune.exits.modules import lm_head_weight
 from eetune.infer.draft_vocab import count_tokens, save_token_counts
 from eetune.models import BaseModel
-from eetune.stages.common import CONFIG_FILE, base_info, load_base, write_config
+from eetune.rundir import CONFIG_FILE, write_config
+from eetune.models import base_info, load_base
 from eetune.train.hidden_cache import HiddenCache
 from eetune.train.losses import ExitLossOutput, VocabShard, exit_losses, vocab_argmax
 from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics

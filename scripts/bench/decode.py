@@ -51,7 +51,7 @@ from eetune.infer.engine import DecodeResult, DecodeSettings, Engine  # noqa: E4
 from eetune.infer.generate import Generator  # noqa: E402
 from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
 from eetune.rundir import atomic_write  # noqa: E402
-from eetune.stages.generate import build_prompt_ids, stop_token_ids  # noqa: E402
+from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.txt"  # chat prompts no tuning data was made from
 

@@ -45,7 +45,7 @@ from eetune.infer.engine import DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import Generator  # noqa: E402
 from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
 from eetune.rundir import atomic_write  # noqa: E402
-from eetune.stages.generate import build_prompt_ids  # noqa: E402
+from eetune.data.chat import build_prompt_ids  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.txt"
 # aten op name fragments -> category; the first match wins, unmatched ops are "other ops".

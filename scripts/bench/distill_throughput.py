@@ -24,7 +24,7 @@ from eetune.infer.engine import DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import generate  # noqa: E402
 from eetune.models import load_base_model  # noqa: E402
 from eetune.stages import distill  # noqa: E402
-from eetune.stages.generate import build_prompt_ids, stop_token_ids  # noqa: E402
+from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from eetune.models import BaseModel, fingerprint, get_model_entry, param_count
 from eetune.models import hf_config as hfc
 from eetune.models.load import materialise, parse_dtype
 from eetune.models.tiny import random_decoder
-from eetune.stages.common import load_base
+from eetune.models import load_base
 from eetune.train import loop
 
 from common import (
