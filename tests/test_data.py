@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from rich.console import Console
 
 from eetune.config import compose_config
 from eetune.data import IGNORE_INDEX, TrainBatches, heldout_batch, load_tuning_data
@@ -446,6 +449,21 @@ def test_distill_prompts_from_topics_templates_and_the_model(
         (tmp_path / "templates.txt").write_text("no placeholder\n", encoding="utf-8")
         distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "bad.jsonl", *overrides))
     assert questions["n"] == 1
+
+
+def test_model_questions_are_decoded_short_and_deduplicated() -> None:
+    """A question is one line: its decode stops at QUESTION_MAX_TOKENS, not distill.max_new_tokens."""
+    calls: list[int | None] = []
+
+    class FakeDecoder:
+        def decode(self, prompts: list[str], d: Any, seed: int, max_new_tokens: int | None = None) -> list[tuple[str, int]]:
+            calls.append(max_new_tokens)
+            return [("Why do rivers flood in spring?", 7) for _ in prompts]
+
+    d = OmegaConf.create({"questions_per_topic": 2, "batch_size": 3, "max_new_tokens": 256})
+    questions = distill.model_questions(FakeDecoder(), ["rivers", "owls"], d, 0, Console(file=io.StringIO()))
+    assert questions == ["Why do rivers flood in spring?"]
+    assert calls == [distill.QUESTION_MAX_TOKENS, distill.QUESTION_MAX_TOKENS]
 
 
 def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseModel, tmp_path: Path) -> None:

@@ -48,6 +48,9 @@ DEFAULT_TEMPLATES = PROMPTS_DIR / "distill_templates.txt"
 DEFAULT_OUT_NAME = "distill.jsonl"
 # How the model is asked to write a prompt about a topic (distill.questions_per_topic).
 QUESTION_REQUEST = "Write one question a curious person might ask about {topic}. Reply with the question only."
+# A question is one line (extract_question keeps <= 300 characters): longer replies are cut here,
+# so a rambling row does not hold its whole batch for distill.max_new_tokens steps.
+QUESTION_MAX_TOKENS = 64
 # Settings a resumed corpus may change without changing what its batches hold.
 RESUMABLE_KEYS = ("max_tokens",)
 
@@ -137,11 +140,11 @@ class Decoder:
     stop_ids: frozenset[int]
     chat: bool
 
-    def decode(self, prompts: Sequence[str], d: Any, seed: int) -> list[tuple[str, int]]:
+    def decode(self, prompts: Sequence[str], d: Any, seed: int, max_new_tokens: int | None = None) -> list[tuple[str, int]]:
         """(completion text, generated token count) per prompt."""
         ids = [build_prompt_ids(self.tokenizer, p, self.chat) for p in prompts]
         settings = DecodeSettings(
-            max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p, seed=seed,
+            max_new_tokens=max_new_tokens or d.max_new_tokens, temperature=d.temperature, top_p=d.top_p, seed=seed,
             stop_ids=self.stop_ids,
         )
         results = self.engine.generate_batch(ids, settings)
@@ -167,7 +170,7 @@ def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, cons
         task = progress.add_task("questions", total=len(requests))
         for b, start in enumerate(range(0, len(requests), d.batch_size)):
             batch = requests[start : start + d.batch_size]
-            for text, _ in decoder.decode(batch, d, sample_seed(seed, -1, b)):
+            for text, _ in decoder.decode(batch, d, sample_seed(seed, -1, b), min(QUESTION_MAX_TOKENS, d.max_new_tokens)):
                 question = extract_question(text)
                 if question is not None and question.lower() not in seen:
                     seen.add(question.lower())
@@ -350,6 +353,9 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
             batch_tokens = sum(n for _, n in answers)
             tokens += batch_tokens
             progress.advance(task, batch_tokens if budget else len(batch))
+            if not console.is_terminal:  # a log file gets a line per batch instead of a live bar
+                rate = (tokens - start_tokens) / (time.perf_counter() - t0)
+                console.print(f"distill: batch {b + 1}/{len(batches)}, {tokens} tokens, {rate:.1f} tokens/s")
     elapsed = time.perf_counter() - t0
     rate = (tokens - start_tokens) / elapsed if elapsed > 0 else 0.0
     console.print(
