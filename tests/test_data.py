@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -14,7 +15,9 @@ from rich.console import Console
 
 from eetune.config import compose_config
 from eetune.data import IGNORE_INDEX, TrainBatches, heldout_batch, load_tuning_data
+from eetune.data import corpus
 from eetune.data.corpus import encode_corpus, pack_examples
+from eetune.data.sources import Message
 from eetune.data.encode import TokenStream
 from eetune.errors import EetuneError
 from eetune.models import BaseModel
@@ -92,7 +95,7 @@ def test_text_source_packs_and_splits_exactly(tmp_path: Path, tokenizer: Any) ->
     cut = int(11 * 0.7)  # 7 train tokens -> (7 - 1) // 3 = 2 windows
     assert data.train_tokens.tolist() == [stream[0:3], stream[3:6]]
     assert data.train_labels.tolist() == [stream[1:4], stream[4:7]]
-    assert data.heldout.ids.tolist() == stream[cut:]
+    assert data.heldout[0][0].ids.tolist() == stream[cut:]
     assert data.num_examples == 2 and data.num_documents == 1
 
 
@@ -126,14 +129,14 @@ def test_heldout_split_is_disjoint_from_train(tmp_path: Path, tokenizer: Any) ->
     cfg = data_cfg("data=text", f"data.path={path}", "data.seq_len=64", "data.heldout_fraction=0.2")
     stream, _ = encode_corpus(cfg, tokenizer)
     data = load_tuning_data(cfg, tokenizer)
-    cut = len(stream) - len(data.heldout)
+    cut = len(stream) - len(data.heldout[0][0])
     n, seq_len = data.train_tokens.shape
     # Train inputs and targets both end before the held-out tail starts.
     assert n * seq_len + 1 <= cut
     assert torch.equal(data.train_tokens.flatten(), stream.ids[: n * seq_len])
     assert torch.equal(data.train_labels.flatten(), stream.ids[1 : n * seq_len + 1])
-    assert torch.equal(data.heldout.ids, stream.ids[cut:])
-    assert len(data.heldout) == len(stream) - int(len(stream) * 0.8)
+    assert torch.equal(data.heldout[0][0].ids, stream.ids[cut:])
+    assert len(data.heldout[0][0]) == len(stream) - int(len(stream) * 0.8)
 
     batch = heldout_batch(cfg, tokenizer)
     assert batch.shape == (cfg.heldout_sequences, seq_len)
@@ -145,6 +148,104 @@ def test_default_pydoc_source_still_feeds_heldout_batch(tokenizer: Any) -> None:
     cfg = data_cfg("data.seq_len=64", "data.heldout_sequences=3")
     batch = heldout_batch(cfg, tokenizer, max_seq_len=2048)
     assert batch.shape == (3, 64) and batch.dtype == torch.long
+
+
+def chat_record(prompt: str, answer: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def test_heldout_by_prompt_keeps_every_sample_of_a_prompt_on_one_side(tmp_path: Path, tokenizer: Any) -> None:
+    # Three samples per prompt, interleaved as a distilled corpus writes them.
+    prompts = [f"Question number {i} about the weather?" for i in range(40)]
+    records = [chat_record(p, f"Answer {j} to {p.lower()}") for j in range(3) for p in prompts]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    cfg = data_cfg("data=jsonl", f"data.path={path}", "data.seq_len=16", "data.heldout_by=prompt",
+                   "data.heldout_fraction=0.25", "data.train_on_prompt=false")
+    data = load_tuning_data(cfg, tokenizer)
+
+    held = [r for r in records if corpus.is_heldout(corpus.Document("x", messages=tuple(
+        Message(**m) for m in r["messages"])), 0.25)]
+    held_prompts = {r["messages"][0]["content"] for r in held}
+    assert 0 < len(held_prompts) < len(prompts)
+    # A prompt's samples are all held out or all trained on.
+    assert len(held) == 3 * len(held_prompts)
+    # The held-out stream is exactly the held-out conversations, in file order; train is the rest.
+    held_path = write_jsonl(tmp_path / "held.jsonl", held)
+    train_path = write_jsonl(tmp_path / "train.jsonl", [r for r in records if r not in held])
+    held_stream, _ = encode_corpus(data_cfg("data=jsonl", f"data.path={held_path}", "data.train_on_prompt=false"), tokenizer)
+    train_stream, _ = encode_corpus(data_cfg("data=jsonl", f"data.path={train_path}", "data.train_on_prompt=false"), tokenizer)
+    assert torch.equal(data.heldout[0][0].ids, held_stream.ids)
+    assert torch.equal(data.heldout[0][0].trainable, held_stream.trainable)
+    tokens, labels = pack_examples(train_stream, 16)
+    assert torch.equal(data.train_tokens, tokens) and torch.equal(data.train_labels, labels)
+    assert data.num_documents == len(records)
+    assert torch.equal(heldout_batch(cfg, tokenizer), data.heldout_batch(cfg.heldout_sequences))
+
+    with pytest.raises(EetuneError, match="no document falls in the held-out split"):
+        one = write_jsonl(tmp_path / "one.jsonl", [records[0]] * 3)
+        load_tuning_data(data_cfg("data=jsonl", f"data.path={one}", "data.heldout_by=prompt", "data.seq_len=4",
+                                  "data.heldout_fraction=0.01"), tokenizer)
+
+
+def test_mix_draws_windows_by_weight_from_each_source(tmp_path: Path, tokenizer: Any) -> None:
+    a = tmp_path / "a.txt"
+    a.write_text("alpha beta gamma delta. " * 60, encoding="utf-8")
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"zulu yankee x-ray {i}."} for i in range(80)])
+    common = ("data.seq_len=8", "data.heldout_fraction=0.2", "data.heldout_sequences=8")
+    only_a = load_tuning_data(data_cfg("data=text", f"data.path={a}", *common), tokenizer)
+    only_b = load_tuning_data(data_cfg("data=jsonl", f"data.path={b}", *common), tokenizer)
+    mix = f"data.mix=[{{source: text, path: {a}, weight: 3}}, {{source: jsonl, path: {b}, weight: 1}}]"
+    cfg = data_cfg(mix, *common)
+    data = load_tuning_data(cfg, tokenizer)
+
+    total = only_a.num_examples + only_b.num_examples
+    assert data.num_examples == round(total * 3 / 4) + round(total / 4)
+    rows = [tuple(r) for r in data.train_tokens.tolist()]
+    from_a = {tuple(r) for r in only_a.train_tokens.tolist()}
+    from_b = {tuple(r) for r in only_b.train_tokens.tolist()}
+    assert sum(r in from_a for r in rows) == round(total * 3 / 4)
+    assert sum(r in from_b for r in rows) == round(total / 4)
+    assert all(r in from_a or r in from_b for r in rows)
+    assert data.num_documents == 1 + 80
+    # Held-out windows shared 3:1, each from its own source's held-out split.
+    batch = data.heldout_batch(8)
+    assert batch[:6].tolist() == only_a.heldout_batch(6).tolist()
+    assert batch[6:].tolist() == only_b.heldout_batch(2).tolist()
+    assert torch.equal(heldout_batch(cfg, tokenizer), batch)
+
+
+def test_jsonl_streams_in_chunks_and_reads_gzip(tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [{"text": f"document {i} says hello."} if i % 3 else CHAT for i in range(50)]
+    path = write_jsonl(tmp_path / "docs.jsonl", records)
+    cfg = data_cfg("data=jsonl", f"data.path={path}", "data.train_on_prompt=false")
+    whole, docs = encode_corpus(cfg, tokenizer)
+    monkeypatch.setattr(corpus, "ENCODE_CHUNK", 7)  # many chunks, one ragged
+    chunked, chunked_docs = encode_corpus(cfg, tokenizer)
+    assert torch.equal(whole.ids, chunked.ids) and torch.equal(whole.trainable, chunked.trainable)
+    assert docs == chunked_docs == 50
+
+    gz = tmp_path / "docs.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    from_gz, _ = encode_corpus(data_cfg("data=jsonl", f"data.path={gz}", "data.train_on_prompt=false"), tokenizer)
+    assert torch.equal(from_gz.ids, whole.ids)
+    not_gz = tmp_path / "plain.jsonl.gz"
+    not_gz.write_bytes(path.read_bytes())
+    with pytest.raises(EetuneError, match="cannot read it as gzip"):
+        encode_corpus(data_cfg("data=jsonl", f"data.path={not_gz}"), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.mix=[{source: jsonl, path: a.jsonl, weight: 0}]", r"data.mix\[0\].weight=0.0 must be positive"),
+        ("data.mix=[{source: pydoc}, {source: csv, path: a.csv}]", r"data.mix\[1\].source='csv' is not one of"),
+        ("data.mix=[{source: pydoc}, {source: jsonl}]", r"data.mix\[1\] \(source jsonl\) needs a path"),
+        ("data.heldout_by=random", "data.heldout_by='random' is not one of: tail, prompt"),
+    ],
+)
+def test_mix_and_heldout_settings_are_checked(override: str, message: str) -> None:
+    with pytest.raises(EetuneError, match=message):
+        data_cfg(override)
 
 
 # -- TrainBatches -------------------------------------------------------------------------

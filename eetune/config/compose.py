@@ -136,8 +136,20 @@ def validate(cfg: DictConfig) -> None:
         raise EetuneError(f"generate.draft_len={cfg.generate.draft_len} must be >= 1")
     if cfg.generate.top_k is not None and cfg.generate.top_k < 1:
         raise EetuneError(f"generate.top_k={cfg.generate.top_k} must be >= 1")
-    if cfg.data.source in ("text", "jsonl", "hf") and not cfg.data.path and cfg.stage != "plan":  # plan reads no data
+    if cfg.data.mix:
+        _check_mix(cfg.data.mix, cfg.stage)
+    elif cfg.data.source in ("text", "jsonl", "hf") and not cfg.data.path and cfg.stage != "plan":  # plan reads no data
         raise EetuneError(f"data.source={cfg.data.source} needs data.path=<file>")
+
+
+def _check_mix(mix: Any, stage: str) -> None:
+    for k, entry in enumerate(mix):
+        if entry.source not in CHOICES["data.source"]:
+            raise EetuneError(f"data.mix[{k}].source={entry.source!r} is not one of: {', '.join(CHOICES['data.source'])}")
+        if not entry.weight > 0:
+            raise EetuneError(f"data.mix[{k}].weight={entry.weight} must be positive")
+        if entry.source != "pydoc" and not entry.path and stage != "plan":
+            raise EetuneError(f"data.mix[{k}] (source {entry.source}) needs a path")
 
 
 def _check_override_keys(overrides: list[str]) -> None:

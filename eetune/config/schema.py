@@ -49,6 +49,15 @@ class ExitsConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One entry of `data.mix`: a source and its share of the training windows."""
+
+    source: str = "jsonl"
+    path: Optional[str] = None
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Text the stages read: tuning data and the held-out split used to score exits."""
 
@@ -66,8 +75,14 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 4
     shuffle: bool = True
-    # Held-out text: the last `heldout_fraction` of the corpus, never trained on.
+    # Held-out text, never trained on: `heldout_fraction` of the corpus, taken from the tail of
+    # the token stream (tail) or as whole documents picked by a hash of their prompt (prompt:
+    # all samples of a prompt land on one side, so held-out scores are on unseen prompts).
     heldout_fraction: float = 0.05
+    heldout_by: str = "tail"
+    # Several sources instead of source/path, each giving its weight's share of the training
+    # windows, e.g. [{source: jsonl, path: chat.jsonl, weight: 0.8}, {source: pydoc, weight: 0.2}].
+    mix: List[DataSourceConfig] = field(default_factory=list)
     # How many held-out sequences of `seq_len` tokens score each exit.
     heldout_sequences: int = 4
     # Store the frozen backbone's hidden states at the exits during the first epoch,
@@ -395,6 +410,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "serve.confidence": ("max_prob", "learned"),
     "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
+    "data.heldout_by": ("tail", "prompt"),
     "data.hf_format": ("json", "csv", "parquet", "text"),
     "optim.decay": ("cosine", "linear", "constant"),
     "loss.weighting": ("constant", "linear", "cosine", "dynamic"),

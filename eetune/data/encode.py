@@ -8,7 +8,7 @@ token, not the role header) are targets, so the model is never trained to write 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -75,40 +75,76 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def encode_documents(documents: list[Document], tokenizer: Any, *, train_on_prompt: bool) -> TokenStream:
-    """One stream: every document's tokens followed by EOS."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise EetuneError("the tokenizer has no EOS token to join documents with")
-    if any(doc.is_chat for doc in documents) and not getattr(tokenizer, "chat_template", None):
-        raise EetuneError("the data holds chat records but the tokenizer has no chat template")
+# Documents tokenised per tokenizer call: large corpora stream through in bounded memory.
+ENCODE_CHUNK = 1024
 
-    # Every piece of every document, flattened so the tokenizer encodes them in one batch call.
-    pieces: list[str] = []
-    flags: list[bool] = []
-    owners: list[int] = []
-    for index, doc in enumerate(documents):
-        if doc.text is not None:
-            doc_pieces = [(doc.text, True)] if doc.text else []
-        elif train_on_prompt:
-            doc_pieces = [(_render(tokenizer, doc.messages, doc.where), True)]
-        else:
-            doc_pieces = chat_segments(tokenizer, doc.messages, doc.where)
-        for text, trainable in doc_pieces:
-            pieces.append(text)
-            flags.append(trainable)
-            owners.append(index)
 
-    ids: list[int] = []
-    trainable: list[bool] = []
-    encoded = _encode(tokenizer, pieces)
-    for k, piece_ids in enumerate(encoded):
-        ids.extend(piece_ids)
-        trainable.extend([flags[k]] * len(piece_ids))
-        if k + 1 == len(encoded) or owners[k + 1] != owners[k]:
-            ids.append(eos)
-            # The separator is not assistant output: masked chat data does not learn it.
-            trainable.append(train_on_prompt or not documents[owners[k]].is_chat)
-    if not ids:
-        raise EetuneError("the dataset is empty: it holds no text to tokenise")
-    return TokenStream(torch.tensor(ids, dtype=torch.long), torch.tensor(trainable, dtype=torch.bool))
+def encode_documents(documents: Iterable[Document], tokenizer: Any, *, train_on_prompt: bool) -> TokenStream:
+    """One stream: every document's tokens followed by EOS (documents are read as they come)."""
+    builder = StreamBuilder(tokenizer, train_on_prompt)
+    chunk: list[Document] = []
+    for doc in documents:
+        chunk.append(doc)
+        if len(chunk) == ENCODE_CHUNK:
+            builder.add(chunk)
+            chunk = []
+    builder.add(chunk)
+    return builder.build()
+
+
+class StreamBuilder:
+    """Grows a TokenStream chunk by chunk; only token tensors are kept, never the documents."""
+
+    def __init__(self, tokenizer: Any, train_on_prompt: bool) -> None:
+        if tokenizer.eos_token_id is None:
+            raise EetuneError("the tokenizer has no EOS token to join documents with")
+        self.tokenizer = tokenizer
+        self.train_on_prompt = train_on_prompt
+        self.num_documents = 0
+        self.has_text = False  # any chat turn or non-blank text seen
+        self._ids: list[torch.Tensor] = []
+        self._trainable: list[torch.Tensor] = []
+
+    def add(self, documents: list[Document]) -> None:
+        """Append these documents' tokens, each followed by EOS."""
+        if not documents:
+            return
+        tokenizer, eos = self.tokenizer, self.tokenizer.eos_token_id
+        if any(doc.is_chat for doc in documents) and not getattr(tokenizer, "chat_template", None):
+            raise EetuneError("the data holds chat records but the tokenizer has no chat template")
+        self.num_documents += len(documents)
+        self.has_text = self.has_text or any(doc.is_chat or (doc.text or "").strip() for doc in documents)
+        # Every piece of every document, flattened so the tokenizer encodes them in one batch call.
+        pieces: list[str] = []
+        flags: list[bool] = []
+        owners: list[int] = []
+        for index, doc in enumerate(documents):
+            if doc.text is not None:
+                doc_pieces = [(doc.text, True)] if doc.text else []
+            elif self.train_on_prompt:
+                doc_pieces = [(_render(tokenizer, doc.messages, doc.where), True)]
+            else:
+                doc_pieces = chat_segments(tokenizer, doc.messages, doc.where)
+            for text, trainable in doc_pieces:
+                pieces.append(text)
+                flags.append(trainable)
+                owners.append(index)
+
+        ids: list[int] = []
+        trainable: list[bool] = []
+        encoded = _encode(tokenizer, pieces)
+        for k, piece_ids in enumerate(encoded):
+            ids.extend(piece_ids)
+            trainable.extend([flags[k]] * len(piece_ids))
+            if k + 1 == len(encoded) or owners[k + 1] != owners[k]:
+                ids.append(eos)
+                # The separator is not assistant output: masked chat data does not learn it.
+                trainable.append(self.train_on_prompt or not documents[owners[k]].is_chat)
+        if ids:
+            self._ids.append(torch.tensor(ids, dtype=torch.long))
+            self._trainable.append(torch.tensor(trainable, dtype=torch.bool))
+
+    def build(self) -> TokenStream:
+        if not self._ids:
+            raise EetuneError("the dataset is empty: it holds no text to tokenise")
+        return TokenStream(torch.cat(self._ids), torch.cat(self._trainable))

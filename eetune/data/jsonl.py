@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,11 +14,15 @@ from eetune.errors import EetuneError
 def iter_jsonl(path: Path, what: str = "data") -> Iterator[tuple[str, Mapping[str, Any]]]:
     """(where, record) for every non-blank line, read line by line (large files never sit in memory).
 
-    Every line must hold a JSON object; a bad one fails as `path:line: what is wrong`.
+    Every line must hold a JSON object; a bad one fails as `path:line: what is wrong`. A `.gz`
+    file is decompressed as it is read.
     """
     try:
         # newline="": lines end at \n (or \r\n); U+2028 and friends may sit unescaped inside JSON strings.
-        file = path.open(encoding="utf-8", newline="")
+        if path.suffix == ".gz":
+            file = gzip.open(path, "rt", encoding="utf-8", newline="")
+        else:
+            file = path.open(encoding="utf-8", newline="")
     except FileNotFoundError:
         raise EetuneError(f"{what} file not found: {path}") from None
     except IsADirectoryError:
@@ -38,3 +43,5 @@ def iter_jsonl(path: Path, what: str = "data") -> Iterator[tuple[str, Mapping[st
                 yield where, record
         except UnicodeDecodeError as exc:
             raise EetuneError(f"{path}:{number + 1} is not UTF-8 text (byte {exc.start} of that line)") from None
+        except (OSError, EOFError) as exc:  # gzip: not gzip data, or a truncated file
+            raise EetuneError(f"{path}: cannot read it as gzip-compressed JSONL ({exc})") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from eetune.data.jsonl import iter_jsonl
 from eetune.errors import EetuneError
@@ -88,9 +88,9 @@ def record_document(record: Any, where: str, text_field: str, messages_field: st
     )
 
 
-def jsonl_documents(path: Path, text_field: str, messages_field: str) -> list[Document]:
-    """One document per non-blank line; a bad line is reported as path:line."""
-    return [record_document(record, where, text_field, messages_field) for where, record in iter_jsonl(path)]
+def jsonl_documents(path: Path, text_field: str, messages_field: str) -> Iterator[Document]:
+    """One document per non-blank line, read as needed; a bad line is reported as path:line."""
+    return (record_document(record, where, text_field, messages_field) for where, record in iter_jsonl(path))
 
 
 def hf_records(path: Path, hf_format: str) -> Iterable[Mapping[str, Any]]:
@@ -119,18 +119,44 @@ def hf_documents(path: Path, hf_format: str, text_field: str, messages_field: st
     ]
 
 
-def load_documents(data_cfg: Any) -> list[Document]:
-    """The documents of a `data` config section, in file order."""
-    source = data_cfg.source
-    if source == "pydoc":
+@dataclass(frozen=True)
+class Source:
+    """One place documents come from: the `data` section itself, or one entry of `data.mix`."""
+
+    name: str  # how error messages name it
+    source: str
+    path: str | None
+    text_field: str = "text"
+    messages_field: str = "messages"
+    hf_format: str = "json"
+    weight: float = 1.0
+
+
+def sources_of(data_cfg: Any) -> list[Source]:
+    """The sources a `data` section reads: `data.mix` when set, else `data.source`/`data.path`."""
+    fields = {"text_field": data_cfg.text_field, "messages_field": data_cfg.messages_field,
+              "hf_format": data_cfg.hf_format}
+    mix = data_cfg.get("mix") if hasattr(data_cfg, "get") else getattr(data_cfg, "mix", None)
+    if not mix:
+        return [Source(data_cfg.source, data_cfg.source, data_cfg.path, **fields)]
+    return [Source(f"data.mix[{k}] ({entry.source})", entry.source, entry.path, weight=entry.weight, **fields)
+            for k, entry in enumerate(mix)]
+
+
+def load_documents(source: Source) -> Iterable[Document]:
+    """The documents of a source, in file order (JSONL is streamed line by line)."""
+    kind = source.source
+    if kind == "pydoc":
         return pydoc_documents()
-    if not data_cfg.path:
-        raise EetuneError(f"data.source={source} needs data.path=<file>")
-    path = Path(data_cfg.path).expanduser()
-    if source == "text":
+    if not source.path:
+        if source.name != kind:
+            raise EetuneError(f"{source.name} needs a path: {{source: {kind}, path: <file>, weight: ...}}")
+        raise EetuneError(f"data.source={kind} needs data.path=<file>")
+    path = Path(source.path).expanduser()
+    if kind == "text":
         return [Document(where=str(path), text=read_text_file(path))]
-    if source == "jsonl":
-        return jsonl_documents(path, data_cfg.text_field, data_cfg.messages_field)
-    if source == "hf":
-        return hf_documents(path, data_cfg.hf_format, data_cfg.text_field, data_cfg.messages_field)
-    raise EetuneError(f"unknown data.source '{source}' (one of: pydoc, text, jsonl, hf)")
+    if kind == "jsonl":
+        return jsonl_documents(path, source.text_field, source.messages_field)
+    if kind == "hf":
+        return hf_documents(path, source.hf_format, source.text_field, source.messages_field)
+    raise EetuneError(f"unknown data.source '{kind}' (one of: pydoc, text, jsonl, hf)")
