@@ -122,14 +122,16 @@ def print_table(
 # --- the transformers baseline -------------------------------------------------------------------
 
 
-def hf_greedy_generate(checkpoint_dir: Path, dtype: str) -> Callable[[list[int], int], tuple[list[int], float]]:
+def hf_greedy_generate(
+    checkpoint_dir: Path, dtype: str, device: str = "cpu"
+) -> Callable[[list[int], int], tuple[list[int], float]]:
     """transformers `generate` on a checkpoint dir: run(ids, n) decodes exactly n greedy tokens and
     returns them with the decode seconds after the first (timed with a streamer; prefill excluded)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).to(device).eval()
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -145,7 +147,7 @@ def hf_greedy_generate(checkpoint_dir: Path, dtype: str) -> Callable[[list[int],
         clock = Clock()
         with torch.inference_mode():
             out = hf.generate(
-                torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock,
+                torch.tensor([ids], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock,
                 pad_token_id=0,
             )
         return out[0, len(ids):].tolist(), clock.stamps[-1] - clock.stamps[1]

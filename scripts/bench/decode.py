@@ -84,7 +84,7 @@ def main() -> None:
     args = _parse_args()
     console = make_console()
     torch.manual_seed(0)
-    base = load_base_model("smollm2_135m", checkpoint_dir=default_smollm2_dir(), dtype=args.dtype)
+    base = load_base_model("smollm2_135m", checkpoint_dir=default_smollm2_dir(), dtype=args.dtype, device=args.device)
     model = load_exits(args.run_dir, base.model, base.fingerprint)
     stops = tuple(sorted(stop_token_ids(base.tokenizer)))
     engine = Engine(model, token_order=load_token_order(args.run_dir, always=stops))
@@ -95,7 +95,7 @@ def main() -> None:
     cases = _cases(args, model.exit_layers, has_learned, has_token_order=engine.token_order is not None)
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, float | None, int, int]]] = {}
     if args.hf:
-        runners["hf"] = _hf_runner(base, args.dtype, args.new_tokens)
+        runners["hf"] = _hf_runner(base, args.dtype, args.new_tokens, args.device)
     if args.int8:
         runners["int8"] = _int8_runner(base, args.new_tokens)
 
@@ -153,6 +153,7 @@ def main() -> None:
         "created": now_iso(),
         "model": "smollm2_135m",
         "dtype": args.dtype,
+        "device": args.device,
         "run_dir": str(args.run_dir),
         "exit_layers": model.exit_layers,
         "prompts": len(prompts),
@@ -191,6 +192,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--thresholds", default="0.9,0.8,0.6,0.4,0.2")
     parser.add_argument("--policies", default="max_prob,learned")
     parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
@@ -241,9 +243,9 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
     return cases
 
 
-def _hf_runner(base, dtype: str, new_tokens: int):
+def _hf_runner(base, dtype: str, new_tokens: int, device: str):
     """transformers generate, greedy, exactly `new_tokens` tokens, decode time after the first."""
-    generate = hf_greedy_generate(base.checkpoint_dir, dtype)
+    generate = hf_greedy_generate(base.checkpoint_dir, dtype, device)
 
     def run(ids: list[int]):
         tokens, decode_s = generate(ids, new_tokens)
@@ -279,7 +281,7 @@ def _token_agreement(judge: Generator, prompts: list[list[int]], outputs: list[l
         if not out:
             continue
         logits = judge.prefill(ids + out[:-1], all_logits=True)[0, len(ids) - 1:]
-        same += int((logits.argmax(-1) == torch.tensor(out)).sum())
+        same += int((logits.argmax(-1).cpu() == torch.tensor(out)).sum())
         total += len(out)
     return same / total if total else 1.0
 
