@@ -616,3 +616,27 @@ def test_unseen_topic_prompts_are_absent_from_every_tuning_prompt() -> None:
     assert [p for p in tuning if distill.excluded(p, keywords)] == []
     first = distill.read_lines(bench / "prompts.txt", what="prompt")
     assert not set(first) & set(unseen)
+
+
+def test_corpus_parts_keep_whole_batches_and_restore_the_corpus(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("parts", Path(__file__).parents[1] / "scripts" / "corpus" / "parts.py")
+    parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    corpus, store = tmp_path / "c.jsonl", tmp_path / "parts"
+    (tmp_path / "c.jsonl.meta.json").write_text(json.dumps({"distill": {"batch_size": 2}}))
+    lines = [json.dumps({"id": f"b{b}:p{p}:s0", "tokens": 3}) + "\n" for b in range(3) for p in range(2)]
+    # Batch 2 has one of its two records, and a torn line follows: a build still writing.
+    corpus.write_text("".join(lines[:5]) + '{"id": "b2:p1')
+    parts.save(corpus, store)
+    assert [p.name for p in parts.parts(store)] == ["part-000.jsonl.gz"]
+    assert gzip.decompress(parts.parts(store)[0].read_bytes()).decode() == "".join(lines[:4])
+    corpus.write_text("".join(lines))
+    parts.save(corpus, store)  # batch 2 is whole now
+    parts.save(corpus, store)  # nothing new: no empty part
+    assert len(parts.parts(store)) == 2
+    restored = tmp_path / "fresh" / "c.jsonl"
+    parts.restore(restored, store)
+    assert restored.read_text() == "".join(lines)
+    assert json.loads((tmp_path / "fresh" / "c.jsonl.meta.json").read_text()) == {"distill": {"batch_size": 2}}
