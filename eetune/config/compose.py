@@ -98,6 +98,10 @@ def compose_config(stage: str, args: Iterable[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
+    if cfg.model.dtype == "auto":
+        from eetune.models import native_dtype  # torch: imported only when needed
+
+        cfg.model.dtype = "bfloat16" if stage == "plan" else native_dtype(cfg.model.device)
     return cfg
 
 

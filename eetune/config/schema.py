@@ -21,6 +21,8 @@ class ModelConfig:
     name: str = "smollm2_135m"
     # Local Hugging Face checkpoint dir; None means the embedded SmolLM2 default.
     checkpoint_dir: Optional[str] = None
+    # float32, bfloat16, float16, or auto: bfloat16 where the device computes it natively, else
+    # float32 (fixed when the config is composed; `plan` sizes GPUs, so auto is bfloat16 there).
     dtype: str = "float32"
     # cpu, cuda, cuda:1, ...
     device: str = "cpu"
@@ -398,7 +400,7 @@ class EetuneConfig:
 
 # Closed sets of values for string fields, checked after composition.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "exits.arch": ("embedding", "norm", "mlp", "layer"),
     "exits.init": ("random", "copy"),
     "exits.head": ("shared", "copy"),

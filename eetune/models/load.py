@@ -54,6 +54,18 @@ class BaseModel:
         return self.model.tok_embeddings.weight.dtype
 
 
+def native_dtype(device: str) -> str:
+    """What `model.dtype=auto` means on `device`: bfloat16 where it computes bf16 natively (CUDA
+    GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else float32. On AVX2-only CPUs torch's bf16
+    matmuls cost grows with every row and rounds enough to change greedy replies."""
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    try:
+        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return "float32"
+
+
 def parse_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise EetuneError(f"unsupported model dtype {dtype!r}; use one of {', '.join(DTYPES)}")
