@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from eetune.rundir import atomic_write_json, atomic_write_text
+from eetune.tracking import start_wandb
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -170,9 +171,7 @@ def log_wandb(out_dir: Path, cfg: DictConfig, report: dict[str, Any], plots: dic
     """The report's tables as W&B tables, its plots as images, headline numbers in the summary."""
     import wandb
 
-    from eetune.train.metrics import _start_wandb
-
-    run = _start_wandb(out_dir, cfg)
+    run = start_wandb(out_dir, cfg)
     try:
         tables = {"sweep": sweep_table, "per_exit": per_exit_table, "policies": policy_table, "costs": costs_table}
         if report["estimator"]:
