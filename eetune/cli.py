@@ -83,7 +83,7 @@ def evaluate(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PR
     """Measure tuned exits: per-exit metrics, a threshold sweep, tasks, calibration, a report with plots."""
     cfg = _compose("eval", overrides, print_config)
     if cfg is not None:
-        from eetune.eval import stage
+        from eetune.stages import eval as stage
 
         stage.run(cfg, console=console)
 
