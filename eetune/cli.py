@@ -83,7 +83,7 @@ def evaluate(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PR
     """Measure tuned exits: per-exit metrics, a threshold sweep, tasks, calibration, a report with plots."""
     cfg = _compose("eval", overrides, print_config)
     if cfg is not None:
-        from eetune.eval import stage
+        from eetune.stages import eval as stage
 
         stage.run(cfg, console=console)
 
@@ -182,7 +182,7 @@ def serve(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT
     """Serve the model over OpenAI-compatible HTTP (/v1/chat/completions, /v1/completions), early exit per request."""
     cfg = _compose("serve", overrides, print_config)
     if cfg is not None:
-        from eetune.serve import server as stage
+        from eetune.stages import serve as stage
 
         stage.run(cfg, console=console)
 

@@ -899,7 +899,7 @@ def test_cli_print_config_shows_the_serve_preset(monkeypatch, capsys) -> None:
 
 
 def test_smollm2_server_answers_like_generate(monkeypatch, smollm2: BaseModel) -> None:
-    monkeypatch.setattr(generate, "load_base", lambda model_cfg: smollm2)
+    monkeypatch.setattr("eetune.exits.loading.load_base", lambda model_cfg: smollm2)
     served = ServedModel.from_config(compose_config("serve", []))
     cfg = compose_config("generate", ["generate.max_new_tokens=12"])
     cfg.generate.prompt = "What is the capital of France?"

@@ -22,7 +22,7 @@ from eetune.stages import augment, generate
 def use_smollm2(monkeypatch, smollm2):
     """Stages load the session's SmolLM2 instead of reading it from disk again."""
     monkeypatch.setattr(augment, "load_base", lambda model_cfg: smollm2)
-    monkeypatch.setattr(generate, "load_base", lambda model_cfg: smollm2)
+    monkeypatch.setattr("eetune.exits.loading.load_base", lambda model_cfg: smollm2)
     return smollm2
 
 

@@ -18,6 +18,7 @@ fast, and the higher threshold wins; an early exit must beat the full model by t
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
@@ -25,11 +26,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eetune.errors import EetuneError
 from eetune.exits import EXITS_FILE
 from eetune.rundir import atomic_write_json
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from eetune.eval.sweep import Prompt, SweepRow
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "eetune.calibration/1"
@@ -156,3 +162,30 @@ def load_calibrated_threshold(
     """The threshold `eetune eval` calibrated for this run's exits and policy (see
     `calibrated_thresholds`), else None."""
     return calibrated_thresholds(run_dir, dtype, device, warn).get(confidence)
+
+
+def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calibration]:
+    """Per confidence policy swept, the fastest threshold meeting eval.target_agreement."""
+    out = []
+    for confidence in dict.fromkeys(cfg.eval.confidences):
+        candidates = [
+            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se)
+            for r in rows if r.setting.mode == "early_exit" and r.setting.confidence == confidence
+        ]
+        if candidates:
+            out.append(pick_threshold(confidence, candidates, cfg.eval.target_agreement))
+    return out
+
+
+def calibration_source(
+    cfg: DictConfig, prompts: list[Prompt], rows: list[SweepRow], dtype_device: tuple[str, str]
+) -> dict[str, Any]:
+    """What the calibration was measured on: `generate`/`serve` check dtype and device against it."""
+    dtype, device = dtype_device
+    return {
+        "prompts": len(prompts), "tokens": sum(len(o.result.tokens) for o in rows[0].outputs),
+        "tasks": sorted({p.task for p in prompts}), "max_new_tokens": cfg.eval.max_new_tokens,
+        "chat": cfg.eval.chat, "model": cfg.model.name, "dtype": dtype, "device": device,
+        "engine": {"decoding": "greedy", "batch_size": 1}, "seed": cfg.seed,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }

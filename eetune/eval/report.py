@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
+from eetune.eval.heldout import TokenStats
+from eetune.eval.sweep import Prompt, SweepRow
+from eetune.eval.tasks import Task
+from eetune.eval.timing import Costs
+from eetune.exits import EarlyExitModel
 from eetune.rundir import atomic_write_json, atomic_write_text
+from eetune.tracking import start_wandb
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -170,9 +178,7 @@ def log_wandb(out_dir: Path, cfg: DictConfig, report: dict[str, Any], plots: dic
     """The report's tables as W&B tables, its plots as images, headline numbers in the summary."""
     import wandb
 
-    from eetune.train.metrics import _start_wandb
-
-    run = _start_wandb(out_dir, cfg)
+    run = start_wandb(out_dir, cfg)
     try:
         tables = {"sweep": sweep_table, "per_exit": per_exit_table, "policies": policy_table, "costs": costs_table}
         if report["estimator"]:
@@ -193,3 +199,46 @@ def log_wandb(out_dir: Path, cfg: DictConfig, report: dict[str, Any], plots: dic
         run.summary.update(summary)
     finally:
         run.finish()
+
+
+def build_report(
+    cfg: DictConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
+    tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]],
+    heldout_shape: tuple[int, ...], prompts: list[Prompt],
+) -> dict[str, Any]:
+    """Everything measured, as report.json holds it."""
+    thresholds = [float(t) for t in cfg.eval.thresholds]
+    policies = policy_metrics(stats, costs, thresholds, list(dict.fromkeys(cfg.eval.confidences)))
+    sweep = []
+    for row in rows:
+        entry = row.summary()
+        scores = {}
+        for task in tasks:
+            if task.is_generation:
+                pairs = [(o, p) for o, p in zip(row.outputs, prompts) if p.task == task.name]
+                scores[task.name] = sum(task.score_generation(o.text, task.items[p.index]) for o, p in pairs) / len(pairs)
+            else:
+                scores[task.name] = choice_scores[task.name][row.setting.name]
+        entry["task_scores"] = scores
+        entry["outputs"] = [{"task": p.task, "item": p.index, "text": o.text} for o, p in zip(row.outputs, prompts)]
+        sweep.append(entry)
+    target = cfg.eval.target_agreement
+    eligible = [p["speedup"] for p in policies["policies"] if p["confidence"] == "max_prob" and p["agreement"] >= target]
+    return {
+        "title": f"eetune eval: {Path(cfg.run_dir).name}",
+        "run_dir": str(cfg.run_dir),
+        "model": {"name": model_name, "dtype": dtype},
+        "exit_layers": model.exit_layers,
+        "num_layers": model.num_layers,
+        "heldout": {"sequences": heldout_shape[0], "seq_len": heldout_shape[1], "tokens": stats.num_tokens},
+        "per_exit": per_exit_metrics(stats, cfg.eval.ece_bins),
+        **policies,
+        "best_policy_speedup": max(eligible, default=None),
+        "target_agreement": target,
+        "estimator": estimator_metrics(stats, thresholds),
+        "costs": {**asdict(costs), "exit_s": {str(k): v for k, v in costs.exit_s.items()},
+                  "estimator_s": {str(k): v for k, v in costs.estimator_s.items()}},
+        "sweep_info": {"prompts": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "chat": cfg.eval.chat},
+        "sweep": sweep,
+        "tasks": [{"name": t.name, "metric": t.metric, "items": len(t.items), "path": str(t.path)} for t in tasks],
+    }

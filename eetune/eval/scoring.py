@@ -10,8 +10,9 @@ picks from a single full forward: the first confident exit's, else the final lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,10 @@ from eetune.eval.heldout import LayerTokens, sequence_tokens
 from eetune.eval.metrics import chosen, first_exit
 from eetune.exits.model import EarlyExitModel
 from eetune.infer.engine import CONFIDENCES, MODES
+
+if TYPE_CHECKING:
+    from eetune.eval.sweep import Setting
+    from eetune.eval.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,28 @@ class PolicyScorer:
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> Scored:
         return self.pick(self.layer_tokens(context, continuation), continuation)
+
+
+def choice_accuracy(
+    model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance: Callable[[], None]
+) -> dict[str, float]:
+    """Exact match per setting: the choice with the highest log-likelihood under the setting's exit policy.
+
+    Every layer's view of a choice is computed once (one forward); each setting only picks among them.
+    """
+    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence)) for s in settings}
+    views_of = next(iter(scorers.values()))
+    correct = dict.fromkeys(scorers, 0)
+    for item in task.items:
+        context = tokenizer.encode(item.context, add_special_tokens=True)
+        # Encode the whole text, then split: the tokens a choice adds after its context.
+        continuations = [
+            tokenizer.encode(item.context + item.continuation(i), add_special_tokens=True)[len(context) :]
+            for i in range(len(item.choices))
+        ]
+        views = [views_of.layer_tokens(context, continuation) for continuation in continuations]
+        for name, scorer in scorers.items():
+            scores = [scorer.pick(v, c).logprob for v, c in zip(views, continuations)]
+            correct[name] += int(scores.index(max(scores)) == item.answer)
+        advance()
+    return {name: n / len(task.items) for name, n in correct.items()}

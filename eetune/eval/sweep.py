@@ -13,10 +13,17 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from eetune.errors import EetuneError
 from eetune.eval.text_metrics import rouge_l, token_agreement
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from rich.console import Console
+
+    from eetune.exits import EarlyExitModel
 
 
 @dataclass(frozen=True)
@@ -165,3 +172,22 @@ def _rouge_or_match(text: str, reference: str) -> float:
     if not any(ch.isalnum() for ch in text + reference):
         return float(text == reference)
     return rouge_l(text, reference)
+
+
+def sweep_settings(cfg: DictConfig, model: EarlyExitModel, console: Console) -> list[Setting]:
+    """full first, then each confidence policy at each threshold below 1.0, then self-speculative."""
+    e = cfg.eval
+    settings = [Setting("full")]
+    has_estimators = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
+    for confidence in dict.fromkeys(e.confidences):
+        if confidence == "learned" and not has_estimators:
+            console.print("[dim]eval: skipping confidence 'learned': these exits have no estimators "
+                          "(tune with exits.confidence=linear|mlp)[/]")
+            continue
+        for t in sorted({float(t) for t in e.thresholds if t < 1.0}, reverse=True):
+            settings.append(Setting("early_exit", t, confidence))
+    if e.self_speculative:
+        if e.draft_exit is not None and e.draft_exit not in model.exit_layers:
+            raise EetuneError(f"eval.draft_exit={e.draft_exit} is not an exit of this run; exits are at {model.exit_layers}")
+        settings.append(Setting("self_speculative", draft_exit=e.draft_exit, draft_len=e.draft_len))
+    return settings

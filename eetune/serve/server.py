@@ -1,7 +1,8 @@
-"""`eetune serve`: load the model (and a run dir's exits), then serve the app with uvicorn.
+"""Serving the app: the app for a composed config, a listening socket, uvicorn on a thread.
 
-`BackgroundServer` runs the same app on a thread, on a free loopback port, for tests and
-benchmarks.
+`eetune serve` (eetune.stages.serve) runs `build_app(cfg)` with uvicorn on `bind_socket`'s
+socket; `BackgroundServer` runs the same app on a thread, on a free loopback port, for tests
+and benchmarks.
 """
 
 from __future__ import annotations
@@ -14,37 +15,15 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from omegaconf import DictConfig
-from rich.console import Console
 
 from eetune.errors import EetuneError
 from eetune.serve.app import create_app
-from eetune.serve.service import ServedModel, check_serve_config
+from eetune.serve.service import ServedModel
 
 
 def build_app(cfg: DictConfig) -> FastAPI:
     """The app for a composed config: model loaded, defaults and limits checked."""
     return create_app(ServedModel.from_config(cfg), cfg.serve.queue_size)
-
-
-def run(cfg: DictConfig, console: Console | None = None) -> None:
-    console = console or Console(stderr=True)
-    s = cfg.serve
-    check_serve_config(s)  # before the model loads: a bad config fails at once
-    sock = bind_socket(s.host, s.port)  # a taken port fails before the model loads
-    try:
-        app = build_app(cfg)
-    except BaseException:
-        sock.close()
-        raise
-    served: ServedModel = app.state.served
-    host, port = sock.getsockname()[:2]
-    exits = f"exits at {served.model.exit_layers}" if served.model.exit_layers else "no exits"
-    console.print(
-        f"serving [bold]{served.name}[/] ({served.num_layers} layers, {exits}; default mode {served.defaults.mode}) "
-        f"at http://{host}:{port}/v1 — POST /v1/chat/completions, /v1/completions; GET /v1/models, /health"
-    )
-    server = uvicorn.Server(uvicorn.Config(app, log_level=s.log_level, timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from eetune.errors import EetuneError
 from eetune.rundir import atomic_write
+from eetune.tracking import start_wandb
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss_curve.png"
@@ -25,7 +24,7 @@ class MetricLogger:
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         self._file = self.path.open("a", encoding="utf-8")
-        self._wandb = _start_wandb(run_dir, cfg) if cfg.logger.kind == "wandb" else None
+        self._wandb = start_wandb(run_dir, cfg) if cfg.logger.kind == "wandb" else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **metrics}
@@ -43,27 +42,6 @@ class MetricLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def _start_wandb(run_dir: Path, cfg: DictConfig):
-    import wandb
-
-    mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
-    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_login()):
-        raise EetuneError("logger=wandb online needs a W&B login: run `wandb login`, or set logger.mode=offline")
-    return wandb.init(
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=cfg.logger.name or Path(run_dir).name,
-        dir=str(run_dir),
-        mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        reinit="finish_previous",
-    )
-
-
-def _has_netrc_login() -> bool:
-    return (Path.home() / ".netrc").is_file()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

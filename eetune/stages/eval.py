@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,23 +25,22 @@ from rich.table import Table
 
 from eetune.console import make_console
 from eetune.data import heldout_batch
+from eetune.data.chat import build_prompt_ids, stop_token_ids
 from eetune.errors import EetuneError
 from eetune.eval.calibration import (
-    CALIBRATION_FILE, Calibration, Candidate, pick_threshold, placement, write_calibration,
+    CALIBRATION_FILE, calibration_source, calibrations_from_sweep, placement, write_calibration,
 )
-from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
-from eetune.eval.heldout import TokenStats, token_stats
+from eetune.eval.heldout import token_stats
 from eetune.eval.plots import draw_all
-from eetune.eval.report import REPORT_MD, log_wandb, write_report
-from eetune.eval.scoring import ExitPolicy, PolicyScorer
-from eetune.eval.sweep import Prompt, Setting, SweepRow, run_sweep
-from eetune.eval.tasks import Task, load_task
-from eetune.eval.timing import Costs, measure_costs
-from eetune.exits import EarlyExitModel, load_exits, read_manifest
+from eetune.eval.report import REPORT_MD, build_report, log_wandb, write_report
+from eetune.eval.scoring import choice_accuracy
+from eetune.eval.sweep import Prompt, run_sweep, sweep_settings
+from eetune.eval.tasks import load_task
+from eetune.eval.timing import measure_costs
+from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import CONFIDENCES, Engine
-from eetune.rundir import new_run_dir
 from eetune.models import load_base
-from eetune.data.chat import build_prompt_ids, stop_token_ids
+from eetune.rundir import new_run_dir
 
 
 @dataclass
@@ -158,120 +156,6 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
     calibration = write_calibration(run_dir, calibrations, measured_on) if calibrations else None
     print_summary(console, report, out_dir, plots, calibration)
     return EvalResult(out_dir, report, plots, calibration)
-
-
-def sweep_settings(cfg: DictConfig, model: EarlyExitModel, console: Console) -> list[Setting]:
-    """full first, then each confidence policy at each threshold below 1.0, then self-speculative."""
-    e = cfg.eval
-    settings = [Setting("full")]
-    has_estimators = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
-    for confidence in dict.fromkeys(e.confidences):
-        if confidence == "learned" and not has_estimators:
-            console.print("[dim]eval: skipping confidence 'learned': these exits have no estimators "
-                          "(tune with exits.confidence=linear|mlp)[/]")
-            continue
-        for t in sorted({float(t) for t in e.thresholds if t < 1.0}, reverse=True):
-            settings.append(Setting("early_exit", t, confidence))
-    if e.self_speculative:
-        if e.draft_exit is not None and e.draft_exit not in model.exit_layers:
-            raise EetuneError(f"eval.draft_exit={e.draft_exit} is not an exit of this run; exits are at {model.exit_layers}")
-        settings.append(Setting("self_speculative", draft_exit=e.draft_exit, draft_len=e.draft_len))
-    return settings
-
-
-def choice_accuracy(
-    model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance: Callable[[], None]
-) -> dict[str, float]:
-    """Exact match per setting: the choice with the highest log-likelihood under the setting's exit policy.
-
-    Every layer's view of a choice is computed once (one forward); each setting only picks among them.
-    """
-    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence)) for s in settings}
-    views_of = next(iter(scorers.values()))
-    correct = dict.fromkeys(scorers, 0)
-    for item in task.items:
-        context = tokenizer.encode(item.context, add_special_tokens=True)
-        # Encode the whole text, then split: the tokens a choice adds after its context.
-        continuations = [
-            tokenizer.encode(item.context + item.continuation(i), add_special_tokens=True)[len(context) :]
-            for i in range(len(item.choices))
-        ]
-        views = [views_of.layer_tokens(context, continuation) for continuation in continuations]
-        for name, scorer in scorers.items():
-            scores = [scorer.pick(v, c).logprob for v, c in zip(views, continuations)]
-            correct[name] += int(scores.index(max(scores)) == item.answer)
-        advance()
-    return {name: n / len(task.items) for name, n in correct.items()}
-
-
-def build_report(
-    cfg: DictConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
-    tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]],
-    heldout_shape: tuple[int, ...], prompts: list[Prompt],
-) -> dict[str, Any]:
-    """Everything measured, as report.json holds it."""
-    thresholds = [float(t) for t in cfg.eval.thresholds]
-    policies = policy_metrics(stats, costs, thresholds, list(dict.fromkeys(cfg.eval.confidences)))
-    sweep = []
-    for row in rows:
-        entry = row.summary()
-        scores = {}
-        for task in tasks:
-            if task.is_generation:
-                pairs = [(o, p) for o, p in zip(row.outputs, prompts) if p.task == task.name]
-                scores[task.name] = sum(task.score_generation(o.text, task.items[p.index]) for o, p in pairs) / len(pairs)
-            else:
-                scores[task.name] = choice_scores[task.name][row.setting.name]
-        entry["task_scores"] = scores
-        entry["outputs"] = [{"task": p.task, "item": p.index, "text": o.text} for o, p in zip(row.outputs, prompts)]
-        sweep.append(entry)
-    target = cfg.eval.target_agreement
-    eligible = [p["speedup"] for p in policies["policies"] if p["confidence"] == "max_prob" and p["agreement"] >= target]
-    return {
-        "title": f"eetune eval: {Path(cfg.run_dir).name}",
-        "run_dir": str(cfg.run_dir),
-        "model": {"name": model_name, "dtype": dtype},
-        "exit_layers": model.exit_layers,
-        "num_layers": model.num_layers,
-        "heldout": {"sequences": heldout_shape[0], "seq_len": heldout_shape[1], "tokens": stats.num_tokens},
-        "per_exit": per_exit_metrics(stats, cfg.eval.ece_bins),
-        **policies,
-        "best_policy_speedup": max(eligible, default=None),
-        "target_agreement": target,
-        "estimator": estimator_metrics(stats, thresholds),
-        "costs": {**asdict(costs), "exit_s": {str(k): v for k, v in costs.exit_s.items()},
-                  "estimator_s": {str(k): v for k, v in costs.estimator_s.items()}},
-        "sweep_info": {"prompts": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "chat": cfg.eval.chat},
-        "sweep": sweep,
-        "tasks": [{"name": t.name, "metric": t.metric, "items": len(t.items), "path": str(t.path)} for t in tasks],
-    }
-
-
-def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calibration]:
-    """Per confidence policy swept, the fastest threshold meeting eval.target_agreement."""
-    out = []
-    for confidence in dict.fromkeys(cfg.eval.confidences):
-        candidates = [
-            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se)
-            for r in rows if r.setting.mode == "early_exit" and r.setting.confidence == confidence
-        ]
-        if candidates:
-            out.append(pick_threshold(confidence, candidates, cfg.eval.target_agreement))
-    return out
-
-
-def calibration_source(
-    cfg: DictConfig, prompts: list[Prompt], rows: list[SweepRow], dtype_device: tuple[str, str]
-) -> dict[str, Any]:
-    """What the calibration was measured on: `generate`/`serve` check dtype and device against it."""
-    dtype, device = dtype_device
-    return {
-        "prompts": len(prompts), "tokens": sum(len(o.result.tokens) for o in rows[0].outputs),
-        "tasks": sorted({p.task for p in prompts}), "max_new_tokens": cfg.eval.max_new_tokens,
-        "chat": cfg.eval.chat, "model": cfg.model.name, "dtype": dtype, "device": device,
-        "engine": {"decoding": "greedy", "batch_size": 1}, "seed": cfg.seed,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def print_summary(console: Console, report: dict[str, Any], out_dir: Path, plots: dict[str, Path], calibration: Path | None) -> None:
