@@ -13,6 +13,7 @@ from torchtune.modules import TransformerDecoder
 from eetune.errors import EetuneError
 from eetune.infer import Generator, SamplingParams, generate, make_rng, probabilities, sample
 from eetune.infer import sampling
+from eetune.infer.continuous import ContinuousBatch
 
 VOCAB = 256
 MAX_SEQ_LEN = 128
@@ -291,3 +292,60 @@ def test_fast_blocks_equal_the_module_path_bit_for_bit(dtype: torch.dtype) -> No
 def test_fast_blocks_skip_layers_they_cannot_express() -> None:
     # Qwen2's RoPE rotates halves, not interleaved pairs: it keeps torchtune's module path.
     assert all(b is None for b in Generator(_tiny_qwen2(), max_seq_len=16).blocks)
+
+
+# -- continuous batching ----------------------------------------------------------------------
+
+
+def _untied_llama() -> TransformerDecoder:
+    torch.manual_seed(3)
+    return llama3_2(vocab_size=VOCAB, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=MAX_SEQ_LEN,
+                    intermediate_dim=128, rope_base=100000, scale_factor=1, norm_eps=1e-5,
+                    tie_word_embeddings=False).eval()
+
+
+@pytest.mark.parametrize("build", [_untied_llama, _tiny_qwen2], ids=["llama-fast-block", "qwen2-module-path"])
+def test_rows_joining_and_leaving_a_continuous_batch_decode_as_alone(build) -> None:
+    model = build()
+    prompts = [[1, 17, 40, 3], [1, 90], [1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 200, 201], [1, 33, 34, 35, 36]]
+    wanted = [9, 14, 6, 11, 8]  # new tokens per request
+    solo = [generate(model, p, n).tokens for p, n in zip(prompts, wanted)]
+    assert len({tuple(s) for s in solo}) == len(solo)  # distinct continuations: a mix-up would show
+
+    batch = ContinuousBatch(model, max_batch_size=3, max_seq_len=32)
+    rows: list[int] = []  # request held by each row
+    out: dict[int, list[int]] = {}
+    waiting = list(range(len(prompts)))
+    step = 0
+    while waiting or rows:
+        # Admit one request every other step while a row is free: rows join mid-flight.
+        if waiting and batch.size < batch.capacity and step % 2 == 0:
+            request = waiting.pop(0)
+            out[request] = [int(batch.admit(prompts[request]).argmax())]
+            rows.append(request)
+        else:
+            logits = batch.step([out[r][-1] for r in rows])
+            for row, request in enumerate(rows):
+                out[request].append(int(logits[row].argmax()))
+        for row in reversed(range(len(rows))):
+            if len(out[rows[row]]) == wanted[rows[row]]:
+                moved = batch.retire(row)
+                rows[row] = rows[-1]
+                rows.pop()
+                assert moved == (len(rows) if row != len(rows) else None)
+        step += 1
+    assert [out[r] for r in range(len(prompts))] == solo
+
+
+def test_continuous_batch_refuses_what_does_not_fit() -> None:
+    batch = ContinuousBatch(_untied_llama(), max_batch_size=1, max_seq_len=6)
+    batch.admit([1, 2, 3, 4, 5])
+    with pytest.raises(EetuneError, match="batch is full"):
+        batch.admit([1])
+    with pytest.raises(EetuneError, match="one token per row"):
+        batch.step([1, 2])
+    batch.step([7])  # fills position 5, the last one
+    with pytest.raises(EetuneError, match="filled all 6 positions"):
+        batch.step([7])
+    with pytest.raises(EetuneError, match="no row 1"):
+        batch.retire(1)

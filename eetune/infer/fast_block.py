@@ -67,7 +67,7 @@ class FastBlock:
         )
 
     def __call__(self, x: Tensor, input_pos: Tensor, kv_len: int, mask: Tensor | None, cache: LayerKVCache) -> Tensor:
-        """x [b, s, dim] at positions input_pos [s]; same math as torchtune's block forward."""
+        """x [b, s, dim] at positions input_pos ([s] or per row [b, s]); same math as torchtune's block forward."""
         b, s, _ = x.shape
         n_h, n_kv, h_d = self.n_h, self.n_kv, self.h_d
         h = _rms_norm(x, *self.sa_norm)
@@ -77,7 +77,8 @@ class FastBlock:
         if self.rope is not None:
             # torchtune rotates in fp32 and casts back; q and k heads go through together.
             qk = torch.cat((q, k), dim=2).float().view(b, s, n_h + n_kv, h_d // 2, 2)
-            rotated = torch.view_as_complex(qk) * self.rope[input_pos].view(1, s, 1, h_d // 2)
+            # input_pos is [s] (shared) or [b, s] (each row at its own positions).
+            rotated = torch.view_as_complex(qk) * self.rope[input_pos].view(-1, s, 1, h_d // 2)
             qk = torch.view_as_real(rotated).flatten(3).to(x.dtype)
             q, k = qk[:, :, :n_h], qk[:, :, n_h:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -170,12 +170,33 @@ class Generator:
             mask = self._positions[:end] <= input_pos[:, None]
         return Span(start, length, input_pos, mask)
 
+    def row_span(self, positions: Tensor) -> Span:
+        """One token per row, each row at a position of its own (positions [b], int64).
+
+        Rows of a continuous batch hold sequences of different lengths: each attends to its own
+        positions [0, position] only (entries beyond are a former occupant's, masked out).
+        """
+        kv_len = int(positions.max()) + 1
+        if int(positions.min()) < 0 or kv_len > self.max_seq_len:
+            raise EetuneError(f"positions up to {kv_len - 1} do not fit the KV cache of {self.max_seq_len} positions")
+        input_pos = positions[:, None]
+        mask = (self._positions[:kv_len] <= input_pos)[:, None, None, :]  # [b, 1, 1, kv_len]
+        return Span(kv_len - 1, 1, input_pos, mask)
+
+    def row_caches(self, start: int, end: int) -> list[LayerKVCache]:
+        """Every layer's cache restricted to rows [start, end) (views)."""
+        return [cache.rows(start, end) for cache in self.caches]
+
     def embed(self, tokens: Tensor) -> Tensor:
         return self.model.tok_embeddings(tokens)
 
-    def run_layers(self, h: Tensor, start: int, end: int, span: Span) -> Tensor:
-        """Hidden states after layers [start, end) (0-based), writing their caches at `span`."""
-        layers, blocks, caches = self.layers, self.blocks, self.caches
+    def run_layers(
+        self, h: Tensor, start: int, end: int, span: Span, caches: Sequence[LayerKVCache] | None = None
+    ) -> Tensor:
+        """Hidden states after layers [start, end) (0-based), writing their caches at `span`
+        (`caches`: e.g. `row_caches` for some rows of the batch; default all of them)."""
+        layers, blocks = self.layers, self.blocks
+        caches = self.caches if caches is None else caches
         for i in range(start, end):
             block = blocks[i]
             if block is None:

@@ -39,9 +39,28 @@ class LayerKVCache:
         return self.k.shape[2]
 
     def write(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v ([b, kv_heads, s, head_dim]) at sequence positions input_pos ([s], int64)."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        """Store k, v ([b, kv_heads, s, head_dim]) at sequence positions input_pos: [s] shared by
+        every row, or [b, s] for rows at positions of their own (continuous batching)."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return
+        rows = torch.arange(k.shape[0], device=input_pos.device)[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+
+    def rows(self, start: int, end: int) -> LayerKVCache:
+        """The cache of rows [start, end) as its own cache (a view: writes land here)."""
+        view = LayerKVCache.__new__(LayerKVCache)
+        view.k, view.v = self.k[start:end], self.v[start:end]
+        return view
+
+    def move_row(self, source: int, target: int, length: int | None = None) -> None:
+        """Copy row `source`'s first `length` positions (default all) over row `target`
+        (compacting a batch when a row leaves)."""
+        end = self.max_seq_len if length is None else length
+        self.k[target, :, :end].copy_(self.k[source, :, :end])
+        self.v[target, :, :end].copy_(self.v[source, :, :end])
 
     def read(self, kv_len: int) -> tuple[Tensor, Tensor]:
         """Views of positions [0, kv_len): attention never streams the unused tail."""
