@@ -48,11 +48,11 @@ def relaunch(cfg: Any, console: Console) -> None:
 
 def main(argv: list[str]) -> None:
     """A worker torchrun started: run the resolved config in `argv[0]`."""
-    from eetune.train import loop
+    from eetune.stages import tune
 
     cfg = OmegaConf.load(argv[0])
     try:
-        loop.run(cfg)
+        tune.run(cfg)
     except EetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
-from eetune.exits import EarlyExitModel, ExitSpec, read_manifest, specs_from_config
+from eetune.exits import EarlyExitModel, ExitSpec
 from eetune.models import BaseModel, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import find_safetensors, hf_to_tune_state_dict
@@ -121,13 +121,6 @@ def build_stage_model(
                       before_block=lambda index: loader.load([f"layers.{index}."]))
     _init_rope(model, topology.device)
     return StageModel(base=base, model=model, plan=plan, plans=plans, specs=specs)
-
-
-def run_specs(cfg: Any) -> list[ExitSpec]:
-    """Every exit of the run: from the config, or from the run dir `train.init_from` names."""
-    if cfg.train.init_from:
-        return sorted((ExitSpec(**spec) for spec in read_manifest(cfg.train.init_from)["exits"]), key=lambda s: s.layer)
-    return specs_from_config(cfg.exits)
 
 
 def _shared_fingerprint(tensors: CheckpointTensors) -> str:
