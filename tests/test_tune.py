@@ -24,7 +24,8 @@ from eetune.models import fingerprint, get_model_entry, load_base_model
 from eetune.models.tiny import write_tiny_checkpoint
 from eetune.data import load_tuning_data
 from eetune.stages import tune
-from eetune.train.trainer import Trainer, build_model
+from eetune.train.needs import build_model
+from eetune.train.trainer import Trainer
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 
 

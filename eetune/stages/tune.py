@@ -19,10 +19,10 @@ from eetune.console import make_console
 from eetune.data import load_tuning_data
 from eetune.errors import EetuneError
 from eetune.models import load_base
-from eetune.train.needs import run_needs
+from eetune.train.needs import build_model, run_needs
 from eetune.train.results import TuneResult, result_from_run_dir
 from eetune.train.run_dir import check_run_dir, check_tune_config, finished_run, started_run_dir
-from eetune.train.trainer import Trainer, build_model
+from eetune.train.trainer import Trainer
 
 
 def run(cfg: DictConfig, console: Optional[Console] = None) -> TuneResult:
@@ -46,10 +46,11 @@ def run(cfg: DictConfig, console: Optional[Console] = None) -> TuneResult:
     if base.dtype == torch.float16:
         raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
     data = load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
+    needs = run_needs(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, base)
     with started_run_dir(cfg, run_dir):
-        return Trainer(cfg, base, model, data, run_dir, console).fit()
+        return Trainer(cfg, base, model, data, run_dir, console, needs=needs).fit()
 
 
 def _run_on_mesh(cfg: DictConfig, console: Console) -> TuneResult:

@@ -1,11 +1,13 @@
-"""What a tune run needs from the frozen backbone, worked out once for tune, the mesh and `plan`."""
+"""A tune run's exits: which (from `exits` or `train.init_from`), what they need from the frozen
+backbone (worked out once, for tune, the mesh and `plan`), and building them on a base model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from eetune.exits import ExitSpec, read_manifest, specs_from_config
+from eetune.exits import EarlyExitModel, ExitSpec, check_specs, load_exits, read_manifest, specs_from_config
+from eetune.models import BaseModel
 
 
 @dataclass(frozen=True)
@@ -33,3 +35,16 @@ def run_needs(cfg: Any) -> RunNeeds:
         cfg.loss.kd_alpha > 0 or cfg.loss.ce_target == "teacher" or any(spec.confidence != "none" for spec in specs)
     )
     return RunNeeds(specs, needs_final)
+
+
+def build_model(cfg: Any, base: BaseModel) -> EarlyExitModel:
+    """The run's exits on `base`: fresh from `exits`, or the tuned ones `train.init_from` names."""
+    if cfg.train.init_from:
+        model = load_exits(cfg.train.init_from, base.model, base.fingerprint, base.checkpoint_dir)
+    else:
+        specs = specs_from_config(cfg.exits)
+        check_specs(specs, base.num_layers)
+        model = EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std)
+    # fp32 master weights for the optimizer; bf16 compute comes from autocast.
+    model.exits.float()
+    return model

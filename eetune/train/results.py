@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -34,6 +35,21 @@ def result_from_run_dir(run_dir: Path) -> TuneResult:
         }
 
     return TuneResult(Path(run_dir), tune["steps"], tune["tokens_seen"], quality("before"), quality("after"))
+
+
+def tune_summary(steps: int, tokens_seen: int, stopped_flat: bool, before: dict[int, ExitQuality],
+                 after: dict[int, ExitQuality]) -> dict[str, Any]:
+    """The manifest's `tune` entry: how long it ran and the held-out quality before and after."""
+    heldout = {
+        str(layer): {
+            "cross_entropy_before": before[layer].cross_entropy,
+            "cross_entropy_after": after[layer].cross_entropy,
+            "agreement_before": before[layer].agreement,
+            "agreement_after": after[layer].agreement,
+        }
+        for layer in after
+    }
+    return {"steps": steps, "tokens_seen": tokens_seen, "stopped_flat": stopped_flat, "heldout": heldout}
 
 
 def quality_metrics(quality: dict[int, ExitQuality]) -> dict[str, float]:

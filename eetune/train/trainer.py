@@ -29,7 +29,7 @@ from eetune.data import IGNORE_INDEX, TuningData
 from eetune.data.batches import TrainBatches
 from eetune.errors import EetuneError
 from eetune.eval.heldout import ExitQuality
-from eetune.exits import EarlyExitModel, check_specs, load_exits, specs_from_config
+from eetune.exits import EarlyExitModel
 from eetune.exits.modules import lm_head_weight
 from eetune.infer.draft_vocab import count_tokens, save_token_counts
 from eetune.models import BaseModel
@@ -38,26 +38,13 @@ from eetune.train.hidden_cache import HiddenCache
 from eetune.train.losses import ExitLossOutput, VocabShard, exit_losses, vocab_argmax
 from eetune.train.metrics import LOSS_PLOT_FILE, MetricLogger, plot_loss_curves, read_metrics
 from eetune.train.needs import RunNeeds, run_needs
-from eetune.train.results import TuneResult, quality_from_metrics, quality_metrics, results_table
+from eetune.train.results import TuneResult, quality_from_metrics, quality_metrics, results_table, tune_summary
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 from eetune.train.state import capture_rng, restore_rng
 from eetune.train.strategy import SingleProcess, Strategy
 
 # Per exit, the sums a micro-batch contributes (divided by its global valid-token count after reduction).
 STATS = ("ce", "max_prob", "kd", "agreement", "confidence_bce")
-
-
-def build_model(cfg: DictConfig, base: BaseModel) -> EarlyExitModel:
-    """The run's exits on `base`: fresh from `exits`, or the tuned ones `train.init_from` names."""
-    if cfg.train.init_from:
-        model = load_exits(cfg.train.init_from, base.model, base.fingerprint, base.checkpoint_dir)
-    else:
-        specs = specs_from_config(cfg.exits)
-        check_specs(specs, base.num_layers)
-        model = EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std)
-    # fp32 master weights for the optimizer; bf16 compute comes from autocast.
-    model.exits.float()
-    return model
 
 
 class NullLogger:
@@ -364,22 +351,9 @@ class Trainer:
             # written after the state it describes.
             write_config(self.run_dir, OmegaConf.merge(self.cfg, {"resume": False}))
 
-    def _tune_summary(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> dict[str, Any]:
-        """The manifest's `tune` entry: how long it ran and the held-out quality before and after."""
-        heldout = {
-            str(layer): {
-                "cross_entropy_before": before[layer].cross_entropy,
-                "cross_entropy_after": after[layer].cross_entropy,
-                "agreement_before": before[layer].agreement,
-                "agreement_after": after[layer].agreement,
-            }
-            for layer in after
-        }
-        return {"steps": self.step, "tokens_seen": self.tokens_seen, "stopped_flat": self.stopped_flat,
-                "heldout": heldout, **self.strategy.run_summary()}
-
     def _write_results(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> None:
-        self.strategy.write_exits(self.run_dir, self.model, self.base, self._tune_summary(before, after))
+        summary = {**tune_summary(self.step, self.tokens_seen, self.stopped_flat, before, after), **self.strategy.run_summary()}
+        self.strategy.write_exits(self.run_dir, self.model, self.base, summary)
         if self.strategy.is_main:
             # Token frequencies of the training targets: the kept vocabulary of FR-Spec drafting. The
             # vocabulary size from the config: a mesh rank may hold none or part of the embeddings.

@@ -47,7 +47,8 @@ from eetune.models.load import materialise, parse_dtype
 from eetune.models.tiny import random_decoder
 from eetune.models import load_base
 from eetune.data import load_tuning_data
-from eetune.train.trainer import Trainer, build_model
+from eetune.train.needs import build_model
+from eetune.train.trainer import Trainer
 
 from common import (
     DEFAULT_OUT_DIR,
