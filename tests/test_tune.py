@@ -420,3 +420,13 @@ def test_tune_stops_when_heldout_losses_flatten(tiny_base_model, corpus, tmp_pat
     with pytest.raises(EetuneError, match="train.eval_every"):
         tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "bad", "train.flat_patience=2"))
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_changed_keys_names_every_differing_leaf_once():
+    from eetune.config.diff import changed_keys
+
+    old = {"optim": {"lr": 0.01, "betas": [0.9, 0.95]}, "train": {"steps": 4}, "seed": 0, "gone": 1}
+    new = {"optim": {"lr": 0.02, "betas": [0.9, 0.95]}, "train": {"steps": 8}, "seed": 0, "added": {"x": 2}}
+    assert changed_keys(old, new) == ["added.x", "gone", "optim.lr", "train.steps"]
+    assert changed_keys(old, new, ignore=("train.steps", "gone", "added.x")) == ["optim.lr"]
+    assert changed_keys(old, old) == []
