@@ -32,7 +32,7 @@ from eetune.exits import ExitSpec, check_specs
 from eetune.models import get_model_entry, param_count
 from eetune.models import hf_config as hfc
 from eetune.parallel.mesh import ParallelDims
-from eetune.parallel.pipeline import StagePlan, plan_stages
+from eetune.parallel.pipeline import StagePlan, run_stages
 from eetune.train.needs import run_needs
 
 GIB = 1024**3
@@ -132,9 +132,7 @@ def make_plan(cfg: Any) -> Plan:
                           "plan.mfu in (0, 1]")
     dims = ParallelDims.from_config(cfg.parallel, gpus)
     dims.check_batch_size(int(cfg.data.batch_size))
-    final = needs_final or not cfg.parallel.partial
-    depth = shape.layers if final else max(spec.layer for spec in specs)
-    plans = plan_stages(dims.pp, depth, [spec.layer for spec in specs], final)
+    plans = run_stages(dims.pp, shape.layers, needs, cfg.parallel.partial)
 
     weight_bytes = _BYTES[cfg.model.dtype]
     rows = int(cfg.data.batch_size) // dims.dp

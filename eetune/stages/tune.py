@@ -90,7 +90,7 @@ def _tune_on_mesh(cfg: DictConfig, topology, console: Console) -> TuneResult:
     needs = run_needs(cfg)
     console.print(f"mesh {topology.dims.describe()} on {topology.dims.world_size} processes ({topology.device.type})")
     torch.manual_seed(cfg.seed)  # before the exits are built, as in a single process
-    stage = build_stage_model(cfg, topology, needs.specs, needs.needs_final, build_model)
+    stage = build_stage_model(cfg, topology, needs)
     check_loaded(stage)
     data = load_tuning_data(cfg.data, stage.base.tokenizer, max_seq_len=cfg.model.max_seq_len)
     heldout = data.heldout_batch(cfg.data.heldout_sequences)
