@@ -73,7 +73,7 @@ def tune(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_
     """Stage two: train only the exits (backbone frozen); resumable with resume=true."""
     cfg = _compose("tune", overrides, print_config)
     if cfg is not None:
-        from eetune.train import loop as stage
+        from eetune.stages import tune as stage
 
         stage.run(cfg, console=console)
 
@@ -108,7 +108,7 @@ def plan(overrides: Optional[List[str]] = OVERRIDES, print_config: bool = PRINT_
     """Estimate per-GPU memory and tokens/s of `tune` on a mesh (plan.nodes x plan.gpus_per_node GPUs)."""
     cfg = _compose("plan", overrides, print_config)
     if cfg is not None:
-        from eetune.parallel import plan as stage
+        from eetune.stages import plan as stage
 
         stage.run(cfg, console=make_console(stderr=False))
 

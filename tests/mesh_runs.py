@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from eetune.config import compose_config
 from eetune.errors import EetuneError
-from eetune.parallel import trainer
-from eetune.train import loop
+from eetune.stages import tune
+from eetune.train.trainer import Trainer
 
 
 class Interrupted(Exception):
@@ -27,7 +27,7 @@ class Interrupted(Exception):
 
 def main(path: str) -> None:
     dist.init_process_group("gloo")
-    original_step = trainer.MeshTrainer.train_step
+    original_step = Trainer.train_step
     try:
         for run in json.loads(open(path).read()):
             stop_after = run.get("stop_after")
@@ -37,9 +37,9 @@ def main(path: str) -> None:
                     raise Interrupted
                 return original_step(self)
 
-            trainer.MeshTrainer.train_step = train_step
+            Trainer.train_step = train_step
             try:
-                loop.run(compose_config("tune", run["overrides"]))
+                tune.run(compose_config("tune", run["overrides"]))
             except Interrupted:
                 pass
             except EetuneError as exc:

@@ -45,7 +45,7 @@ from eetune.models import get_model_entry, load_base_model
 from eetune.models.checkpoint import save_hf_checkpoint
 from eetune.models.tiny import build_tiny_tokenizer, random_decoder, tiny_hf_config
 from eetune.stages import generate
-from eetune.train import loop
+from eetune.stages import tune
 
 # --- pure metrics, against hand-computed values ------------------------------------------------
 
@@ -167,7 +167,7 @@ def data_overrides(corpus: Path) -> list[str]:
 def tuned_run(soft_tiny, corpus, tmp_path_factory) -> Path:
     """Exits at 1/2/3 with linear confidence estimators, tuned 12 steps toward the final layer."""
     run_dir = tmp_path_factory.mktemp("tuned") / "run"
-    loop.run(compose_config("tune", [
+    tune.run(compose_config("tune", [
         f"model.checkpoint_dir={soft_tiny}", f"run_dir={run_dir}", *data_overrides(corpus), "exits.layers=[1,2,3]",
         "exits.confidence=linear", "loss.ce_target=teacher", "optim.lr=1e-2", "train.steps=12",
         "train.checkpoint_every=0",
@@ -408,13 +408,13 @@ def test_a_tune_run_saved_without_the_eval_section_still_resumes(soft_tiny, corp
 
     overrides = [f"model.checkpoint_dir={soft_tiny}", f"run_dir={tmp_path / 'run'}", *data_overrides(corpus),
                  "exits.layers=[1,2]", "train.steps=2", "train.checkpoint_every=1"]
-    loop.run(compose_config("tune", [*overrides, "train.steps=1"]))
+    tune.run(compose_config("tune", [*overrides, "train.steps=1"]))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     del saved["eval"]
     del saved["parallel"]["dp_replicate"]
     saved["generate"]["threshold"] = 0.8
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert loop.run(compose_config("tune", [*overrides, "resume=true"])).steps == 2
+    assert tune.run(compose_config("tune", [*overrides, "resume=true"])).steps == 2
 
 
 # --- the stage end to end ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from eetune.infer.engine import DecodeSettings, Engine
 from eetune.models import get_model_entry, load_base_model
 from eetune.models.checkpoint import save_hf_checkpoint
 from eetune.models.tiny import build_tiny_tokenizer, random_decoder, tiny_hf_config
-from eetune.train import loop
+from eetune.stages import tune
 
 lm_eval = pytest.importorskip("lm_eval")
 from eetune.eval import harness  # noqa: E402  (registers the model type)
@@ -55,7 +55,7 @@ def run_dir(tmp_path_factory) -> Path:
     from pydoc_data.topics import topics
 
     (root / "corpus.txt").write_text(topics["assignment"][:6000])
-    loop.run(compose_config("tune", [
+    tune.run(compose_config("tune", [
         f"model.checkpoint_dir={checkpoint}", f"run_dir={root / 'run'}", "data=text", f"data.path={root / 'corpus.txt'}",
         "data.seq_len=64", "exits.layers=[1,2,3]", "loss.ce_target=teacher", "optim.lr=1e-2", "train.steps=6",
         "train.checkpoint_every=0",

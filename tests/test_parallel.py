@@ -33,7 +33,7 @@ from eetune.parallel.checkpoint import check_same_mesh
 from eetune.parallel.load import CheckpointTensors
 from eetune.parallel.mesh import ParallelDims
 from eetune.parallel.pipeline import plan_stages
-from eetune.train import loop
+from eetune.stages import tune
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-6
@@ -90,7 +90,7 @@ class References:
         key = tuple(settings)
         if key not in self.runs:
             run_dir = self.root / f"reference-{len(self.runs)}"
-            loop.run(compose_config("tune", [*self.common, *settings, f"run_dir={run_dir}"]))
+            tune.run(compose_config("tune", [*self.common, *settings, f"run_dir={run_dir}"]))
             self.runs[key] = run_dir
         return self.runs[key]
 

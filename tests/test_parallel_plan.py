@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,21 @@ def test_plan_command_prints_the_verdict_and_refuses_an_impossible_mesh():
     assert "llama2_70b with 8 mlp exits on 2 x 8 x 80 GB (pp=1 x dp_replicate=1 x dp_shard=16 x tp=1): fits" in text
     with pytest.raises(EetuneError, match="data.batch_size=4 must be a multiple of the 16 data-parallel ranks"):
         make_plan(compose_config("plan", ["recipe=llama2_70b_mlp", "plan.nodes=2"]))
+
+
+def test_plan_counts_the_exits_train_init_from_names_as_tune_does(tmp_path):
+    """With train.init_from, tune trains the named run's exits (not `exits`): so does the plan, and
+    their confidence estimators make the final layer needed."""
+    from eetune.exits import ExitSpec
+    from eetune.exits.checkpoint import FORMAT
+
+    specs = [ExitSpec(layer=8, arch="norm", confidence="linear"), ExitSpec(layer=20, arch="mlp", head="copy")]
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "stage": "tune", "exits": [s.to_dict() for s in specs]}))
+    common = ["recipe=llama2_13b_mlp", "model=llama2_7b", "loss.ce_target=labels", "loss.kd_alpha=0",
+              "data.batch_size=4", "plan.gpus_per_node=4", "parallel.pp=2", "parallel.dp_shard=2"]
+    resumed = make_plan(compose_config("plan", [*common, "exits.layers=[4]", "exits.confidence=none",
+                                                f"train.init_from={tmp_path}"]))
+    assert resumed.specs == specs
+    assert resumed.stages[-1].plan.last == 32  # the final layer is computed: a confidence estimator trains
+    written = make_plan(compose_config("plan", [*common, "exits.layers=[8,20]"]))
+    assert written.stages[-1].plan.last == 20

@@ -22,7 +22,10 @@ from eetune.errors import EetuneError
 from eetune.exits import load_exits
 from eetune.models import fingerprint, get_model_entry, load_base_model
 from eetune.models.tiny import write_tiny_checkpoint
-from eetune.train import loop
+from eetune.data import load_tuning_data
+from eetune.stages import tune
+from eetune.train.needs import build_model
+from eetune.train.trainer import Trainer
 from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 
 
@@ -56,7 +59,7 @@ def exit_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_tune_writes_a_run_dir_and_improves_every_exit(tiny_base_model, corpus, tmp_path):
     run_dir = tmp_path / "run"
-    result = loop.run(tune_cfg(tiny_base_model, corpus, run_dir))
+    result = tune.run(tune_cfg(tiny_base_model, corpus, run_dir))
 
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.yaml", "manifest.json", "exits.safetensors", "metrics.jsonl", "loss_curve.png", "state"} <= names
@@ -86,8 +89,8 @@ def test_backbone_is_untouched_and_only_exits_are_optimised(tiny_base_model, cor
     before = fingerprint(tiny_base_model.model.state_dict())
     cfg = tune_cfg(tiny_base_model, corpus, tmp_path / "run", "train.steps=3")
     base = load_base_model("smollm2_135m", checkpoint_dir=tiny_base_model.checkpoint_dir)
-    model = loop._build_model(cfg, base)
-    trainer = loop.Trainer(cfg, base, model, loop.load_tuning_data(cfg.data, base.tokenizer), tmp_path / "run", None)
+    model = build_model(cfg, base)
+    trainer = Trainer(cfg, base, model, load_tuning_data(cfg.data, base.tokenizer), tmp_path / "run", None)
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in model.exits.parameters()}
     backbone_before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -98,8 +101,8 @@ def test_backbone_is_untouched_and_only_exits_are_optimised(tiny_base_model, cor
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_base_model, corpus, tmp_path):
     common = ("train.steps=2", "train.checkpoint_every=0", "data.shuffle=false", "optim.grad_clip=0")
-    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "big", "data.batch_size=4", *common))
-    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "big", "data.batch_size=4", *common))
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
     big, acc = exit_state(tmp_path / "big"), exit_state(tmp_path / "acc")
     for key in big:
         torch.testing.assert_close(acc[key], big[key], rtol=0, atol=1e-6)
@@ -108,8 +111,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_base_model, corpus, tmp
 def test_hidden_state_cache_gives_the_same_losses(tiny_base_model, corpus, tmp_path):
     # 30 steps of 4 examples span two epochs (~20 batches each): the second reads the cache.
     common = ("train.steps=30", "train.checkpoint_every=0", "loss.kd_alpha=0.5")
-    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "plain", *common))
-    loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "cached", "data.cache_hidden=true", *common))
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "plain", *common))
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "cached", "data.cache_hidden=true", *common))
     assert (tmp_path / "cached" / "hidden_cache" / "final.npy").is_file()
     plain = _train_losses(tmp_path / "plain")
     cached = _train_losses(tmp_path / "cached")
@@ -127,10 +130,11 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from eetune.config import compose_config
-    from eetune.train import loop
+    from eetune.stages import tune
+    from eetune.train.trainer import Trainer
 
     kill_at = int(sys.argv[1])
-    original = loop.Trainer.train_step
+    original = Trainer.train_step
 
     def train_step(self):
         # Die hard in the middle of the run, after the step-8 checkpoint, mid-way to the next.
@@ -138,15 +142,15 @@ KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self)
 
-    loop.Trainer.train_step = train_step
-    loop.run(compose_config("tune", sys.argv[2:]))
+    Trainer.train_step = train_step
+    tune.run(compose_config("tune", sys.argv[2:]))
     """
 )
 
 
 def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_base_model, corpus, tmp_path):
     straight = tmp_path / "straight"
-    loop.run(tune_cfg(tiny_base_model, corpus, straight))
+    tune.run(tune_cfg(tiny_base_model, corpus, straight))
 
     killed = tmp_path / "killed"
     cfg = tune_cfg(tiny_base_model, corpus, killed)
@@ -159,7 +163,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_
     state = torch.load(killed / "state" / "trainer.pt", weights_only=False)
     assert state["step"] == 8
 
-    loop.run(tune_cfg(tiny_base_model, corpus, killed, "resume=true"))
+    tune.run(tune_cfg(tiny_base_model, corpus, killed, "resume=true"))
     resumed, expected = exit_state(killed), exit_state(straight)
     assert resumed.keys() == expected.keys()
     for key in expected:
@@ -178,18 +182,18 @@ def _flat_overrides(cfg):
 
 def test_resume_refuses_a_changed_config_and_a_dir_without_state(tiny_base_model, corpus, tmp_path):
     run_dir = tmp_path / "run"
-    loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
+    tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
     snapshot = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     # Every changed key is named, not only the first; train.steps may change alongside.
     both = r"config differs \(loss.kd_alpha was 0.0, now 0.5, optim.lr was 0.01, now 0.02\)"
     with pytest.raises(EetuneError, match=both):
-        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=8", "optim.lr=2e-2", "loss.kd_alpha=0.5",
+        tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=8", "optim.lr=2e-2", "loss.kd_alpha=0.5",
                           "resume=true"))
     with pytest.raises(EetuneError, match="already exists and is not empty"):
-        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
+        tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == snapshot
     with pytest.raises(EetuneError, match="holds no interrupted tune run"):
-        loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "empty", "resume=true"))
+        tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "empty", "resume=true"))
 
 
 def _trained(run_dir: Path) -> list[dict]:
@@ -201,9 +205,9 @@ def test_resume_with_more_steps_extends_a_finished_run_on_the_longer_schedule(ti
     # to 12 must equal 12 straight steps, provided step 3 on uses the 12-step schedule (the 3-step
     # one has decayed to its minimum there).
     straight, extended = tmp_path / "straight", tmp_path / "extended"
-    loop.run(tune_cfg(tiny_base_model, corpus, straight))
-    loop.run(tune_cfg(tiny_base_model, corpus, extended, "train.steps=3"))
-    result = loop.run(tune_cfg(tiny_base_model, corpus, extended, "train.steps=12", "train.log_every=2",
+    tune.run(tune_cfg(tiny_base_model, corpus, straight))
+    tune.run(tune_cfg(tiny_base_model, corpus, extended, "train.steps=3"))
+    result = tune.run(tune_cfg(tiny_base_model, corpus, extended, "train.steps=12", "train.log_every=2",
                                "resume=true"))
 
     assert result.steps == 12 and result.tokens_seen == 12 * 4 * 64
@@ -225,11 +229,11 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 
 def test_resume_of_a_finished_run_changes_nothing(tiny_base_model, corpus, tmp_path):
     run_dir = tmp_path / "run"
-    done = loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
+    done = tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4"))
     files = _files(run_dir)
     out = io.StringIO()
     # A cadence change does not make a finished run unfinished; only a larger train.steps does.
-    again = loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4", "train.eval_every=1",
+    again = tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=4", "train.eval_every=1",
                               "resume=true"), Console(file=out, width=200))
     assert "already finished at step 4" in out.getvalue()
     assert _files(run_dir) == files
@@ -258,12 +262,12 @@ def test_a_refused_start_leaves_nothing_behind(tiny_base_model, corpus, tmp_path
     for override, message in refusals.items():
         extra = ["logger.mode=online"] if override.startswith("logger") else []
         with pytest.raises(EetuneError, match=message):
-            loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=2", override, *extra))
+            tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=2", override, *extra))
         assert not run_dir.exists(), override
     # A run dir that existed (empty) before a refusal is kept, and left empty.
     run_dir.mkdir()
     with pytest.raises(EetuneError, match="W&B login"):
-        loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=2", "logger.kind=wandb", "logger.mode=online"))
+        tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=2", "logger.kind=wandb", "logger.mode=online"))
     assert run_dir.is_dir() and not any(run_dir.iterdir())
 
     code, _, err = run_cli("tune", *args)
@@ -276,7 +280,7 @@ def test_a_refused_start_leaves_nothing_behind(tiny_base_model, corpus, tmp_path
 
 def test_exits_from_another_base_model_are_refused_naming_both_checkpoint_dirs(tiny_base_model, corpus, tmp_path):
     source = tmp_path / "source"
-    loop.run(tune_cfg(tiny_base_model, corpus, source, "train.steps=1"))
+    tune.run(tune_cfg(tiny_base_model, corpus, source, "train.steps=1"))
     other = write_tiny_checkpoint(
         get_model_entry("smollm2_135m"), tmp_path / "other-checkpoint", seed=1, num_hidden_layers=4,
         rope_theta=100_000.0, rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=2048,
@@ -284,7 +288,7 @@ def test_exits_from_another_base_model_are_refused_naming_both_checkpoint_dirs(t
     cfg = tune_cfg(tiny_base_model, corpus, tmp_path / "next", f"train.init_from={source}",
                    f"model.checkpoint_dir={other}")
     with pytest.raises(EetuneError) as refused:
-        loop.run(cfg)
+        tune.run(cfg)
     message = str(refused.value)
     assert f"from {tiny_base_model.checkpoint_dir} (fingerprint {tiny_base_model.fingerprint})" in message
     assert f"loaded from {other} has fingerprint" in message
@@ -296,12 +300,12 @@ def test_exits_from_another_base_model_are_refused_naming_both_checkpoint_dirs(t
     (source / "manifest.json").write_text(json.dumps(manifest))
     assert load_exits(source, tiny_base_model.model, tiny_base_model.fingerprint).exit_layers == [1, 2, 3]
     with pytest.raises(EetuneError, match=f"does not record .*loaded from {other}"):
-        loop.run(cfg)
+        tune.run(cfg)
 
 
 def test_confidence_estimators_train_and_are_saved_with_the_exits(tiny_base_model, corpus, tmp_path):
     run_dir = tmp_path / "run"
-    loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "exits.confidence=mlp", "train.steps=6"))
+    tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "exits.confidence=mlp", "train.steps=6"))
     state = exit_state(run_dir)
     assert any(key.startswith("1.confidence.net.") for key in state)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -316,7 +320,7 @@ def test_confidence_estimators_train_and_are_saved_with_the_exits(tiny_base_mode
 def test_wandb_offline_run_holds_the_logged_metrics(tiny_base_model, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "logger.kind=wandb", "logger.mode=offline", "train.steps=3"))
+    tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "logger.kind=wandb", "logger.mode=offline", "train.steps=3"))
     offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     steps_with: dict[str, set[int]] = {}
@@ -392,7 +396,7 @@ def test_flat_stop_counts_evaluations_without_relative_gain():
 def test_tune_stops_when_heldout_losses_flatten(tiny_base_model, corpus, tmp_path):
     # min_delta 0.99: no evaluation can count as a gain, so patience 2 stops at the second one.
     run_dir = tmp_path / "run"
-    result = loop.run(
+    result = tune.run(
         tune_cfg(
             tiny_base_model, corpus, run_dir, "train.steps=40", "train.eval_every=3",
             "train.flat_patience=2", "train.flat_min_delta=0.99", "train.log_every=5",
@@ -409,10 +413,20 @@ def test_tune_stops_when_heldout_losses_flatten(tiny_base_model, corpus, tmp_pat
     # with another flat_patience evaluations (it stops at step 12, not at the next one, 9).
     files = _files(run_dir)
     flat = ("train.eval_every=3", "train.flat_patience=2", "train.flat_min_delta=0.99", "train.log_every=5")
-    assert loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=40", *flat, "resume=true")).steps == 6
+    assert tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=40", *flat, "resume=true")).steps == 6
     assert _files(run_dir) == files
-    assert loop.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=50", *flat, "resume=true")).steps == 12
+    assert tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "train.steps=50", *flat, "resume=true")).steps == 12
     assert json.loads((run_dir / "manifest.json").read_text())["tune"]["stopped_flat"] is True
     with pytest.raises(EetuneError, match="train.eval_every"):
-        loop.run(tune_cfg(tiny_base_model, corpus, tmp_path / "bad", "train.flat_patience=2"))
+        tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "bad", "train.flat_patience=2"))
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_changed_keys_names_every_differing_leaf_once():
+    from eetune.config.diff import changed_keys
+
+    old = {"optim": {"lr": 0.01, "betas": [0.9, 0.95]}, "train": {"steps": 4}, "seed": 0, "gone": 1}
+    new = {"optim": {"lr": 0.02, "betas": [0.9, 0.95]}, "train": {"steps": 8}, "seed": 0, "added": {"x": 2}}
+    assert changed_keys(old, new) == ["added.x", "gone", "optim.lr", "train.steps"]
+    assert changed_keys(old, new, ignore=("train.steps", "gone", "added.x")) == ["optim.lr"]
+    assert changed_keys(old, old) == []

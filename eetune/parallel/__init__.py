@@ -8,7 +8,9 @@ from eetune.parallel.mesh import ParallelDims, launched_world_size, under_launch
 
 
 def on_mesh(cfg: Any) -> bool:
-    """Whether `tune` runs on a device mesh (several processes) rather than in one plain process.
+    """Whether `tune` runs on a device mesh rather than in one plain process: with several
+    processes, or in any process torchrun started, even alone (FSDP2 over a world of one, e.g.
+    on one GPU: scripts/gpu_check.sh).
 
     Also checks the mesh fits the process count, so a single process asked for tp=2 fails clearly
     instead of silently running unsharded.
@@ -19,7 +21,7 @@ def on_mesh(cfg: Any) -> bool:
 
         raise EetuneError(f"parallel.nproc_per_node={processes} must be >= 1")
     ParallelDims.from_config(cfg.parallel, processes)
-    return processes > 1
+    return processes > 1 or under_launcher()
 
 
 __all__ = ["ParallelDims", "on_mesh"]

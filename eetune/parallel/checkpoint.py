@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -37,9 +36,8 @@ from eetune.errors import EetuneError
 from eetune.exits.checkpoint import EXITS_FILE, FORMAT, MANIFEST_FILE
 from eetune.parallel.mesh import Topology
 from eetune.rundir import atomic_write, atomic_write_json
-from eetune.train.state import STATE_DIR
+from eetune.train.state import MESH_FILE, STATE_DIR
 
-MESH_FILE = "mesh.json"
 _TRAINER = "trainer.pt"
 _SHARDS = "dcp"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -127,19 +125,6 @@ def check_same_mesh(state_dir: Path, topology: Topology) -> None:
         raise EetuneError(
             f"{state_dir} was saved on the mesh {shown}, not {topology.dims.describe()}: resume on the same mesh "
             "(its tuned exits.safetensors, once written, load on any mesh through train.init_from)"
-        )
-
-
-def refuse_mesh_state(run_dir: Path) -> None:
-    """For a single-process resume: state sharded by a mesh run cannot be read here."""
-    path = Path(run_dir) / STATE_DIR / MESH_FILE
-    if path.is_file():
-        dims = json.loads(path.read_text())
-        shown = " x ".join(f"{k}={v}" for k, v in dims.items())
-        processes = math.prod(dims.values())
-        raise EetuneError(
-            f"{run_dir} was saved on a mesh of {processes} processes ({shown}): resume it with "
-            f"parallel.nproc_per_node={processes} (or the same launcher), or start a new run_dir"
         )
 
 

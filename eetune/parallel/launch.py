@@ -2,14 +2,14 @@
 
 The parent resolves the config once (so every process sees the same run_dir, timestamps included),
 writes it to a temporary file and runs torchrun's own entry point (`torch.distributed.run`,
-standalone rendezvous on this node) on `python -m eetune.parallel.launch <config.yaml>`. Multi-node
-jobs start torchrun themselves (scripts/slurm/*.sbatch) and call `eetune tune` directly.
+standalone rendezvous on this node) on `python -m eetune.stages <stage> <config.yaml>`, which runs
+the config's stage in every worker. Multi-node jobs start torchrun themselves (scripts/slurm/*.sbatch)
+and call `eetune tune` directly.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from eetune.errors import EetuneError
 
 
 def relaunch(cfg: Any, console: Console) -> None:
-    """Run `cfg` as `parallel.nproc_per_node` processes under torchrun; return when all have finished."""
+    """Run `cfg`'s stage as `parallel.nproc_per_node` processes under torchrun; return when all have finished."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -31,7 +31,7 @@ def relaunch(cfg: Any, console: Console) -> None:
     try:
         Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         args = get_args_parser().parse_args(
-            ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "eetune.parallel.launch", path]
+            ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "eetune.stages", cfg.stage, path]
         )
         console.print(f"launching {nproc} processes under torchrun")
         try:
@@ -39,24 +39,8 @@ def relaunch(cfg: Any, console: Console) -> None:
         except ChildFailedError as exc:
             codes = sorted({failure.exitcode for failure in exc.failures.values()})
             raise EetuneError(
-                f"{len(exc.failures)} of {nproc} tune processes failed (exit code {', '.join(map(str, codes))}); "
+                f"{len(exc.failures)} of {nproc} {cfg.stage} processes failed (exit code {', '.join(map(str, codes))}); "
                 "their messages are above"
             ) from None
     finally:
         os.unlink(path)
-
-
-def main(argv: list[str]) -> None:
-    """A worker torchrun started: run the resolved config in `argv[0]`."""
-    from eetune.train import loop
-
-    cfg = OmegaConf.load(argv[0])
-    try:
-        loop.run(cfg)
-    except EetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

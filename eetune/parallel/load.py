@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
-from eetune.exits import EarlyExitModel, ExitSpec, read_manifest, specs_from_config
+from eetune.exits import EarlyExitModel, ExitSpec
 from eetune.models import BaseModel, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import find_safetensors, hf_to_tune_state_dict
@@ -30,7 +30,8 @@ from eetune.models.load import resolve_checkpoint_dir, load_tokenizer, parse_dty
 from eetune.models.registry import ModelFamily
 from eetune.parallel.mesh import Topology
 from eetune.parallel.parallelize import parallelize_stage
-from eetune.parallel.pipeline import StagePlan, plan_stages
+from eetune.parallel.pipeline import StagePlan, run_stages
+from eetune.train.needs import RunNeeds, build_model
 
 
 class CheckpointTensors(Mapping[str, torch.Tensor]):
@@ -73,15 +74,13 @@ class StageModel:
     specs: list[ExitSpec]  # every exit of the run, in layer order
 
 
-def build_stage_model(
-    cfg: Any, topology: Topology, specs: list[ExitSpec], needs_final: bool,
-    build_exits: Callable[[Any, BaseModel], EarlyExitModel],
-) -> StageModel:
+def build_stage_model(cfg: Any, topology: Topology, needs: RunNeeds) -> StageModel:
     """This rank's stage of the backbone and exits, loaded, tensor-parallel and FSDP-sharded.
 
-    `specs` are every exit of the run; `build_exits(cfg, base)` is the single-process exit builder
-    (it reads `base.model`'s layers).
+    `needs`: every exit of the run and whether the final layer is computed. The exits are built by
+    the single-process builder (`build_model`, which reads `base.model`'s layers).
     """
+    specs = needs.specs
     model_cfg = cfg.model
     entry = get_model_entry(model_cfg.name)
     path = resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
@@ -96,8 +95,7 @@ def build_stage_model(
     decoder.to(dtype=dtype).eval().requires_grad_(False)
     num_layers = len(decoder.layers)
 
-    depth = num_layers if needs_final or not cfg.parallel.partial else max(spec.layer for spec in specs)
-    plans = plan_stages(topology.dims.pp, depth, [spec.layer for spec in specs], needs_final or not cfg.parallel.partial)
+    plans = run_stages(topology.dims.pp, num_layers, needs, cfg.parallel.partial)
     plan = plans[topology.pp_rank]
     base = BaseModel(
         name=entry.name, model=decoder, tokenizer=tokenizer, checkpoint_dir=path, hf_config=config,
@@ -107,7 +105,7 @@ def build_stage_model(
 
     # Exits, built from full source weights on every rank (same random draws), then this stage's kept.
     loader.load(_exit_sources(specs, num_layers, _lm_head_name(config)))
-    model = build_exits(cfg, base)
+    model = build_model(cfg, base)
     for layer in model.exit_layers:
         if layer not in plan.exits:
             del model.exits[str(layer)]
@@ -121,13 +119,6 @@ def build_stage_model(
                       before_block=lambda index: loader.load([f"layers.{index}."]))
     _init_rope(model, topology.device)
     return StageModel(base=base, model=model, plan=plan, plans=plans, specs=specs)
-
-
-def run_specs(cfg: Any) -> list[ExitSpec]:
-    """Every exit of the run: from the config, or from the run dir `train.init_from` names."""
-    if cfg.train.init_from:
-        return sorted((ExitSpec(**spec) for spec in read_manifest(cfg.train.init_from)["exits"]), key=lambda s: s.layer)
-    return specs_from_config(cfg.exits)
 
 
 def _shared_fingerprint(tensors: CheckpointTensors) -> str:

@@ -27,6 +27,7 @@ from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
+from eetune.train.needs import RunNeeds
 
 FINAL = "final"
 
@@ -54,6 +55,14 @@ class StagePlan:
     def layer_indices(self) -> range:
         """0-based indices into `decoder.layers`."""
         return range(self.first, self.last)
+
+
+def run_stages(num_stages: int, num_layers: int, needs: RunNeeds, partial: bool) -> list[StagePlan]:
+    """A run's stages: its layers up to the final one when a loss needs it or `parallel.partial` is off,
+    else only up to the deepest exit (tune's mesh and `plan` alike)."""
+    final = needs.needs_final or not partial
+    depth = num_layers if final else max(needs.layers)
+    return plan_stages(num_stages, depth, needs.layers, final)
 
 
 def plan_stages(num_stages: int, depth: int, exit_layers: list[int], needs_final: bool) -> list[StagePlan]:

@@ -1,4 +1,5 @@
-"""`eetune plan`: will a tune fit a cluster, and how fast will it run? Arithmetic, no GPU needed.
+"""`eetune plan`'s arithmetic (the stage: eetune.stages.plan): will a tune fit a cluster, and how fast
+will it run? No GPU needed.
 
 For a model (its config.json, or the registry's reference config), an exit spec, a mesh and a GPU
 size, it estimates the memory of the most loaded rank and the step throughput, counting what
@@ -24,18 +25,15 @@ pace, stretched by the pipeline bubble (m + pp - 1) / m over its m micro-batches
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
-from rich.console import Console
-from rich.table import Table
-
-from eetune.console import make_console
 from eetune.errors import EetuneError
-from eetune.exits import ExitSpec, check_specs, specs_from_config
+from eetune.exits import ExitSpec, check_specs
 from eetune.models import get_model_entry, param_count
 from eetune.models import hf_config as hfc
 from eetune.parallel.mesh import ParallelDims
-from eetune.parallel.pipeline import StagePlan, plan_stages
+from eetune.parallel.pipeline import StagePlan, run_stages
+from eetune.train.needs import run_needs
 
 GIB = 1024**3
 RESERVED = 0.10  # of each GPU's memory, kept free for the CUDA context, NCCL buffers, fragmentation
@@ -102,6 +100,7 @@ class Plan:
     tokens_per_step: int
     step_seconds: float
     pipeline_efficiency: float
+    specs: list[ExitSpec] = field(default_factory=list)  # every exit of the run
 
     @property
     def worst(self) -> StageCost:
@@ -124,7 +123,8 @@ def make_plan(cfg: Any) -> Plan:
     entry = get_model_entry(cfg.model.name)
     config = _model_config(cfg, entry)
     shape = Shape.from_config(entry.family, config)
-    specs = specs_from_config(cfg.exits)
+    needs = run_needs(cfg)  # as tune: the exits of `train.init_from` when it names a run
+    specs, needs_final = needs.specs, needs.needs_final
     check_specs(specs, shape.layers)
     gpus = int(cfg.plan.nodes) * int(cfg.plan.gpus_per_node)
     if gpus < 1 or cfg.plan.gpu_memory_gb <= 0 or cfg.plan.gpu_tflops <= 0 or not 0 < cfg.plan.mfu <= 1:
@@ -132,10 +132,7 @@ def make_plan(cfg: Any) -> Plan:
                           "plan.mfu in (0, 1]")
     dims = ParallelDims.from_config(cfg.parallel, gpus)
     dims.check_batch_size(int(cfg.data.batch_size))
-    needs_final = cfg.loss.kd_alpha > 0 or cfg.loss.ce_target == "teacher" or cfg.exits.confidence != "none"
-    final = needs_final or not cfg.parallel.partial
-    depth = shape.layers if final else max(spec.layer for spec in specs)
-    plans = plan_stages(dims.pp, depth, [spec.layer for spec in specs], final)
+    plans = run_stages(dims.pp, shape.layers, needs, cfg.parallel.partial)
 
     weight_bytes = _BYTES[cfg.model.dtype]
     rows = int(cfg.data.batch_size) // dims.dp
@@ -153,7 +150,7 @@ def make_plan(cfg: Any) -> Plan:
     return Plan(
         model=entry.name, dims=dims, gpus=gpus, capacity=float(cfg.plan.gpu_memory_gb) * GIB, stages=stages,
         backbone_params=param_count(entry.family, config), exit_params=sum(sum(exit_params(s, shape)) for s in specs),
-        tokens_per_step=tokens, step_seconds=slowest / efficiency, pipeline_efficiency=efficiency,
+        tokens_per_step=tokens, step_seconds=slowest / efficiency, pipeline_efficiency=efficiency, specs=specs,
     )
 
 
@@ -228,34 +225,3 @@ def _exit_activation_width(spec: ExitSpec, shape: Shape, tp: int) -> float:
         "mlp": 4 * d + 4 * f / tp,
         "layer": 6 * d + (4 * d + 2 * kv + 4 * f) / tp,
     }[spec.arch]
-
-
-def run(cfg: Any, console: Optional[Console] = None) -> Plan:
-    console = console or make_console(stderr=False)
-    plan = make_plan(cfg)
-    console.print(plan_table(plan, cfg))
-    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    console.print(
-        f"{plan.model} with {len(cfg.exits.layers)} {cfg.exits.arch} exits on {cfg.plan.nodes} x "
-        f"{cfg.plan.gpus_per_node} x {cfg.plan.gpu_memory_gb:g} GB ({plan.dims.describe()}): {verdict}, "
-        f"{plan.worst.total / GIB:.1f} of {plan.usable / GIB:.1f} GiB usable on the fullest rank "
-        f"(stage {plan.worst.plan.stage}); ~{plan.tokens_per_s:,.0f} tokens/s, {plan.step_seconds:.2f} s per step "
-        f"of {plan.tokens_per_step:,} tokens at {cfg.plan.mfu:.0%} of {cfg.plan.gpu_tflops:g} TFLOP/s"
-    )
-    return plan
-
-
-def plan_table(plan: Plan, cfg: Any) -> Table:
-    """Memory per rank (GiB) by component, one column per pipeline stage."""
-    table = Table(title=f"{plan.model}: {plan.backbone_params / 1e9:.2f}B frozen, {plan.exit_params / 1e6:.1f}M exit "
-                        f"parameters; per-rank GiB on {plan.dims.describe()}")
-    table.add_column("")
-    for stage in plan.stages:
-        table.add_column(f"stage {stage.plan.stage}", justify="right")
-    table.add_row("layers", *(f"{s.plan.first + 1}-{s.plan.last}" for s in plan.stages))
-    table.add_row("exits", *(",".join(map(str, s.plan.exits)) or "-" for s in plan.stages))
-    for key in plan.stages[0].memory:
-        table.add_row(key, *(f"{s.memory[key] / GIB:.2f}" for s in plan.stages))
-    table.add_row("total", *(f"[bold]{s.total / GIB:.2f}[/]" for s in plan.stages))
-    table.add_row(f"usable ({1 - RESERVED:.0%} of GPU)", *(f"{plan.usable / GIB:.2f}" for _ in plan.stages))
-    return table

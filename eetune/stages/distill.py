@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from eetune.config.diff import changed_keys
 from eetune.console import make_console
 from eetune.data.jsonl import iter_jsonl
 from eetune.data.sources import read_text_file
@@ -254,23 +255,12 @@ def _check_resume(out: Path, cfg: DictConfig) -> None:
     for key in RESUMABLE_KEYS:
         old["distill"].pop(key, None)
         new["distill"].pop(key, None)
-    changed = sorted({*_diff(old, new)})
+    changed = changed_keys(old, new)
     if changed:
         raise EetuneError(
             f"cannot resume {out}: its settings differ ({', '.join(changed)}); only distill.max_tokens may change "
             "on resume; resume with the original settings or choose another distill.out"
         )
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key in old.keys() | new.keys():
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def gather_prompts(d: Any, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:

@@ -8,6 +8,8 @@ either the previous checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import shutil
@@ -25,6 +27,7 @@ from eetune.errors import EetuneError
 STATE_DIR = "state"
 _EXITS = "exits.safetensors"
 _TRAINER = "trainer.pt"
+MESH_FILE = "mesh.json"  # in a mesh run's state/: the mesh its shards were saved on
 
 
 @dataclass
@@ -103,3 +106,16 @@ def load_state(run_dir: Path) -> TrainerState:
         raise EetuneError(f"{run_dir} has no training state to resume from (no {STATE_DIR}/{_TRAINER})")
     payload = torch.load(directory / _TRAINER, weights_only=False)
     return TrainerState(exits=load_file(str(directory / _EXITS)), **payload)
+
+
+def refuse_mesh_state(run_dir: Path) -> None:
+    """For a single-process resume: state sharded by a mesh run cannot be read here."""
+    path = Path(run_dir) / STATE_DIR / MESH_FILE
+    if path.is_file():
+        dims = json.loads(path.read_text())
+        shown = " x ".join(f"{k}={v}" for k, v in dims.items())
+        processes = math.prod(dims.values())
+        raise EetuneError(
+            f"{run_dir} was saved on a mesh of {processes} processes ({shown}): resume it with "
+            f"parallel.nproc_per_node={processes} (or the same launcher), or start a new run_dir"
+        )

@@ -30,7 +30,7 @@ from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_t
 
 from eetune.config import compose_config  # noqa: E402
 from eetune.rundir import atomic_write  # noqa: E402
-from eetune.train import loop  # noqa: E402
+from eetune.stages import tune  # noqa: E402
 from eetune.train.metrics import read_metrics  # noqa: E402
 
 # name -> overrides on top of the quickstart recipe (CE to the final layer's argmax, copy init);
@@ -90,7 +90,7 @@ def main() -> None:
             ],
         )
         start = time.perf_counter()
-        result = loop.run(cfg, console=console)
+        result = tune.run(cfg, console=console)
         curve = [
             {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("heldout_")}}
             for r in read_metrics(work / str(i) / "metrics.jsonl")
@@ -149,7 +149,7 @@ def weights_study(args: argparse.Namespace, console) -> None:
             "train.checkpoint_every=0", *args.set, *overrides,
         ])
         start = time.perf_counter()
-        result = loop.run(cfg, console=console)
+        result = tune.run(cfg, console=console)
         results[name] = {
             "overrides": overrides, "seconds": time.perf_counter() - start, "run_dir": str(work / str(i)),
             "after": {str(l): {"cross_entropy": q.cross_entropy, "agreement": q.agreement} for l, q in result.after.items()},

@@ -61,8 +61,8 @@ def run_case(case: dict[str, Any], result_prefix: str) -> None:
 
     torch.set_num_threads(case["threads"])
     from eetune.config import compose_config
-    from eetune.parallel import trainer as mesh_trainer
-    from eetune.train import loop
+    from eetune.stages import tune
+    from eetune.train.trainer import Trainer
 
     memory = PeakMemory()
     times: list[float] = []
@@ -80,11 +80,10 @@ def run_case(case: dict[str, Any], result_prefix: str) -> None:
             return metrics
         return train_step
 
-    loop.Trainer.train_step = measured(loop.Trainer.train_step)
-    mesh_trainer.MeshTrainer.train_step = measured(mesh_trainer.MeshTrainer.train_step)
+    Trainer.train_step = measured(Trainer.train_step)  # one Trainer, in one process or on a mesh
     with tempfile.TemporaryDirectory(prefix="eetune-scale-") as scratch:
         # Every rank composes the same run_dir; rank 0's config is the one used.
-        loop.run(compose_config("tune", overrides(case, Path(scratch) / "run")))
+        tune.run(compose_config("tune", overrides(case, Path(scratch) / "run")))
     rank = int(os.environ.get("RANK", "0"))
     window = memory.window
     write_json(Path(f"{result_prefix}.rank{rank}.json"), {

@@ -46,7 +46,9 @@ from eetune.models import hf_config as hfc
 from eetune.models.load import materialise, parse_dtype
 from eetune.models.tiny import random_decoder
 from eetune.models import load_base
-from eetune.train import loop
+from eetune.data import load_tuning_data
+from eetune.train.needs import build_model
+from eetune.train.trainer import Trainer
 
 from common import (
     DEFAULT_OUT_DIR,
@@ -163,7 +165,7 @@ def case_config(case: Case, run_dir: Path) -> DictConfig:
 
 def load_smollm2(cfg: DictConfig) -> tuple[BaseModel, TuningData]:
     base = load_base(cfg.model)
-    return base, loop.load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
+    return base, load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
 
 
 def build_scaled_llama(cfg: DictConfig, case: Case, run_dir: Path) -> tuple[BaseModel, TuningData]:
@@ -218,9 +220,9 @@ def full_finetune_step(cfg: DictConfig, base: BaseModel, data: TuningData) -> tu
 
 
 def exits_step(cfg: DictConfig, base: BaseModel, data: TuningData, run_dir: Path) -> tuple[StepFn, int]:
-    torch.manual_seed(cfg.seed)  # as loop.run does before building the exits
-    model = loop._build_model(cfg, base)
-    trainer = loop.Trainer(cfg, base, model, data, run_dir, Console(quiet=True))
+    torch.manual_seed(cfg.seed)  # as the tune stage does before building the exits
+    model = build_model(cfg, base)
+    trainer = Trainer(cfg, base, model, data, run_dir, Console(quiet=True))
 
     def step() -> float:
         metrics = trainer.train_step()
