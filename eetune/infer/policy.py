@@ -82,6 +82,8 @@ register(ConfidencePolicy(
 ))
 
 CONFIDENCES: tuple[str, ...] = tuple(POLICIES)
+# Every policy's thresholds lie in (low, high] of this.
+THRESHOLD_RANGE = (min(p.threshold_range[0] for p in POLICIES.values()), max(p.threshold_range[1] for p in POLICIES.values()))
 
 
 def policy(name: str) -> ConfidencePolicy:
@@ -136,7 +138,7 @@ def exit_confidences(logits: Tensor | None, hidden: Tensor, estimator: Any) -> d
 
 
 def threshold_ok(value: Any, confidence: str | None = None) -> bool:
-    low, high = POLICIES[confidence].threshold_range if confidence in POLICIES else (0.0, 1.0)
+    low, high = POLICIES[confidence].threshold_range if confidence in POLICIES else THRESHOLD_RANGE
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low < value <= high
 
 
@@ -144,8 +146,8 @@ def check_threshold(value: Any, key: str | None = None, confidence: str | None =
     """The one threshold range check. `key` names a config field (`generate.threshold`)."""
     if threshold_ok(value, confidence):
         return
-    low, high = POLICIES[confidence].threshold_range if confidence in POLICIES else (0.0, 1.0)
-    span = f"({low:g}, {high:g}] ({high:g} = never exit early)"
+    low, high = POLICIES[confidence].threshold_range if confidence in POLICIES else THRESHOLD_RANGE
+    span = f"({low:g}, {high:g}] ({float(high)!r} = never exit early)"
     if key is None:
         raise EetuneError(f"threshold must be in {span}, got {value}")
     raise EetuneError(f"{key}={value} must be in {span}")
@@ -240,7 +242,9 @@ def check_exit_settings(
         if not estimator(layer):
             fail("draft_confidence", f"{prefix}draft_confidence needs a learned confidence estimator on the drafting "
                  f"exit {layer}, which has none (tune with exits.confidence=linear|mlp)")
-    if s.mode == "early_exit" and POLICIES[s.confidence].needs_estimator:
+    # Threshold 1.0 never exits (the full model); None is not resolved yet (serve's defaults).
+    may_exit = s.mode == "early_exit" and (s.threshold is None or not never_exits(s.threshold))
+    if may_exit and POLICIES[s.confidence].needs_estimator:
         missing = [layer for layer in exits if not estimator(layer)]
         if missing:
             fail("confidence", f"{name('confidence', s.confidence)} needs an estimator on every exit; exit(s) "
