@@ -196,13 +196,15 @@ def check_exit_settings(
     has_estimator: Callable[[int], bool] | None = None,
     has_token_order: bool = True,
     prefix: str = "",
+    no_exits: str = "this one has none",
 ) -> None:
     """The rules of exit settings `s` (anything with the EXIT_FIELDS: DecodeSettings, serve's
     options, ...); raises ExitSettingsError naming the field.
 
     With `exit_layers` (the model's exits) and `has_estimator(layer)`, also the rules that
     depend on the model. `prefix` names where the settings came from (`serve.`,
-    `early_exit.`): messages then read `serve.draft_exit=4 ...`.
+    `early_exit.`): messages then read `serve.draft_exit=4 ...`. `no_exits` says why a model
+    has no exits (where a mode needs them).
     """
 
     def name(field: str, value: Any) -> str:
@@ -230,7 +232,7 @@ def check_exit_settings(
         return
     exits = list(exit_layers)
     if s.mode != "full" and not exits:
-        fail("mode", f"{name('mode', s.mode)} needs a model with exits; this one has none: use mode 'full'")
+        fail("mode", f"{name('mode', s.mode)} needs a model with exits; {no_exits}: use mode 'full'")
     if s.draft_exit is not None and s.draft_exit not in exits:
         fail("draft_exit", f"{name('draft_exit', s.draft_exit)} is not an exit of this model; exits are at {exits}")
     if s.draft_vocab is not None and not has_token_order:

@@ -217,7 +217,8 @@ class ServedModel:
         """Settings that depend on this model's exits; `prefix` names where they came from."""
         try:
             check_exit_settings(options, **model_exit_rules(self.model),
-                                has_token_order=self.engine.token_order is not None, prefix=prefix)
+                                has_token_order=self.engine.token_order is not None, prefix=prefix,
+                                no_exits="this server has none (it was started without serve.run_dir)")
         except ExitSettingsError as exc:
             raise APIError(400, exc.message, param=f"{prefix}{exc.field}") from None
         return options
