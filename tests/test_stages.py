@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from eetune.cli import main
 from eetune.config import compose_config
 from eetune.errors import EetuneError
-from eetune.exits import load_exits
+from eetune.exits import load_exits, loading
 from eetune.stages import augment, generate
 
 
@@ -22,7 +22,7 @@ from eetune.stages import augment, generate
 def use_smollm2(monkeypatch, smollm2):
     """Stages load the session's SmolLM2 instead of reading it from disk again."""
     monkeypatch.setattr(augment, "load_base", lambda model_cfg: smollm2)
-    monkeypatch.setattr(generate, "load_base", lambda model_cfg: smollm2)
+    monkeypatch.setattr(loading, "load_base", lambda model_cfg: smollm2)  # what generate loads with
     return smollm2
 
 

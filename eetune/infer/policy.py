@@ -122,18 +122,6 @@ def first_confident(confidence: Tensor, threshold: float) -> Tensor:
     return torch.where(fires.any(0), index, torch.full_like(index, num_exits))
 
 
-def exit_confidences(logits: Tensor | None, hidden: Tensor, estimator: Any) -> dict[str, Tensor]:
-    """Every policy's confidence this exit can give (eval): policy name -> [r]."""
-    out = {}
-    for p in POLICIES.values():
-        if p.needs_estimator and estimator is None:
-            continue
-        if p.needs_head and logits is None:
-            continue
-        out[p.name] = p.score(logits if p.needs_head else None, hidden, estimator)
-    return out
-
-
 # -- thresholds ----------------------------------------------------------------------------------
 
 
