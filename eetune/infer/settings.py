@@ -16,7 +16,8 @@ from eetune.infer.sampling import SamplingParams, TokenLogprob
 class DecodeSettings:
     mode: str = "full"  # full | early_exit | self_speculative
     threshold: float = 1.0  # early_exit: exit at the first exit with confidence >= threshold; 1.0 == full
-    # max_prob: max softmax prob of the exit head | learned: sigmoid of the exit's estimator (head only where it fires)
+    # A confidence policy of eetune.infer.policy.POLICIES: max_prob (max softmax prob of the exit head) |
+    # learned (sigmoid of the exit's estimator; the head runs only where it fires) | ...
     confidence: str = "max_prob"
     draft_exit: int | None = None  # self_speculative: exit layer used for drafting (default: the deepest exit)
     draft_len: int = 4  # self_speculative: tokens drafted per verify forward (k)
