@@ -19,6 +19,8 @@ from torchtune.models.llama3_2._component_builders import llama3_2
 from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
+from eetune.eval.heldout import sequence_tokens
+from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.exits.model import EarlyExitModel
 from eetune.exits.spec import ExitSpec
 from eetune.infer import (
@@ -32,6 +34,7 @@ from eetune.infer import (
     layer_forward,
     probabilities,
 )
+from eetune.infer.policy import CONFIDENCES, MODES, POLICIES, first_confident
 from eetune.models import BaseModel
 
 VOCAB = 256
@@ -709,3 +712,50 @@ def test_smollm2_self_speculative_and_early_exit_are_exact(smollm2: BaseModel, s
     prompt = _chat(smollm2, questions[0])
     result = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=0.8, max_new_tokens=10))
     assert (result.tokens, result.exit_layers) == _reference_early_exit(smollm2_ee, prompt, 10, 0.8)
+
+
+# -- the exit policy: one decision for runtime and eval ----------------------------------------
+
+
+def _mid_threshold(confidence: torch.Tensor) -> float:
+    """A threshold halfway between two neighbouring confidences near the median: a mix of
+    exits, and no token's confidence within rounding of it."""
+    values = confidence.flatten().sort().values
+    i = len(values) // 2
+    return float((values[i - 1] + values[i]) / 2)
+
+
+@pytest.mark.parametrize("confidence", list(POLICIES))
+def test_eval_exit_decision_equals_the_engines_for_every_policy(ee_learned: EarlyExitModel, confidence: str) -> None:
+    """Teacher-forced eval (eetune.eval.scoring, exit_metrics) sends every token to the exit the
+    engine's early_exit decode left it at, for every registered confidence policy."""
+    engine = Engine(ee_learned)
+    exits = ee_learned.exit_layers
+    for seed in range(3):
+        prompt = _prompt(100 + seed, 6)
+        probe = _prompt(200 + seed, 12)
+        layers = sequence_tokens(ee_learned, torch.tensor([prompt + probe[:-1]]), torch.tensor(probe))
+        threshold = _mid_threshold(torch.stack([layers[layer].confidence[confidence] for layer in exits]))
+        settings = DecodeSettings(mode="early_exit", threshold=threshold, confidence=confidence, max_new_tokens=12)
+        result = engine.generate(prompt, settings)
+        scored = PolicyScorer(ee_learned, ExitPolicy("early_exit", threshold, confidence)).score(prompt, result.tokens)
+        assert scored.exit_layers == result.exit_layers, (seed, threshold)
+        assert scored.is_greedy
+        assert len(set(result.exit_layers)) > 1, "the threshold should mix exits"
+        # exit_metrics' policy sweep makes the same decision from the same confidences.
+        taught = sequence_tokens(ee_learned, torch.tensor([prompt + result.tokens[:-1]]), torch.tensor(result.tokens))
+        index = first_confident(torch.stack([taught[layer].confidence[confidence] for layer in exits]), threshold)
+        assert [[*exits, N_LAYERS][i] for i in index.tolist()] == result.exit_layers
+
+
+def test_every_policy_is_a_choice_everywhere() -> None:
+    """The choice lists the config schema, serve's protocol, eval and the engine validate against
+    are the policy registry's."""
+    from eetune.config.schema import CHOICES
+    from eetune.serve.protocol import EarlyExitOptions
+
+    assert CONFIDENCES == tuple(POLICIES) and CHOICES["generate.confidence"] == CONFIDENCES
+    assert CHOICES["serve.confidence"] == CONFIDENCES and CHOICES["serve.mode"] == MODES
+    for name in POLICIES:
+        assert EarlyExitOptions(confidence=name).confidence == name
+        ExitPolicy("early_exit", 0.5, name)

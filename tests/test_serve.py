@@ -26,7 +26,7 @@ import torch
 
 from eetune.cli import main
 from eetune.config import compose_config
-from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, save_exits
+from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, loading, save_exits
 from eetune.infer import DecodeSettings, Engine
 from eetune.infer.draft_vocab import save_token_counts
 from eetune.models import BaseModel, get_model_entry, load_base_model
@@ -899,7 +899,7 @@ def test_cli_print_config_shows_the_serve_preset(monkeypatch, capsys) -> None:
 
 
 def test_smollm2_server_answers_like_generate(monkeypatch, smollm2: BaseModel) -> None:
-    monkeypatch.setattr("eetune.exits.loading.load_base", lambda model_cfg: smollm2)
+    monkeypatch.setattr(loading, "load_base", lambda model_cfg: smollm2)  # what generate and serve load with
     served = ServedModel.from_config(compose_config("serve", []))
     cfg = compose_config("generate", ["generate.max_new_tokens=12"])
     cfg.generate.prompt = "What is the capital of France?"

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from eetune.config.schema import CHOICES, EetuneConfig, register_schema
 from eetune.errors import EetuneError
+from eetune.infer.policy import check_threshold
 
 # Package data (links to the repository's top-level recipes/ and configs/ in a checkout), so an
 # installed wheel finds them too.
@@ -134,8 +135,8 @@ def validate(cfg: DictConfig) -> None:
         raise EetuneError(f"generate.temperature={cfg.generate.temperature} must be >= 0 (0 = greedy)")
     if cfg.generate.top_p is not None and not 0.0 < cfg.generate.top_p <= 1.0:
         raise EetuneError(f"generate.top_p={cfg.generate.top_p} must be in (0, 1]")
-    if cfg.generate.threshold is not None and not 0.0 < cfg.generate.threshold <= 1.0:
-        raise EetuneError(f"generate.threshold={cfg.generate.threshold} must be in (0, 1] (1.0 = never exit early)")
+    if cfg.generate.threshold is not None:
+        check_threshold(cfg.generate.threshold, "generate.threshold", cfg.generate.confidence)
     if cfg.generate.draft_len < 1:
         raise EetuneError(f"generate.draft_len={cfg.generate.draft_len} must be >= 1")
     if cfg.generate.top_k is not None and cfg.generate.top_k < 1:

@@ -12,6 +12,10 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from eetune.exits.spec import ARCHS, HEADS, INITS, NORM_INITS
+from eetune.exits.spec import CONFIDENCES as ESTIMATORS
+from eetune.infer.policy import CONFIDENCES, MODES
+
 
 @dataclass
 class ModelConfig:
@@ -178,7 +182,7 @@ class EvalConfig:
     # early_exit thresholds swept through the engine (1.0 is the full model).
     thresholds: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.6, 0.4, 0.2])
     # Confidence policies swept; `learned` only where every exit has an estimator.
-    confidences: List[str] = field(default_factory=lambda: ["max_prob", "learned"])
+    confidences: List[str] = field(default_factory=lambda: list(CONFIDENCES))
     # Also measure lossless self-speculative decoding (draft exit: the deepest, or draft_exit).
     self_speculative: bool = True
     draft_exit: Optional[int] = None
@@ -401,15 +405,16 @@ class EetuneConfig:
 # Closed sets of values for string fields, checked after composition.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "exits.arch": ("embedding", "norm", "mlp", "layer"),
-    "exits.init": ("random", "copy"),
-    "exits.head": ("shared", "copy"),
-    "exits.norm_init": ("copy", "ones"),
-    "exits.confidence": ("none", "linear", "mlp"),
-    "generate.mode": ("full", "early_exit", "self_speculative"),
-    "generate.confidence": ("max_prob", "learned"),
-    "serve.mode": ("full", "early_exit", "self_speculative"),
-    "serve.confidence": ("max_prob", "learned"),
+    "exits.arch": ARCHS,
+    "exits.init": INITS,
+    "exits.head": HEADS,
+    "exits.norm_init": NORM_INITS,
+    "exits.confidence": ESTIMATORS,
+    # Decoding choices: the exit policy's own lists (eetune.infer.policy).
+    "generate.mode": MODES,
+    "generate.confidence": CONFIDENCES,
+    "serve.mode": MODES,
+    "serve.confidence": CONFIDENCES,
     "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
     "data.heldout_by": ("tail", "prompt"),

@@ -164,6 +164,16 @@ def load_calibrated_threshold(
     return calibrated_thresholds(run_dir, dtype, device, warn).get(confidence)
 
 
+def run_calibration(
+    run_dir: str | Path | None, model: Any, warn: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """confidence policy -> the threshold `eetune eval` calibrated into `run_dir` for these exits
+    in `model`'s dtype and on its device ; {} without a run dir."""
+    if not run_dir:
+        return {}
+    return calibrated_thresholds(run_dir, *placement(model), warn)
+
+
 def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calibration]:
     """Per confidence policy swept, the fastest threshold meeting eval.target_agreement."""
     out = []

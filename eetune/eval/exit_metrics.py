@@ -19,13 +19,14 @@ from eetune.eval.metrics import (
     chosen,
     expected_calibration_error,
     exit_fractions,
-    first_exit,
     oracle_exit,
     perplexity,
     precision_recall,
     reliability,
 )
+from eetune.eval.scoring import exit_confidence
 from eetune.eval.timing import Costs
+from eetune.infer.policy import first_confident
 
 
 def per_exit_metrics(stats: TokenStats, bins: int, estimator_threshold: float = 0.5) -> list[dict[str, Any]]:
@@ -60,12 +61,11 @@ def policy_metrics(stats: TokenStats, costs: Costs, thresholds: list[float], con
     agrees = torch.stack([stats.agrees(layer) for layer in layers])
     policies = []
     for confidence in confidences:
-        views = [stats.layers[layer] for layer in layers]
-        if confidence == "learned" and any(v.learned is None for v in views):
+        conf = exit_confidence(stats.layers, layers, confidence)
+        if conf is None:  # an exit cannot give this policy's confidence (no estimator)
             continue
-        conf = torch.stack([v.learned if confidence == "learned" else v.max_prob for v in views])
         for t in sorted(set(thresholds), reverse=True):
-            index = first_exit(conf, t)
+            index = first_confident(conf, t)
             fractions = exit_fractions(index, len(layers))
             policies.append({
                 "confidence": confidence, "threshold": t,

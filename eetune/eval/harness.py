@@ -33,13 +33,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from eetune.errors import EetuneError
-from eetune.eval.calibration import load_calibrated_threshold, placement
 from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import DecodeSettings, Engine
+from eetune.eval.calibration import run_calibration
+from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_threshold
 from eetune.rundir import CONFIG_FILE
 from eetune.models import load_base
-from eetune.exits.spec import DEFAULT_THRESHOLD
 from eetune.data.chat import stop_token_ids
 
 
@@ -70,8 +70,7 @@ class EetuneLM(TemplateLM):
         model_cfg = _run_model_config(Path(run_dir), dtype, device)
         base = load_base(model_cfg)
         if threshold is None:
-            calibrated = load_calibrated_threshold(run_dir, confidence, *placement(base.model))
-            threshold = DEFAULT_THRESHOLD if calibrated is None else calibrated
+            threshold = resolve_threshold(None, confidence, run_calibration(run_dir, base.model))
         self.policy = ExitPolicy(mode, float(threshold), confidence)
         if base.tokenizer is None:
             raise EetuneError(f"model {base.name} has no tokenizer; lm-eval needs one")
@@ -90,12 +89,7 @@ class EetuneLM(TemplateLM):
         self.decoded_tokens = 0
         self.decode_s = 0.0
         # Fail on bad settings now, not at the first request.
-        if self.draft_exit is not None and self.draft_exit not in self.model.exit_layers:
-            raise EetuneError(f"draft_exit={self.draft_exit} is not an exit of {run_dir}; exits are at {self.model.exit_layers}")
-        if self.policy.exits_early and confidence == "learned":
-            missing = [layer for layer in self.model.exit_layers if self.model.exit(layer).confidence is None]
-            if missing:
-                raise EetuneError(f"confidence=learned needs an estimator on every exit; exit(s) {missing} of {run_dir} have none")
+        check_exit_settings(self._settings(1, 0.0), **model_exit_rules(self.model))
 
     # -- tokenisation ----------------------------------------------------------------------
 

@@ -2,19 +2,21 @@
 
 `token_stats` runs held-out sequences through the backbone once and keeps, per layer (every
 exit and the final layer) and per predicted position, the four numbers every later metric
-needs: log-probability of the true next token, top-1 token, max probability, and the learned
-estimator's confidence where the exit has one. Nothing of size vocabulary outlives a sequence.
+needs: log-probability of the true next token, top-1 token, max probability, and at every exit
+each confidence policy's confidence (eetune.infer.policy: the engine's own functions; `learned`
+only where the exit has an estimator). Nothing of size vocabulary outlives a sequence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from eetune.exits.model import EarlyExitModel
+from eetune.infer.policy import POLICIES
 
 
 @dataclass
@@ -32,7 +34,14 @@ class LayerTokens:
     label_logprob: torch.Tensor  # log p(true next token), float
     top1: torch.Tensor  # argmax token, long
     max_prob: torch.Tensor  # max softmax probability, float
-    learned: torch.Tensor | None  # sigmoid of the exit's estimator; None without one
+    # Exits: confidence policy -> each token's confidence, computed by the engine's own policy
+    # functions (eetune.infer.policy) for every policy this exit can give; empty for the final layer.
+    confidence: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def learned(self) -> torch.Tensor | None:
+        """Sigmoid of the exit's estimator; None without one."""
+        return self.confidence.get("learned")
 
 
 @dataclass
@@ -71,31 +80,37 @@ def sequence_tokens(model: EarlyExitModel, tokens: torch.Tensor, targets: torch.
     """Every layer's view of predicting targets [n] from the last n positions of tokens [1, m].
 
     Uses the same pieces as `EarlyExitModel.forward` (layer outputs, exit hidden state, exit
-    head), plus the estimator on the very hidden state the head reads; heads run only on the
-    last n positions.
+    head), and the confidence policies on the very hidden state and logits the head reads;
+    heads run only on the last n positions.
     """
     n, final = len(targets), model.num_layers
     states = model.hidden_states(tokens, [*model.exit_layers, final])
     out = {}
     for layer in model.exit_layers:
         hidden = model.exit_hidden(layer, states[layer])[0, -n:]
-        estimator = model.exit(layer).confidence
-        learned = torch.sigmoid(estimator(hidden).float()) if estimator is not None else None
         head = model.head_weight(layer)
-        out[layer] = _summarise(lambda rows: F.linear(rows, head).float(), hidden, targets, learned)
+        out[layer] = _summarise(lambda rows: F.linear(rows, head).float(), hidden, targets, model.exit(layer).confidence)
     normed = model.backbone.norm(states[final][0, -n:])
-    out[final] = _summarise(lambda rows: model.backbone.output(rows).float(), normed, targets, None)
+    out[final] = _summarise(lambda rows: model.backbone.output(rows).float(), normed, targets, exit=False)
     return out
 
 
-def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, learned: torch.Tensor | None) -> LayerTokens:
+def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, estimator=None, exit: bool = True) -> LayerTokens:
+    """`exit`: also every confidence policy's confidence (an exit's view; the estimator may be None)."""
+    policies = [p for p in POLICIES.values() if exit and (estimator is not None or not p.needs_estimator)]
+    # Policies off the hidden state alone run once over every position; head policies per chunk.
+    confidence = {p.name: p.score(None, hidden, estimator) for p in policies if not p.needs_head}
     chunks = []
     for start in range(0, len(targets), _CHUNK):
-        logprobs = head(hidden[start : start + _CHUNK]).log_softmax(-1)
+        rows = hidden[start : start + _CHUNK]
+        logits = head(rows)
+        logprobs = logits.log_softmax(-1)
         max_logprob, top1 = logprobs.max(-1)
-        chunks.append((logprobs.gather(-1, targets[start : start + _CHUNK, None])[:, 0], top1, max_logprob.exp()))
-    label_logprob, top1, max_prob = (torch.cat(column) for column in zip(*chunks))
-    return LayerTokens(label_logprob, top1, max_prob, learned)
+        scores = [p.score(logits, rows, estimator) for p in policies if p.needs_head]
+        chunks.append((logprobs.gather(-1, targets[start : start + _CHUNK, None])[:, 0], top1, max_logprob.exp(), *scores))
+    label_logprob, top1, max_prob, *scores = (torch.cat(column) for column in zip(*chunks))
+    confidence.update(zip((p.name for p in policies if p.needs_head), scores))
+    return LayerTokens(label_logprob, top1, max_prob, {name: confidence[name] for name in POLICIES if name in confidence})
 
 
 def token_stats(model: EarlyExitModel, batch: torch.Tensor) -> TokenStats:
@@ -104,12 +119,11 @@ def token_stats(model: EarlyExitModel, batch: torch.Tensor) -> TokenStats:
     layers = {}
     for layer in per_sequence[0]:
         views = [seq[layer] for seq in per_sequence]
-        learned = None if views[0].learned is None else torch.cat([v.learned for v in views])
         layers[layer] = LayerTokens(
             torch.cat([v.label_logprob for v in views]),
             torch.cat([v.top1 for v in views]),
             torch.cat([v.max_prob for v in views]),
-            learned,
+            {name: torch.cat([v.confidence[name] for v in views]) for name in views[0].confidence},
         )
     return TokenStats(layers, batch[:, 1:].reshape(-1).clone(), model.num_layers)
 

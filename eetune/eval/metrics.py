@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from eetune.infer.policy import first_confident
+
 
 def perplexity(cross_entropy: float) -> float:
     """exp(CE in nats), inf instead of an overflow."""
@@ -23,15 +25,10 @@ def perplexity(cross_entropy: float) -> float:
 def first_exit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
     """Index of the first exit with confidence >= threshold, per token; E where none.
 
-    confidence: [E, T] (exit by token). threshold >= 1.0 never exits, like the engine.
+    confidence: [E, T] (exit by token). threshold >= 1.0 never exits, like the engine: this is
+    the engine's own decision (eetune.infer.policy.first_confident).
     """
-    num_exits, num_tokens = confidence.shape
-    if threshold >= 1.0 or num_exits == 0:
-        return torch.full((num_tokens,), num_exits, dtype=torch.long)
-    fires = confidence >= threshold
-    # argmax finds the first True; a column without any True gets E.
-    index = fires.int().argmax(0)
-    return torch.where(fires.any(0), index, torch.full_like(index, num_exits))
+    return first_confident(confidence, threshold)
 
 
 def oracle_exit(agrees: torch.Tensor) -> torch.Tensor:

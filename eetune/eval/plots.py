@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from eetune.infer.policy import CONFIDENCES
 from eetune.rundir import atomic_write
 
 EXITS_PLOT = "exits.png"
@@ -61,7 +62,9 @@ def plot_speed_quality(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sweep = report["sweep"]
     full = next(r for r in sweep if r["mode"] == "full")
-    for confidence, marker in (("max_prob", "o-"), ("learned", "s-")):
+    markers = ("o-", "s-", "^-", "v-", "P-", "X-")
+    for i, confidence in enumerate(CONFIDENCES):
+        marker = markers[i % len(markers)]
         rows = sorted((r for r in sweep if r["confidence"] == confidence), key=lambda r: -r["threshold"])
         if not rows:
             continue

@@ -18,9 +18,10 @@ import torch
 
 from eetune.errors import EetuneError
 from eetune.eval.heldout import LayerTokens, sequence_tokens
-from eetune.eval.metrics import chosen, first_exit
+from eetune.eval.metrics import chosen
 from eetune.exits.model import EarlyExitModel
-from eetune.infer.engine import CONFIDENCES, MODES
+from eetune.infer.policy import MODES, check_threshold, exits_early, first_confident
+from eetune.infer.policy import policy as confidence_policy
 
 if TYPE_CHECKING:
     from eetune.eval.sweep import Setting
@@ -31,19 +32,24 @@ if TYPE_CHECKING:
 class ExitPolicy:
     mode: str = "full"  # full | early_exit | self_speculative
     threshold: float = 1.0
-    confidence: str = "max_prob"  # max_prob | learned
+    confidence: str = "max_prob"  # a confidence policy of eetune.infer.policy.POLICIES
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise EetuneError(f"unknown decoding mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise EetuneError(f"threshold must be in (0, 1] (1.0 = never exit early), got {self.threshold}")
-        if self.confidence not in CONFIDENCES:
-            raise EetuneError(f"unknown confidence {self.confidence!r}: choose one of {', '.join(CONFIDENCES)}")
+        confidence_policy(self.confidence)
+        check_threshold(self.threshold, confidence=self.confidence)
 
     @property
     def exits_early(self) -> bool:
-        return self.mode == "early_exit" and self.threshold < 1.0
+        return exits_early(self.mode, self.threshold)
+
+
+def exit_confidence(layers: dict[int, LayerTokens], exit_layers: Sequence[int], confidence: str) -> torch.Tensor | None:
+    """Confidence [E, T] of policy `confidence` at every exit; None where an exit cannot give it
+    (`learned` without an estimator)."""
+    views = [layers[layer].confidence.get(confidence) for layer in exit_layers]
+    return None if any(v is None for v in views) else torch.stack(views)
 
 
 def policy_index(layers: dict[int, LayerTokens], exit_layers: Sequence[int], policy: ExitPolicy) -> torch.Tensor:
@@ -51,14 +57,11 @@ def policy_index(layers: dict[int, LayerTokens], exit_layers: Sequence[int], pol
     num_tokens = len(next(iter(layers.values())).top1)
     if not policy.exits_early or not exit_layers:
         return torch.full((num_tokens,), len(exit_layers), dtype=torch.long)
-    if policy.confidence == "learned":
-        missing = [layer for layer in exit_layers if layers[layer].learned is None]
-        if missing:
-            raise EetuneError(f"confidence 'learned' needs an estimator on every exit; exit(s) {missing} have none")
-        confidence = torch.stack([layers[layer].learned for layer in exit_layers])
-    else:
-        confidence = torch.stack([layers[layer].max_prob for layer in exit_layers])
-    return first_exit(confidence, policy.threshold)
+    confidence = exit_confidence(layers, exit_layers, policy.confidence)
+    if confidence is None:
+        missing = [layer for layer in exit_layers if policy.confidence not in layers[layer].confidence]
+        raise EetuneError(f"confidence {policy.confidence!r} needs an estimator on every exit; exit(s) {missing} have none")
+    return first_confident(confidence, policy.threshold)
 
 
 @dataclass

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 
 from eetune.exits.model import EarlyExitModel
 from eetune.infer.generate import Generator
+from eetune.infer.policy import POLICIES as CONFIDENCE_POLICIES
+from eetune.infer.policy import ConfidencePolicy
 
-POLICIES = ("full", "max_prob", "learned", "oracle")
+# full, every confidence policy of eetune.infer.policy, oracle.
+POLICIES = ("full", *CONFIDENCE_POLICIES, "oracle")
 
 
 @dataclass
@@ -43,9 +46,10 @@ class Costs:
     def index_costs(self, exit_layers: Sequence[int], num_layers: int, policy: str) -> list[float]:
         """Cost of one token that leaves at exit index k = 0..E (E: the final layer), per policy.
 
-        full checks nothing (threshold 1.0: the engine runs the plain model); max_prob checks every exit up to the one it leaves at with a head; learned checks
-        them with the estimator and runs a head only where it leaves; oracle knows where
-        to leave and evaluates that exit alone.
+        full checks nothing (threshold 1.0: the engine runs the plain model); a confidence
+        policy checks every exit up to the one it leaves at: with the head where it needs the
+        head (max_prob), else with its estimator, running a head only where it leaves
+        (learned); oracle knows where to leave and evaluates that exit alone.
         """
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
@@ -55,15 +59,20 @@ class Costs:
             checked = exit_layers[: k + 1]
             if policy == "full":
                 checks = 0.0
-            elif policy == "max_prob":
-                checks = sum(self.exit_s[layer] + self.head_s for layer in checked)
-            elif policy == "learned":
-                checks = sum(self.exit_s[layer] + self.estimator_s.get(layer, 0.0) for layer in checked)
-                checks += self.head_s if k < len(exit_layers) else 0.0
+            elif policy in CONFIDENCE_POLICIES:
+                p = CONFIDENCE_POLICIES[policy]
+                if p.needs_head:
+                    checks = sum(self.exit_s[layer] + self.head_s + self._estimator_s(p, layer) for layer in checked)
+                else:
+                    checks = sum(self.exit_s[layer] + self._estimator_s(p, layer) for layer in checked)
+                    checks += self.head_s if k < len(exit_layers) else 0.0
             else:
                 checks = self.exit_s[exit_layers[k]] + self.head_s if k < len(exit_layers) else 0.0
             costs.append(depth * self.layer_s + checks + (self.final_s if k == len(exit_layers) else 0.0))
         return costs
+
+    def _estimator_s(self, policy: ConfidencePolicy, layer: int) -> float:
+        return self.estimator_s.get(layer, 0.0) if policy.needs_estimator else 0.0
 
     def speedup(self, fractions: Sequence[float], exit_layers: Sequence[int], num_layers: int, policy: str) -> float:
         """Full-model cost per token over the policy's mean cost per token, given exit fractions."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from eetune.infer.policy import CONFIDENCES, MODES, THRESHOLD_RANGE
 from eetune.infer.sampling import SEED_MAX, SEED_MIN, TokenLogprob
 
 if TYPE_CHECKING:
@@ -73,9 +74,11 @@ class _Strict(BaseModel):
 class EarlyExitOptions(_Strict):
     """How to decode; a field left out (or null) takes the server's default."""
 
-    mode: Literal["full", "early_exit", "self_speculative"] | None = None
-    threshold: float | None = Field(None, gt=0.0, le=1.0)
-    confidence: Literal["max_prob", "learned"] | None = None
+    # Choices and ranges from eetune.infer.policy; the per-policy threshold range and the rules
+    # that depend on the model's exits are checked by ServedModel.check_options.
+    mode: Literal[MODES] | None = None  # type: ignore[valid-type]
+    threshold: float | None = Field(None, gt=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1])
+    confidence: Literal[CONFIDENCES] | None = None  # type: ignore[valid-type]
     draft_exit: int | None = None
     draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN)
     draft_vocab: int | None = Field(None, ge=1)

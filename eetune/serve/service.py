@@ -17,13 +17,15 @@ from typing import Any
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
-from eetune.eval.calibration import calibrated_thresholds, placement
 from eetune.infer.engine import EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
+from eetune.eval.calibration import run_calibration
+from eetune.infer.policy import (
+    ExitSettingsError, check_exit_settings, check_threshold, model_exit_rules, resolve_threshold,
+)
 from eetune.infer.sampling import TokenLogprob
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler, TokenSpeller
-from eetune.exits.spec import DEFAULT_THRESHOLD
 from eetune.data.chat import chat_prompt_ids, stop_token_ids
 from eetune.exits.loading import load_model
 
@@ -53,8 +55,8 @@ def check_serve_config(serve_cfg: Any) -> None:
         raise EetuneError(f"serve.draft_vocab={s.draft_vocab} must be >= 1 (or null for the whole vocabulary)")
     if s.draft_confidence is not None and not 0.0 < s.draft_confidence <= 1.0:
         raise EetuneError(f"serve.draft_confidence={s.draft_confidence} must be in (0, 1] (or null)")
-    if s.threshold is not None and not 0.0 < s.threshold <= 1.0:
-        raise EetuneError(f"serve.threshold={s.threshold} must be in (0, 1] (1.0 = never exit early)")
+    if s.threshold is not None:
+        check_threshold(s.threshold, "serve.threshold", s.confidence)
     if s.mode != "full" and not s.run_dir:
         raise EetuneError(f"serve.mode={s.mode} needs exits: set serve.run_dir=<augment or tune run dir>")
 
@@ -116,7 +118,7 @@ class ServedModel:
         # The run's token frequencies, for drafting over the frequent tokens only (draft_vocab).
         token_order = load_token_order(Path(run_dir), always=tuple(sorted(self.stop_ids))) if run_dir else None
         # Thresholds `eetune eval` calibrated for these exits in this dtype and on this device, per policy.
-        self.calibrated = calibrated_thresholds(run_dir, *placement(model)) if run_dir else {}
+        self.calibrated = run_calibration(run_dir, model)
         self.engine = Engine(model, max_seq_len=limits.context, token_order=token_order)
         self.vocab_size = self.engine.vocab_size
         self.speller = TokenSpeller(tokenizer)
@@ -210,33 +212,16 @@ class ServedModel:
 
     def threshold_for(self, options: EarlyExitOptions) -> float:
         """The request's threshold, else the calibrated one for its policy, else DEFAULT_THRESHOLD."""
-        if options.threshold is not None:
-            return options.threshold
-        calibrated = self.calibrated.get(options.confidence)
-        return DEFAULT_THRESHOLD if calibrated is None else calibrated
+        return resolve_threshold(options.threshold, options.confidence, self.calibrated)
 
     def check_options(self, options: EarlyExitOptions, prefix: str = "early_exit.") -> EarlyExitOptions:
         """Settings that depend on this model's exits; `prefix` names where they came from."""
-        exits = self.model.exit_layers
-        if options.mode != "full" and not exits:
-            raise APIError(400, f"{prefix}mode={options.mode} needs exits, and this server has none "
-                           "(it was started without serve.run_dir): use mode 'full'", param=f"{prefix}mode")
-        if options.draft_exit is not None and options.draft_exit not in exits:
-            raise APIError(400, f"{prefix}draft_exit={options.draft_exit} is not an exit of this model; exits are at "
-                           f"{exits}", param=f"{prefix}draft_exit")
-        if options.draft_vocab is not None and self.engine.token_order is None:
-            raise APIError(400, f"{prefix}draft_vocab needs token frequencies, and this server's run dir has none "
-                           "(a tune run dir writes them)", param=f"{prefix}draft_vocab")
-        if options.mode == "self_speculative" and options.draft_confidence is not None:
-            layer = options.draft_exit if options.draft_exit is not None else exits[-1]
-            if self.model.exit(layer).confidence is None:
-                raise APIError(400, f"{prefix}draft_confidence needs a confidence estimator on the drafting exit "
-                               f"{layer}, which has none", param=f"{prefix}draft_confidence")
-        if options.mode == "early_exit" and options.confidence == "learned":
-            missing = [layer for layer in exits if self.model.exit(layer).confidence is None]
-            if missing:
-                raise APIError(400, f"{prefix}confidence=learned needs a confidence estimator on every exit; exit(s) "
-                               f"{missing} have none: use 'max_prob'", param=f"{prefix}confidence")
+        try:
+            check_exit_settings(options, **model_exit_rules(self.model),
+                                has_token_order=self.engine.token_order is not None, prefix=prefix,
+                                no_exits="this server has none (it was started without serve.run_dir)")
+        except ExitSettingsError as exc:
+            raise APIError(400, exc.message, param=f"{prefix}{exc.field}") from None
         return options
 
     # -- decoding (worker thread) -----------------------------------------------------------------

@@ -15,11 +15,11 @@ from rich.text import Text
 from eetune.console import make_console
 from eetune.data.chat import build_prompt_ids, stop_token_ids
 from eetune.errors import EetuneError
-from eetune.eval.calibration import load_calibrated_threshold, placement
 from eetune.exits.loading import load_model
-from eetune.exits.spec import DEFAULT_THRESHOLD
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, Engine, exit_settings
+from eetune.eval.calibration import run_calibration
+from eetune.infer.policy import resolve_threshold
 
 
 @dataclass
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     base, model = load_model(cfg.model, gen.run_dir)
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
-    threshold = default_threshold(gen, console, placement(model)) if gen.threshold is None else gen.threshold
+    threshold = default_threshold(gen, console, model) if gen.threshold is None else gen.threshold
     settings = exit_settings(
         gen,
         threshold=threshold,
@@ -95,22 +95,18 @@ def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = No
     return GenerateResult(text=text, result=result)
 
 
-def default_threshold(gen: Any, console: Console, dtype_device: tuple[str, str]) -> float:
-    """The threshold `eetune eval` calibrated for the run's exits in this dtype and on this device,
-    else DEFAULT_THRESHOLD."""
+def default_threshold(gen: Any, console: Console, model: Any) -> float:
+    """The threshold `eetune eval` calibrated for the run's exits in `model`'s dtype and on its
+    device, else DEFAULT_THRESHOLD (eetune.infer.policy.resolve_threshold)."""
     def warn(message: str) -> None:
         if gen.mode == "early_exit":  # the only mode the threshold steers
             console.print(f"warning: {message}", markup=False)
 
-    dtype, device = dtype_device
-    calibrated = (
-        load_calibrated_threshold(gen.run_dir, gen.confidence, dtype, device, warn) if gen.run_dir else None
-    )
-    if calibrated is None:
-        return DEFAULT_THRESHOLD
-    if gen.mode == "early_exit":
-        console.print(f"[dim]threshold {calibrated:g}: calibrated by eetune eval ({gen.run_dir}/calibration.json)[/]")
-    return calibrated
+    calibrated = run_calibration(gen.run_dir, model, warn)
+    if gen.mode == "early_exit" and gen.confidence in calibrated:
+        console.print(f"[dim]threshold {calibrated[gen.confidence]:g}: calibrated by eetune eval "
+                      f"({gen.run_dir}/calibration.json)[/]")
+    return resolve_threshold(None, gen.confidence, calibrated)
 
 
 def summary_line(result: DecodeResult, num_layers: int) -> str:

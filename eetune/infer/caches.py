@@ -1,0 +1,60 @@
+"""The KV caches one batch size decodes with: the backbone's and each `layer` exit's own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from eetune.exits.model import EarlyExitModel
+from eetune.exits.modules import LayerExit
+from eetune.infer.generate import Generator, Span
+from eetune.infer.kv_cache import LayerKVCache
+
+
+class DecodeCaches:
+    """KV caches for one batch size: the backbone's (inside `gen`) and each `layer` exit's own."""
+
+    def __init__(self, model: EarlyExitModel, batch_size: int, max_seq_len: int) -> None:
+        self.gen = Generator(model.backbone, max_seq_len=max_seq_len, batch_size=batch_size)
+        weight = model.backbone.tok_embeddings.weight
+        self.exit_caches: dict[int, LayerKVCache] = {}
+        for layer in model.exit_layers:
+            exit_module = model.exit(layer)
+            if isinstance(exit_module, LayerExit):
+                attn = exit_module.block.attn
+                self.exit_caches[layer] = LayerKVCache(
+                    batch_size, attn.num_kv_heads, max_seq_len, attn.head_dim, dtype=weight.dtype, device=weight.device
+                )
+        self._positions = torch.arange(max_seq_len, device=weight.device)
+        self.key_ok: Tensor | None = None  # [b, max_seq_len], False at left padding; None: no padding
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.gen.max_seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.gen.batch_size
+
+    def set_padding(self, pads: Sequence[int]) -> None:
+        if not any(pads):
+            self.key_ok = None
+            return
+        pad = torch.tensor(list(pads), device=self._positions.device)
+        self.key_ok = self._positions[None, :] >= pad[:, None]
+
+    def span(self, start: int, length: int) -> Span:
+        span = self.gen.span(start, length)
+        if self.key_ok is None:
+            return span
+        end = start + length
+        keys = self._positions[:end]
+        query = span.input_pos[:, None]
+        allowed = (keys <= query) & self.key_ok[:, None, None, :end]  # [b, 1, length, end]
+        # A padded query keeps its own key: a row with nothing to attend to would be NaN and
+        # poison the deeper layers' values (0 * NaN) even where it is masked out.
+        allowed |= keys == query
+        return Span(start, length, span.input_pos, allowed)
+
