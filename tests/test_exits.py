@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,9 +17,13 @@ from eetune.exits import (
     ExitSpec,
     build_manifest,
     check_specs,
+    exit_arch_names,
+    get_exit_arch,
     load_exits,
+    register_exit_arch,
     save_exits,
 )
+from eetune.exits.archs import unregister_exit_arch
 
 NUM_LAYERS = 4
 VOCAB = 256
@@ -210,3 +215,50 @@ def test_loading_from_a_dir_that_is_not_a_run_fails_clearly(tmp_path):
         load_exits(tmp_path / "nope", tiny_llama(), fingerprint="x")
     with pytest.raises(EetuneError, match="has no manifest.json"):
         load_exits(tmp_path, tiny_llama(), fingerprint="x")
+
+
+# --- the exit-arch registry: a new architecture is one registry entry ---------------------------
+
+
+@pytest.fixture
+def throwaway_arch():
+    """`norm` again under another name, registered for one test and removed after it."""
+    arch = register_exit_arch(dataclasses.replace(get_exit_arch("norm"), name="norm_again"))
+    try:
+        yield arch
+    finally:
+        unregister_exit_arch(arch.name)
+    assert "norm_again" not in exit_arch_names()
+
+
+def test_an_arch_registered_in_the_registry_alone_builds_plans_and_exports_as_a_draft(
+    throwaway_arch, tiny_base_model, tokens
+):
+    from eetune.export.draft import build_draft, check_exportable
+    from eetune.models import build_decoder
+    from eetune.parallel.plan import Shape, exit_params
+
+    base = tiny_base_model
+    layers = len(base.model.layers)
+    spec = ExitSpec(2, "norm_again", "copy", "copy")
+    check_specs([spec], layers)  # the user gate knows it
+    model = EarlyExitModel(base.model, [spec])
+    with torch.no_grad():  # move the exit off its copied weights, so the draft must carry the exit's own
+        for param in model.exits.parameters():
+            param.mul_(1.1)
+    # Builds: the norm exit's module, with its own norm and head.
+    exit_module = model.exit(2)
+    assert type(exit_module).__name__ == "NormExit" and exit_module.head is not None
+    # Plan: its parameters are counted as `norm`'s are.
+    shape = Shape.from_config(base.family, base.hf_config)
+    assert exit_params(spec, shape) == exit_params(ExitSpec(2, "norm", "copy", "copy"), shape) == (64, 256 * 64)
+    assert exit_params(spec, shape) == (sum(p.numel() for n, p in exit_module.named_parameters() if not n.startswith("head.")),
+                                        exit_module.head.weight.numel())
+    # Export: layers 1..2 + the exit, a plain decoder of the family whose logits are the exit's.
+    check_exportable({2: "norm_again"}, 2, "this model")
+    draft = build_draft(model, 2, base.hf_config)
+    assert draft.num_layers == 2
+    decoder = build_decoder(base.family, draft.hf_config, 64)
+    decoder.load_state_dict(draft.state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.eval()(tokens), model(tokens, exits=[2])[2], rtol=0, atol=1e-5)

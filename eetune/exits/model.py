@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
-from eetune.exits.modules import EarlyExit, build_exit, lm_head_weight
+from eetune.exits.archs import build_exit
+from eetune.exits.modules import EarlyExit, lm_head_weight
 from eetune.exits.spec import ExitSpec
 
 

@@ -1,5 +1,7 @@
 """Exit modules: what sits between a backbone layer's output and a vocabulary head.
 
+Which module each exit arch builds, and from which backbone weights, is `eetune.exits.archs`.
+
 Each exit maps the hidden state after layer L to a normalised hidden state ready for a
 head. The head is either the frozen LM head (`shared`, not owned by the exit, so not in
 its state dict) or the exit's own `nn.Linear` (`copy`).
@@ -8,13 +10,14 @@ its state dict) or the exit's own `nn.Linear` (`copy`).
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from torchtune.modules import RMSNorm, TiedLinear, TransformerDecoder
 
-from eetune.exits.spec import ExitSpec
+if TYPE_CHECKING:
+    from eetune.exits.spec import ExitSpec
 
 
 class ConfidenceEstimator(nn.Module):
@@ -102,43 +105,8 @@ def lm_head_weight(backbone: TransformerDecoder) -> torch.Tensor:
     return output.weight
 
 
-def build_exit(spec: ExitSpec, backbone: TransformerDecoder, init_std: float = 0.02) -> EarlyExit:
-    """Build one exit from `spec`, copying from the backbone or initialised at random.
-
-    `copy` follows EE-LLM: head <- LM head, norm <- final norm, MLP <- the MLP of the
-    exit's own layer, block <- the last backbone layer. The spec is not range-checked here
-    (tests place exits after the last layer on purpose); `check_specs` is the user gate.
-    """
-    head = _build_head(spec, backbone) if spec.head == "copy" else None
-    source_layer = backbone.layers[min(spec.layer, len(backbone.layers)) - 1]
-    if spec.arch == "embedding":
-        module: EarlyExit = EmbeddingExit(spec, head)
-    elif spec.arch == "norm":
-        module = NormExit(spec, head, norm=_clone(backbone.norm))
-    elif spec.arch == "mlp":
-        module = MLPExit(
-            spec,
-            head,
-            mlp_norm=_clone(source_layer.mlp_norm),
-            mlp=_clone(source_layer.mlp),
-            norm=_clone(backbone.norm),
-        )
-    elif spec.arch == "layer":
-        module = LayerExit(spec, head, block=_clone(backbone.layers[-1]), norm=_clone(backbone.norm))
-    else:
-        raise ValueError(f"unknown exit arch {spec.arch!r}")
-    if spec.init == "random":
-        _init_random(module, init_std)
-    elif spec.norm_init == "ones":
-        _reset_norms(module)
-    if spec.confidence != "none":
-        weight = lm_head_weight(backbone)
-        module.confidence = ConfidenceEstimator(weight.shape[1], spec.confidence).to(weight.dtype)
-    module.requires_grad_(True)
-    return module
-
-
-def _build_head(spec: ExitSpec, backbone: TransformerDecoder) -> nn.Linear:
+def build_head(backbone: TransformerDecoder) -> nn.Linear:
+    """An own head: a copy of the LM head."""
     weight = lm_head_weight(backbone)
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
@@ -146,29 +114,29 @@ def _build_head(spec: ExitSpec, backbone: TransformerDecoder) -> nn.Linear:
     return head
 
 
-def _clone(module: nn.Module) -> nn.Module:
-    clone = copy.deepcopy(module)
-    # A copied attention block must not share KV-cache state with the backbone.
-    for sub in clone.modules():
+def clone(module: nn.Module) -> nn.Module:
+    """A deep copy; a copied attention block must not share KV-cache state with the backbone."""
+    copied = copy.deepcopy(module)
+    for sub in copied.modules():
         if hasattr(sub, "kv_cache"):
             sub.kv_cache = None
             sub.cache_enabled = False
-    return clone
+    return copied
 
 
 @torch.no_grad()
-def _init_random(module: nn.Module, std: float) -> None:
+def init_random(module: nn.Module, std: float) -> None:
     """Normal(0, std) for every linear weight, zero biases, norms back to identity."""
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
-    _reset_norms(module)
+    reset_norms(module)
 
 
 @torch.no_grad()
-def _reset_norms(module: nn.Module) -> None:
+def reset_norms(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, RMSNorm):
             nn.init.ones_(sub.scale)

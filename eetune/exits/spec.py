@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from eetune.errors import EetuneError
+from eetune.exits.archs import exit_arch_names, get_exit_arch
 
-ARCHS = ("embedding", "norm", "mlp", "layer")
+# The registered exit architectures (eetune.exits.archs) at import: what the config schema offers.
+ARCHS = exit_arch_names()
 INITS = ("random", "copy")
 HEADS = ("shared", "copy")
 CONFIDENCES = ("none", "linear", "mlp")
@@ -63,8 +65,7 @@ def check_specs(specs: Iterable[ExitSpec], num_layers: int) -> None:
         if spec.layer in seen:
             raise EetuneError(f"two exits at layer {spec.layer}: each layer holds at most one exit")
         seen.add(spec.layer)
-        if spec.arch not in ARCHS:
-            raise EetuneError(f"unknown exit arch '{spec.arch}': choose one of {', '.join(ARCHS)}")
+        arch = get_exit_arch(spec.arch)  # raises for an unknown arch, naming the registered ones
         if spec.init not in INITS:
             raise EetuneError(f"unknown exit init '{spec.init}': choose one of {', '.join(INITS)}")
         if spec.head not in HEADS:
@@ -75,7 +76,7 @@ def check_specs(specs: Iterable[ExitSpec], num_layers: int) -> None:
             raise EetuneError(
                 f"unknown exit confidence '{spec.confidence}': choose one of {', '.join(CONFIDENCES)}"
             )
-        if spec.arch == "embedding" and spec.head == "shared":
+        if arch.needs_own_head and spec.head == "shared":
             raise EetuneError(
-                "an 'embedding' exit with a shared frozen head has nothing to train: use exits.head=copy"
+                f"an '{spec.arch}' exit with a shared frozen head has nothing to train: use exits.head=copy"
             )

@@ -1,6 +1,7 @@
 """The draft sub-network "layers 1..L + the exit at L" as a plain decoder of the base's family.
 
-Every exit architecture that ends in a norm is exactly a shorter decoder of the same family:
+Every exit architecture that ends in a norm is exactly a shorter decoder of the same family; its
+record in `eetune.exits.archs` says how (`draft_layer`, `draft_refusal`):
 
 - `norm`: layers 1..L, with the exit's norm (and head) as the final norm (and head).
 - `layer`: the exit's block is one more decoder layer, L + 1 in all.
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from eetune.errors import EetuneError
-from eetune.exits import EarlyExitModel, lm_head_weight
+from eetune.exits import EarlyExitModel, exit_arch_names, get_exit_arch, lm_head_weight
 from eetune.exits.checkpoint import EXPORT_CONFIG_KEY
 from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import publish_dir, staging_dir, tune_to_hf_state_dict, write_safetensors
@@ -60,11 +61,13 @@ def check_exportable(model_exits: Mapping[int, str], layer: int, source: str) ->
         raise EetuneError(
             f"{source} has no exit at layer {layer}; its exits are at {sorted(model_exits)}: pass one of them as exit=L"
         )
-    if model_exits[layer] == "embedding":
+    arch = get_exit_arch(model_exits[layer])
+    if not arch.exportable:
+        fine = [name for name in exit_arch_names() if get_exit_arch(name).exportable]
+        kinds = ", ".join(fine[:-1]) + " or " + fine[-1] if len(fine) > 1 else "".join(fine)
         raise EetuneError(
-            f"the exit at layer {layer} is an 'embedding' exit (head on the raw layer output), which no "
-            "standard causal LM can express exactly (its final RMSNorm always rescales): export a norm, "
-            "mlp or layer exit"
+            f"the exit at layer {layer} is an '{arch.name}' exit ({arch.draft_refusal}), which no "
+            f"standard causal LM can express exactly (its final RMSNorm always rescales): export a {kinds} exit"
         )
 
 
@@ -72,18 +75,15 @@ def build_draft(model: EarlyExitModel, layer: int, base_config: Mapping[str, Any
     """The sub-network "backbone layers 1..layer + the exit at layer" as a decoder's weights."""
     check_exportable({spec.layer: spec.arch for spec in model.specs}, layer, "this model")
     exit_ = model.exit(layer)
-    arch = exit_.spec.arch
+    arch = get_exit_arch(exit_.spec.arch)
     backbone = model.backbone.state_dict()
     state = {"tok_embeddings.weight": backbone["tok_embeddings.weight"]}
     state.update({k: v for k, v in backbone.items() if k.startswith("layers.") and int(k.split(".")[1]) < layer})
 
     exit_state = {k: v for k, v in exit_.state_dict().items() if not k.startswith("confidence.")}
-    extra = f"layers.{layer}."  # 0-based index of the added layer: right after backbone layer `layer`
-    if arch == "layer":
-        state.update({extra + k.removeprefix("block."): v for k, v in exit_state.items() if k.startswith("block.")})
-    elif arch == "mlp":
-        state.update(_silent_attention(backbone, prefix=extra))
-        state.update({extra + k: v for k, v in exit_state.items() if k.startswith(("mlp.", "mlp_norm."))})
+    if arch.draft_layer is not None:
+        extra = f"layers.{layer}."  # 0-based index of the added layer: right after backbone layer `layer`
+        state.update({extra + k: v for k, v in arch.draft_layer(exit_state, backbone).items()})
     state["norm.scale"] = exit_state["norm.scale"]
 
     tied = exit_.head is None and "output.weight" not in backbone
@@ -92,21 +92,9 @@ def build_draft(model: EarlyExitModel, layer: int, base_config: Mapping[str, Any
     elif not tied:
         state["output.weight"] = lm_head_weight(model.backbone)
 
-    num_layers = layer + (arch in ("layer", "mlp"))
+    num_layers = layer + arch.draft_extra_layers
     config = draft_config(base_config, layer, num_layers, tied)
     return Draft({k: v.detach() for k, v in state.items()}, config, num_layers, tied)
-
-
-def _silent_attention(backbone: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """A layer's attention half that adds exactly zero: zero projections (and biases), unit norm."""
-    template = "layers.0."
-    out: dict[str, torch.Tensor] = {}
-    for key, value in backbone.items():
-        if key.startswith(template + "attn."):
-            out[prefix + key.removeprefix(template)] = torch.zeros_like(value)
-        elif key.startswith(template + "sa_norm."):
-            out[prefix + key.removeprefix(template)] = torch.ones_like(value)
-    return out
 
 
 def draft_config(base_config: Mapping[str, Any], kept: int, num_layers: int, tied: bool) -> dict[str, Any]:

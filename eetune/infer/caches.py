@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from eetune.exits.model import EarlyExitModel
-from eetune.exits.modules import LayerExit
+from eetune.exits.archs import get_exit_arch
 from eetune.infer.generate import Generator, Span
 from eetune.infer.kv_cache import LayerKVCache
 
@@ -22,8 +22,9 @@ class DecodeCaches:
         self.exit_caches: dict[int, LayerKVCache] = {}
         for layer in model.exit_layers:
             exit_module = model.exit(layer)
-            if isinstance(exit_module, LayerExit):
-                attn = exit_module.block.attn
+            block = get_exit_arch(exit_module.spec.arch).block
+            if block is not None:
+                attn = exit_module.get_submodule(block).attn
                 self.exit_caches[layer] = LayerKVCache(
                     batch_size, attn.num_kv_heads, max_seq_len, attn.head_dim, dtype=weight.dtype, device=weight.device
                 )

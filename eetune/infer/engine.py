@@ -28,7 +28,7 @@ from torch import Tensor
 
 from eetune.errors import EetuneError
 from eetune.exits.model import EarlyExitModel
-from eetune.exits.modules import LayerExit
+from eetune.exits.archs import get_exit_arch
 from eetune.infer.caches import DecodeCaches
 from eetune.infer.early_exit import decode_full, decode_lockstep
 from eetune.infer.generate import Span, _check_request_length, layer_forward
@@ -71,7 +71,7 @@ class Engine:
         self.vocab_size: int = model.backbone.tok_embeddings.num_embeddings
         self.head_calls: Counter[int] = Counter()
         self._caches: dict[int, DecodeCaches] = {}
-        self._layer_exits = {layer for layer in model.exit_layers if isinstance(model.exit(layer), LayerExit)}
+        self._layer_exits = {layer for layer in model.exit_layers if get_exit_arch(model.exit(layer).spec.arch).block}
         # Token ids, most frequent first (eetune.infer.draft_vocab): what `draft_vocab` keeps.
         self.token_order = None if token_order is None else token_order.to(torch.long).flatten()
         if self.token_order is not None and (
@@ -168,9 +168,10 @@ class Engine:
     def _exit_hidden(self, caches: DecodeCaches, layer: int, group: Tensor, span: Span) -> Tensor:
         """Exit `layer`'s normalised hidden state [b, dim] for the newest position of `group`."""
         exit_module = self.model.exit(layer)
-        if isinstance(exit_module, LayerExit):
+        block = get_exit_arch(exit_module.spec.arch).block
+        if block is not None:  # norm(block(h)), the block with its own KV cache
             # Every position in the group owes this block's cache its KV, not just the newest.
-            h = layer_forward(exit_module.block, group, span, caches.exit_caches[layer])
+            h = layer_forward(exit_module.get_submodule(block), group, span, caches.exit_caches[layer])
             return exit_module.norm(h[:, -1])
         return exit_module(group[:, -1])
 

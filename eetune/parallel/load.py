@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
-from eetune.exits import EarlyExitModel, ExitSpec
+from eetune.exits import EarlyExitModel, ExitSpec, get_exit_arch
 from eetune.models import BaseModel, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import find_safetensors, hf_to_tune_state_dict
@@ -136,13 +136,10 @@ def _lm_head_name(config: Mapping[str, Any]) -> str:
 
 
 def _exit_sources(specs: list[ExitSpec], num_layers: int, lm_head: str) -> set[str]:
-    """What `build_exit` copies from: its own layer (mlp), the last layer (layer), final norm, LM head."""
+    """What `build_exit` copies from: the final norm, the LM head, the layers each arch copies."""
     names = {lm_head, "norm.scale"}
     for spec in specs:
-        if spec.arch == "mlp":
-            names.add(f"layers.{min(spec.layer, num_layers) - 1}.")
-        elif spec.arch == "layer":
-            names.add(f"layers.{num_layers - 1}.")
+        names.update(f"layers.{index}." for index in get_exit_arch(spec.arch).copies_from(spec, num_layers))
     return names
 
 

@@ -5,8 +5,9 @@ Tensor parallel (DTensor plans, torchtune's Llama plan for the backbone blocks):
   local (`prepare_mha_for_tp`); activations between blocks stay replicated;
 - embeddings: vocabulary-sharded (row-wise); the LM head (or the tied embedding) is thereby split
   over the vocabulary, which is what the vocabulary-parallel fused exit loss reads;
-- exits: `mlp` exits like a block's MLP, `layer` exits like a block, copied heads column-wise
-  (vocabulary-parallel); norms and confidence estimators stay replicated.
+- exits: as their arch's record says (eetune.exits.archs: `tp_plan`, e.g. `mlp` exits like a block's
+  MLP; a `block` like a backbone block), copied heads column-wise (vocabulary-parallel); norms and
+  confidence estimators stay replicated.
 
 FSDP2 (`fully_shard`, per block): every backbone block (frozen: sharded only to save memory) and
 every exit (trainable; its gradients are summed, not averaged, over data-parallel ranks because the
@@ -31,12 +32,12 @@ from torchtune.modules import TransformerDecoder
 from torchtune.training import prepare_mha_for_tp
 
 from eetune.errors import EetuneError
-from eetune.exits import EarlyExitModel
-from eetune.exits.modules import LayerExit, MLPExit
+from eetune.exits import EarlyExitModel, get_exit_arch
 from eetune.parallel.mesh import Topology
 from eetune.parallel.pipeline import StagePlan
 
 _BLOCK_PREFIX = "layers.*."
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
 
 def block_tp_plan() -> dict:
@@ -101,12 +102,11 @@ def _tensor_parallel_vocabulary(backbone: TransformerDecoder, tp_mesh: DeviceMes
 
 
 def _tensor_parallel_exit(exit_module: nn.Module, tp_mesh: DeviceMesh) -> None:
-    style: dict = {}
-    if isinstance(exit_module, MLPExit):
-        style.update({"mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(), "mlp.w2": RowwiseParallel()})
-    elif isinstance(exit_module, LayerExit):
-        _local_heads(exit_module.block, tp_mesh)
-        style.update({f"block.{name}": s for name, s in block_tp_plan().items()})
+    arch = get_exit_arch(exit_module.spec.arch)
+    style: dict = {name: _STYLES[kind]() for name, kind in arch.tp_plan.items()}
+    if arch.block is not None:
+        _local_heads(exit_module.get_submodule(arch.block), tp_mesh)
+        style.update({f"{arch.block}.{name}": s for name, s in block_tp_plan().items()})
     if exit_module.head is not None:
         style["head"] = ColwiseParallel()  # vocabulary-parallel: the fused loss reads its row shard
     if style:

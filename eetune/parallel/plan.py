@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from eetune.errors import EetuneError
-from eetune.exits import ExitSpec, check_specs
+from eetune.exits import ExitSpec, check_specs, get_exit_arch
 from eetune.models import get_model_entry, param_count
 from eetune.models import hf_config as hfc
 from eetune.parallel.mesh import ParallelDims
@@ -67,7 +67,7 @@ class Shape:
 def exit_params(spec: ExitSpec, shape: Shape) -> tuple[int, int]:
     """(parameters before the head, head parameters) of one exit."""
     d = shape.dim
-    body = {"embedding": 0, "norm": d, "mlp": 3 * d * shape.ffn + 2 * d, "layer": shape.layer_params + d}[spec.arch]
+    body = get_exit_arch(spec.arch).body_params(shape)
     if spec.confidence == "linear":
         body += d + 1
     elif spec.confidence == "mlp":
@@ -208,7 +208,7 @@ def _stage_cost(plan: StagePlan, specs: list[ExitSpec], shape: Shape, dims: Para
     # Work per token of the global batch, on this stage.
     flops = 2 * layers * (shape.layer_params + seq * d)
     for spec, (body, head) in zip(specs, sizes):
-        attention = 3 * 2 * seq * d if spec.arch == "layer" else 0
+        attention = 3 * 2 * seq * d if get_exit_arch(spec.arch).block is not None else 0
         flops += 6 * body + attention + (6 if head else 4) * v * d
     if specs and needs_final:
         flops += 2 * v * d  # the teacher's logits, once per stage
@@ -218,10 +218,4 @@ def _stage_cost(plan: StagePlan, specs: list[ExitSpec], shape: Shape, dims: Para
 
 def _exit_activation_width(spec: ExitSpec, shape: Shape, tp: int) -> float:
     """Values per token an exit keeps for backward (norm inputs, projections, residuals)."""
-    d, f, kv = shape.dim, shape.ffn, shape.kv_dim
-    return {
-        "embedding": d,
-        "norm": 2 * d,
-        "mlp": 4 * d + 4 * f / tp,
-        "layer": 6 * d + (4 * d + 2 * kv + 4 * f) / tp,
-    }[spec.arch]
+    return get_exit_arch(spec.arch).activation_width(shape, tp)
