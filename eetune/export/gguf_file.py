@@ -23,15 +23,11 @@ from eetune.export.draft import Draft
 from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import tune_to_hf_state_dict
 from eetune.models.gguf_import import gguf_tensor_name, permute_rope
+from eetune.models.catalog import MODELS
 from eetune.models.registry import ModelFamily
 from eetune.rundir import atomic_write
 
 GGUF_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-# llama.cpp architecture per HF model_type: it runs Mistral as llama.
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-# llama.cpp's name for the pre-tokenizer (text splitting before BPE), by eetune model name or
-# family; it cannot be read off tokenizer.json. Anything else gets llama.cpp's GPT-2-like default.
-_PRE_TOKENIZERS = {"smollm2_135m": "smollm", "llama3_1": "llama-bpe", "llama3_2": "llama-bpe", "qwen2": "qwen2"}
 
 
 def save_draft_gguf(
@@ -55,7 +51,7 @@ def save_draft_gguf(
         raise EetuneError(f"{out_file} already exists; delete it or choose another out=...")
     if dtype not in GGUF_DTYPES.values():
         raise EetuneError(f"GGUF export writes float32 or float16 weights, not {dtype}: pass dtype=float32 or float16")
-    arch = _GGUF_ARCH.get(family.hf_model_type)
+    arch = family.gguf_arch  # llama.cpp's architecture (the family record's)
     if arch is None:
         raise EetuneError(f"eetune cannot write {family.name} models as GGUF")
     config = draft.hf_config
@@ -68,7 +64,7 @@ def save_draft_gguf(
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hyperparameters(writer, config, arch)
-        tokenizer.add_to(writer, _PRE_TOKENIZERS.get(model_name, _PRE_TOKENIZERS.get(family.name, "default")))
+        tokenizer.add_to(writer, gguf_pre_tokenizer(model_name, family))
         for name, array in tensors.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()
@@ -78,6 +74,13 @@ def save_draft_gguf(
 
     atomic_write(out_file, write)
     return out_file
+
+
+def gguf_pre_tokenizer(model_name: str, family: ModelFamily) -> str:
+    """llama.cpp's pre-tokenizer name: the named model's own, else its family's (records in
+    eetune.models.catalog); it cannot be read off tokenizer.json. Default: llama.cpp's GPT-2-like."""
+    entry = MODELS.get(model_name)
+    return (entry.gguf_pre_tokenizer if entry is not None else None) or family.gguf_pre_tokenizer
 
 
 def gguf_tensors(draft: Draft, family: ModelFamily, arch: str, dtype: torch.dtype) -> dict[str, np.ndarray]:

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torchtune.models import convert_weights
-from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune, qwen2_tune_to_hf
 from torchtune.training import FullModelHFCheckpointer, MODEL_KEY
 
 from eetune.errors import EetuneError
@@ -79,28 +77,14 @@ def hf_to_tune_state_dict(
     family: ModelFamily, hf_tensors: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     """HF names -> torchtune names, with the converter FullModelHFCheckpointer uses for this family."""
-    kwargs = dict(num_heads=int(hf_config["num_attention_heads"]), num_kv_heads=hfc.num_kv_heads(hf_config),
-                  dim=int(hf_config["hidden_size"]))
-    if family.model_type == "QWEN2":
-        return qwen2_hf_to_tune(dict(hf_tensors), tie_word_embeddings=hfc.tie_word_embeddings(hf_config), **kwargs)
-    return convert_weights.hf_to_tune(dict(hf_tensors), head_dim=hf_config.get("head_dim"), **kwargs)
+    return family.hf_to_tune(hf_tensors, hf_config)
 
 
 def tune_to_hf_state_dict(
     family: ModelFamily, state_dict: Mapping[str, torch.Tensor], hf_config: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     """torchtune names -> HF names, with the converter FullModelHFCheckpointer uses for this family."""
-    heads, kv_heads = int(hf_config["num_attention_heads"]), hfc.num_kv_heads(hf_config)
-    dim = int(hf_config["hidden_size"])
-    if family.model_type == "QWEN2":
-        return qwen2_tune_to_hf(
-            dict(state_dict), num_heads=heads, num_kv_heads=kv_heads, dim=dim,
-            tie_word_embeddings=hfc.tie_word_embeddings(hf_config),
-        )
-    return convert_weights.tune_to_hf(
-        dict(state_dict), num_heads=heads, num_kv_heads=kv_heads, dim=dim,
-        head_dim=hf_config.get("head_dim"),
-    )
+    return family.tune_to_hf(state_dict, hf_config)
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -4,7 +4,8 @@ transformers reads the GGUF metadata into a config and a tokenizer (``gguf_file=
 weights are dequantised here with the ``gguf`` package rather than through
 ``AutoModelForCausalLM.from_pretrained(gguf_file=...)``: that path requires ``accelerate``,
 which eetune does not depend on, and this way each tensor can be reported as it converts.
-Only the architectures eetune has families for are accepted (llama, mistral, qwen2).
+Only the architectures eetune has families for are accepted (llama, mistral, qwen2: the
+HF model types of eetune.models.catalog's families).
 
 The dir is assembled in a temp dir beside ``out_dir`` and renamed into place, and a marker file
 is written last, so an interrupted import never leaves a half-written ``out_dir``.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from eetune.errors import EetuneError
+from eetune.models.catalog import FAMILIES
 from eetune.models.checkpoint import publish_dir, staging_dir, write_safetensors
 
 IMPORT_MARKER = "eetune_import.json"
@@ -31,7 +33,7 @@ IMPORT_FORMAT = 1  # bump when the produced dir changes, so cached imports are r
 
 _GGUF_MAGIC = b"GGUF"
 # transformers model_type -> HF class; exactly the architectures eetune has families for.
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {family.hf_model_type: family.hf_architecture for family in FAMILIES.values()}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
