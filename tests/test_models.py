@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from eetune.errors import EetuneError
 from eetune.models import (
     BaseModel,
+    ModelEntry,
     build_decoder,
     default_smollm2_dir,
     fingerprint,
@@ -504,3 +506,47 @@ def test_interrupted_import_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(KeyboardInterrupt):
         import_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+# --- a new Llama-like family is one catalog entry -------------------------------------------------
+
+
+@pytest.fixture
+def llama_like(monkeypatch: pytest.MonkeyPatch):
+    """A throwaway family (Llama 3.2's builder under its own name) and one model of it, entered in
+    the catalog for one test only: nothing else in eetune is told about it."""
+    from eetune.models import catalog
+
+    family = dataclasses.replace(get_family("llama3_2"), name="llama_like", gguf_pre_tokenizer="llama-bpe")
+    entry = ModelEntry("llama_like_1b", family, "example/Llama-Like-1B", get_model_entry("llama3_2_1b").reference_config)
+    monkeypatch.setitem(catalog.FAMILIES, family.name, family)
+    monkeypatch.setitem(catalog.MODELS, entry.name, entry)
+    yield entry
+    monkeypatch.undo()
+    assert "llama_like" not in list_families() and "llama_like_1b" not in list_models()
+
+
+def test_a_family_entered_in_the_catalog_alone_loads_and_exports(llama_like: ModelEntry, tmp_path: Path) -> None:
+    from eetune.exits import EarlyExitModel, ExitSpec
+    from eetune.export.draft import build_draft, save_draft
+    from eetune.export.gguf_file import save_draft_gguf
+
+    assert get_model_entry("Llama-Like-1B") is llama_like and get_family("llama_like") is llama_like.family
+    checkpoint = write_tiny_checkpoint(llama_like, tmp_path / "base", seed=2, num_hidden_layers=3)
+    base = load_base_model("llama_like_1b", checkpoint_dir=checkpoint, max_seq_len=256)
+    assert base.family is llama_like.family
+    assert sum(p.numel() for p in base.model.parameters()) == param_count(llama_like.family, base.hf_config)
+    ids = token_ids(base.hf_config["vocab_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(checkpoint)(ids).logits, base.model(ids), rtol=1e-5, atol=1e-4)
+
+    model = EarlyExitModel(base.model, [ExitSpec(2, "mlp", "copy", "copy")])
+    draft = build_draft(model, 2, base.hf_config)
+    out = save_draft(draft, base.family, base.checkpoint_dir, tmp_path / "draft", torch.float32, {})
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(ids).logits, model(ids, exits=[2])[2], rtol=1e-5, atol=1e-4)
+    gguf_file = save_draft_gguf(draft, base.family, base.name, base.checkpoint_dir, tmp_path / "draft.gguf",
+                                torch.float32, "llama-like draft")
+    reader = gguf.GGUFReader(str(gguf_file))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"

@@ -32,8 +32,6 @@ IMPORT_MARKER = "eetune_import.json"
 IMPORT_FORMAT = 1  # bump when the produced dir changes, so cached imports are redone
 
 _GGUF_MAGIC = b"GGUF"
-# transformers model_type -> HF class; exactly the architectures eetune has families for.
-_ARCHITECTURES = {family.hf_model_type: family.hf_architecture for family in FAMILIES.values()}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -152,11 +150,13 @@ def _read_config(gguf_path: Path) -> Any:
         raise EetuneError(
             f"cannot read model metadata from {gguf_path} ({exc}); is it a complete GGUF model?"
         ) from exc
-    if config.model_type not in _ARCHITECTURES:
+    # transformers model_type -> HF class; exactly the architectures eetune has families for.
+    architectures = {family.hf_model_type: family.hf_architecture for family in FAMILIES.values()}
+    if config.model_type not in architectures:
         raise EetuneError(
-            f"{gguf_path} holds a {config.model_type!r} model; eetune imports {', '.join(_ARCHITECTURES)}"
+            f"{gguf_path} holds a {config.model_type!r} model; eetune imports {', '.join(architectures)}"
         )
-    config.architectures = [_ARCHITECTURES[config.model_type]]
+    config.architectures = [architectures[config.model_type]]
     config.dtype = torch.float32
     return config
 
