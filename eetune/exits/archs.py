@@ -156,6 +156,15 @@ def silent_attention(backbone: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def _build_mlp(spec: ExitSpec, head: Optional[nn.Linear], backbone: TransformerDecoder) -> EarlyExit:
+    source = backbone.layers[own_layer(spec, len(backbone.layers))]
+    return MLPExit(spec, head, mlp_norm=clone(source.mlp_norm), mlp=clone(source.mlp), norm=clone(backbone.norm))
+
+
+def _build_layer(spec: ExitSpec, head: Optional[nn.Linear], backbone: TransformerDecoder) -> EarlyExit:
+    return LayerExit(spec, head, block=clone(backbone.layers[-1]), norm=clone(backbone.norm))
+
+
 def _mlp_draft_layer(exit_state, backbone):
     # One more layer whose attention adds nothing and whose MLP (and its norm) are the exit's.
     return {**silent_attention(backbone), **{k: v for k, v in exit_state.items() if k.startswith(("mlp.", "mlp_norm."))}}
@@ -165,6 +174,7 @@ def _layer_draft_layer(exit_state, backbone):
     return {k.removeprefix("block."): v for k, v in exit_state.items() if k.startswith("block.")}
 
 
+# The head alone, on the raw layer output.
 register_exit_arch(ExitArch(
     name="embedding",
     build=lambda spec, head, backbone: EmbeddingExit(spec, head),
@@ -173,29 +183,27 @@ register_exit_arch(ExitArch(
     draft_refusal="head on the raw layer output",
     needs_own_head=True,
 ))
+# The final norm (copied), then the head.
 register_exit_arch(ExitArch(
     name="norm",
     build=lambda spec, head, backbone: NormExit(spec, head, norm=clone(backbone.norm)),
     body_params=lambda shape: shape.dim,
     activation_width=lambda shape, tp: 2 * shape.dim,
 ))
+# EE-LLM's `mlp`: a pre-norm gated MLP with a residual (copied from the exit's own layer), then a norm.
 register_exit_arch(ExitArch(
     name="mlp",
-    build=lambda spec, head, backbone: MLPExit(
-        spec, head,
-        mlp_norm=clone(backbone.layers[own_layer(spec, len(backbone.layers))].mlp_norm),
-        mlp=clone(backbone.layers[own_layer(spec, len(backbone.layers))].mlp),
-        norm=clone(backbone.norm),
-    ),
+    build=_build_mlp,
     body_params=lambda shape: 3 * shape.dim * shape.ffn + 2 * shape.dim,
     activation_width=lambda shape, tp: 4 * shape.dim + 4 * shape.ffn / tp,
     copies_from=lambda spec, num_layers: (own_layer(spec, num_layers),),
     tp_plan=MappingProxyType({"mlp.w1": "colwise", "mlp.w3": "colwise", "mlp.w2": "rowwise"}),
     draft_layer=_mlp_draft_layer,
 ))
+# EE-LLM's `layer`: a full transformer block (copied from the last layer), then a norm.
 register_exit_arch(ExitArch(
     name="layer",
-    build=lambda spec, head, backbone: LayerExit(spec, head, block=clone(backbone.layers[-1]), norm=clone(backbone.norm)),
+    build=_build_layer,
     body_params=lambda shape: shape.layer_params + shape.dim,
     activation_width=lambda shape, tp: 6 * shape.dim + (4 * shape.dim + 2 * shape.kv_dim + 4 * shape.ffn) / tp,
     copies_from=lambda spec, num_layers: (num_layers - 1,),
