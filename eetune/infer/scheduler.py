@@ -39,7 +39,7 @@ class BatchRequest:
     tokens: list[int] = field(default_factory=list)
     result: DecodeResult | None = None
     _picker: Picker | None = None
-    _admitted: float = 0.0
+    admitted_at: float = 0.0  # perf_counter() when it joined the batch
     _first: float = 0.0
 
 
@@ -78,7 +78,7 @@ class BatchScheduler:
             raise EetuneError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
                               f"the batch's {self.batch.max_seq_len} positions")
         request._picker = Picker(s, params, 1, self.engine.vocab_size, self.batch.gen.device, request.on_logprob)
-        request._admitted = time.perf_counter()
+        request.admitted_at = time.perf_counter()
         if s.max_new_tokens == 0:
             self._finish(request, "length")
             return True
@@ -138,7 +138,7 @@ class BatchScheduler:
         rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
         picker = request._picker
         request.result = DecodeResult(
-            list(out), [n] * len(out), len(request.prompt), (request._first or now) - request._admitted, decode_s,
+            list(out), [n] * len(out), len(request.prompt), (request._first or now) - request.admitted_at, decode_s,
             rate, float(n), stopped_by=stopped_by,
             logprobs=None if picker is None or picker.logprobs is None else picker.logprobs[0],
         )
