@@ -460,17 +460,19 @@ def test_distill_writes_reproducible_jsonl_that_loads_back(
 def test_batched_distill_equals_one_prompt_at_a_time(
     tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Greedy answers do not depend on what else shares the batch (ragged prompts, left padding)."""
+    """Answers do not depend on what else shares the batch: continuous batching keeps each row
+    exact, and each answer samples with its own (prompt, sample) seed."""
     reuse_loaded_model(monkeypatch, tiny_base_model)
-    greedy = ("distill.temperature=0", "distill.samples_per_prompt=1")
 
-    def answers(name: str, batch_size: int) -> dict[str, Any]:
-        out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / name, *greedy,
-                                      f"distill.batch_size={batch_size}"))
+    def answers(name: str, *overrides: str) -> dict[str, Any]:
+        out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / name, *overrides))
         return {r["id"].split(":", 1)[1]: (r["messages"], r["tokens"]) for r in _records(out)}
 
-    one = answers("one.jsonl", 1)
-    assert answers("three.jsonl", 3) == one and len(one) == 3
+    greedy = ("distill.temperature=0", "distill.samples_per_prompt=1")
+    one = answers("one.jsonl", *greedy, "distill.batch_size=1")
+    assert answers("three.jsonl", *greedy, "distill.batch_size=3") == one and len(one) == 3
+    sampled = answers("s1.jsonl", "distill.batch_size=1")
+    assert answers("s4.jsonl", "distill.batch_size=4") == sampled and len(sampled) == 6
 
 
 def test_distill_resumes_after_an_interruption_to_the_same_corpus(
@@ -480,19 +482,19 @@ def test_distill_resumes_after_an_interruption_to_the_same_corpus(
     batched = ("distill.batch_size=2",)  # 6 items: 3 batches
     whole = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "whole.jsonl", *batched))
     out = tmp_path / "cut.jsonl"
-    real_decode = distill.Decoder.decode
+    real_append = distill._append
     calls = {"n": 0}
 
-    def failing_decode(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def killed_at_the_third_batch(*args: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("killed")
-        return real_decode(self, *args, **kwargs)
+        real_append(*args)
 
-    monkeypatch.setattr(distill.Decoder, "decode", failing_decode)
+    monkeypatch.setattr(distill, "_append", killed_at_the_third_batch)
     with pytest.raises(RuntimeError, match="killed"):
         distill.run(distill_cfg(tiny_base_model, tmp_path, out, *batched))
-    monkeypatch.setattr(distill.Decoder, "decode", real_decode)
+    monkeypatch.setattr(distill, "_append", real_append)
     # Two whole batches are on disk; a third cut off mid-write is dropped on resume.
     assert len(_records(out)) == 4
     with out.open("a", encoding="utf-8") as f:
@@ -557,14 +559,15 @@ def test_model_questions_are_decoded_short_and_deduplicated() -> None:
     calls: list[int | None] = []
 
     class FakeDecoder:
-        def decode(self, prompts: list[str], d: Any, seed: int, max_new_tokens: int | None = None) -> list[tuple[str, int]]:
+        def stream(self, jobs, d: Any, max_new_tokens: int | None = None):
             calls.append(max_new_tokens)
-            return [("Why do rivers flood in spring?", 7) for _ in prompts]
+            for key, _, _ in reversed(list(jobs)):  # finishing order is not request order
+                yield key, "Why do rivers flood in spring?" if key < 2 else f"Do owls sleep, {key}?", 7
 
     d = OmegaConf.create({"questions_per_topic": 2, "batch_size": 3, "max_new_tokens": 256})
     questions = distill.model_questions(FakeDecoder(), ["rivers", "owls"], d, 0, Console(file=io.StringIO()))
-    assert questions == ["Why do rivers flood in spring?"]
-    assert calls == [distill.QUESTION_MAX_TOKENS, distill.QUESTION_MAX_TOKENS]
+    assert questions == ["Why do rivers flood in spring?", "Do owls sleep, 2?", "Do owls sleep, 3?"]
+    assert calls == [distill.QUESTION_MAX_TOKENS]
 
 
 def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseModel, tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ from eetune.infer import (
     probabilities,
 )
 from eetune.infer.policy import CONFIDENCES, MODES, POLICIES, first_confident
+from eetune.infer.scheduler import BatchRequest, BatchScheduler, decode_all
+from eetune.infer.settings import DecodeResult
 from eetune.models import BaseModel
 
 VOCAB = 256
@@ -759,3 +761,82 @@ def test_every_policy_is_a_choice_everywhere() -> None:
     for name in POLICIES:
         assert EarlyExitOptions(confidence=name).confidence == name
         ExitPolicy("early_exit", 0.5, name)
+
+
+# -- continuous batching ------------------------------------------------------------------------
+
+
+def _solo(ee: EarlyExitModel, prompt: list[int], settings: DecodeSettings) -> DecodeResult:
+    return Engine(ee).generate(prompt, settings)
+
+
+def test_scheduler_requests_joining_a_running_batch_decode_as_alone(ee: EarlyExitModel) -> None:
+    engine = Engine(ee)
+    prompts = [[1, 5, 9, 200, 17], [1, 33], [1, 7, 7, 7, 90, 91, 92, 93], [1, 250, 3], [1, 60, 61], [1, 2, 3, 4]]
+    settings = [
+        DecodeSettings(max_new_tokens=10),
+        DecodeSettings(max_new_tokens=14, temperature=0.9, top_p=0.8, seed=3),
+        DecodeSettings(max_new_tokens=6, presence_penalty=0.5, frequency_penalty=0.3, logit_bias={7: 2.0}),
+        DecodeSettings(mode="early_exit", threshold=1.0, max_new_tokens=9, logprobs=2),  # never exits: full model
+        DecodeSettings(max_new_tokens=12, temperature=1.3, top_k=20, seed=11, logprobs=0),
+        DecodeSettings(max_new_tokens=8),
+    ]
+    solo = [_solo(ee, p, s) for p, s in zip(prompts, settings)]
+    # A stop id that the first request emits mid-way ends it there, as alone.
+    stop = solo[0].tokens[4]
+    settings[0] = DecodeSettings(max_new_tokens=10, stop_ids=frozenset({stop}))
+    solo[0] = _solo(ee, prompts[0], settings[0])
+    assert solo[0].stopped_by == "eos"
+
+    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    requests = [BatchRequest(p, s, on_token=lambda t, layer, i=i: streamed[i].append(t))
+                for i, (p, s) in enumerate(zip(prompts, settings))]
+    waiting, sizes = list(requests), []
+    while waiting or scheduler.rows:
+        if waiting and scheduler.has_room:  # one admission per step: rows join a running batch
+            scheduler.admit(waiting.pop(0))
+        sizes.append(scheduler.size)
+        scheduler.step()
+    assert max(sizes) == 3
+    for i, (request, alone) in enumerate(zip(requests, solo)):
+        assert request.result.tokens == alone.tokens == streamed[i], i
+        assert request.result.stopped_by == alone.stopped_by
+        if alone.logprobs is not None:  # the same entries; values to float rounding (batched matmuls)
+            got, want = request.result.logprobs, alone.logprobs
+            assert [(e.token, [t for t, _ in e.top]) for e in got] == [(e.token, [t for t, _ in e.top]) for e in want]
+            assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-4)
+
+
+def test_scheduler_callback_and_cancel_end_one_request_only(ee: EarlyExitModel) -> None:
+    engine = Engine(ee)
+    prompts = [[1, 5, 9], [1, 33, 34], [1, 70]]
+    s = DecodeSettings(max_new_tokens=12)
+    solo = [_solo(ee, p, s) for p in prompts]
+    scheduler = BatchScheduler(engine, max_batch_size=3)
+    stopper = BatchRequest(prompts[0], s, on_token=lambda t, layer: len(stopper.tokens) == 3)
+    others = [BatchRequest(p, s) for p in prompts[1:]]
+    for r in (stopper, *others):
+        scheduler.admit(r)
+    scheduler.step()
+    scheduler.step()
+    assert stopper.result.stopped_by == "callback" and stopper.result.tokens == solo[0].tokens[:3]
+    scheduler.cancel(others[0])  # the client left: its row is free at once
+    assert others[0].result.stopped_by == "callback" and scheduler.size == 1
+    assert decode_all(scheduler, [BatchRequest(prompts[0], s)])[0].tokens == solo[0].tokens
+    while scheduler.rows:
+        scheduler.step()
+    assert others[1].result.tokens == solo[2].tokens
+
+
+def test_scheduler_refuses_what_it_cannot_batch(ee: EarlyExitModel) -> None:
+    scheduler = BatchScheduler(Engine(ee), max_batch_size=1, max_seq_len=16)
+    for s in (DecodeSettings(mode="early_exit", threshold=0.5), DecodeSettings(mode="self_speculative")):
+        assert not scheduler.batchable(s)
+        with pytest.raises(EetuneError, match="full model only"):
+            scheduler.admit(BatchRequest([1, 2], s))
+    with pytest.raises(EetuneError, match="exceeds the batch's 16 positions"):
+        scheduler.admit(BatchRequest([1] * 10, DecodeSettings(max_new_tokens=7)))
+    scheduler.admit(BatchRequest([1, 2], DecodeSettings(max_new_tokens=4)))
+    with pytest.raises(EetuneError, match="batch is full"):
+        scheduler.admit(BatchRequest([1, 2], DecodeSettings(max_new_tokens=4)))

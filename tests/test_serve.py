@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ def served(tiny_dir: Path, run_dir: Path) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def server(served: ServedModel) -> Iterator[BackgroundServer]:
-    with BackgroundServer(create_app(served, queue_size=16)) as background:
+    # Full-model requests go through the running batch (continuous batching); the others alone.
+    with BackgroundServer(create_app(served, queue_size=16, max_batch_size=4)) as background:
         yield background
 
 
@@ -789,31 +791,96 @@ def test_a_stream_whose_client_left_before_its_first_event_is_dropped_from_the_q
         worker.close()
 
 
+@pytest.mark.parametrize("mode", ["full", "early_exit"])  # a row of the running batch; a request alone
 def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_healthy(
-    server, served, monkeypatch
+    server, served, monkeypatch, mode
 ) -> None:
-    real_generate = served.engine.generate
+    worker = server.app.state.worker
+    target, name = (worker.scheduler, "step") if mode == "full" else (served.engine, "generate")
+    real = getattr(target, name)
     calls = []
 
     def failing_once(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         if len(calls) == 1:
             raise RuntimeError("the engine broke")
-        return real_generate(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(served.engine, "generate", failing_once)
+    monkeypatch.setattr(target, name, failing_once)
+    body = chat_body("Hello there", mode, max_tokens=2)
     with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=1)) as http:
-        failed = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
+        failed = http.post(CHAT, json=body)
         assert failed.status_code == 500
         assert failed.json() == {"error": {"message": "internal error: RuntimeError: the engine broke",
                                            "type": "server_error", "param": None, "code": None}}
         port = failed.extensions["network_stream"].get_extra_info("client_addr")[1]
-        ok = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
+        ok = http.post(CHAT, json=body)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
         # The same keep-alive connection answered both.
         assert ok.extensions["network_stream"].get_extra_info("client_addr")[1] == port
         health = http.get("/health").json()
         assert (health["decoding"], health["waiting"]) == (0, 0)
+
+
+# -- continuous batching ---------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_the_batch_and_answer_as_alone(server, served) -> None:
+    """Requests in every mode at once: each greedy answer (float32) equals the same request served
+    alone; full-model ones decode together in the running batch, the others alone between."""
+    bodies = [chat_body(q, mode, max_tokens=12 + i) for i, (q, mode) in enumerate(
+        (q, m) for q in QUESTIONS[:4] for m in ("full", "full", "early_exit", "self_speculative"))]
+    alone = [httpx.post(f"{server.url}{CHAT}", json=b, timeout=60).json() for b in bodies]
+    worker = server.app.state.worker
+    worker.peak_batch = 0
+    with httpx.Client(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=32)) as http:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: http.post(CHAT, json=b).json(), bodies))
+    for body, a, b in zip(bodies, alone, together):
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], body
+        assert b["usage"] == a["usage"]
+        assert b["early_exit"]["exit_layers"] == a["early_exit"]["exit_layers"]
+    assert worker.peak_batch >= 2  # full-model requests really shared steps
+
+
+def test_a_client_leaving_frees_its_row_and_the_others_finish(server, served) -> None:
+    worker = server.app.state.worker
+    body = chat_body("Tell me a story", max_tokens=40)
+    expected = httpx.post(f"{server.url}{CHAT}", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+    before = worker.status()["cancelled"]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with ThreadPoolExecutor(2) as pool:
+            other = pool.submit(lambda: http.post(CHAT, json=body).json())
+            with http.stream("POST", CHAT, json={**body, "stream": True}) as leaving:
+                next(leaving.iter_lines())  # the first event: it is decoding in the batch now
+            assert other.result()["choices"][0]["message"]["content"] == expected
+    deadline = time.monotonic() + 30
+    while worker.status()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.status()["cancelled"] == before + 1
+    assert not worker._rows  # its row was freed
+
+
+def test_a_bad_request_in_the_batch_harms_no_other(served) -> None:
+    from eetune.errors import EetuneError
+    from eetune.infer.scheduler import BatchScheduler
+    from eetune.serve.protocol import CompletionRequest
+    from eetune.serve.service import DecodePlan
+    from eetune.serve.worker import DecodeWorker
+
+    worker = DecodeWorker(4, BatchScheduler(served.engine, 4))
+    try:
+        good = served.plan(served.chat_prompt(HI), CompletionRequest(prompt="x", max_tokens=6, temperature=0), "messages")
+        # A token id outside the vocabulary gets past no HTTP check, but here it reaches the batch.
+        bad = DecodePlan([1, served.vocab_size + 5], good.settings, ())
+        tickets = [worker.submit(served.job(plan)) for plan in (good, bad, good)]
+        with pytest.raises(EetuneError, match="vocabulary"):
+            tickets[1].future.result(timeout=60)
+        alone = served.decode(good, threading.Event())
+        for ticket in (tickets[0], tickets[2]):
+            assert ticket.future.result(timeout=60).result.tokens == alone.result.tokens
+    finally:
+        worker.close()
 
 
 # -- text assembly ------------------------------------------------------------------------------------

@@ -158,8 +158,12 @@ class ServeConfig:
     max_tokens: int = 512
     # `max_tokens` of a request that gives none (less where the prompt leaves less room).
     default_max_tokens: int = 256
-    # Requests admitted at once, decoding one at a time and the rest waiting; more get HTTP 503.
+    # Requests admitted at once (decoding or waiting); more get HTTP 503.
     queue_size: int = 32
+    # Full-model requests decoding together (continuous batching: they join and leave the running
+    # batch at each step); early exit with exits and self_speculative decode one at a time. 1: every
+    # request alone, in arrival order.
+    max_batch_size: int = 8
     log_level: str = "info"
 
 

@@ -11,7 +11,6 @@ cancels its job: dropped if still queued, stopped at the next token if decoding.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +32,7 @@ from eetune.serve.protocol import (
     sse,
 )
 from eetune.serve.service import Completion, DecodePlan, ServedModel
+from eetune.infer.scheduler import BatchScheduler
 from eetune.serve.worker import DecodeWorker, QueueFull, Ticket
 
 _DONE = "data: [DONE]\n\n"
@@ -40,8 +40,10 @@ _DONE = "data: [DONE]\n\n"
 _CLIENT_CLOSED = 499
 
 
-def create_app(served: ServedModel, queue_size: int) -> FastAPI:
-    worker = DecodeWorker(queue_size)
+def create_app(served: ServedModel, queue_size: int, max_batch_size: int = 1) -> FastAPI:
+    """The app over `served`; up to `max_batch_size` full-model requests decode together (1: one at a time)."""
+    scheduler = BatchScheduler(served.engine, max_batch_size) if max_batch_size > 1 else None
+    worker = DecodeWorker(queue_size, scheduler)
     started = int(time.time())
 
     @asynccontextmanager
@@ -110,7 +112,7 @@ async def _respond(
     include_usage: bool,
 ) -> Response:
     if not stream:
-        ticket = _submit(worker, lambda cancelled: served.decode(plan, cancelled))
+        ticket = _submit(worker, served.job(plan))
         completion = await _unless_client_leaves(request, ticket)
         if completion is None:
             return Response(status_code=_CLIENT_CLOSED)
@@ -126,13 +128,10 @@ async def _respond(
         except RuntimeError:  # the loop is closed: the server is shutting down
             pass
 
-    def job(cancelled: threading.Event) -> Completion:
-        try:
-            return served.decode(plan, cancelled, on_text=lambda text, logprobs: post((text, logprobs)))
-        finally:
-            post(None)
-
-    ticket = _submit(worker, job)  # a full queue is still a plain 503, before any event is sent
+    job = served.job(plan, on_text=lambda text, logprobs: post((text, logprobs)))
+    ticket = _submit(worker, job)
+    # The stream ends when the job does, however it ends (finished, failed, dropped from the queue).
+    ticket.future.add_done_callback(lambda _: post(None))  # a full queue is still a plain 503, before any event is sent
     return _EventStream(_events(ticket, pieces, fmt, include_usage), ticket)
 
 

@@ -23,7 +23,7 @@ from eetune.serve.service import ServedModel
 
 def build_app(cfg: DictConfig) -> FastAPI:
     """The app for a composed config: model loaded, defaults and limits checked."""
-    return create_app(ServedModel.from_config(cfg), cfg.serve.queue_size)
+    return create_app(ServedModel.from_config(cfg), cfg.serve.queue_size, cfg.serve.max_batch_size)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

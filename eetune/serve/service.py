@@ -23,6 +23,7 @@ from eetune.infer.policy import (
     ExitSettingsError, check_exit_settings, check_threshold, model_exit_rules, resolve_threshold,
 )
 from eetune.infer.sampling import TokenLogprob
+from eetune.infer.scheduler import BatchRequest
 from eetune.serve.errors import APIError
 from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler, TokenSpeller
@@ -44,7 +45,7 @@ def check_serve_config(serve_cfg: Any) -> None:
     s = serve_cfg
     if not 0 <= s.port <= 65535:
         raise EetuneError(f"serve.port={s.port} must be in 0..65535 (0 picks a free port)")
-    for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size"):
+    for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size", "max_batch_size"):
         if getattr(s, key) < 1:
             raise EetuneError(f"serve.{key}={getattr(s, key)} must be >= 1")
     if s.default_max_tokens > s.max_tokens:
@@ -226,51 +227,21 @@ class ServedModel:
 
     # -- decoding (worker thread) -----------------------------------------------------------------
 
+    def job(self, plan: DecodePlan, on_text: Callable[[str, list[TokenLogprob] | None], None] | None = None,
+            cancelled: threading.Event | None = None) -> DecodeJob:
+        """The decode of a plan, for the worker: alone, or as a row of the running batch.
+        `on_text` gets each piece of final text with the logprobs of the tokens that completed it
+        (None unless asked for). Decoding stops at the next token once `cancelled` is set."""
+        return DecodeJob(self, plan, on_text, cancelled or threading.Event())
+
     def decode(
         self,
         plan: DecodePlan,
         cancelled: threading.Event,
         on_text: Callable[[str, list[TokenLogprob] | None], None] | None = None,
     ) -> Completion:
-        """Decode a plan; `on_text` gets each piece of final text with the logprobs of the tokens
-        that completed it (None unless asked for). Stops at the next token once `cancelled` is set."""
-        queue_s = time.perf_counter() - plan.created
-        text = TextAssembler(self.tokenizer, plan.stop)
-        wanted = plan.settings.logprobs is not None
-        logprobs: list[TokenLogprob] = []
-        held: list[TokenLogprob] = []  # tokens whose text the assembler still holds back
-
-        def on_logprob(entry: TokenLogprob) -> None:
-            if entry.token not in plan.settings.stop_ids:
-                logprobs.append(entry)
-                held.append(entry)
-
-        def release(piece: str) -> None:
-            if on_text is not None and (piece or held):
-                on_text(piece, list(held) if wanted else None)
-            held.clear()
-
-        def on_token(token: int, exit_layer: int) -> bool:
-            piece = text.add(token)
-            if piece:
-                release(piece)
-            return text.stopped or cancelled.is_set()
-
-        result = self.engine.generate(plan.prompt_ids, plan.settings, on_token=on_token, on_logprob=on_logprob)
-        self.tokens_generated += len(result.tokens)
-        release(text.finish())
-        s = plan.settings
-        draft_exit = s.draft_exit if s.draft_exit is not None else (self.model.exit_layers or [None])[-1]
-        return Completion(
-            text=text.text,
-            finish_reason="length" if result.stopped_by == "length" and not text.stopped else "stop",
-            result=result,
-            settings=s,
-            draft_exit=draft_exit,
-            num_layers=self.num_layers,
-            queue_s=queue_s,
-            logprobs=logprobs if wanted else None,
-        )
+        """Decode a plan alone (see `job`)."""
+        return self.job(plan, on_text, cancelled).run_alone()
 
     def describe(self) -> dict[str, Any]:
         """What /v1/models says about the model beyond OpenAI's fields."""
@@ -282,3 +253,56 @@ class ServedModel:
             "max_tokens": self.limits.max_tokens,
             "early_exit_defaults": self.defaults.model_dump(),
         }
+
+
+class DecodeJob:
+    """One request's decode: its engine request with streaming callbacks, and its Completion."""
+
+    def __init__(self, served: ServedModel, plan: DecodePlan,
+                 on_text: Callable[[str, list[TokenLogprob] | None], None] | None, cancelled: threading.Event) -> None:
+        self.served, self.plan, self.on_text, self.cancelled = served, plan, on_text, cancelled
+        self.text = TextAssembler(served.tokenizer, plan.stop)
+        self.wanted = plan.settings.logprobs is not None
+        self.logprobs: list[TokenLogprob] = []
+        self.held: list[TokenLogprob] = []  # tokens whose text the assembler still holds back
+        self.request = BatchRequest(plan.prompt_ids, plan.settings, on_token=self._on_token,
+                                    on_logprob=self._on_logprob)
+        self.started = 0.0  # when decoding began: run alone, or joined the batch
+
+    def _on_logprob(self, entry: TokenLogprob) -> None:
+        if entry.token not in self.plan.settings.stop_ids:
+            self.logprobs.append(entry)
+            self.held.append(entry)
+
+    def _release(self, piece: str) -> None:
+        if self.on_text is not None and (piece or self.held):
+            self.on_text(piece, list(self.held) if self.wanted else None)
+        self.held.clear()
+
+    def _on_token(self, token: int, exit_layer: int) -> bool:
+        piece = self.text.add(token)
+        if piece:
+            self._release(piece)
+        return self.text.stopped or self.cancelled.is_set()
+
+    def run_alone(self) -> Completion:
+        self.started = time.perf_counter()
+        r = self.request
+        return self.finish(self.served.engine.generate(r.prompt, r.settings, on_token=r.on_token,
+                                                       on_logprob=r.on_logprob))
+
+    def finish(self, result: DecodeResult) -> Completion:
+        served, s = self.served, self.plan.settings
+        served.tokens_generated += len(result.tokens)
+        self._release(self.text.finish())
+        draft_exit = s.draft_exit if s.draft_exit is not None else (served.model.exit_layers or [None])[-1]
+        return Completion(
+            text=self.text.text,
+            finish_reason="length" if result.stopped_by == "length" and not self.text.stopped else "stop",
+            result=result,
+            settings=s,
+            draft_exit=draft_exit,
+            num_layers=served.num_layers,
+            queue_s=(self.started or self.request.admitted_at) - self.plan.created,
+            logprobs=self.logprobs if self.wanted else None,
+        )

@@ -22,7 +22,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from eetune.data.sources import read_text_file
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.engine import DecodeSettings, Engine
+from eetune.infer.scheduler import BatchRequest, BatchScheduler
 from eetune.rundir import atomic_write_json, atomic_write_text
 from eetune.models import load_base
 from eetune.data.chat import build_prompt_ids, stop_token_ids
@@ -52,6 +53,8 @@ QUESTION_REQUEST = "Write one question a curious person might ask about {topic}.
 # A question is one line (extract_question keeps <= 300 characters): longer replies are cut here,
 # so a rambling row does not hold its whole batch for distill.max_new_tokens steps.
 QUESTION_MAX_TOKENS = 64
+# Prompts longer than this are refused (distill prompts are a line or two).
+MAX_PROMPT_TOKENS = 256
 # Settings a resumed corpus may change without changing what its batches hold.
 RESUMABLE_KEYS = ("max_tokens",)
 
@@ -134,22 +137,46 @@ def _keyword_re(keyword: str) -> re.Pattern[str]:
 
 @dataclass
 class Decoder:
-    """The base model with its tokenizer, decoding batches of chat or raw prompts."""
+    """The base model with its tokenizer, decoding chat or raw prompts with continuous batching:
+    a finished answer's row takes the next prompt at once, so no row idles until its batch's
+    longest answer ends. Every prompt has its own sampling seed, so an answer does not depend
+    on what it was decoded beside."""
 
-    engine: Engine
+    scheduler: BatchScheduler
     tokenizer: Any
     stop_ids: frozenset[int]
     chat: bool
 
-    def decode(self, prompts: Sequence[str], d: Any, seed: int, max_new_tokens: int | None = None) -> list[tuple[str, int]]:
-        """(completion text, generated token count) per prompt."""
-        ids = [build_prompt_ids(self.tokenizer, p, self.chat) for p in prompts]
-        settings = DecodeSettings(
-            max_new_tokens=max_new_tokens or d.max_new_tokens, temperature=d.temperature, top_p=d.top_p, seed=seed,
-            stop_ids=self.stop_ids,
-        )
-        results = self.engine.generate_batch(ids, settings)
-        return [(self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip(), len(r.tokens)) for r in results]
+    def stream(self, jobs: Iterable[tuple[Any, str, int]], d: Any, max_new_tokens: int | None = None
+               ) -> Iterator[tuple[Any, str, int]]:
+        """Decode (key, prompt, seed) jobs; yield (key, completion text, generated tokens) as each
+        finishes, in finishing order. Closing the iterator early cancels the answers in flight."""
+        jobs = iter(jobs)
+        live: dict[BatchRequest, Any] = {}
+        try:
+            while True:
+                while self.scheduler.has_room and (job := next(jobs, None)) is not None:
+                    key, prompt, seed = job
+                    settings = DecodeSettings(
+                        max_new_tokens=max_new_tokens or d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
+                        seed=seed, stop_ids=self.stop_ids,
+                    )
+                    request = BatchRequest(build_prompt_ids(self.tokenizer, prompt, self.chat), settings)
+                    if self.scheduler.admit(request):
+                        yield self._answer(key, request)
+                    else:
+                        live[request] = key
+                if not live:
+                    return
+                for request in self.scheduler.step():
+                    yield self._answer(live.pop(request), request)
+        finally:
+            for request in live:
+                self.scheduler.cancel(request)
+
+    def _answer(self, key: Any, request: BatchRequest) -> tuple[Any, str, int]:
+        tokens = request.result.tokens
+        return key, self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens)
 
 
 def extract_question(text: str) -> str | None:
@@ -167,16 +194,18 @@ def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, cons
     requests = [QUESTION_REQUEST.format(topic=t) for t in topics for _ in range(d.questions_per_topic)]
     questions: list[str] = []
     seen: set[str] = set()
+    jobs = ((k, request, sample_seed(seed, -1, k)) for k, request in enumerate(requests))
+    replies: dict[int, str] = {}
     with _progress(console, "questions") as progress:
         task = progress.add_task("questions", total=len(requests))
-        for b, start in enumerate(range(0, len(requests), d.batch_size)):
-            batch = requests[start : start + d.batch_size]
-            for text, _ in decoder.decode(batch, d, sample_seed(seed, -1, b), min(QUESTION_MAX_TOKENS, d.max_new_tokens)):
-                question = extract_question(text)
-                if question is not None and question.lower() not in seen:
-                    seen.add(question.lower())
-                    questions.append(question)
-            progress.advance(task, len(batch))
+        for k, text, _ in decoder.stream(jobs, d, min(QUESTION_MAX_TOKENS, d.max_new_tokens)):
+            replies[k] = text
+            progress.advance(task)
+    for k in range(len(requests)):  # in request order: the same questions however they finished
+        question = extract_question(replies[k])
+        if question is not None and question.lower() not in seen:
+            seen.add(question.lower())
+            questions.append(question)
     return questions
 
 
@@ -307,9 +336,11 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
     base = load_base(cfg.model)
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: distillation needs one to read prompts")
+    # Rows hold a prompt (a few dozen tokens) and its answer: the caches need no more positions.
+    positions = min(base.model.max_seq_len, MAX_PROMPT_TOKENS + d.max_new_tokens)
     decoder = Decoder(
-        Engine(EarlyExitModel(base.model, []), max_batch_size=d.batch_size), base.tokenizer,
-        frozenset(stop_token_ids(base.tokenizer)), d.chat,
+        BatchScheduler(Engine(EarlyExitModel(base.model, [])), max_batch_size=d.batch_size, max_seq_len=positions),
+        base.tokenizer, frozenset(stop_token_ids(base.tokenizer)), d.chat,
     )
     prompts = gather_prompts(d, decoder, cfg.seed, out, console)
 
@@ -327,25 +358,40 @@ def run(cfg: DictConfig, console: Console | None = None) -> Path:
 
     budget = d.max_tokens
     start_tokens, t0 = tokens, time.perf_counter()
+    if budget is not None and tokens >= budget:
+        batches = batches[:done]  # nothing left to decode
     with _progress(console, "answers") as progress:
         task = progress.add_task("answers", total=budget if budget else len(items),
                                  completed=tokens if budget else min(done * d.batch_size, len(items)))
-        for b in range(done, len(batches)):
-            if budget is not None and tokens >= budget:
+        # Each answer's seed is fixed by its (prompt, sample): the corpus does not depend on batch_size.
+        jobs = (((b, k), prompts[i], sample_seed(cfg.seed, i, j))
+                for b in range(done, len(batches)) for k, (i, j) in enumerate(batches[b]))
+        answers: dict[int, dict[int, tuple[str, int]]] = {}
+        answer_stream = decoder.stream(jobs, d)
+        b = done
+        for (batch_index, k), text, n in answer_stream:
+            answers.setdefault(batch_index, {})[k] = (text, n)
+            # Batches are written whole and in order, each in one durable append.
+            while b < len(batches) and len(answers.get(b, {})) == len(batches[b]):
+                if budget is not None and tokens >= budget:
+                    break
+                batch, got = batches[b], answers.pop(b)
+                lines = [
+                    json.dumps(distill_record(f"b{b}:p{i}:s{j}", got[k][1], prompts[i], got[k][0], d.chat),
+                               ensure_ascii=False) + "\n"
+                    for k, (i, j) in enumerate(batch)
+                ]
+                _append(out, lines)
+                batch_tokens = sum(n for _, n in got.values())
+                tokens += batch_tokens
+                progress.advance(task, batch_tokens if budget else len(batch))
+                if not console.is_terminal:  # a log file gets a line per batch instead of a live bar
+                    rate = (tokens - start_tokens) / (time.perf_counter() - t0)
+                    console.print(f"distill: batch {b + 1}/{len(batches)}, {tokens} tokens, {rate:.1f} tokens/s")
+                b += 1
+            if b == len(batches) or (budget is not None and tokens >= budget):
+                answer_stream.close()  # later batches' answers in flight are dropped
                 break
-            batch = batches[b]
-            answers = decoder.decode([prompts[i] for i, _ in batch], d, sample_seed(cfg.seed, b))
-            lines = [
-                json.dumps(distill_record(f"b{b}:p{i}:s{j}", n, prompts[i], text, d.chat), ensure_ascii=False) + "\n"
-                for (i, j), (text, n) in zip(batch, answers)
-            ]
-            _append(out, lines)
-            batch_tokens = sum(n for _, n in answers)
-            tokens += batch_tokens
-            progress.advance(task, batch_tokens if budget else len(batch))
-            if not console.is_terminal:  # a log file gets a line per batch instead of a live bar
-                rate = (tokens - start_tokens) / (time.perf_counter() - t0)
-                console.print(f"distill: batch {b + 1}/{len(batches)}, {tokens} tokens, {rate:.1f} tokens/s")
     elapsed = time.perf_counter() - t0
     rate = (tokens - start_tokens) / elapsed if elapsed > 0 else 0.0
     console.print(

@@ -1,10 +1,11 @@
 """How fast does `eetune data distill` write a corpus? Batched decoding against one prompt at a time.
 
 The same prompts (topics x templates), sampled answers of up to `--new-tokens` tokens, on the
-embedded SmolLM2-135M: the batch-1 loop distill used before (`infer.generate.generate` per
-prompt, a fresh KV cache each) against `Engine.generate_batch` at each `--batch-sizes`.
-Tokens/s counts generated tokens only (a row that finished early adds nothing while it waits
-for its batch); the ratio column is against the batch-1 loop.
+embedded SmolLM2-135M: the batch-1 loop distill first used (`infer.generate.generate` per
+prompt, a fresh KV cache each), lock-step batches (`Engine.generate_batch`: a row that finished
+early waits for its batch's longest answer) and continuous batching (`infer.scheduler`, what
+distill uses now: a finished row takes the next prompt at once), at each `--batch-sizes`.
+Tokens/s counts generated tokens only; the ratio column is against the batch-1 loop.
 
     .venv/bin/python scripts/bench/distill_throughput.py [--prompts 64] [--batch-sizes 8,16,32,64]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,6 +24,7 @@ from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_t
 from eetune.exits import EarlyExitModel  # noqa: E402
 from eetune.infer.engine import DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import generate  # noqa: E402
+from eetune.infer.scheduler import BatchRequest, BatchScheduler, decode_all  # noqa: E402
 from eetune.models import load_base_model  # noqa: E402
 from eetune.stages import distill  # noqa: E402
 from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
@@ -32,7 +35,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="prompts per case (the batch-1 loop uses 1/4)")
     parser.add_argument("--batch-sizes", default="8,16,32,64")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args()
     console = make_console()
@@ -60,11 +63,20 @@ def main() -> None:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         engine = Engine(EarlyExitModel(base.model, []), max_batch_size=batch_size)
         start, tokens = time.perf_counter(), 0
+        # (lock step: one seed for the batch; continuous: one per prompt)
         for s in range(0, len(prompts), batch_size):
             tokens += sum(len(r.tokens) for r in engine.generate_batch(prompts[s : s + batch_size], settings))
-        cases.append({"case": f"generate_batch, batch {batch_size}", "batch_size": batch_size, "prompts": len(prompts),
+        cases.append({"case": f"lock step, batch {batch_size}", "batch_size": batch_size, "prompts": len(prompts),
                       "tokens": tokens, "seconds": time.perf_counter() - start})
         console.print(f"batch {batch_size}: {tokens} tokens in {cases[-1]['seconds']:.1f} s")
+        scheduler = BatchScheduler(Engine(EarlyExitModel(base.model, [])), max_batch_size=batch_size,
+                                   max_seq_len=max(len(p) for p in prompts) + args.new_tokens)
+        start = time.perf_counter()
+        requests = [BatchRequest(p, replace(settings, seed=i)) for i, p in enumerate(prompts)]
+        tokens = sum(len(r.tokens) for r in decode_all(scheduler, requests))
+        cases.append({"case": f"continuous, batch {batch_size}", "batch_size": batch_size, "prompts": len(prompts),
+                      "tokens": tokens, "seconds": time.perf_counter() - start})
+        console.print(f"continuous {batch_size}: {tokens} tokens in {cases[-1]['seconds']:.1f} s")
 
     base_rate = cases[0]["tokens"] / cases[0]["seconds"]
     for case in cases:

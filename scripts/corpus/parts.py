@@ -42,6 +42,9 @@ def restore(corpus: Path, parts_dir: Path) -> None:
 
 
 def save(corpus: Path, parts_dir: Path) -> None:
+    if not corpus.exists():
+        print(f"nothing to save: {corpus} does not exist yet")
+        return
     saved_lines = 0
     for part in parts(parts_dir):
         with gzip.open(part, "rb") as f:
