@@ -833,9 +833,24 @@ def test_concurrent_requests_share_the_batch_and_answer_as_alone(server, served)
     alone = [httpx.post(f"{server.url}{CHAT}", json=b, timeout=60).json() for b in bodies]
     worker = server.app.state.worker
     worker.peak_batch = 0
+
+    def settled() -> dict[str, int]:  # a response can arrive just before its slot is released
+        deadline = time.monotonic() + 30
+        while (status := worker.status())["decoding"] + status["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return status
+
+    before = settled()
     with httpx.Client(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=32)) as http:
         with ThreadPoolExecutor(len(bodies)) as pool:
             together = list(pool.map(lambda b: http.post(CHAT, json=b).json(), bodies))
+            streamed = list(pool.map(lambda b: read_events(http.post(CHAT, json={**b, "stream": True})), bodies))
+    # Every request finished: none counts as cancelled (a finished stream cancels its ticket as it closes).
+    after = settled()
+    assert (after["completed"] - before["completed"], after["cancelled"] - before["cancelled"]) == (32, 0)
+    for a, events in zip(alone, streamed):
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+        assert text == a["choices"][0]["message"]["content"]
     for body, a, b in zip(bodies, alone, together):
         assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], body
         assert b["usage"] == a["usage"]

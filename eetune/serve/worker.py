@@ -166,10 +166,9 @@ class DecodeWorker:
         try:
             result = job.run_alone() if hasattr(job, "run_alone") else job(ticket.cancelled)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
-            ticket.future.set_exception(exc)
+            self._resolve(ticket, exception=exc)
         else:
-            ticket.future.set_result(result)
-        self._end(ticket, cancelled=ticket.cancelled.is_set())
+            self._resolve(ticket, result)
 
     def _admit(self, ticket: Ticket) -> None:
         request = ticket.job.request
@@ -206,10 +205,21 @@ class DecodeWorker:
     def _complete(self, request: BatchRequest) -> None:
         ticket = self._rows.pop(request)
         try:
-            ticket.future.set_result(ticket.job.finish(request.result))
+            result = ticket.job.finish(request.result)
         except BaseException as exc:  # noqa: BLE001
-            ticket.future.set_exception(exc)
-        self._end(ticket, cancelled=ticket.cancelled.is_set())
+            self._resolve(ticket, exception=exc)
+        else:
+            self._resolve(ticket, result)
+
+    def _resolve(self, ticket: Ticket, result: Any = None, exception: BaseException | None = None) -> None:
+        """Hand the result over and free the slot. Whether the job was cancelled is read first: once
+        the result is out, a finished stream cancels its ticket (harmlessly) as it closes."""
+        cancelled = ticket.cancelled.is_set()
+        if exception is not None:
+            ticket.future.set_exception(exception)
+        else:
+            ticket.future.set_result(result)
+        self._end(ticket, cancelled=cancelled)
 
     def _end(self, ticket: Ticket, cancelled: bool, running: bool = True) -> None:
         with self._cond:
