@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
 import decode_profile  # noqa: E402
+import serve_load  # noqa: E402
 
 from eetune.eval.timing import Costs  # noqa: E402
 
@@ -46,3 +47,64 @@ def test_exit_costs_charge_max_prob_a_head_per_check_and_learned_only_where_it_l
     # no exit: the full token + two heads (max_prob) or none (learned).
     assert costs["max_prob"] == pytest.approx({"exit_8": 0.5, "exit_16": 1.0, "no_exit": 1.5})
     assert costs["learned"] == pytest.approx({"exit_8": 0.5, "exit_16": 0.75, "no_exit": 1.0})
+
+
+def _row(concurrency, mode, max_batch_size, tokens_per_s, p95):
+    return {"concurrency": concurrency, "mode": mode, "max_batch_size": max_batch_size, "requests": 4, "errors": 0,
+            "tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / 64,
+            "latency_s": {"p50": p95 / 2, "p95": p95}, "ttft_s": {"p50": 0.1, "p95": p95 / 4}}
+
+
+def test_serve_load_defaults_and_the_decode_py_call():
+    args = serve_load.parse_args(["--run-dir", "runs/x", "--dtype", "float32", "--out", "/tmp/out"])
+    assert args.concurrency == [1, 2, 4, 8, 16]
+    assert args.max_batch_sizes == [1, 8]
+    assert args.modes == ["full", "early_exit", "self_speculative"]
+    assert (args.requests, args.max_tokens, args.dtype) == (4, 64, "float32")
+    args = serve_load.parse_args(["--concurrency", "2,1,2", "--max-batch-sizes", "8"])
+    assert (args.concurrency, args.max_batch_sizes, args.modes) == ([2, 1], [8], ["full"])
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--modes", "early_exit"])  # needs --run-dir
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--concurrency", "0"])
+
+
+def test_serve_load_ratios_against_the_one_at_a_time_server_and_full():
+    cases = [
+        _row(4, "full", 1, 20.0, 10.0),
+        _row(4, "full", 8, 60.0, 4.0),
+        _row(4, "early_exit", 1, 25.0, 8.0),
+        _row(4, "early_exit", 8, 24.0, 8.0),
+        _row(8, "full", 8, 80.0, 6.0),  # no max_batch_size=1 row at 8 clients
+    ]
+    serve_load.add_ratios(cases, 1)
+    full1, full8, ee1, ee8, full8_alone = cases
+    assert full8["vs_baseline_server"] == pytest.approx(
+        {"max_batch_size": 1, "tokens_per_s": 3.0, "latency_p95": 0.4, "ttft_p95": 0.4})
+    assert full1["vs_baseline_server"]["tokens_per_s"] == pytest.approx(1.0)
+    assert ee8["vs_baseline_server"]["tokens_per_s"] == pytest.approx(24 / 25)
+    assert ee1["vs_full_tokens_per_s"] == pytest.approx(1.25)
+    assert ee8["vs_full_tokens_per_s"] == pytest.approx(0.4)
+    assert full8["vs_full_tokens_per_s"] == pytest.approx(1.0)
+    assert full8_alone["vs_baseline_server"]["tokens_per_s"] is None
+    assert full8_alone["vs_baseline_server"]["latency_p95"] is None
+
+
+def test_serve_load_plot_and_table(tmp_path):
+    settings = {"concurrency": [1, 4], "max_batch_sizes": [1, 8], "modes": ["full", "early_exit"],
+                "requests": 4, "max_tokens": 64, "dtype": "float32"}
+    cases = [_row(c, m, b, 10.0 * c * (b > 1) + 5, 1.0 * c) for c in (1, 4) for m in ("full", "early_exit")
+             for b in (1, 8)]
+    cases[0]["latency_s"]["p95"] = None  # a round where every request failed still plots
+    serve_load.add_ratios(cases, 1)
+    png = serve_load.plot(cases, settings, tmp_path / "serve_load.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for c in cases:
+        c["server"] = {"decode_tokens_per_s_mean": None, "mean_layers_mean": None, "acceptance_rate_mean": None,
+                       "queue_s": {"p50": None, "p95": None}}
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    serve_load.print_report(console, cases, settings, 30)
+    text = console.export_text()
+    assert "vs mbs1" in text and "3.00x" in text

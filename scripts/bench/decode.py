@@ -24,8 +24,8 @@ Decode speed counts tokens after the first one (prefill excluded) for every case
 
 Writes decode.json and decode.png (speedup vs agreement) under --out and prints a table.
 `--assisted` and `--serve` also run assisted.py (transformers assisted generation with each
-exit exported as a draft model) and serve_load.py (8 concurrent clients x 16 requests against
-`eetune serve`) on the same exits; each writes its own JSON beside decode.json. The prompts
+exit exported as a draft model) and serve_load.py (1-16 concurrent streaming clients against
+`eetune serve` at max_batch_size 1 and 8, every mode) on the same exits; each writes its own JSON beside decode.json. The prompts
 (scripts/bench/prompts.txt) are not among the ones `eetune data distill` makes tuning data from.
 """
 
@@ -203,7 +203,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--assisted", action="store_true",
                         help="also run assisted.py: transformers assisted generation with exported exit drafts")
     parser.add_argument("--serve", action="store_true",
-                        help="also run serve_load.py: 8 concurrent clients x 16 requests against eetune serve")
+                        help="also run serve_load.py: 1-16 concurrent clients against eetune serve, "
+                             "max_batch_size 1 vs 8")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     return parser.parse_args()
 
