@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eetune.config.schema import EetuneConfig, ServeConfig
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
@@ -30,7 +31,7 @@ from eetune.data.chat import chat_prompt_ids, stop_token_ids
 from eetune.exits.loading import load_model
 
 
-def default_options(serve_cfg: Any) -> EarlyExitOptions:
+def default_options(serve_cfg: ServeConfig) -> EarlyExitOptions:
     """The early-exit settings of a request that names none, from the `serve` config.
 
     A threshold left null there is decided per request by `ServedModel.threshold_for`: the
@@ -107,7 +108,7 @@ class ServedModel:
             raise EetuneError(exc.message) from None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ServedModel:
+    def from_config(cls, cfg: EetuneConfig) -> ServedModel:
         s = cfg.serve
         s.validate()
         base, model = load_model(cfg.model, s.run_dir)

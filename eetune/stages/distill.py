@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from eetune.config import EetuneConfig
 from eetune.config.diff import changed_keys
-from eetune.config.schema import to_container
+from eetune.config.schema import DistillConfig, to_container
 from eetune.console import make_console
 from eetune.data.jsonl import iter_jsonl
 from eetune.data.sources import read_text_file
@@ -126,7 +126,7 @@ class Decoder:
     stop_ids: frozenset[int]
     chat: bool
 
-    def decode(self, prompts: Sequence[str], d: Any, seed: int, max_new_tokens: int | None = None) -> list[tuple[str, int]]:
+    def decode(self, prompts: Sequence[str], d: DistillConfig, seed: int, max_new_tokens: int | None = None) -> list[tuple[str, int]]:
         """(completion text, generated token count) per prompt."""
         ids = [build_prompt_ids(self.tokenizer, p, self.chat) for p in prompts]
         settings = DecodeSettings(
@@ -147,7 +147,7 @@ def extract_question(text: str) -> str | None:
     return first if first.endswith("?") and 15 <= len(first) <= 300 else None
 
 
-def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, console: Console) -> list[str]:
+def model_questions(decoder: Decoder, topics: list[str], d: DistillConfig, seed: int, console: Console) -> list[str]:
     """`questions_per_topic` questions the model writes about each topic, deduplicated."""
     requests = [QUESTION_REQUEST.format(topic=t) for t in topics for _ in range(d.questions_per_topic)]
     questions: list[str] = []
@@ -248,7 +248,7 @@ def _check_resume(out: Path, cfg: EetuneConfig) -> None:
         )
 
 
-def gather_prompts(d: Any, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
+def gather_prompts(d: DistillConfig, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
     """Prompt file + topics x templates + model-written questions, minus excluded keywords."""
     prompts = read_prompts(_path(d.prompts, DEFAULT_PROMPTS)) if d.prompts else []
     if d.topics:
