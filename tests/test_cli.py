@@ -169,34 +169,45 @@ def test_compose_config_returns_the_typed_config():
     assert all(isinstance(task, schema.EvalTaskConfig) for task in cfg.eval.tasks)
 
 
-@pytest.mark.parametrize(("section", "field", "value", "message"), [
-    ("model", "dtype", "float8", "model.dtype='float8' is not one of: auto, float32, bfloat16, float16"),
-    ("model", "max_seq_len", 0, "model.max_seq_len=0 must be positive"),
-    ("exits", "layers", [], "exits.layers is empty: give at least one layer, e.g. exits.layers=[8,16,24]"),
-    ("data", "heldout_fraction", 1.5, "data.heldout_fraction=1.5 must be in (0, 1)"),
-    ("generate", "temperature", -1.0, "generate.temperature=-1.0 must be >= 0 (0 = greedy)"),
-    ("serve", "port", 70000, "serve.port=70000 must be in 0..65535 (0 picks a free port)"),
+# Checked at composition (section.validate()), or by the stage that reads the section
+# (section.validate_run(): `--print-config` and other stages take those values as they are).
+@pytest.mark.parametrize(("section", "field", "value", "message", "at_compose"), [
+    ("model", "dtype", "float8", "model.dtype='float8' is not one of: auto, float32, bfloat16, float16", True),
+    ("model", "max_seq_len", 0, "model.max_seq_len=0 must be positive", True),
+    ("exits", "layers", [], "exits.layers is empty: give at least one layer, e.g. exits.layers=[8,16,24]", True),
+    ("data", "heldout_fraction", 1.5, "data.heldout_fraction=1.5 must be in (0, 1)", True),
+    ("data", "batch_size", 0, "data.batch_size=0 must be >= 1", False),
+    ("generate", "temperature", -1.0, "generate.temperature=-1.0 must be >= 0 (0 = greedy)", True),
+    ("serve", "mode", "fast", "serve.mode='fast' is not one of: full, early_exit, self_speculative", True),
+    ("serve", "port", 70000, "serve.port=70000 must be in 0..65535 (0 picks a free port)", False),
     ("eval", "thresholds", [],
-     "eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]"),
-    ("optim", "grad_accum", 0, "optim.grad_accum=0 must be >= 1"),
-    ("loss", "kd_alpha", 2.0, "loss.kd_alpha=2.0 must be in [0, 1]"),
-    ("train", "steps", 0, "train.steps=0 must be >= 1"),
-    ("logger", "kind", "tb", "logger.kind='tb' is not one of: none, wandb"),
-    ("distill", "batch_size", 0, "distill.batch_size=0 must be >= 1"),
-    ("export", "format", "onnx", "export.format='onnx' is not one of: draft, hf, gguf"),
-    ("parallel", "backend", "mpi", "parallel.backend='mpi' is not one of: auto, gloo, nccl"),
+     "eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]", False),
+    ("optim", "decay", "step", "optim.decay='step' is not one of: cosine, linear, constant", True),
+    ("optim", "grad_accum", 0, "optim.grad_accum=0 must be >= 1", False),
+    ("loss", "kd_alpha", 2.0, "loss.kd_alpha=2.0 must be in [0, 1]", False),
+    ("train", "steps", 0, "train.steps=0 must be >= 1", False),
+    ("logger", "kind", "tb", "logger.kind='tb' is not one of: none, wandb", True),
+    ("distill", "batch_size", 0, "distill.batch_size=0 must be >= 1", False),
+    ("export", "format", "onnx", "export.format='onnx' is not one of: draft, hf, gguf", True),
+    ("parallel", "backend", "mpi", "parallel.backend='mpi' is not one of: auto, gloo, nccl", True),
 ])
-def test_each_section_validates_itself_with_the_one_line_message(section, field, value, message):
+def test_each_section_validates_itself_with_the_one_line_message(section, field, value, message, at_compose):
     cfg = compose_config("augment", [])
     part = getattr(cfg, section)
     setattr(part, field, value)
+    check = part.validate if at_compose else part.validate_run
     with pytest.raises(EetuneError) as caught:
-        part.validate() if section != "data" else part.validate(cfg.stage)
+        check(cfg.stage) if (section, at_compose) == ("data", True) else check()
     assert str(caught.value) == message
-    with pytest.raises(EetuneError, match=re.escape(message)):
-        cfg.validate()
-    # The same message from the command line's composition.
     override = f"{section}.{field}={value}" if not isinstance(value, list) else f"{section}.{field}=[]"
-    with pytest.raises(EetuneError) as composed:
+    if at_compose:  # the top level runs it, and so does composition, with the same message
+        with pytest.raises(EetuneError, match=re.escape(message)):
+            cfg.validate()
+        with pytest.raises(EetuneError) as composed:
+            compose_config("augment", [override])
+        assert str(composed.value) == message
+    else:
         compose_config("augment", [override])
-    assert str(composed.value) == message
+        if section in ("loss", "train", "optim", "data"):
+            with pytest.raises(EetuneError, match=re.escape(message)):
+                cfg.validate_tune()

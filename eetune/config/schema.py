@@ -131,6 +131,10 @@ class DataConfig:
                 entry.validate(k, stage)
         elif self.source in ("text", "jsonl", "hf") and not self.path and stage != "plan":
             raise EetuneError(f"data.source={self.source} needs data.path=<file>")
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
         if self.batch_size < 1:
             raise EetuneError(f"data.batch_size={self.batch_size} must be >= 1")
 
@@ -216,8 +220,11 @@ class ServeConfig:
     log_level: str = "info"
 
     def validate(self) -> None:
-        """What can be checked before loading anything (so a bad config fails in a second)."""
         check_choices(self, "serve")
+
+    def validate_run(self) -> None:
+        """`serve`'s checks before loading anything (so a bad config fails in a second); not at
+        composition, so `--print-config` shows a preset that still needs serve.run_dir."""
         if not 0 <= self.port <= 65535:
             raise EetuneError(f"serve.port={self.port} must be in 0..65535 (0 picks a free port)")
         for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size"):
@@ -288,7 +295,10 @@ class EvalConfig:
     out_dir: Optional[str] = None
 
     def validate(self) -> None:
-        """Every value `eval` reads, checked before anything slow runs."""
+        pass
+
+    def validate_run(self) -> None:
+        """Every value `eval` reads, checked by the stage before anything slow runs."""
         if not self.thresholds:
             raise EetuneError("eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]")
         for t in self.thresholds:
@@ -330,6 +340,10 @@ class OptimConfig:
 
     def validate(self) -> None:
         check_choices(self, "optim")
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
         if self.grad_accum < 1:
             raise EetuneError(f"optim.grad_accum={self.grad_accum} must be >= 1")
 
@@ -363,6 +377,10 @@ class LossConfig:
 
     def validate(self) -> None:
         check_choices(self, "loss")
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise EetuneError(f"loss.kd_alpha={self.kd_alpha} must be in [0, 1]")
         if self.kd_temperature <= 0:
@@ -391,6 +409,11 @@ class TrainConfig:
     flat_min_delta: float = 0.005
 
     def validate(self) -> None:
+        pass
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
         if self.steps < 1:
             raise EetuneError(f"train.steps={self.steps} must be >= 1")
         if self.flat_patience < 0 or self.flat_min_delta < 0:
@@ -443,6 +466,11 @@ class DistillConfig:
     chat: bool = True
 
     def validate(self) -> None:
+        pass
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
         for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise EetuneError(f"distill.{key}={getattr(self, key)} must be >= 1")
@@ -552,7 +580,8 @@ class EetuneConfig:
     resume: bool = False
 
     def validate(self) -> None:
-        """Every section's value checks (the ones the schema's types cannot express)."""
+        """Every section's value checks the schema's types cannot express, made at composition.
+        A stage checks the sections only it reads with their `validate_run()` before it starts."""
         self.model.validate()
         self.exits.validate()
         self.generate.validate()
@@ -567,6 +596,13 @@ class EetuneConfig:
         self.export.validate()
         self.parallel.validate()
         self.plan.validate()
+
+    def validate_tune(self) -> None:
+        """`tune`'s checks before anything is written."""
+        self.loss.validate_run()
+        self.train.validate_run()
+        self.optim.validate_run()
+        self.data.validate_run()
 
 
 # Closed sets of values for string fields, checked after composition.

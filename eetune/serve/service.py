@@ -110,7 +110,7 @@ class ServedModel:
     @classmethod
     def from_config(cls, cfg: EetuneConfig) -> ServedModel:
         s = cfg.serve
-        s.validate()
+        s.validate_run()
         base, model = load_model(cfg.model, s.run_dir)
         max_seq_len = base.model.max_seq_len
         if s.max_prompt_tokens >= max_seq_len:

@@ -276,7 +276,7 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
     """Generate the corpus into `distill.out` (default `<run_dir>/distill.jsonl`)."""
     d = cfg.distill
     console = console or make_console()
-    d.validate()
+    d.validate_run()
     out = Path(d.out).expanduser() if d.out else Path(cfg.run_dir) / DEFAULT_OUT_NAME
     if out.exists() and not cfg.resume:
         raise EetuneError(

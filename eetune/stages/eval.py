@@ -60,7 +60,7 @@ def output_dir(cfg: EetuneConfig) -> Path:
 def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
     console = console or make_console()
     started = time.perf_counter()
-    cfg.eval.validate()
+    cfg.eval.validate_run()
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_dir():
         raise EetuneError(f"run dir not found: {run_dir}: pass run_dir=<a tune (or augment) run dir>")

@@ -13,7 +13,7 @@ from eetune.serve.service import ServedModel
 def run(cfg: EetuneConfig, console: Console | None = None) -> None:
     console = console or Console(stderr=True)
     s = cfg.serve
-    s.validate()  # before the model loads: a bad config fails at once
+    s.validate_run()  # before the model loads: a bad config fails at once
     sock = bind_socket(s.host, s.port)  # a taken port fails before the model loads
     try:
         app = build_app(cfg)

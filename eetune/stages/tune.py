@@ -27,7 +27,7 @@ from eetune.train.trainer import Trainer
 
 def run(cfg: EetuneConfig, console: Optional[Console] = None) -> TuneResult:
     console = console or make_console()
-    cfg.validate()  # the loss/train/optim/data checks, here too for callers that built cfg themselves
+    cfg.validate_tune()
     run_dir = Path(cfg.run_dir)
     check_run_dir(cfg, run_dir)
     finished = finished_run(cfg, run_dir)
