@@ -13,10 +13,10 @@ from typing import List, Optional
 
 import click
 import typer
-from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
-from eetune.config import compose_config, config_groups, list_recipes, recipe_path, validate
+from eetune.config import EetuneConfig, compose_config, config_groups, list_recipes, recipe_path, validate
+from eetune.config.schema import to_yaml
 from eetune.console import make_console
 from eetune.errors import EetuneError
 
@@ -50,10 +50,10 @@ OVERRIDES = typer.Argument(
 PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
 
 
-def _compose(stage: str, overrides: Optional[List[str]], print_config: bool) -> DictConfig | None:
+def _compose(stage: str, overrides: Optional[List[str]], print_config: bool) -> EetuneConfig | None:
     cfg = compose_config(stage, overrides or [])
     if print_config:
-        typer.echo(OmegaConf.to_yaml(cfg), nl=False)
+        typer.echo(to_yaml(cfg), nl=False)
         return None
     return cfg
 
@@ -167,10 +167,11 @@ def generate(
     # Flags are applied after composition so prompts need no Hydra quoting.
     for key, value in flags.items():
         if value is not None:
-            OmegaConf.update(cfg, key, value, merge=False)
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
     validate(cfg)
     if print_config:
-        typer.echo(OmegaConf.to_yaml(cfg), nl=False)
+        typer.echo(to_yaml(cfg), nl=False)
         return
     from eetune.stages import generate as stage
 
@@ -248,7 +249,7 @@ def recipes_show(
 ) -> None:
     """Print a recipe's YAML (or its fully composed config)."""
     if resolved:
-        typer.echo(OmegaConf.to_yaml(compose_config("augment", [f"recipe={name}"])), nl=False)
+        typer.echo(to_yaml(compose_config("augment", [f"recipe={name}"])), nl=False)
     else:
         typer.echo(recipe_path(name).read_text(), nl=False)
 

@@ -102,4 +102,5 @@ def write_config(run_dir: Path, cfg: Any) -> None:
     """The run's composed config, resolved, as `<run_dir>/config.yaml`."""
     from omegaconf import OmegaConf
 
-    atomic_write_text(Path(run_dir) / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    # A typed config (dataclass) or a DictConfig: the same YAML.
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))

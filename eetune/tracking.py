@@ -9,12 +9,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from eetune.config.schema import EetuneConfig
 from eetune.errors import EetuneError
 
 
-def start_wandb(run_dir: Path, cfg: DictConfig) -> Any:
+def start_wandb(run_dir: Path, cfg: EetuneConfig) -> Any:
     """A W&B run for `cfg.logger` (project, entity, name, mode) writing under `run_dir`.
 
     Online mode needs a login (WANDB_API_KEY or ~/.netrc): without one this fails at once,
@@ -31,7 +32,7 @@ def start_wandb(run_dir: Path, cfg: DictConfig) -> Any:
         name=cfg.logger.name or Path(run_dir).name,
         dir=str(run_dir),
         mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         reinit="finish_previous",
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,65 @@ def test_generate_mode_flags_reach_the_config_and_are_validated(run_cli):
     assert code == 2 and "generate.threshold=1.5 must be in (0, 1]" in err
     code, _, err = run_cli("generate", "--prompt", "x", "--mode", "fast", "--print-config")
     assert code == 2 and "generate.mode='fast' is not one of" in err
+
+
+def test_compose_config_returns_the_typed_config():
+    from eetune.config import schema
+
+    cfg = compose_config("tune", ["data.mix=[{source:pydoc,weight:1.0}]"])
+    assert isinstance(cfg, schema.EetuneConfig)
+    sections = {
+        "model": schema.ModelConfig, "exits": schema.ExitsConfig, "data": schema.DataConfig,
+        "generate": schema.GenerateConfig, "optim": schema.OptimConfig, "loss": schema.LossConfig,
+        "train": schema.TrainConfig, "logger": schema.LoggerConfig, "distill": schema.DistillConfig,
+        "serve": schema.ServeConfig, "eval": schema.EvalConfig, "export": schema.ExportConfig,
+        "parallel": schema.ParallelConfig, "plan": schema.PlanConfig,
+    }
+    for name, kind in sections.items():
+        assert isinstance(getattr(cfg, name), kind), name
+    assert isinstance(cfg.data.mix[0], schema.DataSourceConfig)
+    assert all(isinstance(task, schema.EvalTaskConfig) for task in cfg.eval.tasks)
+
+
+# Checked at composition (section.validate()), or by the stage that reads the section
+# (section.validate_run(): `--print-config` and other stages take those values as they are).
+@pytest.mark.parametrize(("section", "field", "value", "message", "at_compose"), [
+    ("model", "dtype", "float8", "model.dtype='float8' is not one of: auto, float32, bfloat16, float16", True),
+    ("model", "max_seq_len", 0, "model.max_seq_len=0 must be positive", True),
+    ("exits", "layers", [], "exits.layers is empty: give at least one layer, e.g. exits.layers=[8,16,24]", True),
+    ("data", "heldout_fraction", 1.5, "data.heldout_fraction=1.5 must be in (0, 1)", True),
+    ("data", "batch_size", 0, "data.batch_size=0 must be >= 1", False),
+    ("generate", "temperature", -1.0, "generate.temperature=-1.0 must be >= 0 (0 = greedy)", True),
+    ("serve", "mode", "fast", "serve.mode='fast' is not one of: full, early_exit, self_speculative", True),
+    ("serve", "port", 70000, "serve.port=70000 must be in 0..65535 (0 picks a free port)", False),
+    ("eval", "thresholds", [],
+     "eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]", False),
+    ("optim", "decay", "step", "optim.decay='step' is not one of: cosine, linear, constant", True),
+    ("optim", "grad_accum", 0, "optim.grad_accum=0 must be >= 1", False),
+    ("loss", "kd_alpha", 2.0, "loss.kd_alpha=2.0 must be in [0, 1]", False),
+    ("train", "steps", 0, "train.steps=0 must be >= 1", False),
+    ("logger", "kind", "tb", "logger.kind='tb' is not one of: none, wandb", True),
+    ("distill", "batch_size", 0, "distill.batch_size=0 must be >= 1", False),
+    ("export", "format", "onnx", "export.format='onnx' is not one of: draft, hf, gguf", True),
+    ("parallel", "backend", "mpi", "parallel.backend='mpi' is not one of: auto, gloo, nccl", True),
+])
+def test_each_section_validates_itself_with_the_one_line_message(section, field, value, message, at_compose):
+    cfg = compose_config("augment", [])
+    part = getattr(cfg, section)
+    setattr(part, field, value)
+    check = part.validate if at_compose else part.validate_run
+    with pytest.raises(EetuneError) as caught:
+        check(cfg.stage) if (section, at_compose) == ("data", True) else check()
+    assert str(caught.value) == message
+    override = f"{section}.{field}={value}" if not isinstance(value, list) else f"{section}.{field}=[]"
+    if at_compose:  # the top level runs it, and so does composition, with the same message
+        with pytest.raises(EetuneError, match=re.escape(message)):
+            cfg.validate()
+        with pytest.raises(EetuneError) as composed:
+            compose_config("augment", [override])
+        assert str(composed.value) == message
+    else:
+        compose_config("augment", [override])
+        if section in ("loss", "train", "optim", "data"):
+            with pytest.raises(EetuneError, match=re.escape(message)):
+                cfg.validate_tune()

@@ -20,9 +20,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from eetune.config.schema import CHOICES, EetuneConfig, register_schema
+from eetune.config.schema import EetuneConfig, register_schema
 from eetune.errors import EetuneError
-from eetune.infer.policy import check_threshold
 
 # Package data (links to the repository's top-level recipes/ and configs/ in a checkout), so an
 # installed wheel finds them too.
@@ -73,8 +72,10 @@ def schema_keys(node: Any = EetuneConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def compose_config(stage: str, args: Iterable[str]) -> DictConfig:
-    """`args` are command-line words: `recipe=<name|path>` and Hydra overrides."""
+def compose_config(stage: str, args: Iterable[str]) -> EetuneConfig:
+    """`args` are command-line words: `recipe=<name|path>` and Hydra overrides.
+
+    Returns the typed config (an `EetuneConfig` instance), validated, model.dtype=auto resolved."""
     recipe = DEFAULT_RECIPE
     overrides = []
     for arg in args:
@@ -89,16 +90,18 @@ def compose_config(stage: str, args: Iterable[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-            cfg = compose(
+            composed = compose(
                 config_name=path.stem,
                 overrides=[f"hydra.searchpath=[file://{CONFIGS_DIR}]", f"stage={stage}", *overrides],
             )
-        OmegaConf.resolve(cfg)
+        OmegaConf.resolve(composed)
+        _check_missing(composed)
+        cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
         raise EetuneError(_explain(exc, recipe)) from None
     finally:
         GlobalHydra.instance().clear()
-    validate(cfg)
+    cfg.validate()
     if cfg.model.dtype == "auto":
         from eetune.models import native_dtype  # torch: imported only when needed
 
@@ -106,55 +109,15 @@ def compose_config(stage: str, args: Iterable[str]) -> DictConfig:
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Value checks the schema's types cannot express."""
+def validate(cfg: EetuneConfig) -> None:
+    """Value checks the schema's types cannot express (each section's `validate()`)."""
+    cfg.validate()
+
+
+def _check_missing(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise EetuneError(f"{missing[0]} is required: set it on the command line, e.g. {missing[0]}=...")
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise EetuneError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
-    layers = list(cfg.exits.layers)
-    if not layers:
-        raise EetuneError("exits.layers is empty: give at least one layer, e.g. exits.layers=[8,16,24]")
-    if len(set(layers)) != len(layers):
-        raise EetuneError(f"exits.layers={layers} has duplicates: each layer holds at most one exit")
-    positive = {
-        "model.max_seq_len": cfg.model.max_seq_len,
-        "data.seq_len": cfg.data.seq_len,
-        "data.heldout_sequences": cfg.data.heldout_sequences,
-        "generate.max_new_tokens": cfg.generate.max_new_tokens,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise EetuneError(f"{key}={value} must be positive")
-    if not 0.0 < cfg.data.heldout_fraction < 1.0:
-        raise EetuneError(f"data.heldout_fraction={cfg.data.heldout_fraction} must be in (0, 1)")
-    if cfg.generate.temperature < 0:
-        raise EetuneError(f"generate.temperature={cfg.generate.temperature} must be >= 0 (0 = greedy)")
-    if cfg.generate.top_p is not None and not 0.0 < cfg.generate.top_p <= 1.0:
-        raise EetuneError(f"generate.top_p={cfg.generate.top_p} must be in (0, 1]")
-    if cfg.generate.threshold is not None:
-        check_threshold(cfg.generate.threshold, "generate.threshold", cfg.generate.confidence)
-    if cfg.generate.draft_len < 1:
-        raise EetuneError(f"generate.draft_len={cfg.generate.draft_len} must be >= 1")
-    if cfg.generate.top_k is not None and cfg.generate.top_k < 1:
-        raise EetuneError(f"generate.top_k={cfg.generate.top_k} must be >= 1")
-    if cfg.data.mix:
-        _check_mix(cfg.data.mix, cfg.stage)
-    elif cfg.data.source in ("text", "jsonl", "hf") and not cfg.data.path and cfg.stage != "plan":  # plan reads no data
-        raise EetuneError(f"data.source={cfg.data.source} needs data.path=<file>")
-
-
-def _check_mix(mix: Any, stage: str) -> None:
-    for k, entry in enumerate(mix):
-        if entry.source not in CHOICES["data.source"]:
-            raise EetuneError(f"data.mix[{k}].source={entry.source!r} is not one of: {', '.join(CHOICES['data.source'])}")
-        if not entry.weight > 0:
-            raise EetuneError(f"data.mix[{k}].weight={entry.weight} must be positive")
-        if entry.source != "pydoc" and not entry.path and stage != "plan":
-            raise EetuneError(f"data.mix[{k}] (source {entry.source}) needs a path")
 
 
 def _check_override_keys(overrides: list[str]) -> None:

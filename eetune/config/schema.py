@@ -2,19 +2,24 @@
 
 Recipes (`recipes/*.yaml`) and groups (`configs/<group>/*.yaml`) are merged onto these
 dataclasses, so an unknown key or a wrongly typed value fails at composition time.
-Allowed values of string fields are listed in `CHOICES` and checked by `validate`.
+Allowed values of string fields are listed in `CHOICES`; each section's `validate()` checks
+them and every other value rule a type cannot express, with one-line `EetuneError` messages.
+`compose_config` returns an `EetuneConfig` instance and calls `EetuneConfig.validate()`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
+from eetune.errors import EetuneError
 from eetune.exits.spec import ARCHS, HEADS, INITS, NORM_INITS
 from eetune.exits.spec import CONFIDENCES as ESTIMATORS
-from eetune.infer.policy import CONFIDENCES, MODES
+from eetune.infer.policy import CONFIDENCES, MAX_DRAFT_LEN, MODES, check_threshold
 
 
 @dataclass
@@ -32,6 +37,10 @@ class ModelConfig:
     device: str = "cpu"
     # Longest sequence the model is built for (RoPE cache and KV cache size).
     max_seq_len: int = 2048
+
+    def validate(self) -> None:
+        check_choices(self, "model")
+        check_positive(self, "model", "max_seq_len")
 
 
 @dataclass
@@ -53,6 +62,14 @@ class ExitsConfig:
     # so inference can skip the vocabulary head where it would not exit: none, linear, mlp.
     confidence: str = "none"
 
+    def validate(self) -> None:
+        check_choices(self, "exits")
+        layers = list(self.layers)
+        if not layers:
+            raise EetuneError("exits.layers is empty: give at least one layer, e.g. exits.layers=[8,16,24]")
+        if len(set(layers)) != len(layers):
+            raise EetuneError(f"exits.layers={layers} has duplicates: each layer holds at most one exit")
+
 
 @dataclass
 class DataSourceConfig:
@@ -61,6 +78,14 @@ class DataSourceConfig:
     source: str = "jsonl"
     path: Optional[str] = None
     weight: float = 1.0
+
+    def validate(self, k: int, stage: str) -> None:
+        if self.source not in CHOICES["data.source"]:
+            raise EetuneError(f"data.mix[{k}].source={self.source!r} is not one of: {', '.join(CHOICES['data.source'])}")
+        if not self.weight > 0:
+            raise EetuneError(f"data.mix[{k}].weight={self.weight} must be positive")
+        if self.source != "pydoc" and not self.path and stage != "plan":
+            raise EetuneError(f"data.mix[{k}] (source {self.source}) needs a path")
 
 
 @dataclass
@@ -94,6 +119,24 @@ class DataConfig:
     # Store the frozen backbone's hidden states at the exits during the first epoch,
     # so later epochs skip the backbone entirely.
     cache_hidden: bool = False
+
+    def validate(self, stage: str = "") -> None:
+        """`stage`: `plan` reads no data, so it needs no data.path."""
+        check_choices(self, "data")
+        check_positive(self, "data", "seq_len", "heldout_sequences")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise EetuneError(f"data.heldout_fraction={self.heldout_fraction} must be in (0, 1)")
+        if self.mix:
+            for k, entry in enumerate(self.mix):
+                entry.validate(k, stage)
+        elif self.source in ("text", "jsonl", "hf") and not self.path and stage != "plan":
+            raise EetuneError(f"data.source={self.source} needs data.path=<file>")
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
+        if self.batch_size < 1:
+            raise EetuneError(f"data.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass
@@ -131,6 +174,20 @@ class GenerateConfig:
     # Colour each streamed token by the exit it left at.
     color: bool = False
 
+    def validate(self) -> None:
+        check_choices(self, "generate")
+        check_positive(self, "generate", "max_new_tokens")
+        if self.temperature < 0:
+            raise EetuneError(f"generate.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise EetuneError(f"generate.top_p={self.top_p} must be in (0, 1]")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "generate.threshold", self.confidence)
+        if self.draft_len < 1:
+            raise EetuneError(f"generate.draft_len={self.draft_len} must be >= 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise EetuneError(f"generate.top_k={self.top_k} must be >= 1")
+
 
 @dataclass
 class ServeConfig:
@@ -165,6 +222,32 @@ class ServeConfig:
     # request alone, in arrival order.
     max_batch_size: int = 8
     log_level: str = "info"
+
+    def validate(self) -> None:
+        check_choices(self, "serve")
+
+    def validate_run(self) -> None:
+        """`serve`'s checks before loading anything (so a bad config fails in a second); not at
+        composition, so `--print-config` shows a preset that still needs serve.run_dir."""
+        if not 0 <= self.port <= 65535:
+            raise EetuneError(f"serve.port={self.port} must be in 0..65535 (0 picks a free port)")
+        for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size", "max_batch_size"):
+            if getattr(self, key) < 1:
+                raise EetuneError(f"serve.{key}={getattr(self, key)} must be >= 1")
+        if self.default_max_tokens > self.max_tokens:
+            raise EetuneError(
+                f"serve.default_max_tokens={self.default_max_tokens} exceeds serve.max_tokens={self.max_tokens}"
+            )
+        if not 1 <= self.draft_len <= MAX_DRAFT_LEN:
+            raise EetuneError(f"serve.draft_len={self.draft_len} must be in 1..{MAX_DRAFT_LEN}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise EetuneError(f"serve.draft_vocab={self.draft_vocab} must be >= 1 (or null for the whole vocabulary)")
+        if self.draft_confidence is not None and not 0.0 < self.draft_confidence <= 1.0:
+            raise EetuneError(f"serve.draft_confidence={self.draft_confidence} must be in (0, 1] (or null)")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "serve.threshold", self.confidence)
+        if self.mode != "full" and not self.run_dir:
+            raise EetuneError(f"serve.mode={self.mode} needs exits: set serve.run_dir=<augment or tune run dir>")
 
 
 @dataclass
@@ -215,6 +298,32 @@ class EvalConfig:
     # Where report.{json,md} and the plots go; None: <run_dir>/eval-<time>. Never overwritten.
     out_dir: Optional[str] = None
 
+    def validate(self) -> None:
+        pass
+
+    def validate_run(self) -> None:
+        """Every value `eval` reads, checked by the stage before anything slow runs."""
+        if not self.thresholds:
+            raise EetuneError("eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]")
+        for t in self.thresholds:
+            if not 0.0 < t <= 1.0:
+                raise EetuneError(f"eval.thresholds has {t}: every threshold must be in (0, 1] (1.0 = the full model)")
+        for c in self.confidences:
+            if c not in CONFIDENCES:
+                raise EetuneError(f"eval.confidences has {c!r}: choose from {', '.join(CONFIDENCES)}")
+        if not 0.0 < self.target_agreement <= 1.0:
+            raise EetuneError(f"eval.target_agreement={self.target_agreement} must be in (0, 1]")
+        for key in ("max_new_tokens", "ece_bins", "timing_repeats", "draft_len"):
+            if getattr(self, key) < 1:
+                raise EetuneError(f"eval.{key}={getattr(self, key)} must be >= 1")
+        if self.max_items is not None and self.max_items < 1:
+            raise EetuneError(f"eval.max_items={self.max_items} must be >= 1 (or null for every item)")
+        if not self.tasks:
+            raise EetuneError("eval.tasks is empty: give at least one task (the bundled ones: summarize, qa, mc)")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise EetuneError(f"eval.tasks names {names} repeat: give each task its own name")
+
 
 @dataclass
 class OptimConfig:
@@ -232,6 +341,15 @@ class OptimConfig:
     # Clip the global gradient norm of exit parameters (0 disables).
     grad_clip: float = 1.0
     grad_accum: int = 1
+
+    def validate(self) -> None:
+        check_choices(self, "optim")
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
+        if self.grad_accum < 1:
+            raise EetuneError(f"optim.grad_accum={self.grad_accum} must be >= 1")
 
 
 @dataclass
@@ -261,6 +379,19 @@ class LossConfig:
     # Tokens per chunk of the fused head + loss: the [tokens, vocab] logits never exist whole.
     chunk_size: int = 1024
 
+    def validate(self) -> None:
+        check_choices(self, "loss")
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise EetuneError(f"loss.kd_alpha={self.kd_alpha} must be in [0, 1]")
+        if self.kd_temperature <= 0:
+            raise EetuneError(f"loss.kd_temperature={self.kd_temperature} must be > 0")
+        if self.chunk_size < 1:
+            raise EetuneError(f"loss.chunk_size={self.chunk_size} must be >= 1")
+
 
 @dataclass
 class TrainConfig:
@@ -281,6 +412,21 @@ class TrainConfig:
     flat_patience: int = 0
     flat_min_delta: float = 0.005
 
+    def validate(self) -> None:
+        pass
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
+        if self.steps < 1:
+            raise EetuneError(f"train.steps={self.steps} must be >= 1")
+        if self.flat_patience < 0 or self.flat_min_delta < 0:
+            raise EetuneError("train.flat_patience and train.flat_min_delta must be >= 0")
+        if self.flat_patience > 0 and self.eval_every < 1:
+            raise EetuneError(
+                "train.flat_patience needs held-out evaluations to watch: set train.eval_every to a step count"
+            )
+
 
 @dataclass
 class LoggerConfig:
@@ -291,6 +437,9 @@ class LoggerConfig:
     name: Optional[str] = None
     # W&B mode: online, offline or disabled (WANDB_MODE in the environment also works).
     mode: Optional[str] = None
+
+    def validate(self) -> None:
+        check_choices(self, "logger")
 
 
 @dataclass
@@ -320,6 +469,26 @@ class DistillConfig:
     top_p: Optional[float] = 0.95
     chat: bool = True
 
+    def validate(self) -> None:
+        pass
+
+    def validate_run(self) -> None:
+        """Checked by the stage that reads this section, before anything slow or written
+        (not at composition: `--print-config` and other stages take these values as they are)."""
+        for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise EetuneError(f"distill.{key}={getattr(self, key)} must be >= 1")
+        if self.questions_per_topic < 0:
+            raise EetuneError(f"distill.questions_per_topic={self.questions_per_topic} must be >= 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise EetuneError(f"distill.max_tokens={self.max_tokens} must be >= 1 (or null: every prompt x sample)")
+        if self.temperature < 0:
+            raise EetuneError(f"distill.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise EetuneError(f"distill.top_p={self.top_p} must be in (0, 1]")
+        if not (self.prompts or self.topics):
+            raise EetuneError("distill needs prompts: set distill.prompts=<file> and/or distill.topics=<file>")
+
 
 @dataclass
 class ExportConfig:
@@ -336,6 +505,9 @@ class ExportConfig:
     out: Optional[str] = None
     # draft/gguf weights: float32 (exact), bfloat16 or float16 (gguf: float32 or float16).
     dtype: str = "float32"
+
+    def validate(self) -> None:
+        check_choices(self, "export")
 
 
 @dataclass
@@ -364,6 +536,9 @@ class ParallelConfig:
     # auto: nccl on CUDA, gloo on CPU.
     backend: str = "auto"
 
+    def validate(self) -> None:
+        check_choices(self, "parallel")
+
 
 @dataclass
 class PlanConfig:
@@ -375,6 +550,9 @@ class PlanConfig:
     # Dense bf16 peak per GPU (A100: 312, H100 SXM: 989) and the fraction of it a step reaches.
     gpu_tflops: float = 312.0
     mfu: float = 0.4
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass
@@ -405,6 +583,31 @@ class EetuneConfig:
     # `data distill`: continue the corpus in distill.out (only distill.max_tokens may change).
     resume: bool = False
 
+    def validate(self) -> None:
+        """Every section's value checks the schema's types cannot express, made at composition.
+        A stage checks the sections only it reads with their `validate_run()` before it starts."""
+        self.model.validate()
+        self.exits.validate()
+        self.generate.validate()
+        self.serve.validate()
+        self.data.validate(self.stage)
+        self.optim.validate()
+        self.loss.validate()
+        self.train.validate()
+        self.logger.validate()
+        self.distill.validate()
+        self.eval.validate()
+        self.export.validate()
+        self.parallel.validate()
+        self.plan.validate()
+
+    def validate_tune(self) -> None:
+        """`tune`'s checks before anything is written."""
+        self.loss.validate_run()
+        self.train.validate_run()
+        self.optim.validate_run()
+        self.data.validate_run()
+
 
 # Closed sets of values for string fields, checked after composition.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -431,6 +634,41 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "export.dtype": ("float32", "bfloat16", "float16"),
     "parallel.backend": ("auto", "gloo", "nccl"),
 }
+
+
+
+def check_choices(section: Any, name: str) -> None:
+    """The `CHOICES` of section `name` (e.g. "model": model.dtype)."""
+    for key, allowed in CHOICES.items():
+        head, _, field_name = key.partition(".")
+        if head == name and getattr(section, field_name) not in allowed:
+            raise EetuneError(f"{key}={getattr(section, field_name)!r} is not one of: {', '.join(allowed)}")
+
+
+def check_positive(section: Any, name: str, *fields: str) -> None:
+    for field_name in fields:
+        value = getattr(section, field_name)
+        if value <= 0:
+            raise EetuneError(f"{name}.{field_name}={value} must be positive")
+
+
+def to_typed(node: Any) -> EetuneConfig:
+    """An `EetuneConfig` from a config tree (a DictConfig, a dict, or a YAML file loaded with
+    OmegaConf.load): merged onto the schema, so keys it lacks take their defaults."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EetuneConfig), node))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The YAML a run dir's config.yaml and `--print-config` hold."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """Plain nested dicts and lists (a dataclass instance or a DictConfig)."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)
+
 
 SCHEMA_NAME = "eetune_schema"
 

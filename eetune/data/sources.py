@@ -136,7 +136,7 @@ def sources_of(data_cfg: Any) -> list[Source]:
     """The sources a `data` section reads: `data.mix` when set, else `data.source`/`data.path`."""
     fields = {"text_field": data_cfg.text_field, "messages_field": data_cfg.messages_field,
               "hf_format": data_cfg.hf_format}
-    mix = data_cfg.get("mix") if hasattr(data_cfg, "get") else getattr(data_cfg, "mix", None)
+    mix = getattr(data_cfg, "mix", None)
     if not mix:
         return [Source(data_cfg.source, data_cfg.source, data_cfg.path, **fields)]
     return [Source(f"data.mix[{k}] ({entry.source})", entry.source, entry.path, weight=entry.weight, **fields)

@@ -33,8 +33,7 @@ from eetune.exits import EXITS_FILE
 from eetune.rundir import atomic_write_json
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
+    from eetune.config.schema import EetuneConfig
     from eetune.eval.sweep import Prompt, SweepRow
 
 CALIBRATION_FILE = "calibration.json"
@@ -174,7 +173,7 @@ def run_calibration(
     return calibrated_thresholds(run_dir, *placement(model), warn)
 
 
-def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calibration]:
+def calibrations_from_sweep(cfg: EetuneConfig, rows: list[SweepRow]) -> list[Calibration]:
     """Per confidence policy swept, the fastest threshold meeting eval.target_agreement."""
     out = []
     for confidence in dict.fromkeys(cfg.eval.confidences):
@@ -188,7 +187,7 @@ def calibrations_from_sweep(cfg: DictConfig, rows: list[SweepRow]) -> list[Calib
 
 
 def calibration_source(
-    cfg: DictConfig, prompts: list[Prompt], rows: list[SweepRow], dtype_device: tuple[str, str]
+    cfg: EetuneConfig, prompts: list[Prompt], rows: list[SweepRow], dtype_device: tuple[str, str]
 ) -> dict[str, Any]:
     """What the calibration was measured on: `generate`/`serve` check dtype and device against it."""
     dtype, device = dtype_device

@@ -32,6 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from eetune.config.schema import ModelConfig
 from eetune.errors import EetuneError
 from eetune.eval.scoring import ExitPolicy, PolicyScorer
 from eetune.exits import load_exits, read_manifest
@@ -202,12 +203,12 @@ class EetuneLM(TemplateLM):
         return info
 
 
-def _run_model_config(run_dir: Path, dtype: str | None, device: str | None) -> Any:
+def _run_model_config(run_dir: Path, dtype: str | None, device: str | None) -> ModelConfig:
     """The run's own model section (what its exits were tuned on), with dtype/device overrides."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise EetuneError(f"{run_dir} has no {CONFIG_FILE}: is it an eetune augment or tune run dir?")
-    model_cfg = OmegaConf.load(path).model
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path).model))
     if dtype:
         model_cfg.dtype = dtype
     # lm-eval's CLI passes --device (default cuda:0) to every model; use it only where it exists.

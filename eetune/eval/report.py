@@ -7,8 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
+from eetune.config.schema import EetuneConfig
 from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
 from eetune.eval.heldout import TokenStats
 from eetune.eval.sweep import Prompt, SweepRow
@@ -174,7 +173,7 @@ def write_report(out_dir: Path, report: dict[str, Any], plots: dict[str, Path]) 
     atomic_write_text(out_dir / REPORT_MD, render_markdown(report, names))
 
 
-def log_wandb(out_dir: Path, cfg: DictConfig, report: dict[str, Any], plots: dict[str, Path]) -> None:
+def log_wandb(out_dir: Path, cfg: EetuneConfig, report: dict[str, Any], plots: dict[str, Path]) -> None:
     """The report's tables as W&B tables, its plots as images, headline numbers in the summary."""
     import wandb
 
@@ -202,7 +201,7 @@ def log_wandb(out_dir: Path, cfg: DictConfig, report: dict[str, Any], plots: dic
 
 
 def build_report(
-    cfg: DictConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
+    cfg: EetuneConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
     tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]],
     heldout_shape: tuple[int, ...], prompts: list[Prompt],
 ) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from eetune.eval.text_metrics import rouge_l, token_agreement
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
     from rich.console import Console
 
+    from eetune.config.schema import EetuneConfig
     from eetune.exits import EarlyExitModel
 
 
@@ -174,7 +174,7 @@ def _rouge_or_match(text: str, reference: str) -> float:
     return rouge_l(text, reference)
 
 
-def sweep_settings(cfg: DictConfig, model: EarlyExitModel, console: Console) -> list[Setting]:
+def sweep_settings(cfg: EetuneConfig, model: EarlyExitModel, console: Console) -> list[Setting]:
     """full first, then each confidence policy at each threshold below 1.0, then self-speculative."""
     e = cfg.eval
     settings = [Setting("full")]

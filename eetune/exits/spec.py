@@ -41,8 +41,8 @@ def specs_from_config(exits_cfg: Any) -> list[ExitSpec]:
     return sorted(
         (
             ExitSpec(
-                int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head, exits_cfg.get("confidence", "none"),
-                exits_cfg.get("norm_init", "copy"),
+                int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head, getattr(exits_cfg, "confidence", "none"),
+                getattr(exits_cfg, "norm_init", "copy"),
             )
             for layer in exits_cfg.layers
         ),

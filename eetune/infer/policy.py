@@ -36,6 +36,8 @@ from eetune.errors import EetuneError
 from eetune.exits.spec import DEFAULT_THRESHOLD
 
 MODES = ("full", "early_exit", "self_speculative")
+# The most tokens one self-speculative draft may hold (a server's limit per request and in `serve`).
+MAX_DRAFT_LEN = 64
 
 # Confidence of a token at an exit: (head logits [r, vocab] float, or None where the policy does
 # not need the head; hidden state [r, dim] the head reads; the exit's learned estimator or None)

@@ -15,10 +15,11 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from eetune.config.schema import EetuneConfig, to_typed
 from eetune.errors import EetuneError
 from eetune.eval.heldout import ExitQuality
 from eetune.exits import EarlyExitModel, build_manifest
@@ -38,7 +39,7 @@ class Mesh:
 
     is_main: bool
 
-    def __init__(self, cfg: DictConfig, topology: Topology, stage: StageModel, seq_len: int,
+    def __init__(self, cfg: EetuneConfig, topology: Topology, stage: StageModel, seq_len: int,
                  heldout_shape: tuple[int, int]) -> None:
         self.cfg, self.topology, self.stage = cfg, topology, stage
         self.device = topology.device
@@ -153,12 +154,12 @@ class Mesh:
         dist.barrier()
 
 
-def rank0_config(cfg: DictConfig) -> DictConfig:
+def rank0_config(cfg: EetuneConfig) -> EetuneConfig:
     """Rank 0's resolved config for everyone: ranks that composed their own (Slurm: each runs
     `eetune tune ...`) may differ in time-stamped defaults such as run_dir."""
     text = [OmegaConf.to_yaml(cfg, resolve=True) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(text, src=0)
-    return OmegaConf.create(text[0])
+    return to_typed(OmegaConf.create(text[0]))
 
 
 def on_rank0_first(action: Callable[[], Any]) -> None:

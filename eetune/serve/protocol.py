@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from eetune.infer.policy import CONFIDENCES, MODES, THRESHOLD_RANGE
+from eetune.infer.policy import CONFIDENCES, MAX_DRAFT_LEN, MODES, THRESHOLD_RANGE
 from eetune.infer.sampling import SEED_MAX, SEED_MIN, TokenLogprob
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from eetune.serve.text import TokenSpeller
 
 MAX_STOP_STRINGS = 4
-MAX_DRAFT_LEN = 64
 MAX_TOP_LOGPROBS = 20  # chat, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions, as OpenAI
 # JSON has no -inf; OpenAI reports impossible tokens at -9999.

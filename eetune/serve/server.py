@@ -14,14 +14,14 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from omegaconf import DictConfig
 
+from eetune.config.schema import EetuneConfig
 from eetune.errors import EetuneError
 from eetune.serve.app import create_app
 from eetune.serve.service import ServedModel
 
 
-def build_app(cfg: DictConfig) -> FastAPI:
+def build_app(cfg: EetuneConfig) -> FastAPI:
     """The app for a composed config: model loaded, defaults and limits checked."""
     return create_app(ServedModel.from_config(cfg), cfg.serve.queue_size, cfg.serve.max_batch_size)
 

@@ -14,52 +14,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eetune.config.schema import EetuneConfig, ServeConfig
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import (
-    ExitSettingsError, check_exit_settings, check_threshold, model_exit_rules, resolve_threshold,
+    ExitSettingsError, check_exit_settings, model_exit_rules, resolve_threshold,
 )
 from eetune.infer.sampling import TokenLogprob
 from eetune.infer.scheduler import BatchRequest
 from eetune.serve.errors import APIError
-from eetune.serve.protocol import MAX_DRAFT_LEN, EarlyExitOptions, GenerationRequest
+from eetune.serve.protocol import EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler, TokenSpeller
 from eetune.data.chat import chat_prompt_ids, stop_token_ids
 from eetune.exits.loading import load_model
 
 
-def default_options(serve_cfg: Any) -> EarlyExitOptions:
+def default_options(serve_cfg: ServeConfig) -> EarlyExitOptions:
     """The early-exit settings of a request that names none, from the `serve` config.
 
     A threshold left null there is decided per request by `ServedModel.threshold_for`: the
     one `eetune eval` calibrated for the request's confidence policy, else 0.8.
     """
-    return EarlyExitOptions(**{name: serve_cfg[name] for name in EXIT_FIELDS})
-
-
-def check_serve_config(serve_cfg: Any) -> None:
-    """What can be checked before loading anything (so a bad config fails in a second)."""
-    s = serve_cfg
-    if not 0 <= s.port <= 65535:
-        raise EetuneError(f"serve.port={s.port} must be in 0..65535 (0 picks a free port)")
-    for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size", "max_batch_size"):
-        if getattr(s, key) < 1:
-            raise EetuneError(f"serve.{key}={getattr(s, key)} must be >= 1")
-    if s.default_max_tokens > s.max_tokens:
-        raise EetuneError(f"serve.default_max_tokens={s.default_max_tokens} exceeds serve.max_tokens={s.max_tokens}")
-    if not 1 <= s.draft_len <= MAX_DRAFT_LEN:
-        raise EetuneError(f"serve.draft_len={s.draft_len} must be in 1..{MAX_DRAFT_LEN}")
-    if s.draft_vocab is not None and s.draft_vocab < 1:
-        raise EetuneError(f"serve.draft_vocab={s.draft_vocab} must be >= 1 (or null for the whole vocabulary)")
-    if s.draft_confidence is not None and not 0.0 < s.draft_confidence <= 1.0:
-        raise EetuneError(f"serve.draft_confidence={s.draft_confidence} must be in (0, 1] (or null)")
-    if s.threshold is not None:
-        check_threshold(s.threshold, "serve.threshold", s.confidence)
-    if s.mode != "full" and not s.run_dir:
-        raise EetuneError(f"serve.mode={s.mode} needs exits: set serve.run_dir=<augment or tune run dir>")
+    return EarlyExitOptions(**{name: getattr(serve_cfg, name) for name in EXIT_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -130,9 +109,9 @@ class ServedModel:
             raise EetuneError(exc.message) from None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ServedModel:
+    def from_config(cls, cfg: EetuneConfig) -> ServedModel:
         s = cfg.serve
-        check_serve_config(s)
+        s.validate_run()
         base, model = load_model(cfg.model, s.run_dir)
         max_seq_len = base.model.max_seq_len
         if s.max_prompt_tokens >= max_seq_len:

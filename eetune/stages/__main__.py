@@ -11,6 +11,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from eetune.config.schema import to_typed
 from eetune.errors import EetuneError
 
 
@@ -18,7 +19,7 @@ def main(argv: list[str]) -> None:
     stage, path = argv
     module = importlib.import_module(f"eetune.stages.{stage}")
     try:
-        module.run(OmegaConf.load(path))
+        module.run(to_typed(OmegaConf.load(path)))
     except EetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

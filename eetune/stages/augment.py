@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.data.corpus import check_seq_len, heldout_batch
 from eetune.eval.heldout import ExitQuality, heldout_quality
@@ -26,7 +26,7 @@ class AugmentResult:
     quality: dict[int, ExitQuality]  # held-out, before tuning; key num_layers is the final layer
 
 
-def run(cfg: DictConfig, console: Console | None = None) -> AugmentResult:
+def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult:
     console = console or make_console()
     base = load_base(cfg.model)
     specs = specs_from_config(cfg.exits)

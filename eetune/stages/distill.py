@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from eetune.config import EetuneConfig
 from eetune.config.diff import changed_keys
+from eetune.config.schema import DistillConfig, to_container
 from eetune.console import make_console
 from eetune.data.jsonl import iter_jsonl
 from eetune.data.sources import read_text_file
@@ -102,22 +103,6 @@ def distill_record(record_id: str, tokens: int, prompt: str, completion: str, ch
     return {**head, "text": prompt + completion}
 
 
-def check_distill_config(d: Any) -> None:
-    for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
-        if d[key] < 1:
-            raise EetuneError(f"distill.{key}={d[key]} must be >= 1")
-    if d.questions_per_topic < 0:
-        raise EetuneError(f"distill.questions_per_topic={d.questions_per_topic} must be >= 0")
-    if d.max_tokens is not None and d.max_tokens < 1:
-        raise EetuneError(f"distill.max_tokens={d.max_tokens} must be >= 1 (or null: every prompt x sample)")
-    if d.temperature < 0:
-        raise EetuneError(f"distill.temperature={d.temperature} must be >= 0 (0 = greedy)")
-    if d.top_p is not None and not 0.0 < d.top_p <= 1.0:
-        raise EetuneError(f"distill.top_p={d.top_p} must be in (0, 1]")
-    if not (d.prompts or d.topics):
-        raise EetuneError("distill needs prompts: set distill.prompts=<file> and/or distill.topics=<file>")
-
-
 def _path(value: str, default: Path) -> Path:
     return default if value == "bundled" else Path(value).expanduser()
 
@@ -147,7 +132,7 @@ class Decoder:
     stop_ids: frozenset[int]
     chat: bool
 
-    def stream(self, jobs: Iterable[tuple[Any, str, int]], d: Any, max_new_tokens: int | None = None
+    def stream(self, jobs: Iterable[tuple[Any, str, int]], d: DistillConfig, max_new_tokens: int | None = None
                ) -> Iterator[tuple[Any, str, int]]:
         """Decode (key, prompt, seed) jobs; yield (key, completion text, generated tokens) as each
         finishes, in finishing order. Closing the iterator early cancels the answers in flight."""
@@ -189,7 +174,7 @@ def extract_question(text: str) -> str | None:
     return first if first.endswith("?") and 15 <= len(first) <= 300 else None
 
 
-def model_questions(decoder: Decoder, topics: list[str], d: Any, seed: int, console: Console) -> list[str]:
+def model_questions(decoder: Decoder, topics: list[str], d: DistillConfig, seed: int, console: Console) -> list[str]:
     """`questions_per_topic` questions the model writes about each topic, deduplicated."""
     requests = [QUESTION_REQUEST.format(topic=t) for t in topics for _ in range(d.questions_per_topic)]
     questions: list[str] = []
@@ -268,15 +253,15 @@ def _questions_path(out: Path) -> Path:
     return out.with_name(out.name + ".questions.txt")
 
 
-def _settings(cfg: DictConfig) -> dict[str, Any]:
+def _settings(cfg: EetuneConfig) -> dict[str, Any]:
     """What fixes the content of every batch: recorded beside the corpus, compared on resume."""
-    d = OmegaConf.to_container(cfg.distill, resolve=True)
+    d = to_container(cfg.distill)
     d.pop("out", None)
     return {"seed": cfg.seed, "model": cfg.model.name, "checkpoint_dir": cfg.model.checkpoint_dir,
             "dtype": cfg.model.dtype, "distill": d}
 
 
-def _check_resume(out: Path, cfg: DictConfig) -> None:
+def _check_resume(out: Path, cfg: EetuneConfig) -> None:
     meta = _meta_path(out)
     if not meta.is_file():
         raise EetuneError(f"resume=true but {meta} is missing: {out} was not written by a resumable distill run")
@@ -292,7 +277,7 @@ def _check_resume(out: Path, cfg: DictConfig) -> None:
         )
 
 
-def gather_prompts(d: Any, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
+def gather_prompts(d: DistillConfig, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
     """Prompt file + topics x templates + model-written questions, minus excluded keywords."""
     prompts = read_prompts(_path(d.prompts, DEFAULT_PROMPTS)) if d.prompts else []
     if d.topics:
@@ -316,11 +301,11 @@ def gather_prompts(d: Any, decoder: Decoder, seed: int, out: Path, console: Cons
     return kept
 
 
-def run(cfg: DictConfig, console: Console | None = None) -> Path:
+def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
     """Generate the corpus into `distill.out` (default `<run_dir>/distill.jsonl`)."""
     d = cfg.distill
     console = console or make_console()
-    check_distill_config(d)
+    d.validate_run()
     out = Path(d.out).expanduser() if d.out else Path(cfg.run_dir) / DEFAULT_OUT_NAME
     if out.exists() and not cfg.resume:
         raise EetuneError(

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from eetune.config import EetuneConfig
 from eetune.console import make_console
 from eetune.data import heldout_batch
 from eetune.data.chat import build_prompt_ids, stop_token_ids
@@ -38,7 +38,7 @@ from eetune.eval.sweep import Prompt, run_sweep, sweep_settings
 from eetune.eval.tasks import load_task
 from eetune.eval.timing import measure_costs
 from eetune.exits import load_exits, read_manifest
-from eetune.infer.engine import CONFIDENCES, Engine
+from eetune.infer.engine import Engine
 from eetune.models import load_base
 from eetune.rundir import new_run_dir
 
@@ -51,41 +51,16 @@ class EvalResult:
     calibration: Path | None
 
 
-def check_eval_config(cfg: DictConfig) -> None:
-    """Every value `eval` reads, checked before anything slow runs."""
-    e = cfg.eval
-    if not e.thresholds:
-        raise EetuneError("eval.thresholds is empty: give thresholds in (0, 1], e.g. eval.thresholds=[1.0,0.8,0.4]")
-    for t in e.thresholds:
-        if not 0.0 < t <= 1.0:
-            raise EetuneError(f"eval.thresholds has {t}: every threshold must be in (0, 1] (1.0 = the full model)")
-    for c in e.confidences:
-        if c not in CONFIDENCES:
-            raise EetuneError(f"eval.confidences has {c!r}: choose from {', '.join(CONFIDENCES)}")
-    if not 0.0 < e.target_agreement <= 1.0:
-        raise EetuneError(f"eval.target_agreement={e.target_agreement} must be in (0, 1]")
-    for key in ("max_new_tokens", "ece_bins", "timing_repeats", "draft_len"):
-        if e[key] < 1:
-            raise EetuneError(f"eval.{key}={e[key]} must be >= 1")
-    if e.max_items is not None and e.max_items < 1:
-        raise EetuneError(f"eval.max_items={e.max_items} must be >= 1 (or null for every item)")
-    if not e.tasks:
-        raise EetuneError("eval.tasks is empty: give at least one task (the bundled ones: summarize, qa, mc)")
-    names = [t.name for t in e.tasks]
-    if len(set(names)) != len(names):
-        raise EetuneError(f"eval.tasks names {names} repeat: give each task its own name")
-
-
-def output_dir(cfg: DictConfig) -> Path:
+def output_dir(cfg: EetuneConfig) -> Path:
     if cfg.eval.out_dir:
         return Path(cfg.eval.out_dir).expanduser()
     return Path(cfg.run_dir) / f"eval-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
+def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
     console = console or make_console()
     started = time.perf_counter()
-    check_eval_config(cfg)
+    cfg.eval.validate_run()
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_dir():
         raise EetuneError(f"run dir not found: {run_dir}: pass run_dir=<a tune (or augment) run dir>")
@@ -148,7 +123,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> EvalResult:
         plots = draw_all(report, staging)
         write_report(staging, report, plots)
         if cfg.logger.kind == "wandb":
-            named = OmegaConf.merge(cfg, {"logger": {"name": cfg.logger.name or out_dir.name}})
+            named = replace(cfg, logger=replace(cfg.logger, name=cfg.logger.name or out_dir.name))
             log_wandb(staging, named, report, plots)
     plots = {key: out_dir / path.name for key, path in plots.items()}
     # Recorded once the report exists: a failed eval leaves the previous calibration in place.

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from rich.console import Console
 
+from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.errors import EetuneError
 from eetune.exits import load_exits, read_manifest
@@ -42,7 +42,7 @@ class ExportResult:
     num_layers: int | None  # the draft's decoder layers (draft, gguf)
 
 
-def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
+def run(cfg: EetuneConfig, console: Console | None = None) -> ExportResult:
     console = console or make_console()
     exp = cfg.export
     fmt = exp.format
@@ -103,7 +103,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> ExportResult:
     return ExportResult(out, fmt, base.checkpoint_dir, layer, draft.num_layers)
 
 
-def _base_checkpoint_dir(cfg: DictConfig, manifest: dict[str, Any], run_dir: Path) -> str | None:
+def _base_checkpoint_dir(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path) -> str | None:
     """Where the base weights are: model.checkpoint_dir if given, else where the run loaded them."""
     if cfg.model.checkpoint_dir:
         return str(cfg.model.checkpoint_dir)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
+from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.data.chat import build_prompt_ids, stop_token_ids
 from eetune.errors import EetuneError
@@ -60,7 +60,7 @@ class TextStream:
         self.printed = len(text)
 
 
-def run(cfg: DictConfig, out: TextIO | None = None, console: Console | None = None) -> GenerateResult:
+def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = None) -> GenerateResult:
     gen = cfg.generate
     if not gen.prompt:
         raise EetuneError("no prompt: pass --prompt 'text' (or generate.prompt=...)")

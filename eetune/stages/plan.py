@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
 
+from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.parallel.plan import GIB, RESERVED, Plan, make_plan
 
 
-def run(cfg: Any, console: Optional[Console] = None) -> Plan:
+def run(cfg: EetuneConfig, console: Optional[Console] = None) -> Plan:
     console = console or make_console(stderr=False)
     plan = make_plan(cfg)
     console.print(plan_table(plan))

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import uvicorn
-from omegaconf import DictConfig
 from rich.console import Console
 
 from eetune.serve.server import bind_socket, build_app
-from eetune.serve.service import ServedModel, check_serve_config
+from eetune.config import EetuneConfig
+from eetune.serve.service import ServedModel
 
 
-def run(cfg: DictConfig, console: Console | None = None) -> None:
+def run(cfg: EetuneConfig, console: Console | None = None) -> None:
     console = console or Console(stderr=True)
     s = cfg.serve
-    check_serve_config(s)  # before the model loads: a bad config fails at once
+    s.validate_run()  # before the model loads: a bad config fails at once
     sock = bind_socket(s.host, s.port)  # a taken port fails before the model loads
     try:
         app = build_app(cfg)

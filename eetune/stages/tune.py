@@ -12,22 +12,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
 from rich.console import Console
 
+from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.data import load_tuning_data
 from eetune.errors import EetuneError
 from eetune.models import load_base
 from eetune.train.needs import build_model, run_needs
 from eetune.train.results import TuneResult, result_from_run_dir
-from eetune.train.run_dir import check_run_dir, check_tune_config, finished_run, started_run_dir
+from eetune.train.run_dir import check_run_dir, finished_run, started_run_dir
 from eetune.train.trainer import Trainer
 
 
-def run(cfg: DictConfig, console: Optional[Console] = None) -> TuneResult:
+def run(cfg: EetuneConfig, console: Optional[Console] = None) -> TuneResult:
     console = console or make_console()
-    check_tune_config(cfg)
+    cfg.validate_tune()
     run_dir = Path(cfg.run_dir)
     check_run_dir(cfg, run_dir)
     finished = finished_run(cfg, run_dir)
@@ -53,7 +53,7 @@ def run(cfg: DictConfig, console: Optional[Console] = None) -> TuneResult:
         return Trainer(cfg, base, model, data, run_dir, console, needs=needs).fit()
 
 
-def _run_on_mesh(cfg: DictConfig, console: Console) -> TuneResult:
+def _run_on_mesh(cfg: EetuneConfig, console: Console) -> TuneResult:
     import torch.distributed as dist
 
     from eetune.parallel.launch import relaunch
@@ -76,7 +76,7 @@ def _run_on_mesh(cfg: DictConfig, console: Console) -> TuneResult:
             dist.destroy_process_group()
 
 
-def _tune_on_mesh(cfg: DictConfig, topology, console: Console) -> TuneResult:
+def _tune_on_mesh(cfg: EetuneConfig, topology, console: Console) -> TuneResult:
     from eetune.parallel.load import build_stage_model, check_loaded
     from eetune.parallel.strategy import Mesh, on_rank0_first
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 
+from eetune.config.schema import EetuneConfig
 from eetune.rundir import atomic_write
 from eetune.tracking import start_wandb
 
@@ -18,7 +18,7 @@ LOSS_PLOT_FILE = "loss_curve.png"
 class MetricLogger:
     """Appends one JSON line per logged step; mirrors to W&B when `logger.kind=wandb`."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, cfg: EetuneConfig, resume_step: int = 0) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         # On resume, drop lines logged after the checkpoint: they are about to be redone.
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []

@@ -4,8 +4,8 @@ backbone (worked out once, for tune, the mesh and `plan`), and building them on 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from eetune.config.schema import EetuneConfig
 from eetune.exits import EarlyExitModel, ExitSpec, check_specs, load_exits, read_manifest, specs_from_config
 from eetune.models import BaseModel
 
@@ -20,14 +20,14 @@ class RunNeeds:
         return [spec.layer for spec in self.specs]
 
 
-def run_specs(cfg: Any) -> list[ExitSpec]:
+def run_specs(cfg: EetuneConfig) -> list[ExitSpec]:
     """Every exit of the run: from the config, or from the run dir `train.init_from` names."""
     if cfg.train.init_from:
         return sorted((ExitSpec(**spec) for spec in read_manifest(cfg.train.init_from)["exits"]), key=lambda s: s.layer)
     return specs_from_config(cfg.exits)
 
 
-def run_needs(cfg: Any) -> RunNeeds:
+def run_needs(cfg: EetuneConfig) -> RunNeeds:
     """The run's exits and whether the final layer is computed: only when a loss needs it
     (distillation, the final layer's argmax as CE target, or a confidence estimator to train)."""
     specs = run_specs(cfg)
@@ -37,7 +37,7 @@ def run_needs(cfg: Any) -> RunNeeds:
     return RunNeeds(specs, needs_final)
 
 
-def build_model(cfg: Any, base: BaseModel) -> EarlyExitModel:
+def build_model(cfg: EetuneConfig, base: BaseModel) -> EarlyExitModel:
     """The run's exits on `base`: fresh from `exits`, or the tuned ones `train.init_from` names."""
     if cfg.train.init_from:
         model = load_exits(cfg.train.init_from, base.model, base.fingerprint, base.checkpoint_dir)

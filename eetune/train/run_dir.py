@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from eetune.config.diff import changed_keys, flatten
@@ -30,23 +30,7 @@ RESUME_FREE_DOTTED = (
 )
 
 
-def check_tune_config(cfg: DictConfig) -> None:
-    """Value checks the schema cannot express, made before anything is written."""
-    loss, train = cfg.loss, cfg.train
-    if not 0.0 <= loss.kd_alpha <= 1.0:
-        raise EetuneError(f"loss.kd_alpha={loss.kd_alpha} must be in [0, 1]")
-    if loss.kd_temperature <= 0:
-        raise EetuneError(f"loss.kd_temperature={loss.kd_temperature} must be > 0")
-    for key in ("train.steps", "optim.grad_accum", "data.batch_size", "loss.chunk_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise EetuneError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
-    if train.flat_patience < 0 or train.flat_min_delta < 0:
-        raise EetuneError("train.flat_patience and train.flat_min_delta must be >= 0")
-    if train.flat_patience > 0 and train.eval_every < 1:
-        raise EetuneError("train.flat_patience needs held-out evaluations to watch: set train.eval_every to a step count")
-
-
-def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+def check_run_dir(cfg: EetuneConfig, run_dir: Path) -> None:
     """A new run needs an absent or empty run dir; a resumed one, a tune run with a compatible config.
     Only reads: nothing is written until every start-up check has passed."""
     if cfg.resume:
@@ -62,9 +46,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) -> None:
+def check_same_config(saved: EetuneConfig, current: EetuneConfig, run_dir: Path) -> None:
     """Refuse a resume whose config differs from the saved one beyond what a resume may change."""
-    def comparable(c: DictConfig) -> dict:
+    def comparable(c: EetuneConfig) -> dict:
         # A run saved before a schema field existed had that field at its default.
         with contextlib.suppress(OmegaConfBaseException):  # a key since removed: compare as saved
             c = OmegaConf.merge(OmegaConf.structured(EetuneConfig), c)
@@ -84,7 +68,7 @@ def check_same_config(saved: DictConfig, current: DictConfig, run_dir: Path) -> 
 
 
 @contextlib.contextmanager
-def started_run_dir(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
+def started_run_dir(cfg: EetuneConfig, run_dir: Path) -> Iterator[None]:
     """Create a new run's dir and config.yaml (a resumed run's exist); if the start is refused
     (EetuneError) before any state is saved, remove what was created, so the corrected command
     can use the same run_dir."""
@@ -106,7 +90,7 @@ def started_run_dir(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
         raise
 
 
-def finished_run(cfg: DictConfig, run_dir: Path) -> TuneResult | None:
+def finished_run(cfg: EetuneConfig, run_dir: Path) -> TuneResult | None:
     """resume=true on a run whose results are written at its saved step and which the config does
     not extend (train.steps not above the saved value): its result, read back; else None."""
     if not cfg.resume or not (run_dir / MANIFEST_FILE).is_file():

@@ -14,17 +14,19 @@ single-process step up to floating-point summation order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.tensor import DTensor
 
+from eetune.config.schema import EetuneConfig
 from eetune.data import IGNORE_INDEX, TuningData
 from eetune.data.batches import TrainBatches
 from eetune.errors import EetuneError
@@ -62,7 +64,7 @@ class NullLogger:
 
 class Trainer:
     def __init__(
-        self, cfg: DictConfig, base: BaseModel, model: EarlyExitModel, data: TuningData, run_dir: Path,
+        self, cfg: EetuneConfig, base: BaseModel, model: EarlyExitModel, data: TuningData, run_dir: Path,
         console: Console, strategy: Optional[Strategy] = None, needs: Optional[RunNeeds] = None,
     ) -> None:
         """`strategy`: default, this one process; `needs`: default, `run_needs(cfg)` (every exit of
@@ -349,7 +351,7 @@ class Trainer:
         if self.strategy.is_main and self.cfg.resume:
             # A resumed run's config.yaml takes the changes a resume may make (train.steps, ...),
             # written after the state it describes.
-            write_config(self.run_dir, OmegaConf.merge(self.cfg, {"resume": False}))
+            write_config(self.run_dir, dataclasses.replace(self.cfg, resume=False))
 
     def _write_results(self, before: dict[int, ExitQuality], after: dict[int, ExitQuality]) -> None:
         summary = {**tune_summary(self.step, self.tokens_seen, self.stopped_flat, before, after), **self.strategy.run_summary()}

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from eetune.config import compose_config
+from eetune.config import EetuneConfig, compose_config
+from eetune.config.schema import to_container
 from eetune.data import IGNORE_INDEX, TokenStream, TrainBatches, TuningData
 from eetune.data.corpus import pack_examples
 from eetune.models import BaseModel, fingerprint, get_model_entry, param_count
@@ -150,7 +150,7 @@ def models_info() -> dict[str, Any]:
 # --- one case, in its own process --------------------------------------------------------------
 
 
-def case_config(case: Case, run_dir: Path) -> DictConfig:
+def case_config(case: Case, run_dir: Path) -> EetuneConfig:
     overrides = [
         f"run_dir={run_dir}", f"model.dtype={case.dtype}",
         f"data.seq_len={case.seq_len}", f"data.batch_size={case.batch_size}",
@@ -163,12 +163,12 @@ def case_config(case: Case, run_dir: Path) -> DictConfig:
     return compose_config("tune", overrides)
 
 
-def load_smollm2(cfg: DictConfig) -> tuple[BaseModel, TuningData]:
+def load_smollm2(cfg: EetuneConfig) -> tuple[BaseModel, TuningData]:
     base = load_base(cfg.model)
     return base, load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
 
 
-def build_scaled_llama(cfg: DictConfig, case: Case, run_dir: Path) -> tuple[BaseModel, TuningData]:
+def build_scaled_llama(cfg: EetuneConfig, case: Case, run_dir: Path) -> tuple[BaseModel, TuningData]:
     """Random weights through the same `materialise` a real checkpoint goes through; random tokens."""
     config = scaled_llama2_13b_config()
     entry = get_model_entry("llama2_13b")
@@ -193,7 +193,7 @@ def build_scaled_llama(cfg: DictConfig, case: Case, run_dir: Path) -> tuple[Base
 StepFn = Callable[[], float]  # one optimizer step; returns the loss
 
 
-def full_finetune_step(cfg: DictConfig, base: BaseModel, data: TuningData) -> tuple[StepFn, int]:
+def full_finetune_step(cfg: EetuneConfig, base: BaseModel, data: TuningData) -> tuple[StepFn, int]:
     model = base.model
     model.requires_grad_(True)  # only in this case's own process: the base is frozen everywhere else
     model.train()
@@ -219,7 +219,7 @@ def full_finetune_step(cfg: DictConfig, base: BaseModel, data: TuningData) -> tu
     return step, sum(p.numel() for p in params)
 
 
-def exits_step(cfg: DictConfig, base: BaseModel, data: TuningData, run_dir: Path) -> tuple[StepFn, int]:
+def exits_step(cfg: EetuneConfig, base: BaseModel, data: TuningData, run_dir: Path) -> tuple[StepFn, int]:
     torch.manual_seed(cfg.seed)  # as the tune stage does before building the exits
     model = build_model(cfg, base)
     trainer = Trainer(cfg, base, model, data, run_dir, Console(quiet=True))
@@ -277,7 +277,7 @@ def run_one_case(raw: dict[str, Any]) -> dict[str, Any]:
             **memory.window.as_dict(),
         },
         "torch_threads": torch.get_num_threads(),
-        "config": {key: OmegaConf.to_container(cfg[key]) for key in ("loss", "optim", "exits")},
+        "config": {key: to_container(getattr(cfg, key)) for key in ("loss", "optim", "exits")},
     }
 
 
