@@ -835,7 +835,7 @@ def test_scheduler_refuses_what_it_cannot_batch(ee: EarlyExitModel) -> None:
         assert not scheduler.batchable(s)
         with pytest.raises(EetuneError, match="full model only"):
             scheduler.admit(BatchRequest([1, 2], s))
-    with pytest.raises(EetuneError, match="exceeds the batch's 16 positions"):
+    with pytest.raises(EetuneError, match=r"= 17 exceeds the batch's max_seq_len of 16"):
         scheduler.admit(BatchRequest([1] * 10, DecodeSettings(max_new_tokens=7)))
     scheduler.admit(BatchRequest([1, 2], DecodeSettings(max_new_tokens=4)))
     with pytest.raises(EetuneError, match="batch is full"):

@@ -38,9 +38,6 @@ class ContinuousBatch:
     def max_seq_len(self) -> int:
         return self.gen.max_seq_len
 
-    def free_positions(self, row: int) -> int:
-        return self.max_seq_len - self.lengths[row]
-
     @torch.inference_mode()
     def admit(self, prompt_ids: Sequence[int]) -> Tensor:
         """Prefill a new row (it becomes row `size - 1`); its next-token logits [vocab], fp32."""

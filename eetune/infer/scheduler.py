@@ -20,6 +20,7 @@ import torch
 
 from eetune.errors import EetuneError
 from eetune.infer.continuous import ContinuousBatch
+from eetune.infer.generate import _check_request_length
 from eetune.infer.picker import Picker
 from eetune.infer.sampling import TokenLogprob
 from eetune.infer.settings import DecodeResult, DecodeSettings
@@ -74,9 +75,7 @@ class BatchScheduler:
             raise EetuneError(f"the batch is full ({self.batch.capacity} rows)")
         params = self.engine._check_settings(s)
         request.prompt = self.engine._check_prompt(request.prompt)
-        if len(request.prompt) + s.max_new_tokens > self.batch.max_seq_len:
-            raise EetuneError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
-                              f"the batch's {self.batch.max_seq_len} positions")
+        _check_request_length(len(request.prompt), s.max_new_tokens, self.batch.max_seq_len, "the batch's")
         request._picker = Picker(s, params, 1, self.engine.vocab_size, self.batch.gen.device, request.on_logprob)
         request.admitted_at = time.perf_counter()
         if s.max_new_tokens == 0:

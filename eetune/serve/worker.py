@@ -18,7 +18,7 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -232,4 +232,4 @@ class DecodeWorker:
                 self.completed += 1
 
 
-__all__ = ["BatchableJob", "CancelledError", "DecodeWorker", "QueueFull", "Ticket"]
+__all__ = ["BatchableJob", "DecodeWorker", "QueueFull", "Ticket"]
