@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from eetune.config import EetuneConfig, compose_config, config_groups, list_recipes, recipe_path, validate
-from eetune.config.schema import to_yaml
+from eetune.config.schema import CHOICES, to_yaml
 from eetune.console import make_console
 from eetune.errors import EetuneError
 
@@ -131,10 +131,10 @@ def generate(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy."),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="full | early_exit | self_speculative"),
+    mode: Optional[str] = typer.Option(None, "--mode", help=" | ".join(CHOICES["generate.mode"])),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="augment/tune run dir with the exits."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="early_exit confidence threshold, (0, 1]."),
-    confidence: Optional[str] = typer.Option(None, "--confidence", help="max_prob | learned"),
+    confidence: Optional[str] = typer.Option(None, "--confidence", help=" | ".join(CHOICES["generate.confidence"])),
     draft_exit: Optional[int] = typer.Option(None, "--draft-exit", help="self_speculative: the drafting exit."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="self_speculative: tokens per draft."),
     draft_vocab: Optional[int] = typer.Option(
