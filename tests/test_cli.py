@@ -151,6 +151,26 @@ def test_generate_mode_flags_reach_the_config_and_are_validated(run_cli):
     assert code == 2 and "generate.mode='fast' is not one of" in err
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("draft_len", 65, "draft_len=65 must be in 1..64"),
+    ("draft_vocab", 0, "draft_vocab=0 must be >= 1 (or null for the whole vocabulary)"),
+    ("draft_confidence", 1.5, "draft_confidence=1.5 must be in (0, 1] (or null)"),
+])
+def test_generate_and_serve_share_the_exit_policy_checks(field, value, message):
+    """One ExitPolicyConfig: generate checks it at composition, serve when it starts (validate_run)."""
+    from eetune.config.schema import ExitPolicyConfig
+    from eetune.infer.settings import EXIT_FIELDS
+
+    assert tuple(ExitPolicyConfig().policy()) == EXIT_FIELDS
+    with pytest.raises(EetuneError) as caught:
+        compose_config("generate", [f"generate.{field}={value}"])
+    assert str(caught.value) == f"generate.{message}"
+    cfg = compose_config("serve", [f"serve.{field}={value}"])
+    with pytest.raises(EetuneError) as caught:
+        cfg.serve.validate_run()
+    assert str(caught.value) == f"serve.{message}"
+
+
 def test_compose_config_returns_the_typed_config():
     from eetune.config import schema
 

@@ -18,7 +18,7 @@ from eetune.config.schema import EetuneConfig, ServeConfig
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel
 from eetune.infer.draft_vocab import load_token_order
-from eetune.infer.engine import EXIT_FIELDS, DecodeResult, DecodeSettings, Engine, exit_settings
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import (
     ExitSettingsError, check_exit_settings, model_exit_rules, resolve_threshold,
@@ -38,7 +38,7 @@ def default_options(serve_cfg: ServeConfig) -> EarlyExitOptions:
     A threshold left null there is decided per request by `ServedModel.threshold_for`: the
     one `eetune eval` calibrated for the request's confidence policy, else 0.8.
     """
-    return EarlyExitOptions(**{name: getattr(serve_cfg, name) for name in EXIT_FIELDS})
+    return EarlyExitOptions(**serve_cfg.policy())
 
 
 @dataclass(frozen=True)
