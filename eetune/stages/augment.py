@@ -15,7 +15,7 @@ from eetune.data.corpus import check_seq_len, heldout_batch
 from eetune.eval.heldout import ExitQuality, heldout_quality
 from eetune.exits import EarlyExitModel, build_manifest, check_specs, save_exits, specs_from_config
 from eetune.rundir import new_run_dir
-from eetune.models import base_info, load_base
+from eetune.models import base_info, load_base_model
 from eetune.rundir import write_config
 
 
@@ -28,7 +28,7 @@ class AugmentResult:
 
 def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult:
     console = console or make_console()
-    base = load_base(cfg.model)
+    base = load_base_model(**vars(cfg.model))
     specs = specs_from_config(cfg.exits)
     check_specs(specs, base.num_layers)
     check_seq_len(cfg.data.seq_len, cfg.model.max_seq_len)
