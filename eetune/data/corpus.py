@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -23,6 +23,8 @@ from eetune.data.sources import Document, Source, load_documents, sources_of
 from eetune.errors import EetuneError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from eetune.config.schema import DataConfig
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
@@ -152,7 +154,9 @@ def _stream_into(documents: Iterable[Document], route: Callable[[Document], Stre
         builder.add(docs)
 
 
-def encode_source(source: Source, tokenizer: Any, *, train_on_prompt: bool) -> tuple[TokenStream, int]:
+def encode_source(
+    source: Source, tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool
+) -> tuple[TokenStream, int]:
     """A source's documents as one token stream, and its document count."""
     builder = StreamBuilder(tokenizer, train_on_prompt)
     _stream_into(load_documents(source), lambda doc: builder)
@@ -161,7 +165,12 @@ def encode_source(source: Source, tokenizer: Any, *, train_on_prompt: bool) -> t
 
 
 def split_source(
-    source: Source, tokenizer: Any, *, train_on_prompt: bool, heldout_fraction: float, heldout_by: str
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    train_on_prompt: bool,
+    heldout_fraction: float,
+    heldout_by: str,
 ) -> SourceSplit:
     """A source's train and held-out streams, split as `heldout_by` (`data.heldout_by`) says."""
     if not 0.0 < heldout_fraction < 1.0:
@@ -219,13 +228,13 @@ def heldout_windows(parts: list[tuple[TokenStream, float]], seq_len: int, max_se
     return torch.cat(windows)
 
 
-def encode_corpus(data_cfg: DataConfig, tokenizer: Any) -> tuple[TokenStream, int]:
+def encode_corpus(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[TokenStream, int]:
     """The whole corpus of a single-source `data` section as one token stream, and its document count."""
     (source,) = sources_of(data_cfg)
     return encode_source(source, tokenizer, train_on_prompt=data_cfg.train_on_prompt)
 
 
-def _split_sources(data_cfg: DataConfig, tokenizer: Any) -> list[SourceSplit]:
+def _split_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[SourceSplit]:
     return [
         split_source(source, tokenizer, train_on_prompt=data_cfg.train_on_prompt,
                      heldout_fraction=data_cfg.heldout_fraction, heldout_by=data_cfg.heldout_by)
@@ -233,7 +242,9 @@ def _split_sources(data_cfg: DataConfig, tokenizer: Any) -> list[SourceSplit]:
     ]
 
 
-def load_tuning_data(data_cfg: DataConfig, tokenizer: Any, *, max_seq_len: int | None = None) -> TuningData:
+def load_tuning_data(
+    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int | None = None
+) -> TuningData:
     """Train examples and the held-out streams of a `data` config section."""
     check_seq_len(data_cfg.seq_len, max_seq_len)
     parts = _split_sources(data_cfg, tokenizer)
@@ -242,7 +253,9 @@ def load_tuning_data(data_cfg: DataConfig, tokenizer: Any, *, max_seq_len: int |
                       sum(p.num_documents for p in parts))
 
 
-def heldout_batch(data_cfg: DataConfig, tokenizer: Any, *, max_seq_len: int | None = None) -> torch.Tensor:
+def heldout_batch(
+    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int | None = None
+) -> torch.Tensor:
     """The held-out sequences exits are scored on: [data.heldout_sequences, data.seq_len]."""
     check_seq_len(data_cfg.seq_len, max_seq_len)
     parts = _split_sources(data_cfg, tokenizer)
