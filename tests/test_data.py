@@ -417,7 +417,7 @@ def distill_cfg(tiny_base_model: BaseModel, tmp_path: Path, out: Path, *override
 
 def reuse_loaded_model(monkeypatch: pytest.MonkeyPatch, model: BaseModel) -> None:
     """Skip reloading the same tiny checkpoint: `distill_cfg` points model.checkpoint_dir at it."""
-    monkeypatch.setattr(distill, "load_base", lambda model_cfg: model)
+    monkeypatch.setattr(distill, "load_base_model", lambda name, **kwargs: model)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

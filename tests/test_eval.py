@@ -331,7 +331,7 @@ def test_calibration_applies_only_to_its_dtype_and_device(tuned_run, base, tmp_p
 
     # generate and serve: a bfloat16 calibration is not used by a float32 model, with one line on stderr.
     write_calibration(run_dir, cals, {"prompts": 12, "dtype": "bfloat16", "device": "cpu"})
-    monkeypatch.setattr(loading, "load_base", lambda model_cfg: base)  # what generate loads with
+    monkeypatch.setattr(loading, "load_base_model", lambda name, **kwargs: base)  # what generate loads with
     used: list[float] = []
     original = Engine.generate
     monkeypatch.setattr(Engine, "generate", lambda self, ids, settings, on_token=None: (
@@ -385,7 +385,7 @@ def test_generate_defaults_to_the_calibrated_threshold(tuned_run, base, tmp_path
         used.append(settings.threshold)
         return original(self, prompt_ids, settings, on_token)
 
-    monkeypatch.setattr(loading, "load_base", lambda model_cfg: base)  # what generate loads with
+    monkeypatch.setattr(loading, "load_base_model", lambda name, **kwargs: base)  # what generate loads with
     monkeypatch.setattr(Engine, "generate", spy)
 
     def run(*overrides):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import json
 import os
 import time
@@ -274,6 +275,17 @@ def test_hf_config_reads_both_transformers_spellings() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # user errors
+
+
+def test_model_config_fields_are_the_loaders_keywords() -> None:
+    """Stages load the base with `load_base_model(**vars(cfg.model))` (or `load_model(run_dir,
+    **vars(cfg.model))`): the names must agree."""
+    from eetune.config.schema import ModelConfig
+    from eetune.exits.loading import load_model
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert fields == set(inspect.signature(load_base_model).parameters)
+    assert fields | {"run_dir"} == set(inspect.signature(load_model).parameters)
 
 
 def test_unknown_model_suggests_near_match() -> None:

@@ -981,7 +981,7 @@ def test_cli_print_config_shows_the_serve_preset(monkeypatch, capsys) -> None:
 
 
 def test_smollm2_server_answers_like_generate(monkeypatch, smollm2: BaseModel) -> None:
-    monkeypatch.setattr(loading, "load_base", lambda model_cfg: smollm2)  # what generate and serve load with
+    monkeypatch.setattr(loading, "load_base_model", lambda name, **kwargs: smollm2)  # what generate and serve load with
     served = ServedModel.from_config(compose_config("serve", []))
     cfg = compose_config("generate", ["generate.max_new_tokens=12"])
     cfg.generate.prompt = "What is the capital of France?"

@@ -21,9 +21,9 @@ from eetune.stages import augment, generate
 @pytest.fixture
 def use_smollm2(monkeypatch, smollm2):
     """Stages load the session's SmolLM2 instead of reading it from disk again."""
-    monkeypatch.setattr(augment, "load_base", lambda model_cfg: smollm2)
-    # generate loads through eetune.exits.loading.load_model, which calls load_base there.
-    monkeypatch.setattr(loading, "load_base", lambda model_cfg: smollm2)
+    monkeypatch.setattr(augment, "load_base_model", lambda name, **kwargs: smollm2)
+    # generate loads through eetune.exits.loading.load_model, which calls load_base_model there.
+    monkeypatch.setattr(loading, "load_base_model", lambda name, **kwargs: smollm2)
     return smollm2
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from eetune.errors import EetuneError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def build_prompt_ids(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+
+def build_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool, system: str | None = None
+) -> list[int]:
     """Token ids of a raw prompt, or of one user turn in the tokenizer's chat template."""
     if not chat:
         return tokenizer.encode(prompt, add_special_tokens=True)
@@ -17,7 +22,7 @@ def build_prompt_ids(tokenizer: Any, prompt: str, chat: bool, system: str | None
     return chat_prompt_ids(tokenizer, messages)
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation ({role, content} turns) in the chat template, opening the assistant's turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise EetuneError("this tokenizer has no chat template: give a plain prompt instead of chat messages")
@@ -25,7 +30,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """EOS plus the chat end-of-turn token where the vocabulary has one."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from eetune.data.encode import ENCODE_CHUNK, StreamBuilder, TokenStream
 from eetune.data.sources import Document, Source, load_documents, sources_of
 from eetune.errors import EetuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from eetune.config.schema import DataConfig
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
 HELDOUT_BY = ("tail", "prompt")
@@ -130,10 +135,6 @@ def is_heldout(doc: Document, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def _builder(data_cfg: Any, tokenizer: Any) -> StreamBuilder:
-    return StreamBuilder(tokenizer, data_cfg.train_on_prompt)
-
-
 def _check_not_empty(builders: Iterable[StreamBuilder], source: Source) -> None:
     if not any(b.has_text for b in builders):
         raise EetuneError(f"the dataset is empty: {source.name} data holds no text")
@@ -153,34 +154,43 @@ def _stream_into(documents: Iterable[Document], route: Callable[[Document], Stre
         builder.add(docs)
 
 
-def encode_source(source: Source, data_cfg: Any, tokenizer: Any) -> tuple[TokenStream, int]:
+def encode_source(
+    source: Source, tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool
+) -> tuple[TokenStream, int]:
     """A source's documents as one token stream, and its document count."""
-    builder = _builder(data_cfg, tokenizer)
+    builder = StreamBuilder(tokenizer, train_on_prompt)
     _stream_into(load_documents(source), lambda doc: builder)
     _check_not_empty([builder], source)
     return builder.build(), builder.num_documents
 
 
-def split_source(source: Source, data_cfg: Any, tokenizer: Any) -> SourceSplit:
-    """A source's train and held-out streams, split as `data.heldout_by` says."""
-    fraction = data_cfg.heldout_fraction
-    if not 0.0 < fraction < 1.0:
-        raise EetuneError(f"data.heldout_fraction={fraction} must be in (0, 1)")
-    if data_cfg.heldout_by == "tail":
-        stream, num_documents = encode_source(source, data_cfg, tokenizer)
-        train, heldout = split_stream(stream, fraction)
+def split_source(
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    train_on_prompt: bool,
+    heldout_fraction: float,
+    heldout_by: str,
+) -> SourceSplit:
+    """A source's train and held-out streams, split as `heldout_by` (`data.heldout_by`) says."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise EetuneError(f"data.heldout_fraction={heldout_fraction} must be in (0, 1)")
+    if heldout_by == "tail":
+        stream, num_documents = encode_source(source, tokenizer, train_on_prompt=train_on_prompt)
+        train, heldout = split_stream(stream, heldout_fraction)
         return SourceSplit(train, heldout, source.weight, num_documents)
-    train_b, heldout_b = _builder(data_cfg, tokenizer), _builder(data_cfg, tokenizer)
-    _stream_into(load_documents(source), lambda doc: heldout_b if is_heldout(doc, fraction) else train_b)
+    train_b, heldout_b = StreamBuilder(tokenizer, train_on_prompt), StreamBuilder(tokenizer, train_on_prompt)
+    _stream_into(load_documents(source), lambda doc: heldout_b if is_heldout(doc, heldout_fraction) else train_b)
     _check_not_empty([train_b, heldout_b], source)
+    num_documents = train_b.num_documents + heldout_b.num_documents
     for builder, side in ((train_b, "train"), (heldout_b, "held-out")):
         if builder.num_documents == 0:
             raise EetuneError(
                 f"{source.name}: no document falls in the {side} split with data.heldout_by=prompt and "
-                f"data.heldout_fraction={fraction} ({train_b.num_documents + heldout_b.num_documents} documents): "
+                f"data.heldout_fraction={heldout_fraction} ({num_documents} documents): "
                 "use more documents, another heldout_fraction, or data.heldout_by=tail"
             )
-    return SourceSplit(train_b.build(), heldout_b.build(), source.weight, train_b.num_documents + heldout_b.num_documents)
+    return SourceSplit(train_b.build(), heldout_b.build(), source.weight, num_documents)
 
 
 def mix_examples(examples: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,23 +228,35 @@ def heldout_windows(parts: list[tuple[TokenStream, float]], seq_len: int, max_se
     return torch.cat(windows)
 
 
-def encode_corpus(data_cfg: Any, tokenizer: Any) -> tuple[TokenStream, int]:
+def encode_corpus(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[TokenStream, int]:
     """The whole corpus of a single-source `data` section as one token stream, and its document count."""
     (source,) = sources_of(data_cfg)
-    return encode_source(source, data_cfg, tokenizer)
+    return encode_source(source, tokenizer, train_on_prompt=data_cfg.train_on_prompt)
 
 
-def load_tuning_data(data_cfg: Any, tokenizer: Any, *, max_seq_len: int | None = None) -> TuningData:
+def _split_sources(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[SourceSplit]:
+    return [
+        split_source(source, tokenizer, train_on_prompt=data_cfg.train_on_prompt,
+                     heldout_fraction=data_cfg.heldout_fraction, heldout_by=data_cfg.heldout_by)
+        for source in sources_of(data_cfg)
+    ]
+
+
+def load_tuning_data(
+    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int | None = None
+) -> TuningData:
     """Train examples and the held-out streams of a `data` config section."""
     check_seq_len(data_cfg.seq_len, max_seq_len)
-    parts = [split_source(source, data_cfg, tokenizer) for source in sources_of(data_cfg)]
+    parts = _split_sources(data_cfg, tokenizer)
     tokens, labels = mix_examples([pack_examples(p.train, data_cfg.seq_len) for p in parts], [p.weight for p in parts])
     return TuningData(tokens, labels, [(p.heldout, p.weight) for p in parts], data_cfg.seq_len,
                       sum(p.num_documents for p in parts))
 
 
-def heldout_batch(data_cfg: Any, tokenizer: Any, *, max_seq_len: int | None = None) -> torch.Tensor:
+def heldout_batch(
+    data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int | None = None
+) -> torch.Tensor:
     """The held-out sequences exits are scored on: [data.heldout_sequences, data.seq_len]."""
     check_seq_len(data_cfg.seq_len, max_seq_len)
-    parts = [split_source(source, data_cfg, tokenizer) for source in sources_of(data_cfg)]
+    parts = _split_sources(data_cfg, tokenizer)
     return heldout_windows([(p.heldout, p.weight) for p in parts], data_cfg.seq_len, data_cfg.heldout_sequences)

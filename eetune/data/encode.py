@@ -8,12 +8,15 @@ token, not the role header) are targets, so the model is never trained to write 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from eetune.data.sources import Document, Message
 from eetune.errors import EetuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -28,7 +31,9 @@ class TokenStream:
         return TokenStream(self.ids[index], self.trainable[index])
 
 
-def _render(tokenizer: Any, messages: tuple[Message, ...], where: str, generation_prompt: bool = False) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: tuple[Message, ...], where: str, generation_prompt: bool = False
+) -> str:
     turns = [{"role": m.role, "content": m.content} for m in messages]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
@@ -39,7 +44,9 @@ def _render(tokenizer: Any, messages: tuple[Message, ...], where: str, generatio
     return text
 
 
-def chat_segments(tokenizer: Any, messages: tuple[Message, ...], where: str) -> list[tuple[str, bool]]:
+def chat_segments(
+    tokenizer: PreTrainedTokenizerBase, messages: tuple[Message, ...], where: str
+) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant_output) pieces.
 
     Turn i's text is what rendering turns [:i+1] adds to rendering turns [:i]; an assistant
@@ -68,7 +75,7 @@ def chat_segments(tokenizer: Any, messages: tuple[Message, ...], where: str) -> 
     return [(text, assistant) for text, assistant in segments if text]
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     # verbose=False: documents longer than model_max_length are fine, they get packed.
@@ -79,7 +86,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 ENCODE_CHUNK = 1024
 
 
-def encode_documents(documents: Iterable[Document], tokenizer: Any, *, train_on_prompt: bool) -> TokenStream:
+def encode_documents(
+    documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool
+) -> TokenStream:
     """One stream: every document's tokens followed by EOS (documents are read as they come)."""
     builder = StreamBuilder(tokenizer, train_on_prompt)
     chunk: list[Document] = []
@@ -95,7 +104,7 @@ def encode_documents(documents: Iterable[Document], tokenizer: Any, *, train_on_
 class StreamBuilder:
     """Grows a TokenStream chunk by chunk; only token tensors are kept, never the documents."""
 
-    def __init__(self, tokenizer: Any, train_on_prompt: bool) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool) -> None:
         if tokenizer.eos_token_id is None:
             raise EetuneError("the tokenizer has no EOS token to join documents with")
         self.tokenizer = tokenizer

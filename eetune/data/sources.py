@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from eetune.data.jsonl import iter_jsonl
 from eetune.errors import EetuneError
+
+if TYPE_CHECKING:
+    from eetune.config.schema import DataConfig
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -132,15 +135,14 @@ class Source:
     weight: float = 1.0
 
 
-def sources_of(data_cfg: Any) -> list[Source]:
+def sources_of(data_cfg: DataConfig) -> list[Source]:
     """The sources a `data` section reads: `data.mix` when set, else `data.source`/`data.path`."""
     fields = {"text_field": data_cfg.text_field, "messages_field": data_cfg.messages_field,
               "hf_format": data_cfg.hf_format}
-    mix = getattr(data_cfg, "mix", None)
-    if not mix:
+    if not data_cfg.mix:
         return [Source(data_cfg.source, data_cfg.source, data_cfg.path, **fields)]
     return [Source(f"data.mix[{k}] ({entry.source})", entry.source, entry.path, weight=entry.weight, **fields)
-            for k, entry in enumerate(mix)]
+            for k, entry in enumerate(data_cfg.mix)]
 
 
 def load_documents(source: Source) -> Iterable[Document]:

@@ -40,7 +40,7 @@ from eetune.infer.engine import DecodeSettings, Engine
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_threshold
 from eetune.rundir import CONFIG_FILE
-from eetune.models import load_base
+from eetune.models import load_base_model
 from eetune.data.chat import stop_token_ids
 
 
@@ -69,7 +69,7 @@ class EetuneLM(TemplateLM):
             raise EetuneError("the eetune model type needs run_dir=<an eetune augment or tune run dir> in --model_args")
         read_manifest(run_dir)
         model_cfg = _run_model_config(Path(run_dir), dtype, device)
-        base = load_base(model_cfg)
+        base = load_base_model(**vars(model_cfg))
         if threshold is None:
             threshold = resolve_threshold(None, confidence, run_calibration(run_dir, base.model))
         self.policy = ExitPolicy(mode, float(threshold), confidence)

@@ -36,16 +36,18 @@ class ExitSpec:
         return asdict(self)
 
 
-def specs_from_config(exits_cfg: Any) -> list[ExitSpec]:
-    """One spec per layer in `exits.layers`, sharing arch/init/head; sorted by depth."""
+def exit_specs(
+    layers: Iterable[int],
+    *,
+    arch: str = "mlp",
+    init: str = "copy",
+    head: str = "shared",
+    confidence: str = "none",
+    norm_init: str = "copy",
+) -> list[ExitSpec]:
+    """One spec per layer in `layers` (an `exits:` section's), sharing the rest; sorted by depth."""
     return sorted(
-        (
-            ExitSpec(
-                int(layer), exits_cfg.arch, exits_cfg.init, exits_cfg.head, getattr(exits_cfg, "confidence", "none"),
-                getattr(exits_cfg, "norm_init", "copy"),
-            )
-            for layer in exits_cfg.layers
-        ),
+        (ExitSpec(int(layer), arch, init, head, confidence, norm_init) for layer in layers),
         key=lambda spec: spec.layer,
     )
 

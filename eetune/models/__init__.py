@@ -5,7 +5,7 @@ from eetune.models.checkpoint import save_hf_checkpoint
 from eetune.models.fingerprint import fingerprint
 from eetune.models.gguf_import import import_gguf
 from eetune.models.hf_config import num_layers, read_hf_config
-from eetune.models.load import BaseModel, base_info, load_base, load_base_model, native_dtype
+from eetune.models.load import BaseModel, base_info, load_base_model, native_dtype
 from eetune.models.registry import (
     DEFAULT_MODEL,
     ModelEntry,
@@ -33,7 +33,6 @@ __all__ = [
     "list_families",
     "list_models",
     "base_info",
-    "load_base",
     "load_base_model",
     "native_dtype",
     "num_layers",

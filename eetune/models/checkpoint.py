@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -23,6 +23,9 @@ from torchtune.training import FullModelHFCheckpointer, MODEL_KEY
 from eetune.errors import EetuneError
 from eetune.models import hf_config as hfc
 from eetune.models.registry import ModelEntry, ModelFamily, resolve_family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # PEFT adapters sit next to base weights in some dirs, and `eetune export hf` dirs keep their
@@ -146,7 +149,7 @@ def save_hf_checkpoint(
     entry_or_family: ModelEntry | ModelFamily | str,
     hf_config: Mapping[str, Any],
     out_dir: Path,
-    tokenizer: Any | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     max_shard_bytes: int = 5 << 30,
 ) -> Path:
     """Save a torchtune decoder as a Hugging Face checkpoint dir (atomically).

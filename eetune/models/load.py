@@ -143,6 +143,7 @@ def load_tokenizer(checkpoint_dir: Path) -> PreTrainedTokenizerBase:
 
 def load_base_model(
     name: str,
+    *,
     checkpoint_dir: str | Path | None = None,
     dtype: str = "float32",
     max_seq_len: int | None = None,
@@ -152,7 +153,8 @@ def load_base_model(
 
     ``checkpoint_dir=None`` uses the bundled SmolLM2 (``smollm2_135m`` only). The architecture
     comes from the dir's config.json, so any size of the named model's family loads.
-    ``max_seq_len=None`` uses the checkpoint's ``max_position_embeddings``.
+    ``max_seq_len=None`` uses the checkpoint's ``max_position_embeddings``. The keywords are a
+    ``model:`` config section's fields, so ``load_base_model(**vars(cfg.model))`` loads what it names.
     """
     entry = get_model_entry(name)
     torch_dtype = parse_dtype(dtype)
@@ -182,17 +184,6 @@ def load_base_model(
         checkpoint_dir=path,
         hf_config=config,
         fingerprint=fingerprint(model.state_dict()),
-    )
-
-
-def load_base(model_cfg: Any) -> BaseModel:
-    """The frozen base model a `model:` config section names."""
-    return load_base_model(
-        model_cfg.name,
-        checkpoint_dir=model_cfg.checkpoint_dir,
-        dtype=model_cfg.dtype,
-        max_seq_len=model_cfg.max_seq_len,
-        device=model_cfg.device,
     )
 
 

@@ -112,7 +112,7 @@ class ServedModel:
     def from_config(cls, cfg: EetuneConfig) -> ServedModel:
         s = cfg.serve
         s.validate_run()
-        base, model = load_model(cfg.model, s.run_dir)
+        base, model = load_model(s.run_dir, **vars(cfg.model))
         max_seq_len = base.model.max_seq_len
         if s.max_prompt_tokens >= max_seq_len:
             raise EetuneError(

@@ -13,9 +13,9 @@ from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.data.corpus import check_seq_len, heldout_batch
 from eetune.eval.heldout import ExitQuality, heldout_quality
-from eetune.exits import EarlyExitModel, build_manifest, check_specs, save_exits, specs_from_config
+from eetune.exits import EarlyExitModel, build_manifest, check_specs, exit_specs, save_exits
 from eetune.rundir import new_run_dir
-from eetune.models import base_info, load_base
+from eetune.models import base_info, load_base_model
 from eetune.rundir import write_config
 
 
@@ -28,8 +28,9 @@ class AugmentResult:
 
 def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult:
     console = console or make_console()
-    base = load_base(cfg.model)
-    specs = specs_from_config(cfg.exits)
+    base = load_base_model(**vars(cfg.model))
+    e = cfg.exits
+    specs = exit_specs(e.layers, arch=e.arch, init=e.init, head=e.head, confidence=e.confidence, norm_init=e.norm_init)
     check_specs(specs, base.num_layers)
     check_seq_len(cfg.data.seq_len, cfg.model.max_seq_len)
 

@@ -41,7 +41,7 @@ from eetune.exits import EarlyExitModel
 from eetune.infer.engine import DecodeSettings, Engine
 from eetune.infer.scheduler import BatchRequest, BatchScheduler
 from eetune.rundir import atomic_write_json, atomic_write_text
-from eetune.models import load_base
+from eetune.models import load_base_model
 from eetune.data.chat import build_prompt_ids, stop_token_ids
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -318,7 +318,7 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
         raise EetuneError(f"resume=true but {out} does not exist: start without resume=true")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    base = load_base(cfg.model)
+    base = load_base_model(**vars(cfg.model))
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: distillation needs one to read prompts")
     # Rows hold a prompt (a few dozen tokens) and its answer: the caches need no more positions.

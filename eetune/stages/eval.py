@@ -39,7 +39,7 @@ from eetune.eval.tasks import load_task
 from eetune.eval.timing import measure_costs
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import Engine
-from eetune.models import load_base
+from eetune.models import load_base_model
 from eetune.rundir import new_run_dir
 
 
@@ -72,7 +72,7 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise EetuneError(f"eval output dir {out_dir} already exists and is not empty: choose another eval.out_dir=...")
 
-    base = load_base(cfg.model)
+    base = load_base_model(**vars(cfg.model))
     model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: eval needs one to read tasks")

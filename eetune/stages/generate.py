@@ -68,7 +68,7 @@ def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = 
         raise EetuneError(f"generate.mode={gen.mode} needs exits: pass --run-dir <augment or tune run dir>")
     out = out or sys.stdout
     console = console or make_console()
-    base, model = load_model(cfg.model, gen.run_dir)
+    base, model = load_model(gen.run_dir, **vars(cfg.model))
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
     threshold = default_threshold(gen, console, model) if gen.threshold is None else gen.threshold

@@ -18,7 +18,7 @@ from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.data import load_tuning_data
 from eetune.errors import EetuneError
-from eetune.models import load_base
+from eetune.models import load_base_model
 from eetune.train.needs import build_model, run_needs
 from eetune.train.results import TuneResult, result_from_run_dir
 from eetune.train.run_dir import check_run_dir, finished_run, started_run_dir
@@ -42,7 +42,7 @@ def run(cfg: EetuneConfig, console: Optional[Console] = None) -> TuneResult:
     if on_mesh(cfg):
         return _run_on_mesh(cfg, console)
     # Every start-up check (base model, data, init_from, exits) comes before the run dir is made.
-    base = load_base(cfg.model)
+    base = load_base_model(**vars(cfg.model))
     if base.dtype == torch.float16:
         raise EetuneError("tuning in float16 is not supported: use model.dtype=bfloat16 or float32")
     data = load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eetune.config.schema import EetuneConfig
-from eetune.exits import EarlyExitModel, ExitSpec, check_specs, load_exits, read_manifest, specs_from_config
+from eetune.exits import EarlyExitModel, ExitSpec, check_specs, exit_specs, load_exits, read_manifest
 from eetune.models import BaseModel
 
 
@@ -24,7 +24,8 @@ def run_specs(cfg: EetuneConfig) -> list[ExitSpec]:
     """Every exit of the run: from the config, or from the run dir `train.init_from` names."""
     if cfg.train.init_from:
         return sorted((ExitSpec(**spec) for spec in read_manifest(cfg.train.init_from)["exits"]), key=lambda s: s.layer)
-    return specs_from_config(cfg.exits)
+    e = cfg.exits
+    return exit_specs(e.layers, arch=e.arch, init=e.init, head=e.head, confidence=e.confidence, norm_init=e.norm_init)
 
 
 def run_needs(cfg: EetuneConfig) -> RunNeeds:
@@ -42,7 +43,7 @@ def build_model(cfg: EetuneConfig, base: BaseModel) -> EarlyExitModel:
     if cfg.train.init_from:
         model = load_exits(cfg.train.init_from, base.model, base.fingerprint, base.checkpoint_dir)
     else:
-        specs = specs_from_config(cfg.exits)
+        specs = run_specs(cfg)  # from `exits`: train.init_from is unset here
         check_specs(specs, base.num_layers)
         model = EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std)
     # fp32 master weights for the optimizer; bf16 compute comes from autocast.

@@ -45,7 +45,7 @@ from eetune.models import BaseModel, fingerprint, get_model_entry, param_count
 from eetune.models import hf_config as hfc
 from eetune.models.load import materialise, parse_dtype
 from eetune.models.tiny import random_decoder
-from eetune.models import load_base
+from eetune.models import load_base_model
 from eetune.data import load_tuning_data
 from eetune.train.needs import build_model
 from eetune.train.trainer import Trainer
@@ -164,7 +164,7 @@ def case_config(case: Case, run_dir: Path) -> EetuneConfig:
 
 
 def load_smollm2(cfg: EetuneConfig) -> tuple[BaseModel, TuningData]:
-    base = load_base(cfg.model)
+    base = load_base_model(**vars(cfg.model))
     return base, load_tuning_data(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
 
 
