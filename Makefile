@@ -28,7 +28,7 @@ test: setup
 # Only the real-Slurm test (root: installs slurmctld/slurmd/munge, runs scripts/slurm/tune.sbatch).
 # `make test` runs it too.
 slurm-test: setup
-	$(BIN)/python -m pytest -q tests/test_parallel_slurm.py
+	$(BIN)/python -m pytest -q tests/parallel/test_parallel_slurm.py
 
 bench: setup
 	$(BIN)/python scripts/bench/tune_cost.py

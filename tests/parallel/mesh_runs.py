@@ -1,6 +1,6 @@
-"""Several `tune` runs on one torchrun process group, for tests/test_parallel.py.
+"""Several `tune` runs on one torchrun process group, for tests/parallel/test_parallel.py.
 
-    python -m torch.distributed.run --standalone --nproc-per-node N tests/mesh_runs.py runs.json
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/parallel/mesh_runs.py runs.json
 
 runs.json is a list of {"overrides": [...], "stop_after": step or null, "refused": text or null}.
 A run with `refused` must fail with an EetuneError containing that text. A run with `stop_after`

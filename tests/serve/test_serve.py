@@ -352,7 +352,7 @@ def test_sampling_is_reproducible_with_a_seed(client) -> None:
 
 # -- OpenAI's other parameters: logprobs, penalties, logit_bias, seed; what clients send ------------
 
-CLIENT_BODIES = json.loads((Path(__file__).parent / "data" / "openai_client_bodies.json").read_text())
+CLIENT_BODIES = json.loads((Path(__file__).parents[1] / "fixtures" / "openai_client_bodies.json").read_text())
 
 
 @pytest.mark.parametrize("name", sorted(CLIENT_BODIES["bodies"]))

@@ -23,7 +23,7 @@ from eetune.errors import EetuneError
 from eetune.models import BaseModel
 from eetune.stages import distill
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -589,7 +589,7 @@ def test_distill_refuses_to_overwrite_and_checks_prompts(tiny_base_model: BaseMo
     bundled = distill.read_prompts(distill.DEFAULT_PROMPTS)
     assert len(bundled) >= 100 and len(set(bundled)) == len(bundled)
     # the decode benchmark measures on prompts no tuning data was made from
-    bench = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "prompts.txt"
+    bench = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "prompts.txt"
     bench_prompts = [p.strip() for p in bench.read_text(encoding="utf-8").splitlines() if p.strip()]
     assert len(bench_prompts) >= 10 and not set(bench_prompts) & set(bundled)
 
@@ -606,7 +606,7 @@ def test_unseen_topic_prompts_are_absent_from_every_tuning_prompt() -> None:
     """The decode benchmark's second prompt set is about topics no bundled tuning prompt mentions:
     not the prompt file, not topics x templates, not the requests for model-written questions
     (whose answers the corpus build filters with distill.exclude=<these keywords>)."""
-    bench = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+    bench = Path(__file__).resolve().parents[2] / "scripts" / "bench"
     keywords = distill.read_lines(bench / "unseen_keywords.txt", what="keyword")
     unseen = distill.read_lines(bench / "prompts_unseen.txt", what="prompt")
     assert len(unseen) >= 20 and len(set(unseen)) == len(unseen)
@@ -624,7 +624,7 @@ def test_unseen_topic_prompts_are_absent_from_every_tuning_prompt() -> None:
 def test_corpus_parts_keep_whole_batches_and_restore_the_corpus(tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("parts", Path(__file__).parents[1] / "scripts" / "corpus" / "parts.py")
+    spec = importlib.util.spec_from_file_location("parts", Path(__file__).parents[2] / "scripts" / "corpus" / "parts.py")
     parts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parts)
     corpus, store = tmp_path / "c.jsonl", tmp_path / "parts"

@@ -26,7 +26,7 @@ from eetune.stages import tune
 lm_eval = pytest.importorskip("lm_eval")
 from eetune.eval import harness  # noqa: E402  (registers the model type)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MC_ITEMS = [
     {"question": "What is the capital of France?", "choices": ["Berlin", "Paris", "Rome"], "answer": 1},
     {"question": "How many legs does a spider have?", "choices": ["six", "eight"], "answer": 1},

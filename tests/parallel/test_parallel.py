@@ -7,7 +7,7 @@ the order of floating-point sums (sharded norms and matmuls, all-reduces): <= 3e
 train against the final layer (teacher CE + KD): the random tiny model's CE against the data is
 ~58 nats, a near one-hot softmax where such last-bit differences grow to ~1e-5 in the weights
 after 4 steps (measured; the losses still agree to 1e-7), which would test the model, not us. All 2-process runs share one
-torchrun launch and all 4-process runs another (tests/mesh_runs.py): starting processes and
+torchrun launch and all 4-process runs another (tests/parallel/mesh_runs.py): starting processes and
 importing torch is most of the cost.
 """
 
@@ -35,7 +35,7 @@ from eetune.parallel.mesh import ParallelDims
 from eetune.parallel.pipeline import plan_stages
 from eetune.stages import tune
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-6
 WEIGHT_ATOL = 1e-6
 
@@ -106,7 +106,7 @@ def launch(nproc: int, runs: list[dict], tmp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-         str(REPO / "tests" / "mesh_runs.py"), str(spec)],
+         str(REPO / "tests" / "parallel" / "mesh_runs.py"), str(spec)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

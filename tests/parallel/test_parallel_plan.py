@@ -13,7 +13,7 @@ from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.parallel.plan import GIB, make_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Llama-2-7B: V=32000, D=4096, F=11008, 32 layers, 32 KV heads (kv_dim 4096), untied head.
 LAYER = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention + MLP + 2 norms = 202_383_360
