@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,18 @@ class DecodeCaches:
     @property
     def batch_size(self) -> int:
         return self.gen.batch_size
+
+    def rows(self, start: int, end: int) -> DecodeCaches:
+        """These caches restricted to rows [start, end) (views; the backbone's: `gen.row_caches`)."""
+        view = copy.copy(self)
+        view.exit_caches = {layer: cache.rows(start, end) for layer, cache in self.exit_caches.items()}
+        view.key_ok = None
+        return view
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy row `source`'s first `length` positions over row `target`, in every cache."""
+        for cache in [*self.gen.caches, *self.exit_caches.values()]:
+            cache.move_row(source, target, length)
 
     def set_padding(self, pads: Sequence[int]) -> None:
         if not any(pads):

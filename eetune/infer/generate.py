@@ -170,18 +170,18 @@ class Generator:
             mask = self._positions[:end] <= input_pos[:, None]
         return Span(start, length, input_pos, mask)
 
-    def row_span(self, positions: Tensor) -> Span:
-        """One token per row, each row at a position of its own (positions [b], int64).
+    def row_span(self, starts: Tensor, length: int = 1) -> Span:
+        """`length` tokens per row, row r at positions [starts[r], starts[r] + length) (starts [b], int64).
 
         Rows of a continuous batch hold sequences of different lengths: each attends to its own
-        positions [0, position] only (entries beyond are a former occupant's, masked out).
+        positions up to the query's only (entries beyond are a former occupant's, masked out).
         """
-        kv_len = int(positions.max()) + 1
-        if int(positions.min()) < 0 or kv_len > self.max_seq_len:
+        kv_len = int(starts.max()) + length
+        if int(starts.min()) < 0 or length < 1 or kv_len > self.max_seq_len:
             raise EetuneError(f"positions up to {kv_len - 1} do not fit the KV cache of {self.max_seq_len} positions")
-        input_pos = positions[:, None]
-        mask = (self._positions[:kv_len] <= input_pos)[:, None, None, :]  # [b, 1, 1, kv_len]
-        return Span(kv_len - 1, 1, input_pos, mask)
+        input_pos = starts[:, None] + self._positions[:length]  # [b, length]
+        mask = (self._positions[:kv_len] <= input_pos[:, :, None])[:, None]  # [b, 1, length, kv_len]
+        return Span(kv_len - length, length, input_pos, mask)
 
     def row_caches(self, start: int, end: int) -> list[LayerKVCache]:
         """Every layer's cache restricted to rows [start, end) (views)."""

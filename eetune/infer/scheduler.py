@@ -1,19 +1,20 @@
 """Iteration-level scheduling: requests join a running batch and leave it at step boundaries.
 
 `BatchScheduler` is how a server shares one weight stream among concurrent users (vLLM's
-continuous batching). It decodes full-model requests (`mode=full`, or an `early_exit`
-threshold that never exits) on a `ContinuousBatch`: `admit` prefills a request into a free
-row and picks its first token; each `step` decodes one more token for every row, each with
-its own sampling settings, seed, penalties, logit bias and logprobs (one `Picker` per
-request), its own stop ids and token budget, and its own `on_token` callback (True: stop,
-e.g. a stop string or a client that went away). A request's tokens equal its solo
-`Engine.generate` output: greedy exactly, sampled with the same seed.
+continuous batching). It decodes full-model and early-exit requests on a `ContinuousBatch`:
+`admit` prefills a request into a free row; each `step` decodes one more token for every row,
+each with its own sampling settings, seed, penalties, logit bias and logprobs (one `Picker` per
+request), its own stop ids and token budget, and its own `on_token` callback (True: stop, e.g.
+a stop string or a client that went away). The rows of a batch share one decoding group
+(`group_of`): the full model, or early exit with one confidence policy and threshold (each row
+still leaves at its own exit). A request's tokens equal its solo `Engine.generate` output:
+greedy exactly, sampled with the same seed. `self_speculative` requests decode alone.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from eetune.infer.settings import DecodeResult, DecodeSettings
 
 OnToken = Callable[[int, int], "bool | None"]
 OnLogprob = Callable[[TokenLogprob], None]
+FULL = "full"
 
 
 @dataclass(eq=False)
@@ -38,6 +40,7 @@ class BatchRequest:
     on_token: OnToken | None = None
     on_logprob: OnLogprob | None = None
     tokens: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)  # the layer each token left at
     result: DecodeResult | None = None
     _picker: Picker | None = None
     admitted_at: float = 0.0  # perf_counter() when it joined the batch
@@ -45,13 +48,15 @@ class BatchRequest:
 
 
 class BatchScheduler:
-    """Full-model requests decoding together, up to `max_batch_size` at a time."""
+    """Requests of one decoding group decoding together, up to `max_batch_size` at a time."""
 
     def __init__(self, engine, max_batch_size: int, max_seq_len: int | None = None) -> None:
         self.engine = engine
-        self.batch = ContinuousBatch(engine.model.backbone, max_batch_size=max_batch_size,
+        self.batch = ContinuousBatch(engine.model, max_batch_size=max_batch_size,
                                      max_seq_len=max_seq_len or engine.max_seq_len)
         self.rows: list[BatchRequest] = []
+        self.group: Hashable | None = None  # what the running rows decode (group_of)
+        self._stops: list[int] = []
         self._zero = torch.zeros(1, dtype=torch.long, device=self.batch.gen.device)
 
     @property
@@ -62,15 +67,32 @@ class BatchScheduler:
     def has_room(self) -> bool:
         return self.size < self.batch.capacity
 
+    def group_of(self, settings: DecodeSettings) -> Hashable | None:
+        """The batch such a request decodes in: "full" (also early exit that never exits), early exit
+        with its confidence policy and threshold, or None: it decodes alone (self_speculative)."""
+        if settings.mode == "self_speculative":
+            return None
+        if not self.engine._exit_stops(settings):
+            return FULL
+        return ("early_exit", settings.confidence, settings.threshold)
+
     def batchable(self, settings: DecodeSettings) -> bool:
-        """Whether this scheduler decodes such a request (full model only, for now)."""
-        return settings.mode != "self_speculative" and not self.engine._exit_stops(settings)
+        return self.group_of(settings) is not None
+
+    def fits(self, settings: DecodeSettings) -> bool:
+        """Whether such a request may join the running batch now (any group, once it has drained)."""
+        group = self.group_of(settings)
+        return group is not None and (not self.rows or group == self.group)
 
     def admit(self, request: BatchRequest) -> bool:
-        """Prefill `request` into a free row and pick its first token; True if it already finished."""
+        """Prefill `request` into a free row; True if it already finished. A full-model row picks its
+        first token now, an early-exit row at the next step (its last prompt token may leave early)."""
         s = request.settings
-        if not self.batchable(s):
-            raise EetuneError(f"the batch decodes the full model only, not mode={s.mode} with exits")
+        group = self.group_of(s)
+        if group is None:
+            raise EetuneError(f"mode={s.mode} decodes alone: the batch takes full-model and early-exit requests")
+        if self.rows and group != self.group:
+            raise EetuneError("the running batch decodes with other exit settings: admit this request once it drains")
         if not self.has_room:
             raise EetuneError(f"the batch is full ({self.batch.capacity} rows)")
         params = self.engine._check_settings(s)
@@ -81,16 +103,31 @@ class BatchScheduler:
         if s.max_new_tokens == 0:
             self._finish(request, "length")
             return True
-        logits = self.batch.admit(request.prompt)
+        self.group, self._stops = group, self.engine._exit_stops(s)
+        if group == FULL:
+            logits = self.batch.admit(request.prompt)
+            self.rows.append(request)
+            token = self._pick(len(self.rows) - 1, logits[None])
+            self.engine.head_calls[self.engine.num_layers] += 1
+            return self._record(len(self.rows) - 1, token, self.engine.num_layers)
+        self.batch.flush(self._stops)
+        self.batch.admit_deferred(request.prompt, [layer for layer in self._stops if layer in self.batch.caches.exit_caches])
         self.rows.append(request)
-        return self._take(len(self.rows) - 1, logits[None])
+        return False
 
     def step(self) -> list[BatchRequest]:
         """One token for every row; the requests that finished with it (their rows are freed)."""
         if not self.rows:
             return []
-        logits = self.batch.step([r.tokens[-1] for r in self.rows])
-        finished = [r for row, r in enumerate(list(self.rows)) if self._take(row, logits[row : row + 1], retire=False)]
+        inputs = [r.tokens[-1] if r.tokens else r.prompt[-1] for r in self.rows]
+        if self.group == FULL:
+            logits = self.batch.step(inputs)
+            self.engine.head_calls[self.engine.num_layers] += len(self.rows)
+            tokens = [self._pick(row, logits[row : row + 1]) for row in range(len(self.rows))]
+            exits = [self.engine.num_layers] * len(tokens)
+        else:
+            tokens, exits = self.batch.step_exits(self.engine, inputs, self._stops, self.rows[0].settings, self._choose)
+        finished = [r for row, r in enumerate(list(self.rows)) if self._record(row, tokens[row], exits[row], retire=False)]
         for request in finished:
             self._retire(request)
         return finished
@@ -103,17 +140,26 @@ class BatchScheduler:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _take(self, row: int, logits: torch.Tensor, retire: bool = True) -> bool:
-        """Pick row `row`'s next token from its logits [1, vocab]; True if the request finished."""
-        request = self.rows[row]
-        s, picker = request.settings, request._picker
+    def _choose(self, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self._pick(row, logits[i : i + 1]) for i, row in enumerate(rows.tolist())],
+                            dtype=torch.long, device=logits.device)
+
+    def _pick(self, row: int, logits: torch.Tensor) -> int:
+        """Row `row`'s next token from its logits [1, vocab], by its request's own picker."""
+        picker = self.rows[row]._picker
         token = int(picker.choose(logits, self._zero)[0])
         picker.record(0, token)
+        return token
+
+    def _record(self, row: int, token: int, layer: int, retire: bool = True) -> bool:
+        """Row `row` took `token` at `layer`; True if its request finished."""
+        request = self.rows[row]
+        s = request.settings
         request.tokens.append(token)
+        request.exits.append(layer)
         if len(request.tokens) == 1:
             request._first = time.perf_counter()  # time to first token ends here
-        self.engine.head_calls[self.engine.num_layers] += 1
-        halted = request.on_token is not None and bool(request.on_token(token, self.engine.num_layers))
+        halted = request.on_token is not None and bool(request.on_token(token, layer))
         if token in s.stop_ids or halted or len(request.tokens) == s.max_new_tokens:
             if retire:
                 self._retire(request)
@@ -132,22 +178,26 @@ class BatchScheduler:
         if request.result is not None:
             return
         now = time.perf_counter()
-        out, n = request.tokens, self.engine.num_layers
+        out, exits = request.tokens, request.exits
         decode_s = now - request._first if out else 0.0
         rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
         picker = request._picker
         request.result = DecodeResult(
-            list(out), [n] * len(out), len(request.prompt), (request._first or now) - request.admitted_at, decode_s,
-            rate, float(n), stopped_by=stopped_by,
+            list(out), list(exits), len(request.prompt), (request._first or now) - request.admitted_at, decode_s,
+            rate, sum(exits) / len(exits) if exits else 0.0, stopped_by=stopped_by,
             logprobs=None if picker is None or picker.logprobs is None else picker.logprobs[0],
         )
 
 
 def decode_all(scheduler: BatchScheduler, requests: Sequence[BatchRequest]) -> list[DecodeResult]:
-    """Admit requests as rows free up and step until all have finished (e.g. a corpus build)."""
+    """Admit requests as rows free up and step until all have finished (e.g. a corpus build).
+    A request of another decoding group waits until the running batch has drained."""
+    for request in requests:
+        if not scheduler.batchable(request.settings):
+            raise EetuneError(f"mode={request.settings.mode} decodes alone: call Engine.generate for it")
     waiting = list(requests)
     while waiting or scheduler.rows:
-        while waiting and scheduler.has_room:
+        while waiting and scheduler.has_room and scheduler.fits(waiting[0].settings):
             scheduler.admit(waiting.pop(0))
         scheduler.step()
     return [r.result for r in requests]

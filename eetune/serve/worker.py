@@ -2,10 +2,12 @@
 
 The engine is not thread-safe, so all decoding happens on one worker thread, and the event loop
 stays free to accept, validate, stream and answer /health meanwhile. With a `BatchScheduler`,
-full-model requests join the running batch at the next step boundary and leave it when they end
-(vLLM's iteration-level scheduling): concurrent users share each step's weight stream. Other jobs
-(early exit with exits, self-speculative, or any job without a scheduler) run alone, in arrival
-order: one waits until the running batch has drained, and requests behind it wait for it.
+full-model and early-exit requests join the running batch at the next step boundary and leave it
+when they end (vLLM's iteration-level scheduling): concurrent users share each step's weight
+stream. A batch holds one decoding group (the full model, or early exit with one confidence
+policy and threshold); a request of another group waits, in arrival order, until the running
+batch has drained. Other jobs (self-speculative, or any job without a scheduler) run alone, in
+arrival order, once the batch has drained.
 
 Admission is bounded (`capacity` jobs queued or running); beyond it `submit` raises `QueueFull`.
 Every job has a cancel flag: set before the job starts, it never runs; set while it runs, the
@@ -130,7 +132,13 @@ class DecodeWorker:
             self._cond.wait()
         admit: list[Ticket] = []
         room = self.scheduler.batch.capacity - len(self._rows) if self.scheduler else 0
+        # The batch's group: a request of another group waits (with those behind it) until it drains.
+        group = self.scheduler.group if self._rows else None
         while self._queue and len(admit) < room and self._batchable(self._queue[0]):
+            joining = self.scheduler.group_of(self._queue[0].job.request.settings)
+            if group is not None and joining != group:
+                break
+            group = joining
             admit.append(self._queue.popleft())
         alone = None
         if not admit and not self._rows and self._queue:

@@ -829,12 +829,89 @@ def test_scheduler_callback_and_cancel_end_one_request_only(ee: EarlyExitModel) 
     assert others[1].result.tokens == solo[2].tokens
 
 
+@pytest.mark.parametrize("threshold", [0.017, 0.018])
+def test_scheduler_early_exit_rows_leave_at_their_own_exits_as_alone(ee: EarlyExitModel, threshold: float) -> None:
+    """Rows join and leave a running early-exit batch at different steps, each at its own
+    positions; every request's tokens and exit layers equal its solo decode, so the deferred KV
+    fill (backbone and the `layer` exit's own cache) stays exact per row."""
+    engine = Engine(ee)
+    prompts = [_prompt(50, n=5), _prompt(51, n=1), _prompt(52, n=11), _prompt(53, n=3), _prompt(54, n=7), _prompt(55, n=2)]
+    base = dict(mode="early_exit", threshold=threshold)
+    settings = [
+        DecodeSettings(**base, max_new_tokens=14),
+        DecodeSettings(**base, max_new_tokens=9, temperature=0.9, top_p=0.8, seed=3),
+        DecodeSettings(**base, max_new_tokens=12, presence_penalty=0.5, logit_bias={7: 2.0}, logprobs=1),
+        DecodeSettings(**base, max_new_tokens=16),
+        DecodeSettings(**base, max_new_tokens=5, temperature=1.2, top_k=30, seed=8),
+        DecodeSettings(**base, max_new_tokens=11),
+    ]
+    solo = [_solo(ee, p, s) for p, s in zip(prompts, settings)]
+    assert len({layer for r in solo for layer in r.exit_layers}) == N_LAYERS  # every exit and the final layer
+    stop = solo[3].tokens[6]
+    settings[3] = DecodeSettings(**base, max_new_tokens=16, stop_ids=frozenset({stop}))
+    solo[3] = _solo(ee, prompts[3], settings[3])
+
+    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
+    streamed: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(prompts))}
+    requests = [BatchRequest(p, s, on_token=lambda t, layer, i=i: streamed[i].append((t, layer)))
+                for i, (p, s) in enumerate(zip(prompts, settings))]
+    waiting, sizes, owed = list(requests), [], 0
+    while waiting or scheduler.rows:
+        if waiting and scheduler.has_room:  # one admission per step: rows join a running batch
+            scheduler.admit(waiting.pop(0))
+        sizes.append(scheduler.size)
+        scheduler.step()
+        owed += bool(scheduler.batch.pending)
+    assert max(sizes) == 3 and owed > 0  # rows joined while deeper layers were owed
+    for i, (request, alone) in enumerate(zip(requests, solo)):
+        got = request.result
+        assert (got.tokens, got.exit_layers, got.stopped_by) == (alone.tokens, alone.exit_layers, alone.stopped_by), i
+        assert streamed[i] == list(zip(alone.tokens, alone.exit_layers))
+        if alone.logprobs is not None:
+            assert [e.logprob for e in got.logprobs] == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-4)
+
+
+def test_scheduler_flush_settles_the_owed_kv_like_a_full_forward(ee: EarlyExitModel) -> None:
+    """After rows left early, `flush` fills every layer's KV (and the `layer` exit's) for the owed
+    positions: each row's caches then equal one full forward over its own sequence."""
+    engine = Engine(ee)
+    s = DecodeSettings(mode="early_exit", threshold=0.016, max_new_tokens=20)
+    scheduler = BatchScheduler(engine, max_batch_size=2, max_seq_len=64)
+    requests = [BatchRequest(_prompt(60, n=4), s), BatchRequest(_prompt(61, n=9), s)]
+    for r in requests:
+        scheduler.admit(r)
+    while not scheduler.batch.pending:
+        scheduler.step()
+    scheduler.batch.flush(scheduler._stops)
+    assert not scheduler.batch.pending
+    reference = Engine(ee)
+    for row, r in enumerate(requests):
+        seq = r.prompt + r.tokens[:-1]  # the newest token is not fed yet
+        assert scheduler.batch.lengths[row] == len(seq)
+        reference.generate(seq, DecodeSettings(max_new_tokens=1))  # full model: every layer's KV
+        want = reference.caches(1).gen.caches
+        for layer, (got, expect) in enumerate(zip(scheduler.batch.gen.caches, want)):
+            torch.testing.assert_close(got.k[row, :, : len(seq)], expect.k[0, :, : len(seq)], msg=f"layer {layer}")
+            torch.testing.assert_close(got.v[row, :, : len(seq)], expect.v[0, :, : len(seq)], msg=f"layer {layer}")
+
+
 def test_scheduler_refuses_what_it_cannot_batch(ee: EarlyExitModel) -> None:
+    scheduler = BatchScheduler(Engine(ee), max_batch_size=2, max_seq_len=16)
+    speculative = DecodeSettings(mode="self_speculative")
+    assert not scheduler.batchable(speculative)
+    with pytest.raises(EetuneError, match="decodes alone"):
+        scheduler.admit(BatchRequest([1, 2], speculative))
+    with pytest.raises(EetuneError, match="decodes alone"):
+        decode_all(scheduler, [BatchRequest([1, 2], speculative)])
+    # One batch, one decoding group: other exit settings wait until it drains.
+    scheduler.admit(BatchRequest([1, 2], DecodeSettings(mode="early_exit", threshold=0.5, max_new_tokens=4)))
+    other = DecodeSettings(mode="early_exit", threshold=0.4, max_new_tokens=4)
+    assert scheduler.batchable(other) and not scheduler.fits(other) and not scheduler.fits(DecodeSettings())
+    with pytest.raises(EetuneError, match="other exit settings"):
+        scheduler.admit(BatchRequest([1, 2], other))
+    while scheduler.rows:
+        scheduler.step()
     scheduler = BatchScheduler(Engine(ee), max_batch_size=1, max_seq_len=16)
-    for s in (DecodeSettings(mode="early_exit", threshold=0.5), DecodeSettings(mode="self_speculative")):
-        assert not scheduler.batchable(s)
-        with pytest.raises(EetuneError, match="full model only"):
-            scheduler.admit(BatchRequest([1, 2], s))
     with pytest.raises(EetuneError, match=r"= 17 exceeds the batch's max_seq_len of 16"):
         scheduler.admit(BatchRequest([1] * 10, DecodeSettings(max_new_tokens=7)))
     scheduler.admit(BatchRequest([1, 2], DecodeSettings(max_new_tokens=4)))

@@ -100,7 +100,8 @@ def served(tiny_dir: Path, run_dir: Path) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def server(served: ServedModel) -> Iterator[BackgroundServer]:
-    # Full-model requests go through the running batch (continuous batching); the others alone.
+    # Full-model and early-exit requests go through the running batch (continuous batching);
+    # self-speculative ones alone.
     with BackgroundServer(create_app(served, queue_size=16, max_batch_size=4)) as background:
         yield background
 
@@ -791,7 +792,7 @@ def test_a_stream_whose_client_left_before_its_first_event_is_dropped_from_the_q
         worker.close()
 
 
-@pytest.mark.parametrize("mode", ["full", "early_exit"])  # a row of the running batch; a request alone
+@pytest.mark.parametrize("mode", ["full", "self_speculative"])  # a row of the running batch; a request alone
 def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_healthy(
     server, served, monkeypatch, mode
 ) -> None:
@@ -827,7 +828,8 @@ def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_heal
 
 def test_concurrent_requests_share_the_batch_and_answer_as_alone(server, served) -> None:
     """Requests in every mode at once: each greedy answer (float32) equals the same request served
-    alone; full-model ones decode together in the running batch, the others alone between."""
+    alone; full-model and early-exit ones decode in the running batch (one group at a time),
+    self-speculative ones alone between."""
     bodies = [chat_body(q, mode, max_tokens=12 + i) for i, (q, mode) in enumerate(
         (q, m) for q in QUESTIONS[:4] for m in ("full", "full", "early_exit", "self_speculative"))]
     alone = [httpx.post(f"{server.url}{CHAT}", json=b, timeout=60).json() for b in bodies]
@@ -855,7 +857,18 @@ def test_concurrent_requests_share_the_batch_and_answer_as_alone(server, served)
         assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], body
         assert b["usage"] == a["usage"]
         assert b["early_exit"]["exit_layers"] == a["early_exit"]["exit_layers"]
-    assert worker.peak_batch >= 2  # full-model requests really shared steps
+    assert worker.peak_batch >= 2  # requests really shared steps
+    # Early-exit requests alone in the queue share the batch too, each row leaving at its own exits.
+    worker.peak_batch = 0
+    early = [b for b in bodies if b["early_exit"]["mode"] == "early_exit"]
+    with ThreadPoolExecutor(len(early)) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{server.url}{CHAT}", json=b, timeout=120).json(), early))
+    assert worker.peak_batch >= 2
+    for body, b in zip(early, answers):
+        a = alone[bodies.index(body)]
+        assert (b["choices"][0]["message"]["content"], b["early_exit"]["exit_layers"]) == (
+            a["choices"][0]["message"]["content"], a["early_exit"]["exit_layers"])
+    assert len({layer for a in answers for layer in a["early_exit"]["exit_layers"]}) > 1
 
 
 def test_a_client_leaving_frees_its_row_and_the_others_finish(server, served) -> None:

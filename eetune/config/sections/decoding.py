@@ -113,9 +113,9 @@ class ServeConfig(ExitPolicyConfig):
     default_max_tokens: int = 256
     # Requests admitted at once (decoding or waiting); more get HTTP 503.
     queue_size: int = 32
-    # Full-model requests decoding together (continuous batching: they join and leave the running
-    # batch at each step); early exit with exits and self_speculative decode one at a time. 1: every
-    # request alone, in arrival order.
+    # Requests decoding together (continuous batching: they join and leave the running batch at
+    # each step): full-model ones, or early-exit ones sharing a confidence policy and threshold;
+    # self_speculative decodes one at a time. 1: every request alone, in arrival order.
     max_batch_size: int = 8
     log_level: str = "info"
 
