@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from eetune.parallel.mesh import ParallelDims, launched_world_size, under_launcher
 
+if TYPE_CHECKING:
+    from eetune.config.schema import EetuneConfig
 
-def on_mesh(cfg: Any) -> bool:
+
+def on_mesh(cfg: EetuneConfig) -> bool:
     """Whether `tune` runs on a device mesh rather than in one plain process: with several
     processes, or in any process torchrun started, even alone (FSDP2 over a world of one, e.g.
     on one GPU: scripts/gpu_check.sh).

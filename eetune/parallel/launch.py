@@ -12,15 +12,18 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 from rich.console import Console
 
 from eetune.errors import EetuneError
 
+if TYPE_CHECKING:
+    from eetune.config.schema import EetuneConfig
 
-def relaunch(cfg: Any, console: Console) -> None:
+
+def relaunch(cfg: EetuneConfig, console: Console) -> None:
     """Run `cfg`'s stage as `parallel.nproc_per_node` processes under torchrun; return when all have finished."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,9 @@ from eetune.parallel.mesh import Topology
 from eetune.parallel.parallelize import parallelize_stage
 from eetune.parallel.pipeline import StagePlan, run_stages
 from eetune.train.needs import RunNeeds, build_model
+
+if TYPE_CHECKING:
+    from eetune.config.schema import EetuneConfig
 
 
 class CheckpointTensors(Mapping[str, torch.Tensor]):
@@ -74,7 +77,7 @@ class StageModel:
     specs: list[ExitSpec]  # every exit of the run, in layer order
 
 
-def build_stage_model(cfg: Any, topology: Topology, needs: RunNeeds) -> StageModel:
+def build_stage_model(cfg: EetuneConfig, topology: Topology, needs: RunNeeds) -> StageModel:
     """This rank's stage of the backbone and exits, loaded, tensor-parallel and FSDP-sharded.
 
     `needs`: every exit of the run and whether the final layer is computed. The exits are built by

@@ -25,7 +25,7 @@ pace, stretched by the pipeline bubble (m + pp - 1) / m over its m micro-batches
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from eetune.errors import EetuneError
 from eetune.exits import ExitSpec, check_specs, get_exit_arch
@@ -34,6 +34,10 @@ from eetune.models import hf_config as hfc
 from eetune.parallel.mesh import ParallelDims
 from eetune.parallel.pipeline import StagePlan, run_stages
 from eetune.train.needs import run_needs
+
+if TYPE_CHECKING:
+    from eetune.config.schema import EetuneConfig
+    from eetune.models.registry import ModelEntry
 
 GIB = 1024**3
 RESERVED = 0.10  # of each GPU's memory, kept free for the CUDA context, NCCL buffers, fragmentation
@@ -119,7 +123,7 @@ class Plan:
         return self.tokens_per_step / self.step_seconds
 
 
-def make_plan(cfg: Any) -> Plan:
+def make_plan(cfg: EetuneConfig) -> Plan:
     entry = get_model_entry(cfg.model.name)
     config = _model_config(cfg, entry)
     shape = Shape.from_config(entry.family, config)
@@ -154,7 +158,7 @@ def make_plan(cfg: Any) -> Plan:
     )
 
 
-def _model_config(cfg: Any, entry: Any) -> Mapping[str, Any]:
+def _model_config(cfg: EetuneConfig, entry: ModelEntry) -> Mapping[str, Any]:
     """The checkpoint's own config.json when model.checkpoint_dir has one, else the registry's."""
     if cfg.model.checkpoint_dir:
         from pathlib import Path
