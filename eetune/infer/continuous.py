@@ -64,14 +64,13 @@ class ContinuousBatch:
         return self.gen.max_seq_len
 
     @torch.inference_mode()
-    def admit(self, prompt_ids: Sequence[int]) -> Tensor:
-        """Prefill a new row (it becomes row `size - 1`); its next-token logits [vocab], fp32."""
+    def admit(self, prompt_ids: Sequence[int], fill: Sequence[int] = ()) -> Tensor:
+        """Prefill a new row (it becomes row `size - 1`), with the `layer` exit blocks in `fill`;
+        its next-token logits [vocab], fp32."""
         row = self._new_row()
         tokens = self.gen._as_tokens(prompt_ids)
-        length = tokens.shape[1]
-        span = self.gen.span(0, length)
-        h = self.gen.run_layers(self.gen.embed(tokens), 0, self.gen.num_layers, span, self.gen.row_caches(row, row + 1))
-        self.lengths.append(length)
+        h = self._prefill(row, tokens, fill)
+        self.lengths.append(tokens.shape[1])
         return self.gen.final_logits(h[:, -1])[0]
 
     @torch.inference_mode()
@@ -80,17 +79,9 @@ class ContinuousBatch:
         `fill`; the row's next `step_exits` token is that last one (it may leave early like any other)."""
         row = self._new_row()
         tokens = self.gen._as_tokens(prompt_ids)
-        length = tokens.shape[1] - 1
-        if length:
-            gen, span = self.gen, self.gen.span(0, length)
-            caches, exit_caches = gen.row_caches(row, row + 1), self.caches.rows(row, row + 1).exit_caches
-            h, depth = gen.embed(tokens[:, :-1]), 0
-            for layer in sorted(fill):
-                h = gen.run_layers(h, depth, layer, span, caches)
-                depth = layer
-                layer_forward(self._exit_block(layer), h, span, exit_caches[layer])
-            gen.run_layers(h, depth, gen.num_layers, span, caches)
-        self.lengths.append(length)
+        if tokens.shape[1] > 1:
+            self._prefill(row, tokens[:, :-1], fill)
+        self.lengths.append(tokens.shape[1] - 1)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int]) -> Tensor:
@@ -182,6 +173,17 @@ class ContinuousBatch:
         if not self.lengths:
             self.pending.clear()
         return moved
+
+    def _prefill(self, row: int, tokens: Tensor, fill: Sequence[int]) -> Tensor:
+        """Every layer over tokens [1, s] at positions 0.., into `row`, plus the `layer` exit blocks in `fill`."""
+        gen, span = self.gen, self.gen.span(0, tokens.shape[1])
+        caches, exit_caches = gen.row_caches(row, row + 1), self.caches.rows(row, row + 1).exit_caches
+        h, depth = gen.embed(tokens), 0
+        for layer in sorted(fill):
+            h = gen.run_layers(h, depth, layer, span, caches)
+            depth = layer
+            layer_forward(self._exit_block(layer), h, span, exit_caches[layer])
+        return gen.run_layers(h, depth, gen.num_layers, span, caches)
 
     def _exit_block(self, layer: int) -> torch.nn.Module:
         """The transformer block of a `layer` exit (the one kind of exit with a KV cache)."""

@@ -1,14 +1,15 @@
 """Iteration-level scheduling: requests join a running batch and leave it at step boundaries.
 
 `BatchScheduler` is how a server shares one weight stream among concurrent users (vLLM's
-continuous batching). It decodes full-model and early-exit requests on a `ContinuousBatch`:
+continuous batching). It decodes requests in every mode on a `ContinuousBatch`:
 `admit` prefills a request into a free row; each `step` decodes one more token for every row,
 each with its own sampling settings, seed, penalties, logit bias and logprobs (one `Picker` per
 request), its own stop ids and token budget, and its own `on_token` callback (True: stop, e.g.
 a stop string or a client that went away). The rows of a batch share one decoding group
-(`group_of`): the full model, or early exit with one confidence policy and threshold (each row
-still leaves at its own exit). A request's tokens equal its solo `Engine.generate` output:
-greedy exactly, sampled with the same seed. `self_speculative` requests decode alone.
+(`group_of`): the full model; early exit with one confidence policy and threshold (each row
+still leaves at its own exit); or self-speculative with one drafting exit and draft settings
+(each row accepts its own prefix). A request's tokens equal its solo `Engine.generate` output:
+greedy exactly, sampled with the same seed.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from eetune.infer.generate import _check_request_length
 from eetune.infer.picker import Picker
 from eetune.infer.sampling import TokenLogprob
 from eetune.infer.settings import DecodeResult, DecodeSettings
+from eetune.infer.speculative_batch import Drafting, speculative_round
 
 OnToken = Callable[[int, int], "bool | None"]
 OnLogprob = Callable[[TokenLogprob], None]
 FULL = "full"
+SPECULATIVE = "self_speculative"
 
 
 @dataclass(eq=False)
@@ -41,6 +44,9 @@ class BatchRequest:
     on_logprob: OnLogprob | None = None
     tokens: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)  # the layer each token left at
+    layer_calls: int = 0  # backbone layer calls (a call over several positions counts once)
+    drafted: int = 0  # self_speculative: draft tokens made, and accepted
+    accepted: int = 0
     result: DecodeResult | None = None
     _picker: Picker | None = None
     admitted_at: float = 0.0  # perf_counter() when it joined the batch
@@ -57,6 +63,7 @@ class BatchScheduler:
         self.rows: list[BatchRequest] = []
         self.group: Hashable | None = None  # what the running rows decode (group_of)
         self._stops: list[int] = []
+        self._drafting: Drafting | None = None
         self._zero = torch.zeros(1, dtype=torch.long, device=self.batch.gen.device)
 
     @property
@@ -69,9 +76,11 @@ class BatchScheduler:
 
     def group_of(self, settings: DecodeSettings) -> Hashable | None:
         """The batch such a request decodes in: "full" (also early exit that never exits), early exit
-        with its confidence policy and threshold, or None: it decodes alone (self_speculative)."""
-        if settings.mode == "self_speculative":
-            return None
+        with its confidence policy and threshold, or self_speculative with its draft settings."""
+        if settings.mode == SPECULATIVE:
+            s = settings
+            draft_exit = s.draft_exit if s.draft_exit is not None else self.engine.model.exit_layers[-1]
+            return (SPECULATIVE, draft_exit, s.draft_len, s.draft_vocab, s.draft_confidence)
         if not self.engine._exit_stops(settings):
             return FULL
         return ("early_exit", settings.confidence, settings.threshold)
@@ -85,12 +94,13 @@ class BatchScheduler:
         return group is not None and (not self.rows or group == self.group)
 
     def admit(self, request: BatchRequest) -> bool:
-        """Prefill `request` into a free row; True if it already finished. A full-model row picks its
-        first token now, an early-exit row at the next step (its last prompt token may leave early)."""
+        """Prefill `request` into a free row; True if it already finished. A full-model or
+        self-speculative row picks its first token now, an early-exit row at the next step (its last
+        prompt token may leave early)."""
         s = request.settings
         group = self.group_of(s)
         if group is None:
-            raise EetuneError(f"mode={s.mode} decodes alone: the batch takes full-model and early-exit requests")
+            raise EetuneError(f"mode={s.mode} decodes alone")
         if self.rows and group != self.group:
             raise EetuneError("the running batch decodes with other exit settings: admit this request once it drains")
         if not self.has_room:
@@ -103,13 +113,19 @@ class BatchScheduler:
         if s.max_new_tokens == 0:
             self._finish(request, "length")
             return True
+        speculative = group != FULL and group[0] == SPECULATIVE
         self.group, self._stops = group, self.engine._exit_stops(s)
-        if group == FULL:
-            logits = self.batch.admit(request.prompt)
+        self._drafting = Drafting.of(self.engine, s) if speculative else None
+        n_layers = self.engine.num_layers
+        if group == FULL or speculative:
+            fill = [] if self._drafting is None else [
+                layer for layer in [self._drafting.layer] if layer in self.batch.caches.exit_caches]
+            logits = self.batch.admit(request.prompt, fill)
             self.rows.append(request)
             token = self._pick(len(self.rows) - 1, logits[None])
-            self.engine.head_calls[self.engine.num_layers] += 1
-            return self._record(len(self.rows) - 1, token, self.engine.num_layers)
+            self.engine.head_calls[n_layers] += 1
+            request.layer_calls += n_layers
+            return self._record(len(self.rows) - 1, token, n_layers)
         self.batch.flush(self._stops)
         self.batch.admit_deferred(request.prompt, [layer for layer in self._stops if layer in self.batch.caches.exit_caches])
         self.rows.append(request)
@@ -120,6 +136,8 @@ class BatchScheduler:
         if not self.rows:
             return []
         inputs = [r.tokens[-1] if r.tokens else r.prompt[-1] for r in self.rows]
+        if self._drafting is not None:
+            return self._speculative_step(inputs)
         if self.group == FULL:
             logits = self.batch.step(inputs)
             self.engine.head_calls[self.engine.num_layers] += len(self.rows)
@@ -139,6 +157,25 @@ class BatchScheduler:
             self._finish(request, "callback")
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _speculative_step(self, inputs: list[int]) -> list[BatchRequest]:
+        """One draft-and-verify round for every row; each emits its accepted drafts and one more token."""
+        budgets = [r.settings.max_new_tokens - len(r.tokens) for r in self.rows]
+        outputs = speculative_round(self.engine, self.batch, inputs, budgets, [r._picker for r in self.rows],
+                                    self._drafting)
+        finished = []
+        for row, (request, out) in enumerate(zip(list(self.rows), outputs)):
+            request.drafted += out.drafted
+            request.accepted += out.accepted
+            request.layer_calls += out.drafted * self._drafting.layer + self.engine.num_layers
+            for token, layer, logprob in zip(out.tokens, out.layers, out.logprobs):
+                request._picker.record(0, token, logprob)
+                if self._record(row, token, layer, retire=False):
+                    finished.append(request)
+                    break
+        for request in finished:
+            self._retire(request)
+        return finished
 
     def _choose(self, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self._pick(row, logits[i : i + 1]) for i, row in enumerate(rows.tolist())],
@@ -182,10 +219,16 @@ class BatchScheduler:
         decode_s = now - request._first if out else 0.0
         rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
         picker = request._picker
+        speculative = request.settings.mode == SPECULATIVE
+        if speculative:
+            mean_layers = request.layer_calls / len(out) if out else 0.0
+        else:
+            mean_layers = sum(exits) / len(exits) if exits else 0.0
         request.result = DecodeResult(
             list(out), list(exits), len(request.prompt), (request._first or now) - request.admitted_at, decode_s,
-            rate, sum(exits) / len(exits) if exits else 0.0, stopped_by=stopped_by,
-            logprobs=None if picker is None or picker.logprobs is None else picker.logprobs[0],
+            rate, mean_layers, draft_tokens=request.drafted, accepted_tokens=request.accepted,
+            acceptance_rate=request.accepted / request.drafted if speculative and request.drafted else None,
+            stopped_by=stopped_by, logprobs=None if picker is None or picker.logprobs is None else picker.logprobs[0],
         )
 
 

@@ -95,7 +95,6 @@ def decode_self_speculative(
     picker = Picker(s, params, 1, engine.vocab_size, device, on_logprob)
     rng = picker.rng
     row = torch.zeros(1, dtype=torch.long, device=device)
-    draft_ids_kept = None if draft_head is None else draft_head[0]
     stop_ids = frozenset(s.stop_ids)
     out: list[int] = []
     exit_layers: list[int] = []
@@ -139,25 +138,11 @@ def decode_self_speculative(
                     # The exit's estimator doubts this draft: verify the drafts so far now.
                     doubted = True
                     break
-                if draft_head is None:
-                    logits = engine._exit_logits(draft_layer, hidden)
-                else:
-                    logits = torch.nn.functional.linear(hidden, draft_head[1]).float()
-                logits = picker.adjust(logits, seen, draft_ids_kept)
-                if params.greedy:
-                    token = logits.argmax(-1, keepdim=True)
-                else:
-                    q = probabilities(logits, params)
-                    token = torch.multinomial(q, 1, generator=rng)
-                    if draft_head is not None:
-                        # The draft law over the whole vocabulary: zero outside the kept tokens.
-                        q = torch.zeros(1, engine.vocab_size, device=device).index_copy_(1, draft_head[0], q)
+                token, q = pick_draft(picker, draft_logits(engine, draft_layer, hidden, draft_head), seen, draft_head,
+                                      engine.vocab_size)
+                if q is not None:
                     draft_probs.append(q)
-                if draft_head is not None:
-                    token = draft_head[0][token]
                 draft_ids.append(token[:, 0])
-                if seen is not None:
-                    seen[0, token[0, 0]] += 1
             k = len(draft_ids)
             if not doubted:
                 # The last draft through layers 1..L (a doubted step already ran it).
@@ -210,6 +195,36 @@ def decode_self_speculative(
         stopped_by="eos" if out[-1] in stop_ids else "callback" if halted else "length",
         logprobs=None if picker.logprobs is None else picker.logprobs[0],
     )
+
+
+def draft_logits(engine: Engine, layer: int, hidden: Tensor, draft_head: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Exit `layer`'s logits for hidden [n, dim]: over the whole vocabulary, or the kept ids of `draft_head`."""
+    if draft_head is None:
+        return engine._exit_logits(layer, hidden)
+    return torch.nn.functional.linear(hidden, draft_head[1]).float()
+
+
+def pick_draft(
+    picker: Picker, logits: Tensor, seen: Tensor | None, draft_head: tuple[Tensor, Tensor] | None, vocab: int
+) -> tuple[Tensor, Tensor | None]:
+    """One row's draft token [1, 1] (a vocabulary id) from its draft logits [1, V'], with the row's
+    bias and penalties (`seen`: its counts with this round's drafts, updated here); and, when
+    sampling, the law it was drawn from over the whole vocabulary [1, vocab] (zero outside kept ids)."""
+    kept = None if draft_head is None else draft_head[0]
+    logits = picker.adjust(logits, seen, kept)
+    q = None
+    if picker.params.greedy:
+        token = logits.argmax(-1, keepdim=True)
+    else:
+        q = probabilities(logits, picker.params)
+        token = torch.multinomial(q, 1, generator=picker.rng)
+        if kept is not None:
+            q = torch.zeros(1, vocab, device=logits.device).index_copy_(1, kept, q)
+    if kept is not None:
+        token = kept[token]
+    if seen is not None:
+        seen[0, token[0, 0]] += 1
+    return token, q
 
 
 def _doubts(engine: Engine, layer: int, hidden: Tensor, threshold: float) -> bool:

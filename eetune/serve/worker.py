@@ -2,12 +2,12 @@
 
 The engine is not thread-safe, so all decoding happens on one worker thread, and the event loop
 stays free to accept, validate, stream and answer /health meanwhile. With a `BatchScheduler`,
-full-model and early-exit requests join the running batch at the next step boundary and leave it
+requests of every mode join the running batch at the next step boundary and leave it
 when they end (vLLM's iteration-level scheduling): concurrent users share each step's weight
-stream. A batch holds one decoding group (the full model, or early exit with one confidence
-policy and threshold); a request of another group waits, in arrival order, until the running
-batch has drained. Other jobs (self-speculative, or any job without a scheduler) run alone, in
-arrival order, once the batch has drained.
+stream. A batch holds one decoding group (the full model; early exit with one confidence policy
+and threshold; self-speculative with one drafting setting); a request of another group waits, in
+arrival order, until the running batch has drained. Jobs the scheduler does not take (any job,
+without a scheduler) run alone, in arrival order, once the batch has drained.
 
 Admission is bounded (`capacity` jobs queued or running); beyond it `submit` raises `QueueFull`.
 Every job has a cancel flag: set before the job starts, it never runs; set while it runs, the

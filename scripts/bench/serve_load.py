@@ -4,8 +4,7 @@ For each server setting in `--max-batch-sizes` (default `1,8`) one server subpro
 (`python -m eetune.cli serve serve.max_batch_size=N ...`, SmolLM2, optionally with a run dir's
 exits; clients and server do not share a GIL) and is reused for every mode and concurrency
 level: `serve.max_batch_size=1` decodes one request at a time in arrival order, `8` lets up to
-eight full-model requests decode together (early_exit requests whose threshold exits and
-self_speculative requests still decode alone, between batches). Against each server, for each
+eight requests of one mode (and exit settings) decode together. Against each server, for each
 `--concurrency` level (default `1,2,4,8,16` concurrent streaming clients) and each mode in
 `--modes`, every client sends `--requests` streamed chat completions one after another (greedy,
 `--max-tokens` new tokens, prompts from the bundled distill prompts); the next round starts

@@ -895,20 +895,77 @@ def test_scheduler_flush_settles_the_owed_kv_like_a_full_forward(ee: EarlyExitMo
             torch.testing.assert_close(got.v[row, :, : len(seq)], expect.v[0, :, : len(seq)], msg=f"layer {layer}")
 
 
+@pytest.mark.parametrize("model", ["ee", "ee_learned"])
+def test_scheduler_self_speculative_rows_accept_their_own_prefix_as_alone(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    """Rows draft and verify together, each at its own positions, and accept their own prefix:
+    every request's tokens (greedy, sampled with its seed, penalised, FR-Spec, adaptive drafts)
+    equal its solo decode; greedy ones also the full model's."""
+    ee = request.getfixturevalue(model)
+    engine = Engine(ee, token_order=_frequency_order())
+    # ee's exits: a `layer` exit at 1 (own KV cache) and an mlp exit at 2; ee_learned: estimators for adaptive drafts.
+    draft = dict(mode="self_speculative", draft_exit=1 if model == "ee" else 2, draft_len=3,
+                 draft_confidence=None if model == "ee" else 0.5)
+    prompts = [_prompt(70, n=5), _prompt(71, n=1), _prompt(72, n=11), _prompt(73, n=3), _prompt(74, n=7)]
+    settings = [
+        DecodeSettings(**draft, max_new_tokens=14),
+        DecodeSettings(**draft, max_new_tokens=9, temperature=0.9, top_p=0.8, seed=3),
+        DecodeSettings(**draft, max_new_tokens=12, presence_penalty=0.5, logit_bias={7: 2.0}, logprobs=1),
+        DecodeSettings(**draft, max_new_tokens=16),
+        DecodeSettings(**draft, max_new_tokens=10, temperature=1.2, top_k=30, seed=8),
+    ]
+    if model == "ee":  # FR-Spec drafting is part of the group: all rows draft over 40 tokens
+        settings = [DecodeSettings(**{**s.__dict__, "draft_vocab": 40}) for s in settings]
+    solo = [Engine(ee, token_order=_frequency_order()).generate(p, s) for p, s in zip(prompts, settings)]
+    assert sum(r.accepted_tokens for r in solo) > 0
+    full = _solo(ee, prompts[0], DecodeSettings(max_new_tokens=14))
+    assert solo[0].tokens == full.tokens
+
+    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
+    requests = [BatchRequest(p, s) for p, s in zip(prompts, settings)]
+    waiting, sizes = list(requests), []
+    while waiting or scheduler.rows:
+        if waiting and scheduler.has_room:
+            scheduler.admit(waiting.pop(0))
+        sizes.append(scheduler.size)
+        scheduler.step()
+    assert max(sizes) == 3
+    for i, (r, alone) in enumerate(zip(requests, solo)):
+        got = r.result
+        assert (got.tokens, got.exit_layers, got.stopped_by) == (alone.tokens, alone.exit_layers, alone.stopped_by), i
+        assert (got.draft_tokens, got.accepted_tokens, got.mean_layers) == (
+            alone.draft_tokens, alone.accepted_tokens, pytest.approx(alone.mean_layers)), i
+        if alone.logprobs is not None:
+            assert [e.logprob for e in got.logprobs] == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-4)
+
+
+def test_scheduler_switches_decoding_groups_as_the_batch_drains(ee: EarlyExitModel) -> None:
+    """One scheduler decodes group after group (self-speculative, early exit, full, ...): nothing of
+    one group's state leaks into the next."""
+    groups = [DecodeSettings(mode="self_speculative", draft_exit=1, draft_len=3, max_new_tokens=10),
+              DecodeSettings(mode="early_exit", threshold=0.017, max_new_tokens=10),
+              DecodeSettings(max_new_tokens=10),
+              DecodeSettings(mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=10)]
+    work = [(_prompt(80 + i, n=2 + i % 5), groups[i // 2 % len(groups)]) for i in range(10)]
+    results = decode_all(BatchScheduler(Engine(ee), max_batch_size=2, max_seq_len=64),
+                         [BatchRequest(p, s) for p, s in work])
+    for (p, s), got in zip(work, results):
+        alone = _solo(ee, p, s)
+        assert (got.tokens, got.exit_layers) == (alone.tokens, alone.exit_layers), s
+
+
 def test_scheduler_refuses_what_it_cannot_batch(ee: EarlyExitModel) -> None:
     scheduler = BatchScheduler(Engine(ee), max_batch_size=2, max_seq_len=16)
-    speculative = DecodeSettings(mode="self_speculative")
-    assert not scheduler.batchable(speculative)
-    with pytest.raises(EetuneError, match="decodes alone"):
-        scheduler.admit(BatchRequest([1, 2], speculative))
-    with pytest.raises(EetuneError, match="decodes alone"):
-        decode_all(scheduler, [BatchRequest([1, 2], speculative)])
+    speculative = DecodeSettings(mode="self_speculative", max_new_tokens=4)
+    assert scheduler.batchable(speculative)
     # One batch, one decoding group: other exit settings wait until it drains.
     scheduler.admit(BatchRequest([1, 2], DecodeSettings(mode="early_exit", threshold=0.5, max_new_tokens=4)))
     other = DecodeSettings(mode="early_exit", threshold=0.4, max_new_tokens=4)
     assert scheduler.batchable(other) and not scheduler.fits(other) and not scheduler.fits(DecodeSettings())
     with pytest.raises(EetuneError, match="other exit settings"):
         scheduler.admit(BatchRequest([1, 2], other))
+    assert not scheduler.fits(speculative) and not scheduler.fits(DecodeSettings(**{**speculative.__dict__, "draft_len": 2}))
     while scheduler.rows:
         scheduler.step()
     scheduler = BatchScheduler(Engine(ee), max_batch_size=1, max_seq_len=16)

@@ -100,8 +100,7 @@ def served(tiny_dir: Path, run_dir: Path) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def server(served: ServedModel) -> Iterator[BackgroundServer]:
-    # Full-model and early-exit requests go through the running batch (continuous batching);
-    # self-speculative ones alone.
+    # Requests go through the running batch (continuous batching), one decoding group at a time.
     with BackgroundServer(create_app(served, queue_size=16, max_batch_size=4)) as background:
         yield background
 
@@ -792,12 +791,14 @@ def test_a_stream_whose_client_left_before_its_first_event_is_dropped_from_the_q
         worker.close()
 
 
-@pytest.mark.parametrize("mode", ["full", "self_speculative"])  # a row of the running batch; a request alone
+@pytest.mark.parametrize("path", ["batch", "alone"])  # a row of the running batch; a request alone
 def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_healthy(
-    server, served, monkeypatch, mode
+    server, served, monkeypatch, path
 ) -> None:
     worker = server.app.state.worker
-    target, name = (worker.scheduler, "step") if mode == "full" else (served.engine, "generate")
+    if path == "alone":  # the server without continuous batching (serve.max_batch_size=1)
+        monkeypatch.setattr(worker, "scheduler", None)
+    target, name = (worker.scheduler, "step") if path == "batch" else (served.engine, "generate")
     real = getattr(target, name)
     calls = []
 
@@ -808,7 +809,7 @@ def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_heal
         return real(*args, **kwargs)
 
     monkeypatch.setattr(target, name, failing_once)
-    body = chat_body("Hello there", mode, max_tokens=2)
+    body = chat_body("Hello there", "full", max_tokens=2)
     with httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=1)) as http:
         failed = http.post(CHAT, json=body)
         assert failed.status_code == 500
@@ -828,8 +829,7 @@ def test_an_internal_error_is_a_json_500_and_the_connection_and_worker_stay_heal
 
 def test_concurrent_requests_share_the_batch_and_answer_as_alone(server, served) -> None:
     """Requests in every mode at once: each greedy answer (float32) equals the same request served
-    alone; full-model and early-exit ones decode in the running batch (one group at a time),
-    self-speculative ones alone between."""
+    alone; they decode in the running batch, one decoding group (mode and exit settings) at a time."""
     bodies = [chat_body(q, mode, max_tokens=12 + i) for i, (q, mode) in enumerate(
         (q, m) for q in QUESTIONS[:4] for m in ("full", "full", "early_exit", "self_speculative"))]
     alone = [httpx.post(f"{server.url}{CHAT}", json=b, timeout=60).json() for b in bodies]
@@ -858,17 +858,19 @@ def test_concurrent_requests_share_the_batch_and_answer_as_alone(server, served)
         assert b["usage"] == a["usage"]
         assert b["early_exit"]["exit_layers"] == a["early_exit"]["exit_layers"]
     assert worker.peak_batch >= 2  # requests really shared steps
-    # Early-exit requests alone in the queue share the batch too, each row leaving at its own exits.
-    worker.peak_batch = 0
-    early = [b for b in bodies if b["early_exit"]["mode"] == "early_exit"]
-    with ThreadPoolExecutor(len(early)) as pool:
-        answers = list(pool.map(lambda b: httpx.post(f"{server.url}{CHAT}", json=b, timeout=120).json(), early))
-    assert worker.peak_batch >= 2
-    for body, b in zip(early, answers):
-        a = alone[bodies.index(body)]
-        assert (b["choices"][0]["message"]["content"], b["early_exit"]["exit_layers"]) == (
-            a["choices"][0]["message"]["content"], a["early_exit"]["exit_layers"])
-    assert len({layer for a in answers for layer in a["early_exit"]["exit_layers"]}) > 1
+    # Early-exit and self-speculative requests share the batch too: rows leave at their own exits,
+    # or accept their own drafts.
+    for mode in ("early_exit", "self_speculative"):
+        worker.peak_batch = 0
+        same = [b for b in bodies if b["early_exit"]["mode"] == mode]
+        with ThreadPoolExecutor(len(same)) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{server.url}{CHAT}", json=b, timeout=120).json(), same))
+        assert worker.peak_batch >= 2, mode
+        for body, b in zip(same, answers):
+            a = alone[bodies.index(body)]
+            assert (b["choices"][0]["message"]["content"], b["early_exit"]["exit_layers"]) == (
+                a["choices"][0]["message"]["content"], a["early_exit"]["exit_layers"]), mode
+        assert len({layer for a in answers for layer in a["early_exit"]["exit_layers"]}) > 1, mode
 
 
 def test_a_client_leaving_frees_its_row_and_the_others_finish(server, served) -> None:

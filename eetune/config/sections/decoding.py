@@ -114,8 +114,9 @@ class ServeConfig(ExitPolicyConfig):
     # Requests admitted at once (decoding or waiting); more get HTTP 503.
     queue_size: int = 32
     # Requests decoding together (continuous batching: they join and leave the running batch at
-    # each step): full-model ones, or early-exit ones sharing a confidence policy and threshold;
-    # self_speculative decodes one at a time. 1: every request alone, in arrival order.
+    # each step), one decoding group at a time: full-model ones, early-exit ones sharing a
+    # confidence policy and threshold, or self_speculative ones sharing their draft settings.
+    # 1: every request alone, in arrival order.
     max_batch_size: int = 8
     log_level: str = "info"
 
