@@ -5,9 +5,9 @@ fastest one whose greedy-token agreement with the full model is at least the tar
 writes `<run_dir>/calibration.json`. `generate` and `serve` read it through
 `load_calibrated_threshold` as their default threshold. The file names the exits it was
 measured on (a SHA-256 of exits.safetensors): after the exits change it no longer applies.
-It also records the dtype, device and engine mode (greedy, batch 1) and how many prompts and
-tokens it was measured on: speed depends on dtype and device, so a caller on another dtype
-or device ignores it with a one-line warning. Files written before these were recorded are
+It also records the dtype, device and engine mode (greedy, eval.batch_size) and how many
+prompts and tokens it was measured on: speed depends on dtype and device, so a caller on
+another dtype or device ignores it with a one-line warning. Files written before these were recorded are
 used, with a warning: the agreement the threshold was chosen for hardly depends on them,
 and the fallback 0.8 is measured on nothing.
 
@@ -195,6 +195,6 @@ def calibration_source(
         "prompts": len(prompts), "tokens": sum(len(o.result.tokens) for o in rows[0].outputs),
         "tasks": sorted({p.task for p in prompts}), "max_new_tokens": cfg.eval.max_new_tokens,
         "chat": cfg.eval.chat, "model": cfg.model.name, "dtype": dtype, "device": device,
-        "engine": {"decoding": "greedy", "batch_size": 1}, "seed": cfg.seed,
+        "engine": {"decoding": "greedy", "batch_size": cfg.eval.batch_size}, "seed": cfg.seed,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -14,7 +14,14 @@ eetune.eval.harness` before `lm_eval.simple_evaluate(model="eetune", ...)` does 
 
 model_args: run_dir (required), mode (full | early_exit | self_speculative), threshold (default:
 the run's calibrated one, else 0.8), confidence (max_prob | learned), draft_exit, draft_len,
-dtype, max_length, max_gen_toks, seed.
+dtype, max_length, max_gen_toks, seed, batch_size.
+
+Batches: `--batch_size B` (or batch_size=B in model_args, which wins over the flag) scores B
+log-likelihood requests in one right-padded forward, and decodes B generate_until requests
+with the same generation kwargs together (Engine.generate_batch, lock step); each result
+equals batch 1's (float32). self_speculative and sampled (do_sample) requests still decode
+one at a time (sampling: so each request keeps its own seeded stream). `auto` / `auto:N`
+mean AUTO_BATCH_SIZE (capped by --max_batch_size): there is no out-of-memory search.
 """
 
 from __future__ import annotations
@@ -28,15 +35,16 @@ import lm_eval.models  # noqa: F401  (the built-in types first: the registry ski
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.models.utils import Collator
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from eetune.config.schema import ModelConfig
 from eetune.errors import EetuneError
-from eetune.eval.scoring import ExitPolicy, PolicyScorer
+from eetune.eval.scoring import ExitPolicy, PolicyScorer, Scored
 from eetune.exits import load_exits, read_manifest
-from eetune.infer.engine import DecodeSettings, Engine
+from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_threshold
 from eetune.rundir import CONFIG_FILE
@@ -44,9 +52,23 @@ from eetune.models import load_base_model
 from eetune.data.chat import stop_token_ids
 
 
+# What `--batch_size auto` means here (lm-eval's own models search for the largest batch that fits).
+AUTO_BATCH_SIZE = 8
+
+
 @register_model("eetune")
 class EetuneLM(TemplateLM):
     """An eetune run dir (augment or tune) decoded in `mode`."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> EetuneLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> EetuneLM:
+        """model_args win over lm-eval's flags (its CLI passes batch_size=1 and a device even when unset)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     def __init__(
         self,
@@ -77,7 +99,8 @@ class EetuneLM(TemplateLM):
             raise EetuneError(f"model {base.name} has no tokenizer; lm-eval needs one")
         self.tokenizer = base.tokenizer
         self.model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
-        self.engine = Engine(self.model)
+        self.batch_size = _batch_size(batch_size, max_batch_size)
+        self.engine = Engine(self.model, max_batch_size=self.batch_size)
         self.scorer = PolicyScorer(self.model, self.policy)
         self.draft_exit, self.draft_len = draft_exit, int(draft_len)
         self.max_length = min(int(max_length or model_cfg.max_seq_len), base.model.max_seq_len)
@@ -124,32 +147,47 @@ class EetuneLM(TemplateLM):
     # -- scoring ---------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        out = []
-        for request, context, continuation in tqdm(requests, disable=disable_tqdm, desc="eetune loglikelihood"):
-            # Keep the newest max_length + 1 tokens: the model sees max_length positions.
+        # Keep the newest max_length + 1 tokens: the model sees max_length positions.
+        pairs = []
+        for _, context, continuation in requests:
             whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
-            scored = self.scorer.score(whole[: len(whole) - len(continuation)], continuation)
-            answer = (scored.logprob, scored.is_greedy)
-            out.append(answer)
+            pairs.append((whole[: len(whole) - len(continuation)], list(continuation)))
+        scored = self._score(pairs, disable_tqdm, "eetune loglikelihood")
+        out = [(s.logprob, s.is_greedy) for s in scored]
+        for (request, _, _), answer in zip(requests, out):
             if request is not None:
                 self.cache_hook.add_partial("loglikelihood", request, answer)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        out = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="eetune loglikelihood_rolling"):
+        windows = []  # (request index, context, continuation), every request's windows in order
+        for i, request in enumerate(requests):
             (text,) = request.args
-            windows = map(
+            for context, continuation in map(
                 make_disjoint_window,
                 get_rolling_token_windows(
                     token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length, context_len=1,
                 ),
-            )
-            total = sum(self.scorer.score(context, continuation).logprob for context, continuation in windows)
-            out.append(total)
-            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-        return out
+            ):
+                windows.append((i, list(context), list(continuation)))
+        scored = self._score([(c, k) for _, c, k in windows], disable_tqdm, "eetune loglikelihood_rolling")
+        totals = [0.0] * len(requests)
+        for (i, _, _), s in zip(windows, scored):
+            totals[i] += s.logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[Scored]:
+        """PolicyScorer.score of each (context, continuation), batch_size at a time, longest first."""
+        collator = Collator(pairs, sort_fn=lambda p: -(len(p[0]) + len(p[1])))
+        scored = []
+        with tqdm(total=len(pairs), disable=disable_tqdm, desc=desc) as bar:
+            for chunk in collator.get_batched(n=self.batch_size):
+                scored += self.scorer.score_batch(chunk)
+                bar.update(len(chunk))
+        return collator.get_original(scored)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -161,30 +199,58 @@ class EetuneLM(TemplateLM):
         )
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Requests with the same generation kwargs decode batch_size at a time (longest first);
+        results come back in the requests' order."""
+        args = [request.args for request in requests]
+        collator = Collator(args, sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
+                            group_fn=lambda a: a[1], group_by="gen_kwargs")
         out = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="eetune generate_until"):
-            context, gen_kwargs = request.args
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            ids = self.tok_encode(context)[-max(self.max_length - max_new, 1) :]
-            max_new = min(max_new, self.max_length - len(ids))
-            # A stop string that is one token stops the engine itself; the rest are cut below.
-            single = {tuple(self.tok_encode(s)) for s in until}
-            extra = frozenset(t[0] for t in single if len(t) == 1)
-            result = self.engine.generate(ids, self._settings(max_new, temperature, extra))
+        with tqdm(total=len(args), disable=disable_tqdm, desc="eetune generate_until") as bar:
+            for chunk in collator.get_batched(n=self.batch_size):
+                texts = self._generate_chunk([context for context, _ in chunk], chunk[0][1])
+                for request_args, text in zip(chunk, texts):
+                    self.cache_hook.add_partial("generate_until", request_args, text)
+                out += texts
+                bar.update(len(chunk))
+        return collator.get_original(out)
+
+    def _generate_chunk(self, contexts: list[str], gen_kwargs: dict | None) -> list[str]:
+        """Decode contexts sharing gen_kwargs: together where the mode and sampling allow."""
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+        # A stop string that is one token stops the engine itself; the rest are cut below.
+        single = {tuple(self.tok_encode(s)) for s in until}
+        extra = frozenset(t[0] for t in single if len(t) == 1)
+        prompts = [self.tok_encode(context)[-max(self.max_length - max_gen, 1) :] for context in contexts]
+        limits = [min(max_gen, self.max_length - len(ids)) for ids in prompts]
+        results: list[DecodeResult | None] = [None] * len(prompts)
+        together = len(prompts) > 1 and self.policy.mode != "self_speculative" and temperature == 0.0
+        # Rows near max_length get fewer new tokens: one batch per limit (usually one in all).
+        for limit in dict.fromkeys(limits):
+            rows = [i for i, n in enumerate(limits) if n == limit]
+            settings = self._settings(limit, temperature, extra)
+            if together and len(rows) > 1:
+                batch = self.engine.generate_batch([prompts[i] for i in rows], settings)
+                self.decode_s += max(r.decode_s for r in batch)  # every row reports the batch's time
+                results_of = dict(zip(rows, batch))
+            else:
+                results_of = {i: self.engine.generate(prompts[i], settings) for i in rows}
+                self.decode_s += sum(r.decode_s for r in results_of.values())
+            for i, result in results_of.items():
+                results[i] = result
+                self.exit_counts.update(result.exit_layers)
+                self.decoded_tokens += max(len(result.tokens) - 1, 0)
+        texts = []
+        for result in results:
             text = self.tok_decode(result.tokens)
             for stop in until:
                 if stop:
                     text = text.split(stop)[0]
-            self.exit_counts.update(result.exit_layers)
-            self.decoded_tokens += max(len(result.tokens) - 1, 0)
-            self.decode_s += result.decode_s
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", request.args, text)
-        return out
+            texts.append(text)
+        return texts
 
     def get_model_info(self) -> dict[str, Any]:
         """Goes into lm-eval's results["config"]: the policy and what decoding did."""
@@ -194,6 +260,7 @@ class EetuneLM(TemplateLM):
             "eetune_threshold": self.policy.threshold,
             "eetune_confidence": self.policy.confidence,
             "eetune_exit_layers": self.model.exit_layers,
+            "eetune_batch_size": self.batch_size,
         }
         if total:
             info["eetune_mean_exit_layer"] = sum(layer * n for layer, n in self.exit_counts.items()) / total
@@ -201,6 +268,21 @@ class EetuneLM(TemplateLM):
         if self.decode_s > 0:
             info["eetune_decode_tokens_per_s"] = self.decoded_tokens / self.decode_s
         return info
+
+
+def _batch_size(batch_size: int | str | None, max_batch_size: int | None) -> int:
+    """lm-eval's batch_size (an int, its string, or auto / auto:N) as a fixed batch size."""
+    if batch_size is None:
+        return 1
+    if isinstance(batch_size, str) and batch_size.strip().lower().startswith("auto"):
+        return max(1, min(AUTO_BATCH_SIZE, int(max_batch_size) if max_batch_size else AUTO_BATCH_SIZE))
+    try:
+        size = int(batch_size)
+    except ValueError:
+        raise EetuneError(f"batch_size={batch_size!r} must be a positive integer or auto") from None
+    if size < 1:
+        raise EetuneError(f"batch_size={batch_size!r} must be a positive integer or auto")
+    return size
 
 
 def _run_model_config(run_dir: Path, dtype: str | None, device: str | None) -> ModelConfig:

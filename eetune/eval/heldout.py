@@ -83,16 +83,43 @@ def sequence_tokens(model: EarlyExitModel, tokens: torch.Tensor, targets: torch.
     head), and the confidence policies on the very hidden state and logits the head reads;
     heads run only on the last n positions.
     """
-    n, final = len(targets), model.num_layers
+    return batch_sequence_tokens(model, tokens, [tokens.shape[1]], [targets])[0]
+
+
+@torch.no_grad()
+def batch_sequence_tokens(
+    model: EarlyExitModel, tokens: torch.Tensor, lengths: list[int], targets: list[torch.Tensor]
+) -> list[dict[int, LayerTokens]]:
+    """`sequence_tokens` for several sequences in one forward: row r of tokens [b, m] holds its
+    sequence in its first lengths[r] positions (right padding: attention is causal, so what
+    follows a position never reaches it) and predicts targets[r] from the last of them."""
+    final = model.num_layers
+    sizes = [len(t) for t in targets]
+    flat_targets = torch.cat(list(targets))
     states = model.hidden_states(tokens, [*model.exit_layers, final])
-    out = {}
+
+    def rows(h: torch.Tensor) -> torch.Tensor:  # [b, m, dim] -> each row's scored positions, [sum n, dim]
+        return torch.cat([h[r, length - n : length] for r, (length, n) in enumerate(zip(lengths, sizes))])
+
+    views = {}
     for layer in model.exit_layers:
-        hidden = model.exit_hidden(layer, states[layer])[0, -n:]
+        hidden = rows(model.exit_hidden(layer, states[layer]))
         head = model.head_weight(layer)
-        out[layer] = _summarise(lambda rows: F.linear(rows, head).float(), hidden, targets, model.exit(layer).confidence)
-    normed = model.backbone.norm(states[final][0, -n:])
-    out[final] = _summarise(lambda rows: model.backbone.output(rows).float(), normed, targets, exit=False)
-    return out
+        views[layer] = _summarise(lambda r: F.linear(r, head).float(), hidden, flat_targets, model.exit(layer).confidence)
+    normed = model.backbone.norm(rows(states[final]))
+    views[final] = _summarise(lambda r: model.backbone.output(r).float(), normed, flat_targets, exit=False)
+    split = {layer: _split(view, sizes) for layer, view in views.items()}
+    return [{layer: per_row[i] for layer, per_row in split.items()} for i in range(len(sizes))]
+
+
+def _split(view: LayerTokens, sizes: list[int]) -> list[LayerTokens]:
+    """One LayerTokens per sequence, from the concatenation of their tokens."""
+    columns = [view.label_logprob.split(sizes), view.top1.split(sizes), view.max_prob.split(sizes)]
+    confidence = {name: c.split(sizes) for name, c in view.confidence.items()}
+    return [
+        LayerTokens(columns[0][i], columns[1][i], columns[2][i], {name: c[i] for name, c in confidence.items()})
+        for i in range(len(sizes))
+    ]
 
 
 def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, estimator=None, exit: bool = True) -> LayerTokens:

@@ -114,7 +114,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         f"{report['model']['name']} ({report['model']['dtype']}) · eval took {report['elapsed_s']:.0f} s",
         "## Decoding sweep (the real engine, greedy)",
         f"{sweep['prompts']} prompts from the generation tasks, up to {sweep['max_new_tokens']} new tokens each, "
-        "batch 1. Speedup: decode tokens/s over the full model's. Token agreement and ROUGE-L compare each "
+        f"{_batch_note(sweep.get('batch_size', 1))}. Speedup: decode tokens/s over the full model's. "
+        "Token agreement and ROUGE-L compare each "
         "output with the full model's output for the same prompt; task columns score outputs against the "
         "references (multiple choice: log-likelihood under the setting's exit policy).",
         md_table(*sweep_table(report)),
@@ -154,6 +155,13 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     tasks = [[t["name"], t["metric"], str(t["items"]), f"`{t['path']}`"] for t in report["tasks"]]
     parts += ["## Tasks", md_table(["task", "metric", "items", "file"], tasks)]
     return "\n\n".join(parts) + "\n"
+
+
+def _batch_note(batch_size: int) -> str:
+    if batch_size == 1:
+        return "batch 1"
+    return (f"batch {batch_size} (full and early_exit decode {batch_size} prompts together, so tok/s is a batch's "
+            "throughput; self_speculative decodes one prompt at a time)")
 
 
 def _spec_note(report: dict[str, Any]) -> list[str]:
@@ -237,7 +245,8 @@ def build_report(
         "estimator": estimator_metrics(stats, thresholds),
         "costs": {**asdict(costs), "exit_s": {str(k): v for k, v in costs.exit_s.items()},
                   "estimator_s": {str(k): v for k, v in costs.estimator_s.items()}},
-        "sweep_info": {"prompts": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "chat": cfg.eval.chat},
+        "sweep_info": {"prompts": len(prompts), "max_new_tokens": cfg.eval.max_new_tokens, "chat": cfg.eval.chat,
+                       "batch_size": cfg.eval.batch_size},
         "sweep": sweep,
         "tasks": [{"name": t.name, "metric": t.metric, "items": len(t.items), "path": str(t.path)} for t in tasks],
     }

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eetune.errors import EetuneError
-from eetune.eval.heldout import LayerTokens, sequence_tokens
+from eetune.eval.heldout import LayerTokens, batch_sequence_tokens, sequence_tokens
 from eetune.eval.metrics import chosen
 from eetune.exits.model import EarlyExitModel
 from eetune.infer.policy import MODES, check_threshold, exits_early, first_confident
@@ -97,6 +97,22 @@ class PolicyScorer:
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> Scored:
         return self.pick(self.layer_tokens(context, continuation), continuation)
+
+    def score_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[Scored]:
+        """`score` for several (context, continuation) pairs in one forward, right-padded: each
+        pair's numbers equal its own `score`'s (up to float rounding of the batched matmuls)."""
+        if not pairs or any(not context or not continuation for context, continuation in pairs):
+            raise EetuneError("scoring needs a non-empty context and a non-empty continuation")
+        if len(pairs) == 1:
+            return [self.score(*pairs[0])]
+        device = self.model.backbone.tok_embeddings.weight.device
+        inputs = [[*context, *continuation][:-1] for context, continuation in pairs]
+        width = max(len(row) for row in inputs)
+        # Any token id pads: it comes after every position a row scores, which never sees it.
+        tokens = torch.tensor([row + [row[-1]] * (width - len(row)) for row in inputs], device=device)
+        targets = [torch.tensor(list(continuation), device=device) for _, continuation in pairs]
+        views = batch_sequence_tokens(self.model, tokens, [len(row) for row in inputs], targets)
+        return [self.pick(v, continuation) for v, (_, continuation) in zip(views, pairs)]
 
 
 def choice_accuracy(

@@ -4,6 +4,15 @@ Each prompt is decoded under every setting before the next prompt starts (in an 
 per prompt with `seed`), so slow drift in the machine's load spreads over all settings instead
 of biasing whichever ran last or right after the full model. Quality is measured against the
 full model's greedy output for the same prompt.
+
+With batch_size B > 1 the prompts go in chunks of B: each chunk is decoded under every setting
+(in an order shuffled per chunk) before the next chunk starts; `full` and `early_exit` decode
+the chunk together (Engine.generate_batch, lock step), self_speculative one prompt at a time.
+Every prompt's tokens, exit layers and text equal batch 1's (float32). A batch's decode time
+and head calls are shared by its rows: each Output keeps its share of the time (in proportion
+to the tokens it decoded) and of the head calls (in proportion to its tokens), so the sums over
+a setting, and so tokens/s and head calls per token, are the batch's totals. Tokens/s is then
+the batch's throughput, and the speedup's standard error comes from per-chunk speedups.
 """
 
 from __future__ import annotations
@@ -61,7 +70,19 @@ class Prompt:
 class Output:
     result: DecodeResult
     text: str
-    head_calls: int  # rows put through a vocabulary head (exits and final) while decoding it
+    # Rows put through a vocabulary head (exits and final) while decoding it; in a batch, the
+    # batch's count shared by its rows in proportion to their tokens.
+    head_calls: float
+    # Its share of its batch's decode time (result.decode_s is the whole batch's, as the engine
+    # reports it for every row); None: it was decoded alone, and result.decode_s is its own.
+    decode_s: float | None = None
+    # The chunk of prompts it was decoded with (speedup errors are per chunk); None: its own.
+    chunk: int | None = None
+
+    @property
+    def time_s(self) -> float:
+        """Decode time attributed to this output."""
+        return self.result.decode_s if self.decode_s is None else self.decode_s
 
 
 @dataclass
@@ -108,34 +129,71 @@ def run_sweep(
     decode: Callable[[list[int]], str],
     advance: Callable[[], None] | None = None,
     seed: int = 0,
+    batch_size: int = 1,
 ) -> list[SweepRow]:
-    """Decode every prompt under every setting (settings[0] must be `full`); `advance` ticks a progress bar."""
+    """Decode every prompt under every setting (settings[0] must be `full`); `advance` ticks a
+    progress bar once per prompt and setting. batch_size > 1 decodes `full` and `early_exit` in
+    batches (the engine's max_batch_size must allow it); see the module docstring."""
     if not settings or settings[0].mode != "full":
         raise ValueError("the first setting of a sweep must be the full model (the reference)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = [SweepRow(setting) for setting in settings]
+    chunks = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     # Warm up allocator and kernels so the first timed setting is not penalised.
     if prompts:
         for setting in {settings[0], settings[-1]}:
-            engine.generate(prompts[0].ids, setting.decode_settings(min(4, max_new_tokens), stop_ids))
+            warm = setting.decode_settings(min(4, max_new_tokens), stop_ids)
+            engine.generate(prompts[0].ids, warm)
+            if len(chunks[0]) > 1 and setting.mode != "self_speculative":
+                engine.generate_batch([p.ids for p in chunks[0]], warm)
     order = random.Random(seed)
-    for prompt in prompts:
+    for index, chunk in enumerate(chunks):
         for row in order.sample(rows, len(rows)):
-            before = sum(engine.head_calls.values())
-            result = engine.generate(prompt.ids, row.setting.decode_settings(max_new_tokens, stop_ids))
-            calls = sum(engine.head_calls.values()) - before
-            row.outputs.append(Output(result, decode(result.tokens), calls))
-            if advance is not None:
-                advance()
+            for output in _decode_chunk(engine, chunk, row.setting.decode_settings(max_new_tokens, stop_ids), decode):
+                output.chunk = index
+                row.outputs.append(output)
+                if advance is not None:
+                    advance()
     for row in rows:
         summarise(row, rows[0])
     return rows
+
+
+def _decode_chunk(
+    engine: Engine, chunk: list[Prompt], settings: DecodeSettings, decode: Callable[[list[int]], str]
+) -> list[Output]:
+    """One chunk of prompts under one setting: together where the mode allows, else one by one."""
+    if len(chunk) == 1 or settings.mode == "self_speculative":
+        outputs = []
+        for prompt in chunk:
+            before = sum(engine.head_calls.values())
+            result = engine.generate(prompt.ids, settings)
+            outputs.append(Output(result, decode(result.tokens), sum(engine.head_calls.values()) - before))
+        return outputs
+    before = sum(engine.head_calls.values())
+    results = engine.generate_batch([p.ids for p in chunk], settings)
+    calls = sum(engine.head_calls.values()) - before
+    decode_s = max(r.decode_s for r in results)  # every row reports the batch's time
+    tokens = [len(r.tokens) for r in results]
+    decoded = [max(n - 1, 0) for n in tokens]
+    return [
+        Output(r, decode(r.tokens), calls * _share(tokens, i), decode_s * _share(decoded, i))
+        for i, r in enumerate(results)
+    ]
+
+
+def _share(weights: list[int], i: int) -> float:
+    """Row i's fraction of a batch total, in proportion to weights (equal shares if they are all 0)."""
+    total = sum(weights)
+    return weights[i] / total if total else 1.0 / len(weights)
 
 
 def summarise(row: SweepRow, full: SweepRow) -> None:
     """Speed, depth and agreement with the full model's outputs (prompt by prompt)."""
     results = [o.result for o in row.outputs]
     decoded = sum(max(len(r.tokens) - 1, 0) for r in results)
-    decode_s = sum(r.decode_s for r in results)
+    decode_s = sum(o.time_s for o in row.outputs)
     row.tokens_per_s = decoded / decode_s if decode_s > 0 else 0.0
     exit_layers = [layer for r in results for layer in r.exit_layers]
     n_tokens = max(len(exit_layers), 1)
@@ -151,20 +209,28 @@ def summarise(row: SweepRow, full: SweepRow) -> None:
     row.acceptance_rate = sum(r.accepted_tokens for r in results) / drafted if drafted else None
     if row is not full:
         row.speedup = row.tokens_per_s / full.tokens_per_s if full.tokens_per_s > 0 else 0.0
-        row.speedup_se = _speedup_se(results, [o.result for o in full.outputs])
+        row.speedup_se = _speedup_se(row.outputs, full.outputs)
 
 
-def _speedup_se(results: Sequence[DecodeResult], full: Sequence[DecodeResult]) -> float:
-    """Standard error of the mean of per-prompt speedups: how far timing noise and the choice of
-    prompts can move the measured speedup."""
-    ratios = [
-        ((len(r.tokens) - 1) / r.decode_s) / ((len(f.tokens) - 1) / f.decode_s)
-        for r, f in zip(results, full) if len(r.tokens) > 1 and len(f.tokens) > 1 and r.decode_s > 0 and f.decode_s > 0
-    ]
+def _speedup_se(outputs: Sequence[Output], full: Sequence[Output]) -> float:
+    """Standard error of the mean of per-chunk speedups (per prompt at batch 1): how far timing
+    noise and the choice of prompts can move the measured speedup."""
+    mine, theirs = _chunk_rates(outputs), _chunk_rates(full)
+    ratios = [rate / theirs[key] for key, rate in mine.items() if theirs.get(key, 0.0) > 0]
     if len(ratios) < 2:
         return 0.0
     mean = sum(ratios) / len(ratios)
     return math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1) / len(ratios))
+
+
+def _chunk_rates(outputs: Sequence[Output]) -> dict[int, float]:
+    """Decode tokens/s of each chunk of prompts with any decoded token and time."""
+    totals: dict[int, list[float]] = {}
+    for i, o in enumerate(outputs):
+        total = totals.setdefault(i if o.chunk is None else o.chunk, [0.0, 0.0])
+        total[0] += max(len(o.result.tokens) - 1, 0)
+        total[1] += o.time_s
+    return {key: tokens / seconds for key, (tokens, seconds) in totals.items() if tokens > 0 and seconds > 0}
 
 
 def _rouge_or_match(text: str, reference: str) -> float:

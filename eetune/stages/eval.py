@@ -97,9 +97,10 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
         costs = measure_costs(model, repeats=cfg.eval.timing_repeats)
         step = progress.add_task("decoding sweep", total=len(prompts) * len(settings))
         rows = run_sweep(
-            Engine(model), prompts, settings, max_new_tokens=cfg.eval.max_new_tokens, stop_ids=stop_ids,
+            Engine(model, max_batch_size=cfg.eval.batch_size), prompts, settings,
+            max_new_tokens=cfg.eval.max_new_tokens, stop_ids=stop_ids,
             decode=lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
-            advance=lambda: progress.advance(step), seed=cfg.seed,
+            advance=lambda: progress.advance(step), seed=cfg.seed, batch_size=cfg.eval.batch_size,
         )
         step = progress.add_task("multiple-choice tasks", total=sum(len(t.items) for t in choice_tasks))
         choice_scores = {
@@ -136,7 +137,8 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
 def print_summary(console: Console, report: dict[str, Any], out_dir: Path, plots: dict[str, Path], calibration: Path | None) -> None:
     # A compact table that fits 80 columns; report.md has the full one.
     tasks = [t["name"] for t in report["tasks"]]
-    table = Table(title=f"decoding sweep ({report['sweep_info']['prompts']} prompts, batch 1, greedy)",
+    info = report["sweep_info"]
+    table = Table(title=f"decoding sweep ({info['prompts']} prompts, batch {info['batch_size']}, greedy)",
                   box=box.SIMPLE_HEAD, show_edge=False, padding=0)
     for i, column in enumerate(["setting", "tok/s", "speed", "layers", "agree", "R-L", *tasks, "acc"]):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)

@@ -531,6 +531,30 @@ def test_eval_records_what_the_calibration_was_measured_on(evaluated):
     assert calibrated_thresholds(run_dir, "float32", "cpu", lambda m: pytest.fail(m))
 
 
+def test_eval_with_batch_size_3_reports_batch_1s_outputs(evaluated, soft_tiny, corpus, tuned_run, tmp_path):
+    """The stage with eval.batch_size=3: the same texts per prompt and setting as batch 1, and
+    the report and calibration say which batch size the sweep used."""
+    _, _, cfg = evaluated
+    run_dir = tmp_path / "run"
+    shutil.copytree(tuned_run, run_dir)
+    one = json.loads((evaluated[0].out_dir / "report.json").read_text())
+    result = stage.run(compose_config("eval", [
+        f"model.checkpoint_dir={soft_tiny}", f"run_dir={run_dir}", *data_overrides(corpus),
+        "eval.thresholds=[1.0,0.3,0.15]", "eval.max_items=2", "eval.max_new_tokens=8", "eval.timing_repeats=2",
+        "eval.target_agreement=0.5", f"eval.out_dir={tmp_path / 'out'}", "eval.batch_size=3",
+    ]))
+    three = result.report
+    assert one["sweep_info"]["batch_size"] == 1 and three["sweep_info"]["batch_size"] == 3
+    assert [r["setting"] for r in three["sweep"]] == [r["setting"] for r in one["sweep"]]
+    for a, b in zip(one["sweep"], three["sweep"]):
+        assert b["outputs"] == a["outputs"], a["setting"]
+        assert (b["exit_counts"], b["tokens"], b["token_agreement"]) == (a["exit_counts"], a["tokens"], a["token_agreement"])
+        assert b["tokens_per_s"] > 0
+    assert "batch 3 (full and early_exit decode 3 prompts together" in (result.out_dir / "report.md").read_text()
+    measured = json.loads((run_dir / CALIBRATION_FILE).read_text())["measured_on"]
+    assert measured["engine"] == {"decoding": "greedy", "batch_size": 3}
+
+
 def test_two_calibrations_with_different_seeds_pick_the_same_threshold(soft_tiny, corpus, tuned_run, tmp_path):
     """At eval's default size (6 items of each generation task, 32 tokens each) the choice does
     not move with the setting order (the seed) nor with the timing noise of a shared machine.
@@ -571,6 +595,66 @@ def test_the_sweep_order_follows_the_seed(model):
                   decode=str, seed=seed)
         order[seed] = seen[2:]  # after the two warm-up calls
     assert sorted(order[0]) == sorted(order[1]) and order[0] != order[1]
+
+
+def test_a_batched_sweep_decodes_every_prompt_as_batch_1_does(model, base):
+    """eval.batch_size=3: full and early_exit decode chunks of 3 prompts together (generate_batch),
+    self_speculative one at a time; every prompt's tokens, exit layers and text equal batch 1's."""
+    from eetune.eval.sweep import Prompt, Setting, run_sweep
+
+    texts = ["The assignment statement binds names", "If the target list is a single target",
+             "Assignment", "An augmented assignment evaluates the target, which", "x = 1"]
+    prompts = [Prompt(base.tokenizer.encode(t, add_special_tokens=False), "t", i) for i, t in enumerate(texts)]
+    assert len({len(p.ids) for p in prompts}) == len(prompts)  # ragged
+    settings = [Setting("full"), Setting("early_exit", 0.3), Setting("early_exit", 0.15),
+                Setting("early_exit", 0.3, "learned"), Setting("self_speculative", draft_len=3)]
+    batches: list[tuple[int, str, float]] = []  # (rows, setting, head calls) of each generate_batch
+
+    class Spy(Engine):
+        def generate_batch(self, prompts, settings):
+            before = sum(self.head_calls.values())
+            results = super().generate_batch(prompts, settings)
+            batches.append((len(prompts), Setting(settings.mode, settings.threshold, settings.confidence).name,
+                            sum(self.head_calls.values()) - before))
+            return results
+
+    def sweep(engine, batch_size):
+        ticks = []
+        rows = run_sweep(engine, prompts, settings, max_new_tokens=10, stop_ids=frozenset({2}),
+                         decode=lambda ids: base.tokenizer.decode(ids), advance=lambda: ticks.append(1),
+                         batch_size=batch_size)
+        assert len(ticks) == len(prompts) * len(settings)
+        return rows
+
+    one = sweep(Engine(model), 1)
+    engine = Spy(model, max_batch_size=3)
+    three = sweep(engine, 3)
+    # Warm-up (one batch of 3 under full), then 2 chunks x the 4 batchable settings.
+    assert [n for n, _, _ in batches] == [3] * 5 + [2] * 4
+    exits = set()
+    for a, b in zip(one, three):
+        assert a.setting == b.setting and len(a.outputs) == len(b.outputs) == len(prompts)
+        for x, y in zip(a.outputs, b.outputs):
+            assert (y.result.tokens, y.result.exit_layers, y.text) == (x.result.tokens, x.result.exit_layers, x.text)
+            exits |= set(y.result.exit_layers)
+        assert b.token_agreement == a.token_agreement and b.exit_counts == a.exit_counts
+        assert b.mean_layers == pytest.approx(a.mean_layers)
+        assert b.tokens_per_s > 0 and b.speedup > 0
+    assert len(exits) >= 3, f"the thresholds should send tokens to several layers, saw {sorted(exits)}"
+    # A batch's time and head calls are shared by its rows: the shares add up to the batch's totals.
+    for row in three[:4]:
+        assert [o.chunk for o in row.outputs] == [0, 0, 0, 1, 1]
+        first = row.outputs[:3]
+        assert sum(o.time_s for o in first) == pytest.approx(first[0].result.decode_s)
+        assert row.head_calls_per_token > 0
+    spec = three[4].outputs
+    assert all(o.decode_s is None and o.time_s == o.result.decode_s for o in spec)  # decoded alone
+    assert [o.chunk for o in spec] == [0, 0, 0, 1, 1]
+    # Head calls: each batch's engine count, whole, over its rows.
+    for n, name, calls in batches[1:]:
+        row = next(r for r in three if r.setting.name == name)
+        rows = row.outputs[:3] if n == 3 else row.outputs[3:]
+        assert sum(o.head_calls for o in rows) == pytest.approx(calls)
 
 
 def test_eval_logs_tables_and_images_to_wandb(evaluated):
@@ -637,6 +721,7 @@ def test_bad_eval_input_is_one_line_and_exit_2(run_cli, tuned_run, tmp_path):
         ([f"run_dir={tuned_run}", f"eval.tasks=[{{name:x,path:{bad},metric:f1}}]"], f"{bad}:2:"),
         ([f"run_dir={tuned_run}", "eval.confidences=[max_prob,entropy]"], "eval.confidences has 'entropy'"),
         ([f"run_dir={tuned_run}", "eval.tasks=[{name:mc,metric:exact_match}]"], "no generation task"),
+        ([f"run_dir={tuned_run}", "eval.batch_size=0"], "eval.batch_size=0 must be >= 1"),
     ]
     for overrides, message in cases:
         code, _, err = run_cli("eval", *overrides)

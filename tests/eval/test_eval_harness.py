@@ -211,6 +211,139 @@ def test_self_speculative_generation_is_the_full_models(run_dir):
     assert spec == full and full[0]
 
 
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+def spy_batches(lm) -> list[int]:
+    """Rows of each engine.generate_batch call of this EetuneLM."""
+    sizes: list[int] = []
+    generate_batch = lm.engine.generate_batch
+
+    def spy(prompts, settings):
+        sizes.append(len(prompts))
+        return generate_batch(prompts, settings)
+
+    lm.engine.generate_batch = spy
+    return sizes
+
+
+GEN_REQUESTS = [
+    ("Q: What do bees make?\nA:", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}),
+    ("The assignment statement binds names to objects, and", {"until": ["."], "max_gen_toks": 6}),
+    ("Q: Where was Anna born?\nA:", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}),
+    ("x", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}),
+    ("If the target list is a single target", {"until": ["."], "max_gen_toks": 6}),
+    ("Q: Which season follows winter? Think of the months.\nA:", {"until": ["\n\n"], "max_gen_toks": 8,
+                                                                   "do_sample": False}),
+    ("Assignment", {"until": ["."], "max_gen_toks": 6}),
+]
+
+
+@pytest.mark.parametrize("mode", ["full", "early_exit"])
+def test_batched_generate_until_equals_batch_1(run_dir, mode):
+    """batch_size=3: requests grouped by their generation kwargs decode 3 at a time (ragged
+    prompts), and every text, in the requests' order, is batch 1's."""
+    requests = [Request(*args) for args in GEN_REQUESTS]
+    one = harness.EetuneLM(run_dir=str(run_dir), mode=mode, threshold=THRESHOLD)
+    three = harness.EetuneLM(run_dir=str(run_dir), mode=mode, threshold=THRESHOLD, batch_size=3)
+    assert spy_batches(one) == []
+    sizes = spy_batches(three)
+    expected = one.generate_until(requests)
+    got = three.generate_until(requests)
+    assert got == expected and sum(bool(t) for t in got) >= 5
+    # Groups of 4 and 3 requests, 3 at a time: the 4th of the first group decodes alone (generate).
+    assert sizes == [3, 3]
+    assert three.exit_counts == one.exit_counts and three.decoded_tokens == one.decoded_tokens
+    assert three.get_model_info()["eetune_batch_size"] == 3
+    if mode == "early_exit":
+        assert len(one.exit_counts) >= 2  # some tokens left early
+
+
+def test_self_speculative_and_sampled_requests_decode_one_at_a_time(run_dir):
+    requests = [Request(*args) for args in GEN_REQUESTS[:4]]
+    spec_one = harness.EetuneLM(run_dir=str(run_dir), mode="self_speculative", draft_len=3)
+    spec = harness.EetuneLM(run_dir=str(run_dir), mode="self_speculative", draft_len=3, batch_size=3)
+    sizes = spy_batches(spec)
+    assert spec.generate_until(requests) == spec_one.generate_until(requests) and sizes == []
+    sampled = [Request(c, {**k, "do_sample": True, "temperature": 1.0}) for c, k in GEN_REQUESTS[:4]]
+    lm_one = harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", threshold=THRESHOLD, seed=5)
+    lm = harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", threshold=THRESHOLD, seed=5, batch_size=3)
+    sizes = spy_batches(lm)
+    assert lm.generate_until(sampled) == lm_one.generate_until(sampled) and sizes == []
+
+
+def test_batched_loglikelihood_equals_batch_1(run_dir, tiny):
+    """batch_size=3: ragged (context, continuation) pairs scored 3 per forward (right padding);
+    each logprob and is_greedy is batch 1's; rolling windows too."""
+    base, model = tiny
+    engine = Engine(model)
+    texts = ["Question: What is the capital of France?\nAnswer:", "The", "An augmented assignment evaluates",
+             "Question: How many legs does a spider have?\nAnswer:", "x = 1", "If the target list"]
+    requests = []
+    for i, text in enumerate(texts):
+        context = base.tokenizer.encode(text, add_special_tokens=False)
+        greedy = engine.generate(context, DecodeSettings(mode="early_exit", threshold=THRESHOLD,
+                                                         max_new_tokens=1 + i % 4)).tokens
+        other = base.tokenizer.encode(" Paris is nice", add_special_tokens=False)[: 1 + i % 3]
+        requests += [(None, context, greedy), (None, context, other)]
+    one = harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", threshold=THRESHOLD)
+    three = harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", threshold=THRESHOLD, batch_size=3)
+    calls: list[int] = []
+    score_batch = three.scorer.score_batch
+    three.scorer.score_batch = lambda pairs: calls.append(len(pairs)) or score_batch(pairs)
+    expected = one._loglikelihood_tokens(requests)
+    got = three._loglikelihood_tokens(requests)
+    assert calls == [3, 3, 3, 3]
+    assert [g[1] for g in got] == [e[1] for e in expected] and sum(e[1] for e in expected) >= 6
+    assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-5)
+    # Rolling: windows of 16 positions, batched across requests.
+    rolling = [Request("The quick brown fox jumps over the lazy dog. " * 2), Request("Short text."),
+               Request("Assignment statements are used to (re)bind names to values.")]
+    one = harness.EetuneLM(run_dir=str(run_dir), mode="full", max_length=16)
+    three = harness.EetuneLM(run_dir=str(run_dir), mode="full", max_length=16, batch_size=3)
+    assert three.loglikelihood_rolling(rolling) == pytest.approx(one.loglikelihood_rolling(rolling), abs=1e-5)
+
+
+def test_batch_size_comes_from_lm_evals_flags_or_model_args(run_dir):
+    args = f"run_dir={run_dir},mode=full"
+    flags = {"batch_size": 4, "max_batch_size": None, "device": "cpu"}
+    assert harness.EetuneLM.create_from_arg_string(args, flags).batch_size == 4
+    # lm-eval's CLI always passes its --batch_size (default 1): model_args win.
+    assert harness.EetuneLM.create_from_arg_string(args + ",batch_size=3", {**flags, "batch_size": 1}).batch_size == 3
+    assert harness.EetuneLM.create_from_arg_obj({"run_dir": str(run_dir)}, {"batch_size": "2"}).batch_size == 2
+    assert harness.EetuneLM.create_from_arg_string(args, {"batch_size": "auto"}).batch_size == harness.AUTO_BATCH_SIZE
+    assert harness.EetuneLM.create_from_arg_string(args, {"batch_size": "auto:4", "max_batch_size": 2}).batch_size == 2
+    lm = harness.EetuneLM.create_from_arg_string(args, {"batch_size": 5})
+    assert lm.engine.max_batch_size == 5
+    for bad in (0, "-1", "big"):
+        with pytest.raises(EetuneError, match="must be a positive integer or auto"):
+            harness.EetuneLM(run_dir=str(run_dir), batch_size=bad)
+
+
+def test_simple_evaluate_with_batch_size_3_gives_batch_1s_answers(run_dir, task_dir, evaluated):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    batched = simple_evaluate(
+        model="eetune", model_args=f"run_dir={run_dir},mode=early_exit,threshold={THRESHOLD}",
+        tasks=["eetune_test_mc", "eetune_test_qa"], task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=True, device="cpu", batch_size=3,
+    )
+    assert batched["config"]["eetune_batch_size"] == 3
+    for task in ("eetune_test_mc", "eetune_test_qa"):
+        one = sorted(evaluated["samples"][task], key=lambda s: s["doc_id"])
+        three = sorted(batched["samples"][task], key=lambda s: s["doc_id"])
+        for a, b in zip(one, three, strict=True):
+            if task == "eetune_test_qa":
+                assert b["resps"] == a["resps"]
+            else:
+                assert [r[1] for r in b["filtered_resps"]] == [r[1] for r in a["filtered_resps"]]
+                assert [r[0] for r in b["filtered_resps"]] == pytest.approx([r[0] for r in a["filtered_resps"]], abs=1e-5)
+        assert batched["results"][task] == evaluated["results"][task]
+
+
 def test_bad_model_args_are_one_line_errors(run_dir):
     with pytest.raises(EetuneError, match="needs run_dir"):
         harness.EetuneLM()

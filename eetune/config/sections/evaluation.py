@@ -44,6 +44,10 @@ class EvalConfig:
     max_items: Optional[int] = 6
     # Greedy tokens generated per prompt in the sweep.
     max_new_tokens: int = 32
+    # Prompts the sweep decodes together (lock step, left padding) for `full` and `early_exit`;
+    # self_speculative still decodes one prompt at a time. Outputs equal batch 1's (float32);
+    # tokens/s is then the batch's throughput.
+    batch_size: int = 1
     # Wrap generation prompts in the chat template.
     chat: bool = True
     # Bins of the reliability diagram / expected calibration error.
@@ -72,7 +76,7 @@ class EvalConfig:
                 raise EetuneError(f"eval.confidences has {c!r}: choose from {', '.join(CONFIDENCES)}")
         if not 0.0 < self.target_agreement <= 1.0:
             raise EetuneError(f"eval.target_agreement={self.target_agreement} must be in (0, 1]")
-        for key in ("max_new_tokens", "ece_bins", "timing_repeats", "draft_len"):
+        for key in ("max_new_tokens", "batch_size", "ece_bins", "timing_repeats", "draft_len"):
             if getattr(self, key) < 1:
                 raise EetuneError(f"eval.{key}={getattr(self, key)} must be >= 1")
         if self.max_items is not None and self.max_items < 1:
