@@ -12,11 +12,16 @@ entries of the positions that left early: their hidden states wait (`pending`) a
 next step's forward at their depth, each row at its own positions. Every row of a batch stops
 at the same depth each step, so the pending positions are the same number per row; a row
 joins only after `flush` has settled them, which keeps it so.
+
+Chunked prefill: a joining row may be prefilled a few tokens at a time between steps (`start`,
+`advance`, `join`), so a long prompt does not stall the running rows for its whole prefill. It
+is built in row `size` (the first free one) and becomes a row of the batch when it joins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +43,18 @@ if TYPE_CHECKING:
 Choose = Callable[[Tensor, Tensor], Tensor]
 
 
+@dataclass(slots=True)
+class _Prefill:
+    """The row being prefilled (always row `size`): the tokens it prefills [1, s], how many are done,
+    the `layer` exit blocks it fills, and the next-token logits once done (None if deferred)."""
+
+    tokens: Tensor
+    fill: tuple[int, ...]
+    deferred: bool
+    done: int = 0
+    logits: Tensor | None = None
+
+
 class ContinuousBatch:
     """Up to `max_batch_size` sequences decoding together (full model, or early exit with `step_exits`)."""
 
@@ -50,6 +67,7 @@ class ContinuousBatch:
         self.gen = self.caches.gen
         self.lengths: list[int] = []  # positions fed, per row
         self.pending: list[_Pending] = []  # hidden states [size, n, dim] owed deeper layers, shallowest last
+        self.prefilling: _Prefill | None = None  # a row being prefilled, not yet joined
 
     @property
     def size(self) -> int:
@@ -63,25 +81,64 @@ class ContinuousBatch:
     def max_seq_len(self) -> int:
         return self.gen.max_seq_len
 
-    @torch.inference_mode()
     def admit(self, prompt_ids: Sequence[int], fill: Sequence[int] = ()) -> Tensor:
-        """Prefill a new row (it becomes row `size - 1`), with the `layer` exit blocks in `fill`;
-        its next-token logits [vocab], fp32."""
-        row = self._new_row()
-        tokens = self.gen._as_tokens(prompt_ids)
-        h = self._prefill(row, tokens, fill)
-        self.lengths.append(tokens.shape[1])
-        return self.gen.final_logits(h[:, -1])[0]
+        """Prefill a new row whole (it becomes row `size - 1`), with the `layer` exit blocks in
+        `fill`; its next-token logits [vocab], fp32."""
+        self.start(prompt_ids, fill)
+        self.advance(None)
+        return self.join()
 
-    @torch.inference_mode()
     def admit_deferred(self, prompt_ids: Sequence[int], fill: Sequence[int]) -> None:
         """Prefill all but the prompt's last token into a new row, with the `layer` exit blocks in
         `fill`; the row's next `step_exits` token is that last one (it may leave early like any other)."""
-        row = self._new_row()
+        self.start(prompt_ids, fill, deferred=True)
+        self.advance(None)
+        self.join()
+
+    def start(self, prompt_ids: Sequence[int], fill: Sequence[int] = (), *, deferred: bool = False) -> None:
+        """Begin prefilling a new row: the whole prompt, or all but its last token (`deferred`:
+        early exit decodes that one like any other); `advance` does the work, `join` adds the row."""
+        if self.size == self.capacity:
+            raise EetuneError(f"the batch is full ({self.capacity} rows)")
+        if self.prefilling is not None:
+            raise EetuneError("a row is already being prefilled: join it first")
         tokens = self.gen._as_tokens(prompt_ids)
-        if tokens.shape[1] > 1:
-            self._prefill(row, tokens[:, :-1], fill)
-        self.lengths.append(tokens.shape[1] - 1)
+        self.prefilling = _Prefill(tokens[:, :-1] if deferred else tokens, tuple(sorted(fill)), deferred)
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens the row being prefilled still needs (0: ready to join)."""
+        p = self.prefilling
+        return 0 if p is None else p.tokens.shape[1] - p.done
+
+    @torch.inference_mode()
+    def advance(self, budget: int | None) -> int:
+        """Prefill up to `budget` more tokens (None: all that are left) of the joining row; how many it did."""
+        p = self.prefilling
+        if p is None:
+            raise EetuneError("no row is being prefilled")
+        count = self.prefill_left if budget is None else min(budget, self.prefill_left)
+        if count > 0:
+            h = self._prefill(self.size, p.tokens[:, p.done : p.done + count], p.done, p.fill)
+            p.done += count
+            if not p.deferred and p.done == p.tokens.shape[1]:
+                p.logits = self.gen.final_logits(h[:, -1])[0]
+        return count
+
+    def join(self) -> Tensor | None:
+        """The prefilled row joins the batch (row `size - 1`); its next-token logits [vocab], or None if deferred."""
+        p = self.prefilling
+        if p is None or self.prefill_left:
+            raise EetuneError("the joining row is not prefilled yet")
+        if self.pending:
+            raise EetuneError("the batch owes deferred KV entries: flush() before a row joins")
+        self.prefilling = None
+        self.lengths.append(p.done)
+        return p.logits
+
+    def abort_prefill(self) -> None:
+        """Drop the row being prefilled (its request went away); what it wrote is simply overwritten later."""
+        self.prefilling = None
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int]) -> Tensor:
@@ -167,6 +224,8 @@ class ContinuousBatch:
             for entry in self.pending:
                 entry.hidden[row] = entry.hidden[last]
             moved = last
+        if self.prefilling is not None:  # it is built in the first free row, which is now `last`
+            self.caches.move_row(last + 1, last, self.prefilling.done)
         self.lengths.pop()
         for entry in self.pending:
             entry.hidden = entry.hidden[:last]
@@ -174,9 +233,9 @@ class ContinuousBatch:
             self.pending.clear()
         return moved
 
-    def _prefill(self, row: int, tokens: Tensor, fill: Sequence[int]) -> Tensor:
-        """Every layer over tokens [1, s] at positions 0.., into `row`, plus the `layer` exit blocks in `fill`."""
-        gen, span = self.gen, self.gen.span(0, tokens.shape[1])
+    def _prefill(self, row: int, tokens: Tensor, start: int, fill: Sequence[int]) -> Tensor:
+        """Every layer over tokens [1, s] at positions start.., into `row`, plus the `layer` exit blocks in `fill`."""
+        gen, span = self.gen, self.gen.span(start, tokens.shape[1])
         caches, exit_caches = gen.row_caches(row, row + 1), self.caches.rows(row, row + 1).exit_caches
         h, depth = gen.embed(tokens), 0
         for layer in sorted(fill):
@@ -189,13 +248,6 @@ class ContinuousBatch:
         """The transformer block of a `layer` exit (the one kind of exit with a KV cache)."""
         exit_module = self.model.exit(layer)
         return exit_module.get_submodule(get_exit_arch(exit_module.spec.arch).block)
-
-    def _new_row(self) -> int:
-        if self.size == self.capacity:
-            raise EetuneError(f"the batch is full ({self.capacity} rows)")
-        if self.pending:
-            raise EetuneError("the batch owes deferred KV entries: flush() before a row joins")
-        return self.size
 
     def _check_step(self, tokens: Sequence[int]) -> int:
         n = self.size

@@ -56,11 +56,20 @@ class BatchRequest:
 class BatchScheduler:
     """Requests of one decoding group decoding together, up to `max_batch_size` at a time."""
 
-    def __init__(self, engine, max_batch_size: int, max_seq_len: int | None = None) -> None:
+    def __init__(
+        self, engine, max_batch_size: int, max_seq_len: int | None = None, prefill_chunk: int | None = None
+    ) -> None:
+        """`prefill_chunk`: prompt tokens prefilled per step before the running rows decode (chunked
+        prefill: a long prompt joins over several steps instead of stalling them); None: a request's
+        whole prompt is prefilled when it is admitted."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise EetuneError(f"prefill_chunk must be >= 1 (or None), got {prefill_chunk}")
         self.engine = engine
         self.batch = ContinuousBatch(engine.model, max_batch_size=max_batch_size,
                                      max_seq_len=max_seq_len or engine.max_seq_len)
+        self.prefill_chunk = prefill_chunk
         self.rows: list[BatchRequest] = []
+        self.joining: list[BatchRequest] = []  # admitted, waiting for (the rest of) their prefill
         self.group: Hashable | None = None  # what the running rows decode (group_of)
         self._stops: list[int] = []
         self._drafting: Drafting | None = None
@@ -72,7 +81,7 @@ class BatchScheduler:
 
     @property
     def has_room(self) -> bool:
-        return self.size < self.batch.capacity
+        return self.size + len(self.joining) < self.batch.capacity
 
     def group_of(self, settings: DecodeSettings) -> Hashable | None:
         """The batch such a request decodes in: "full" (also early exit that never exits), early exit
@@ -91,17 +100,18 @@ class BatchScheduler:
     def fits(self, settings: DecodeSettings) -> bool:
         """Whether such a request may join the running batch now (any group, once it has drained)."""
         group = self.group_of(settings)
-        return group is not None and (not self.rows or group == self.group)
+        return group is not None and (not (self.rows or self.joining) or group == self.group)
 
     def admit(self, request: BatchRequest) -> bool:
-        """Prefill `request` into a free row; True if it already finished. A full-model or
-        self-speculative row picks its first token now, an early-exit row at the next step (its last
-        prompt token may leave early)."""
+        """Take `request` into the batch; True if it already finished. Its prompt is prefilled now
+        (or, with `prefill_chunk`, over the next steps) into a free row; a full-model or
+        self-speculative row picks its first token when it joins, an early-exit row at the step
+        after (its last prompt token may leave early)."""
         s = request.settings
         group = self.group_of(s)
         if group is None:
             raise EetuneError(f"mode={s.mode} decodes alone")
-        if self.rows and group != self.group:
+        if (self.rows or self.joining) and group != self.group:
             raise EetuneError("the running batch decodes with other exit settings: admit this request once it drains")
         if not self.has_room:
             raise EetuneError(f"the batch is full ({self.batch.capacity} rows)")
@@ -116,28 +126,20 @@ class BatchScheduler:
         speculative = group != FULL and group[0] == SPECULATIVE
         self.group, self._stops = group, self.engine._exit_stops(s)
         self._drafting = Drafting.of(self.engine, s) if speculative else None
-        n_layers = self.engine.num_layers
-        if group == FULL or speculative:
-            fill = [] if self._drafting is None else [
-                layer for layer in [self._drafting.layer] if layer in self.batch.caches.exit_caches]
-            logits = self.batch.admit(request.prompt, fill)
-            self.rows.append(request)
-            token = self._pick(len(self.rows) - 1, logits[None])
-            self.engine.head_calls[n_layers] += 1
-            request.layer_calls += n_layers
-            return self._record(len(self.rows) - 1, token, n_layers)
-        self.batch.flush(self._stops)
-        self.batch.admit_deferred(request.prompt, [layer for layer in self._stops if layer in self.batch.caches.exit_caches])
-        self.rows.append(request)
+        self.joining.append(request)
+        if self.prefill_chunk is None:
+            return request in self._prefill_joining(None)
         return False
 
     def step(self) -> list[BatchRequest]:
-        """One token for every row; the requests that finished with it (their rows are freed)."""
+        """Up to `prefill_chunk` prompt tokens of joining requests, then one token for every row; the
+        requests that finished (their rows are freed)."""
+        finished = [] if self.prefill_chunk is None else self._prefill_joining(self.prefill_chunk)
         if not self.rows:
-            return []
+            return finished
         inputs = [r.tokens[-1] if r.tokens else r.prompt[-1] for r in self.rows]
         if self._drafting is not None:
-            return self._speculative_step(inputs)
+            return finished + self._speculative_step(inputs)
         if self.group == FULL:
             logits = self.batch.step(inputs)
             self.engine.head_calls[self.engine.num_layers] += len(self.rows)
@@ -145,18 +147,56 @@ class BatchScheduler:
             exits = [self.engine.num_layers] * len(tokens)
         else:
             tokens, exits = self.batch.step_exits(self.engine, inputs, self._stops, self.rows[0].settings, self._choose)
-        finished = [r for row, r in enumerate(list(self.rows)) if self._record(row, tokens[row], exits[row], retire=False)]
-        for request in finished:
+        ended = [r for row, r in enumerate(list(self.rows)) if self._record(row, tokens[row], exits[row], retire=False)]
+        for request in ended:
             self._retire(request)
-        return finished
+        return finished + ended
 
     def cancel(self, request: BatchRequest) -> None:
         """End a request now (stopped_by callback), freeing its row."""
-        if request in self.rows:
+        if request in self.joining:
+            if request is self.joining[0] and self.batch.prefilling is not None:
+                self.batch.abort_prefill()
+            self.joining.remove(request)
+            self._finish(request, "callback")
+        elif request in self.rows:
             self._retire(request)
             self._finish(request, "callback")
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _prefill_joining(self, budget: int | None) -> list[BatchRequest]:
+        """Prefill joining requests in order with up to `budget` prompt tokens (None: all of them);
+        each joins the batch as its prefill completes. Returns those that finished on joining."""
+        finished = []
+        deferred = self._drafting is None and self.group != FULL  # early exit: the last prompt token decodes
+        n_layers = self.engine.num_layers
+        while self.joining and (budget is None or budget > 0):
+            request = self.joining[0]
+            if self.batch.prefilling is None:
+                self.batch.start(request.prompt, self._fill(), deferred=deferred)
+            if deferred and (budget is None or self.batch.prefill_left <= budget):
+                self.batch.flush(self._stops)  # it joins now: the others settle what they owe first
+            done = self.batch.advance(budget)
+            budget = None if budget is None else budget - done
+            if self.batch.prefill_left:
+                break
+            logits = self.batch.join()
+            self.joining.pop(0)
+            self.rows.append(request)
+            if logits is not None:
+                row = len(self.rows) - 1
+                token = self._pick(row, logits[None])
+                self.engine.head_calls[n_layers] += 1
+                request.layer_calls += n_layers
+                if self._record(row, token, n_layers):
+                    finished.append(request)
+        return finished
+
+    def _fill(self) -> list[int]:
+        """The `layer` exits whose own KV a joining row's prompt must fill: the drafting one, or every exit stop."""
+        layers = self._stops if self._drafting is None else [self._drafting.layer]
+        return [layer for layer in layers if layer in self.batch.caches.exit_caches]
 
     def _speculative_step(self, inputs: list[int]) -> list[BatchRequest]:
         """One draft-and-verify round for every row; each emits its accepted drafts and one more token."""
@@ -239,7 +279,7 @@ def decode_all(scheduler: BatchScheduler, requests: Sequence[BatchRequest]) -> l
         if not scheduler.batchable(request.settings):
             raise EetuneError(f"mode={request.settings.mode} decodes alone: call Engine.generate for it")
     waiting = list(requests)
-    while waiting or scheduler.rows:
+    while waiting or scheduler.rows or scheduler.joining:
         while waiting and scheduler.has_room and scheduler.fits(waiting[0].settings):
             scheduler.admit(waiting.pop(0))
         scheduler.step()

@@ -40,9 +40,11 @@ _DONE = "data: [DONE]\n\n"
 _CLIENT_CLOSED = 499
 
 
-def create_app(served: ServedModel, queue_size: int, max_batch_size: int = 1) -> FastAPI:
+def create_app(
+    served: ServedModel, queue_size: int, max_batch_size: int = 1, prefill_chunk: int | None = None
+) -> FastAPI:
     """The app over `served`; up to `max_batch_size` requests of one decoding group decode together (1: one at a time)."""
-    scheduler = BatchScheduler(served.engine, max_batch_size) if max_batch_size > 1 else None
+    scheduler = BatchScheduler(served.engine, max_batch_size, prefill_chunk=prefill_chunk) if max_batch_size > 1 else None
     worker = DecodeWorker(queue_size, scheduler)
     started = int(time.time())
 

@@ -23,7 +23,8 @@ from eetune.serve.service import ServedModel
 
 def build_app(cfg: EetuneConfig) -> FastAPI:
     """The app for a composed config: model loaded, defaults and limits checked."""
-    return create_app(ServedModel.from_config(cfg), cfg.serve.queue_size, cfg.serve.max_batch_size)
+    serve = cfg.serve
+    return create_app(ServedModel.from_config(cfg), serve.queue_size, serve.max_batch_size, serve.prefill_chunk)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

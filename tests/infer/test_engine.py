@@ -770,7 +770,28 @@ def _solo(ee: EarlyExitModel, prompt: list[int], settings: DecodeSettings) -> De
     return Engine(ee).generate(prompt, settings)
 
 
-def test_scheduler_requests_joining_a_running_batch_decode_as_alone(ee: EarlyExitModel) -> None:
+class _PrefillSpy:
+    """Counts the prompt tokens each scheduler step prefills (chunked prefill bounds them)."""
+
+    def __init__(self, scheduler: BatchScheduler) -> None:
+        self.per_step: list[int] = [0]  # tokens prefilled since the last step, this step included
+        real = scheduler.batch._prefill
+
+        def counting(row, tokens, start, fill):
+            self.per_step[-1] += tokens.shape[1]
+            return real(row, tokens, start, fill)
+
+        scheduler.batch._prefill = counting
+
+    def step(self, scheduler: BatchScheduler) -> None:
+        scheduler.step()
+        self.per_step.append(0)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_scheduler_requests_joining_a_running_batch_decode_as_alone(ee: EarlyExitModel, prefill_chunk) -> None:
+    """Rows join (prefilled whole, or 3 prompt tokens per step between the others' steps) and
+    leave a running full-model batch; each equals its solo decode."""
     engine = Engine(ee)
     prompts = [[1, 5, 9, 200, 17], [1, 33], [1, 7, 7, 7, 90, 91, 92, 93], [1, 250, 3], [1, 60, 61], [1, 2, 3, 4]]
     settings = [
@@ -788,17 +809,20 @@ def test_scheduler_requests_joining_a_running_batch_decode_as_alone(ee: EarlyExi
     solo[0] = _solo(ee, prompts[0], settings[0])
     assert solo[0].stopped_by == "eos"
 
-    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
+    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64, prefill_chunk=prefill_chunk)
+    spy = _PrefillSpy(scheduler)
     streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     requests = [BatchRequest(p, s, on_token=lambda t, layer, i=i: streamed[i].append(t))
                 for i, (p, s) in enumerate(zip(prompts, settings))]
     waiting, sizes = list(requests), []
-    while waiting or scheduler.rows:
+    while waiting or scheduler.rows or scheduler.joining:
         if waiting and scheduler.has_room:  # one admission per step: rows join a running batch
             scheduler.admit(waiting.pop(0))
         sizes.append(scheduler.size)
-        scheduler.step()
+        spy.step(scheduler)
     assert max(sizes) == 3
+    if prefill_chunk is not None:  # prompts of 5 and 8 tokens joined over several steps, 3 tokens a step
+        assert max(spy.per_step) == 3 and sum(spy.per_step) == sum(len(p) for p in prompts)
     for i, (request, alone) in enumerate(zip(requests, solo)):
         assert request.result.tokens == alone.tokens == streamed[i], i
         assert request.result.stopped_by == alone.stopped_by
@@ -806,6 +830,36 @@ def test_scheduler_requests_joining_a_running_batch_decode_as_alone(ee: EarlyExi
             got, want = request.result.logprobs, alone.logprobs
             assert [(e.token, [t for t, _ in e.top]) for e in got] == [(e.token, [t for t, _ in e.top]) for e in want]
             assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["full", "early_exit", "self_speculative"])
+def test_rows_leaving_while_a_long_prompt_is_prefilled_in_chunks(ee: EarlyExitModel, mode: str) -> None:
+    """A row that ends (or is cancelled) while another request's prompt is half prefilled moves
+    the half-built row with it: the joining request still decodes as alone."""
+    extra = {"early_exit": dict(threshold=0.018), "self_speculative": dict(draft_exit=1, draft_len=2)}.get(mode, {})
+    short = DecodeSettings(mode=mode, max_new_tokens=2, **extra)
+    long = DecodeSettings(mode=mode, max_new_tokens=8, **extra)
+    prompts = [_prompt(90, n=1), _prompt(91, n=2), _prompt(92, n=13)]
+    scheduler = BatchScheduler(Engine(ee), max_batch_size=3, max_seq_len=64, prefill_chunk=2)
+    half_built: list[int] = []
+    requests = [BatchRequest(prompts[0], short,
+                             on_token=lambda t, layer: half_built.append(scheduler.batch.prefill_left)),
+                BatchRequest(prompts[1], long), BatchRequest(prompts[2], long)]
+    for r in requests:
+        scheduler.admit(r)
+    cancelled = False
+    while scheduler.rows or scheduler.joining:
+        scheduler.step()
+        if requests[0].result is not None and not cancelled and scheduler.batch.prefill_left:
+            scheduler.cancel(requests[1])  # a client leaves mid-prefill too
+            cancelled = True
+    assert half_built[-1] > 0 and cancelled  # the short row ended while the long prompt was half prefilled
+    for r, p, s in zip(requests, prompts, (short, long, long)):
+        alone = _solo(ee, p, s)
+        if r is requests[1]:
+            assert r.result.stopped_by == "callback" and r.result.tokens == alone.tokens[: len(r.result.tokens)]
+        else:
+            assert (r.result.tokens, r.result.exit_layers) == (alone.tokens, alone.exit_layers)
 
 
 def test_scheduler_callback_and_cancel_end_one_request_only(ee: EarlyExitModel) -> None:
@@ -829,8 +883,10 @@ def test_scheduler_callback_and_cancel_end_one_request_only(ee: EarlyExitModel) 
     assert others[1].result.tokens == solo[2].tokens
 
 
-@pytest.mark.parametrize("threshold", [0.017, 0.018])
-def test_scheduler_early_exit_rows_leave_at_their_own_exits_as_alone(ee: EarlyExitModel, threshold: float) -> None:
+@pytest.mark.parametrize("threshold, prefill_chunk", [(0.017, None), (0.018, None), (0.018, 2)])
+def test_scheduler_early_exit_rows_leave_at_their_own_exits_as_alone(
+    ee: EarlyExitModel, threshold: float, prefill_chunk: int | None
+) -> None:
     """Rows join and leave a running early-exit batch at different steps, each at its own
     positions; every request's tokens and exit layers equal its solo decode, so the deferred KV
     fill (backbone and the `layer` exit's own cache) stays exact per row."""
@@ -851,12 +907,12 @@ def test_scheduler_early_exit_rows_leave_at_their_own_exits_as_alone(ee: EarlyEx
     settings[3] = DecodeSettings(**base, max_new_tokens=16, stop_ids=frozenset({stop}))
     solo[3] = _solo(ee, prompts[3], settings[3])
 
-    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
+    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64, prefill_chunk=prefill_chunk)
     streamed: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(prompts))}
     requests = [BatchRequest(p, s, on_token=lambda t, layer, i=i: streamed[i].append((t, layer)))
                 for i, (p, s) in enumerate(zip(prompts, settings))]
     waiting, sizes, owed = list(requests), [], 0
-    while waiting or scheduler.rows:
+    while waiting or scheduler.rows or scheduler.joining:
         if waiting and scheduler.has_room:  # one admission per step: rows join a running batch
             scheduler.admit(waiting.pop(0))
         sizes.append(scheduler.size)
@@ -895,9 +951,9 @@ def test_scheduler_flush_settles_the_owed_kv_like_a_full_forward(ee: EarlyExitMo
             torch.testing.assert_close(got.v[row, :, : len(seq)], expect.v[0, :, : len(seq)], msg=f"layer {layer}")
 
 
-@pytest.mark.parametrize("model", ["ee", "ee_learned"])
+@pytest.mark.parametrize("model, prefill_chunk", [("ee", None), ("ee_learned", None), ("ee", 4)])
 def test_scheduler_self_speculative_rows_accept_their_own_prefix_as_alone(
-    model: str, request: pytest.FixtureRequest
+    model: str, prefill_chunk: int | None, request: pytest.FixtureRequest
 ) -> None:
     """Rows draft and verify together, each at its own positions, and accept their own prefix:
     every request's tokens (greedy, sampled with its seed, penalised, FR-Spec, adaptive drafts)
@@ -922,10 +978,10 @@ def test_scheduler_self_speculative_rows_accept_their_own_prefix_as_alone(
     full = _solo(ee, prompts[0], DecodeSettings(max_new_tokens=14))
     assert solo[0].tokens == full.tokens
 
-    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
+    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64, prefill_chunk=prefill_chunk)
     requests = [BatchRequest(p, s) for p, s in zip(prompts, settings)]
     waiting, sizes = list(requests), []
-    while waiting or scheduler.rows:
+    while waiting or scheduler.rows or scheduler.joining:
         if waiting and scheduler.has_room:
             scheduler.admit(waiting.pop(0))
         sizes.append(scheduler.size)

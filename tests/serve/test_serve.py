@@ -101,7 +101,8 @@ def served(tiny_dir: Path, run_dir: Path) -> ServedModel:
 @pytest.fixture(scope="module")
 def server(served: ServedModel) -> Iterator[BackgroundServer]:
     # Requests go through the running batch (continuous batching), one decoding group at a time.
-    with BackgroundServer(create_app(served, queue_size=16, max_batch_size=4)) as background:
+    # Prompts join over several steps, 8 tokens a step (chunked prefill).
+    with BackgroundServer(create_app(served, queue_size=16, max_batch_size=4, prefill_chunk=8)) as background:
         yield background
 
 

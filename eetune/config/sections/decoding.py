@@ -118,6 +118,10 @@ class ServeConfig(ExitPolicyConfig):
     # confidence policy and threshold, or self_speculative ones sharing their draft settings.
     # 1: every request alone, in arrival order.
     max_batch_size: int = 8
+    # Prompt tokens prefilled per step of the running batch (chunked prefill): a long prompt joins
+    # over several steps instead of stalling the decoding rows for its whole prefill. null: whole
+    # prompts at once.
+    prefill_chunk: Optional[int] = 256
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -131,6 +135,8 @@ class ServeConfig(ExitPolicyConfig):
         for key in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "queue_size", "max_batch_size"):
             if getattr(self, key) < 1:
                 raise EetuneError(f"serve.{key}={getattr(self, key)} must be >= 1")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise EetuneError(f"serve.prefill_chunk={self.prefill_chunk} must be >= 1 (or null for whole prompts)")
         if self.default_max_tokens > self.max_tokens:
             raise EetuneError(
                 f"serve.default_max_tokens={self.default_max_tokens} exceeds serve.max_tokens={self.max_tokens}"
