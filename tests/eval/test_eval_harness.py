@@ -120,7 +120,7 @@ def evaluated(run_dir, task_dir):
         model="eetune",
         model_args=f"run_dir={run_dir},mode=early_exit,threshold={THRESHOLD}",
         tasks=["eetune_test_mc", "eetune_test_qa"],
-        task_manager=TaskManager(include_path=str(task_dir)),
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True,
         device="cpu",
     )
@@ -328,7 +328,7 @@ def test_simple_evaluate_with_batch_size_3_gives_batch_1s_answers(run_dir, task_
 
     batched = simple_evaluate(
         model="eetune", model_args=f"run_dir={run_dir},mode=early_exit,threshold={THRESHOLD}",
-        tasks=["eetune_test_mc", "eetune_test_qa"], task_manager=TaskManager(include_path=str(task_dir)),
+        tasks=["eetune_test_mc", "eetune_test_qa"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         log_samples=True, device="cpu", batch_size=3,
     )
     assert batched["config"]["eetune_batch_size"] == 3

@@ -283,7 +283,7 @@ def test_learned_confidence_evaluates_no_head_for_tokens_that_stay(ee_learned: E
 def test_self_speculative_greedy_equals_full(ee: EarlyExitModel) -> None:
     engine = Engine(ee)
     total_drafted = total_accepted = 0
-    for seed in range(20):
+    for seed in range(8):
         prompt = _prompt(seed + 100)
         full = engine.generate(prompt, DecodeSettings(max_new_tokens=16)).tokens
         for draft_exit in ee.exit_layers:
@@ -452,17 +452,20 @@ def test_sampled_self_speculative_matches_full_model_distribution(ee: EarlyExitM
     # With a restricted draft vocabulary, the draft law is zero outside the kept tokens: still exact.
     engine = Engine(ee, token_order=_frequency_order(1))
     runs = 1500
-    counts: Counter[tuple[int, ...]] = Counter()
-    drafted = accepted = 0
-    for seed in range(runs):
-        settings = DecodeSettings(
-            mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=3, temperature=1.0, top_k=3,
-            seed=seed, draft_vocab=draft_vocab,
-        )
-        result = engine.generate(prompt, settings)
-        counts[tuple(result.tokens)] += 1
-        drafted += result.draft_tokens
-        accepted += result.accepted_tokens
+
+    def settings(seed: int) -> DecodeSettings:
+        return DecodeSettings(mode="self_speculative", draft_exit=2, draft_len=2, max_new_tokens=3, temperature=1.0,
+                              top_k=3, seed=seed, draft_vocab=draft_vocab)
+
+    # The runs decode 100 at a time in one batch (each row with its own seed's RNG), which is
+    # each seed's solo decode: checked here on the first seeds.
+    scheduler = BatchScheduler(engine, max_batch_size=100, max_seq_len=16)
+    results = decode_all(scheduler, [BatchRequest(prompt, settings(seed)) for seed in range(runs)])
+    for seed in range(20):
+        assert results[seed].tokens == engine.generate(prompt, settings(seed)).tokens, seed
+    counts = Counter(tuple(r.tokens) for r in results)
+    drafted = sum(r.draft_tokens for r in results)
+    accepted = sum(r.accepted_tokens for r in results)
     assert set(counts) <= set(exact)
     chi2 = sum((counts[o] - runs * m) ** 2 / (runs * m) for o, m in exact.items())
     # 26 degrees of freedom: P(chi2 > 60) ~ 2e-4 under the exact law.
@@ -696,7 +699,7 @@ def _chat(smollm2: BaseModel, question: str) -> list[int]:
 
 def test_smollm2_self_speculative_and_early_exit_are_exact(smollm2: BaseModel, smollm2_ee: EarlyExitModel) -> None:
     engine = Engine(smollm2_ee)
-    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea."]
+    questions = ["What is the capital of France?", "Write a haiku about the sea."]
     drafted = accepted = 0
     for question in questions:
         prompt = _chat(smollm2, question)
