@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "export.format": ("draft", "hf", "gguf"),
     "export.dtype": ("float32", "bfloat16", "float16"),
     "parallel.backend": ("auto", "gloo", "nccl"),
+    "plan.workload": ("tune", "serve"),
 }
 
 

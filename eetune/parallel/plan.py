@@ -125,7 +125,7 @@ class Plan:
 
 def make_plan(cfg: EetuneConfig) -> Plan:
     entry = get_model_entry(cfg.model.name)
-    config = _model_config(cfg, entry)
+    config = model_config(cfg, entry)
     shape = Shape.from_config(entry.family, config)
     needs = run_needs(cfg)  # as tune: the exits of `train.init_from` when it names a run
     specs, needs_final = needs.specs, needs.needs_final
@@ -158,7 +158,7 @@ def make_plan(cfg: EetuneConfig) -> Plan:
     )
 
 
-def _model_config(cfg: EetuneConfig, entry: ModelEntry) -> Mapping[str, Any]:
+def model_config(cfg: EetuneConfig, entry: ModelEntry) -> Mapping[str, Any]:
     """The checkpoint's own config.json when model.checkpoint_dir has one, else the registry's."""
     if cfg.model.checkpoint_dir:
         from pathlib import Path

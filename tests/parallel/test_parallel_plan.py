@@ -12,6 +12,7 @@ import pytest
 from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.parallel.plan import GIB, make_plan
+from eetune.parallel.serve_plan import make_serve_plan, smallest_mesh
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,3 +121,58 @@ def test_plan_counts_the_exits_train_init_from_names_as_tune_does(tmp_path):
     assert resumed.stages[-1].plan.last == 32  # the final layer is computed: a confidence estimator trains
     written = make_plan(compose_config("plan", [*common, "exits.layers=[8,20]"]))
     assert written.stages[-1].plan.last == 20
+
+
+# -- plan.workload=serve ---------------------------------------------------------------------------
+
+
+def serve_cfg(*overrides: str):
+    # Llama-2-7B in bf16 with 3 mlp exits sharing the LM head; 4 sequences of 2048 positions.
+    return compose_config("plan", [
+        "recipe=llama2_13b_mlp", "model=llama2_7b", "model.dtype=bfloat16", "exits.layers=[8,16,24]",
+        "exits.arch=mlp", "exits.head=shared", "exits.confidence=none", "plan.workload=serve", "plan.batch_size=4",
+        "plan.context=2048", "serve.prefill_chunk=256", "plan.gpu_memory_gb=80", *overrides,
+    ])
+
+
+def test_serving_memory_per_rank_matches_hand_arithmetic():
+    plan = make_serve_plan(serve_cfg("parallel.tp=2", "parallel.pp=2"))
+    assert [(s.plan.first, s.plan.last, s.plan.exits) for s in plan.stages] == [(0, 16, (8, 16)), (16, 32, (24,))]
+    last = plan.stages[1].memory  # bf16 = 2 bytes, every tensor split over tp=2
+    assert last["backbone layers"] == 16 * LAYER * 2 / 2
+    assert last["embeddings + LM head"] == HEAD * 2 / 2 + 4096 * 2  # untied head (vocabulary-parallel) + final norm
+    assert last["exits"] == EXIT_BODY * 2 / 2  # one mlp exit; its head is the LM head
+    assert last["KV cache"] == 16 * 2 * 4 * 2048 * (4096 / 2) * 2 == GIB  # 16 layers x K,V x rows x positions
+    assert last["activations"] == 256 * 2 * (2 * 4096 + (2 * 4096 + 2 * 4096 + 3 * 11008) / 2) + 4 * 32000 / 2 * 4
+    first = plan.stages[0].memory  # embeddings, and the LM head for its two shared-head exits
+    assert first["embeddings + LM head"] == 2 * HEAD * 2 / 2 + 4096 * 2
+    assert plan.usable == 0.9 * 80 * GIB and plan.fits
+
+
+def test_the_smallest_serving_mesh_is_the_fewest_gpus_that_fit():
+    cfg = compose_config("plan", ["recipe=llama2_70b_mlp", "plan.workload=serve", "plan.batch_size=8",
+                                  "plan.context=4096"])
+    best = smallest_mesh(cfg)
+    assert best is not None and best.fits
+    for tp in (1, 2, 4, 8):
+        for pp in range(1, 9):
+            if tp * pp < best.gpus or (tp * pp == best.gpus and pp < best.pp):
+                assert not make_serve_plan(cfg, tp, pp).fits, (tp, pp)
+    # A bigger KV cache needs more GPUs; none is enough once one stage's share cannot fit.
+    bigger = smallest_mesh(compose_config("plan", ["recipe=llama2_70b_mlp", "plan.workload=serve",
+                                                   "plan.batch_size=64", "plan.context=4096"]))
+    assert bigger is not None and bigger.gpus > best.gpus
+    assert smallest_mesh(compose_config("plan", ["recipe=llama2_70b_mlp", "plan.workload=serve",
+                                                 "plan.gpus_per_node=1", "plan.gpu_memory_gb=24"])) is None
+
+
+def test_plan_serve_command_prints_the_smallest_mesh_and_refuses_a_bad_tp():
+    args = [sys.executable, "-m", "eetune.cli", "plan", "recipe=llama2_70b_mlp", "plan.workload=serve"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "on tp=1 x pp=1 (1 GPU) of 80 GB: does not fit" in text
+    assert "the smallest mesh that serves it: tp=" in text and "KV cache" in text
+    bad = subprocess.run([*args, "parallel.tp=3"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "parallel.tp=3 must divide the model's 64 attention and 8 KV heads" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from eetune.config.checks import check_choices
 
@@ -47,6 +48,13 @@ class PlanConfig:
     # Dense bf16 peak per GPU (A100: 312, H100 SXM: 989) and the fraction of it a step reaches.
     gpu_tflops: float = 312.0
     mfu: float = 0.4
+    # tune: the memory and speed of a tuning step on parallel.*'s mesh. serve: the memory of
+    # decoding on parallel.tp x parallel.pp ranks, and the smallest mesh that serves the model.
+    workload: str = "tune"
+    # serve: sequences decoding at once, and the positions each one's KV cache holds
+    # (null: model.max_seq_len).
+    batch_size: int = 8
+    context: Optional[int] = None
 
     def validate(self) -> None:
-        pass
+        check_choices(self, "plan")
