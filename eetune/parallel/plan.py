@@ -92,8 +92,37 @@ class StageCost:
         return sum(self.memory.values())
 
 
+class MeshMemory:
+    """What a plan of pipeline stages says about memory: the fullest stage, and whether it fits
+    the GPU (`capacity` bytes) less the reserve. Subclasses are dataclasses with `stages` and `capacity`."""
+
+    stages: list
+    capacity: float
+
+    @property
+    def worst(self):
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def usable(self) -> float:
+        return self.capacity * (1 - RESERVED)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.total <= self.usable
+
+
+def head_bytes(plan: StagePlan, shape: Shape, weight_bytes: int, tp: int) -> float:
+    """Embeddings (first stage) and the LM head with the final norm (where the final layer or an exit
+    needs them; a tied model's head is its embeddings), split over tp."""
+    head_needed = bool(plan.exits) or plan.computes_final
+    embeddings = plan.is_first or (head_needed and shape.tied)
+    untied_head = head_needed and not shape.tied
+    return (embeddings + untied_head) * shape.vocab * shape.dim * weight_bytes / tp + head_needed * shape.dim * weight_bytes
+
+
 @dataclass
-class Plan:
+class Plan(MeshMemory):
     model: str
     dims: ParallelDims
     gpus: int
@@ -105,18 +134,6 @@ class Plan:
     step_seconds: float
     pipeline_efficiency: float
     specs: list[ExitSpec] = field(default_factory=list)  # every exit of the run
-
-    @property
-    def worst(self) -> StageCost:
-        return max(self.stages, key=lambda s: s.total)
-
-    @property
-    def usable(self) -> float:
-        return self.capacity * (1 - RESERVED)
-
-    @property
-    def fits(self) -> bool:
-        return self.worst.total <= self.usable
 
     @property
     def tokens_per_s(self) -> float:
@@ -182,10 +199,7 @@ def _stage_cost(plan: StagePlan, specs: list[ExitSpec], shape: Shape, dims: Para
     m["backbone layers"] = layers * shape.layer_params * weight_bytes / (dp * tp)
     if dp > 1 and layers:
         m["backbone layers"] += min(layers, 2) * shape.layer_params * weight_bytes / tp  # gathered
-    head_needed = bool(plan.exits) or plan.computes_final
-    embeddings = plan.is_first or (head_needed and shape.tied)
-    untied_head = head_needed and not shape.tied
-    m["embeddings + LM head"] = (embeddings + untied_head) * v * d * weight_bytes / tp + head_needed * d * weight_bytes
+    m["embeddings + LM head"] = head_bytes(plan, shape, weight_bytes, tp)
 
     # Exits: fp32 masters, fp32 gradients, AdamW moments (sharded); gathered compute copies.
     sizes = [exit_params(spec, shape) for spec in specs]

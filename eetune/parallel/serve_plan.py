@@ -27,7 +27,7 @@ from eetune.exits import ExitSpec, check_specs, get_exit_arch
 from eetune.models import get_model_entry, param_count
 from eetune.models import hf_config as hfc
 from eetune.parallel.pipeline import StagePlan, plan_stages
-from eetune.parallel.plan import _BYTES, GIB, RESERVED, Shape, exit_params, model_config
+from eetune.parallel.plan import _BYTES, GIB, MeshMemory, Shape, exit_params, head_bytes, model_config
 from eetune.train.needs import run_needs
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class ServeStage:
 
 
 @dataclass
-class ServePlan:
+class ServePlan(MeshMemory):
     model: str
     tp: int
     pp: int
@@ -62,18 +62,6 @@ class ServePlan:
     @property
     def gpus(self) -> int:
         return self.tp * self.pp
-
-    @property
-    def worst(self) -> ServeStage:
-        return max(self.stages, key=lambda s: s.total)
-
-    @property
-    def usable(self) -> float:
-        return self.capacity * (1 - RESERVED)
-
-    @property
-    def fits(self) -> bool:
-        return self.worst.total <= self.usable
 
     def describe(self) -> str:
         return f"tp={self.tp} x pp={self.pp} ({self.gpus} GPU{'s' if self.gpus > 1 else ''})"
@@ -140,10 +128,7 @@ def _stage_memory(plan: StagePlan, specs: list[ExitSpec], shape: Shape, tp: int,
     m = stage.memory
     layers = plan.last - plan.first
     m["backbone layers"] = layers * shape.layer_params * weight_bytes / tp
-    head_needed = bool(plan.exits) or plan.is_last
-    embeddings = plan.is_first or (head_needed and shape.tied)
-    untied_head = head_needed and not shape.tied
-    m["embeddings + LM head"] = (embeddings + untied_head) * v * d * weight_bytes / tp + head_needed * d * weight_bytes
+    m["embeddings + LM head"] = head_bytes(plan, shape, weight_bytes, tp)  # every serving plan computes the final layer
     m["exits"] = sum(sum(exit_params(spec, shape)) for spec in specs) * weight_bytes / tp
     caches = layers + sum(get_exit_arch(spec.arch).block is not None for spec in specs)
     m["KV cache"] = caches * 2 * batch * context * kv / tp * weight_bytes
