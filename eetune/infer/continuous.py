@@ -88,13 +88,6 @@ class ContinuousBatch:
         self.advance(None)
         return self.join()
 
-    def admit_deferred(self, prompt_ids: Sequence[int], fill: Sequence[int]) -> None:
-        """Prefill all but the prompt's last token into a new row, with the `layer` exit blocks in
-        `fill`; the row's next `step_exits` token is that last one (it may leave early like any other)."""
-        self.start(prompt_ids, fill, deferred=True)
-        self.advance(None)
-        self.join()
-
     def start(self, prompt_ids: Sequence[int], fill: Sequence[int] = (), *, deferred: bool = False) -> None:
         """Begin prefilling a new row: the whole prompt, or all but its last token (`deferred`:
         early exit decodes that one like any other); `advance` does the work, `join` adds the row."""
