@@ -137,6 +137,10 @@ def generate(
     confidence: Optional[str] = typer.Option(None, "--confidence", help=" | ".join(CHOICES["generate.confidence"])),
     draft_exit: Optional[int] = typer.Option(None, "--draft-exit", help="self_speculative: the drafting exit."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="self_speculative: tokens per draft."),
+    draft_schedule: Optional[str] = typer.Option(
+        None, "--draft-schedule", help="self_speculative: " + " | ".join(CHOICES["generate.draft_schedule"])
+        + " (adaptive: as many drafts as pay, up to --draft-len)."
+    ),
     draft_vocab: Optional[int] = typer.Option(
         None, "--draft-vocab", help="self_speculative: draft over the N most frequent tokens (FR-Spec)."
     ),
@@ -159,6 +163,7 @@ def generate(
         "generate.confidence": confidence,
         "generate.draft_exit": draft_exit,
         "generate.draft_len": draft_len,
+        "generate.draft_schedule": draft_schedule,
         "generate.draft_vocab": draft_vocab,
         "generate.draft_confidence": draft_confidence,
         "generate.color": color,

@@ -8,6 +8,7 @@ from typing import Any
 from eetune.errors import EetuneError
 from eetune.exits.spec import ARCHS, HEADS, INITS, NORM_INITS
 from eetune.exits.spec import CONFIDENCES as ESTIMATORS
+from eetune.infer.draft_schedule import SCHEDULES
 from eetune.infer.policy import CONFIDENCES, MODES
 
 # Closed sets of values for string fields, checked after composition.
@@ -21,8 +22,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # Decoding choices: the exit policy's own lists (eetune.infer.policy).
     "generate.mode": MODES,
     "generate.confidence": CONFIDENCES,
+    "generate.draft_schedule": SCHEDULES,
     "serve.mode": MODES,
     "serve.confidence": CONFIDENCES,
+    "serve.draft_schedule": SCHEDULES,
     "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
     "data.heldout_by": ("tail", "prompt"),

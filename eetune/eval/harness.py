@@ -13,7 +13,7 @@ eetune.eval.harness` before `lm_eval.simple_evaluate(model="eetune", ...)` does 
 - generate_until: the decoding engine itself (full, early_exit or self_speculative).
 
 model_args: run_dir (required), mode (full | early_exit | self_speculative), threshold (default:
-the run's calibrated one, else 0.8), confidence (max_prob | learned), draft_exit, draft_len,
+the run's calibrated one, else 0.8), confidence (max_prob | learned), draft_exit, draft_len, draft_schedule,
 dtype, max_length, max_gen_toks, seed, batch_size.
 
 Batches: `--batch_size B` (or batch_size=B in model_args, which wins over the flag) scores B
@@ -78,6 +78,7 @@ class EetuneLM(TemplateLM):
         confidence: str = "max_prob",
         draft_exit: int | None = None,
         draft_len: int = 4,
+        draft_schedule: str = "constant",
         dtype: str | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
@@ -102,7 +103,7 @@ class EetuneLM(TemplateLM):
         self.batch_size = _batch_size(batch_size, max_batch_size)
         self.engine = Engine(self.model, max_batch_size=self.batch_size)
         self.scorer = PolicyScorer(self.model, self.policy)
-        self.draft_exit, self.draft_len = draft_exit, int(draft_len)
+        self.draft_exit, self.draft_len, self.draft_schedule = draft_exit, int(draft_len), draft_schedule
         self.max_length = min(int(max_length or model_cfg.max_seq_len), base.model.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
@@ -194,7 +195,8 @@ class EetuneLM(TemplateLM):
     def _settings(self, max_new_tokens: int, temperature: float, extra_stops: frozenset[int] = frozenset()) -> DecodeSettings:
         return DecodeSettings(
             mode=self.policy.mode, threshold=self.policy.threshold, confidence=self.policy.confidence,
-            draft_exit=self.draft_exit, draft_len=self.draft_len, max_new_tokens=max_new_tokens,
+            draft_exit=self.draft_exit, draft_len=self.draft_len, draft_schedule=self.draft_schedule,
+            max_new_tokens=max_new_tokens,
             temperature=temperature, seed=self.seed, stop_ids=self.stop_ids | extra_stops,
         )
 

@@ -30,6 +30,7 @@ from eetune.errors import EetuneError
 from eetune.exits.model import EarlyExitModel
 from eetune.exits.archs import get_exit_arch
 from eetune.infer.caches import DecodeCaches
+from eetune.infer.draft_schedule import DraftCosts
 from eetune.infer.early_exit import decode_full, decode_lockstep
 from eetune.infer.generate import Span, _check_request_length, layer_forward
 from eetune.infer.policy import CONFIDENCES, MODES, POLICIES, check_exit_settings, exits_early, exits_here, model_exit_rules
@@ -186,6 +187,23 @@ class Engine:
             ids = self.token_order[:size]
             self._draft_heads[key] = (ids, self.model.head_weight(layer)[ids].contiguous())
         return self._draft_heads[key]
+
+    def _draft_costs(self, layer: int, draft_vocab: int | None) -> DraftCosts:
+        """Parameters a self-speculative round drafting at exit `layer` streams, by part (the
+        adaptive draft schedule's cost model)."""
+        backbone = self.model.backbone
+        per_layer = [sum(p.numel() for p in block.parameters()) for block in backbone.layers]
+        head = self.vocab_size * backbone.tok_embeddings.embedding_dim
+        # The exit's own module; a head of its own is the draft head, counted apart.
+        exit_params = sum(p.numel() for p in self.model.exit(layer).parameters() if p.shape[:1] != (self.vocab_size,))
+        kept = self.vocab_size if draft_vocab is None else min(draft_vocab, self.vocab_size)
+        return DraftCosts(
+            below=sum(per_layer[:layer]),
+            exit=exit_params,
+            draft_head=head * kept / self.vocab_size,
+            above=sum(per_layer[layer:]),
+            head=head,
+        )
 
     def _final_logits(self, caches: DecodeCaches, h: Tensor) -> Tensor:
         self.head_calls[self.num_layers] += math.prod(h.shape[:-1])

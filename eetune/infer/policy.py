@@ -15,7 +15,7 @@ Everything that decides whether a token leaves at an exit lives here and nowhere
   explicit value, else the one `eetune eval` calibrated into the run dir, else
   DEFAULT_THRESHOLD;
 - `check_exit_settings`, the per-exit rules of a set of exit settings (mode, threshold,
-  confidence, draft_exit, draft_len, draft_vocab, draft_confidence) for a model, used by the
+  confidence, draft_exit, draft_len, draft_schedule, draft_vocab, draft_confidence) for a model, used by the
   Engine, by serve's ServedModel and by the lm-eval model.
 
 Adding a confidence policy: one `register(ConfidencePolicy(...))` below (plus its estimator
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from eetune.errors import EetuneError
 from eetune.exits.spec import DEFAULT_THRESHOLD
+from eetune.infer.draft_schedule import SCHEDULES
 
 MODES = ("full", "early_exit", "self_speculative")
 # The most tokens one self-speculative draft may hold (a server's limit per request and in `serve`).
@@ -201,6 +202,8 @@ def check_exit_settings(
             fail("threshold", str(exc))
     if s.draft_len is not None and s.draft_len < 1:
         fail("draft_len", f"{prefix}draft_len must be >= 1, got {s.draft_len}")
+    if s.draft_schedule not in SCHEDULES:
+        fail("draft_schedule", f"unknown draft_schedule {s.draft_schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if s.draft_vocab is not None and s.draft_vocab < 1:
         fail("draft_vocab", f"{prefix}draft_vocab must be >= 1 token, got {s.draft_vocab}")
     if s.draft_confidence is not None and not (_is_number(s.draft_confidence) and 0.0 < s.draft_confidence <= 1.0):

@@ -22,6 +22,7 @@ import torch
 
 from eetune.errors import EetuneError
 from eetune.infer.continuous import ContinuousBatch
+from eetune.infer.draft_schedule import DraftSchedule
 from eetune.infer.generate import _check_request_length
 from eetune.infer.picker import Picker
 from eetune.infer.sampling import TokenLogprob
@@ -49,6 +50,7 @@ class BatchRequest:
     accepted: int = 0
     result: DecodeResult | None = None
     _picker: Picker | None = None
+    _schedule: DraftSchedule | None = None  # self_speculative: its draft lengths
     admitted_at: float = 0.0  # perf_counter() when it joined the batch
     _first: float = 0.0
 
@@ -89,7 +91,7 @@ class BatchScheduler:
         if settings.mode == SPECULATIVE:
             s = settings
             draft_exit = s.draft_exit if s.draft_exit is not None else self.engine.model.exit_layers[-1]
-            return (SPECULATIVE, draft_exit, s.draft_len, s.draft_vocab, s.draft_confidence)
+            return (SPECULATIVE, draft_exit, s.draft_len, s.draft_schedule, s.draft_vocab, s.draft_confidence)
         if not self.engine._exit_stops(settings):
             return FULL
         return ("early_exit", settings.confidence, settings.threshold)
@@ -126,6 +128,7 @@ class BatchScheduler:
         speculative = group != FULL and group[0] == SPECULATIVE
         self.group, self._stops = group, self.engine._exit_stops(s)
         self._drafting = Drafting.of(self.engine, s) if speculative else None
+        request._schedule = None if self._drafting is None else self._drafting.schedule(self.engine)
         self.joining.append(request)
         if self.prefill_chunk is None:
             return request in self._prefill_joining(None)
@@ -202,7 +205,7 @@ class BatchScheduler:
         """One draft-and-verify round for every row; each emits its accepted drafts and one more token."""
         budgets = [r.settings.max_new_tokens - len(r.tokens) for r in self.rows]
         outputs = speculative_round(self.engine, self.batch, inputs, budgets, [r._picker for r in self.rows],
-                                    self._drafting)
+                                    [r._schedule for r in self.rows], self._drafting)
         finished = []
         for row, (request, out) in enumerate(zip(list(self.rows), outputs)):
             request.drafted += out.drafted

@@ -20,7 +20,10 @@ class DecodeSettings:
     # learned (sigmoid of the exit's estimator; the head runs only where it fires) | ...
     confidence: str = "max_prob"
     draft_exit: int | None = None  # self_speculative: exit layer used for drafting (default: the deepest exit)
-    draft_len: int = 4  # self_speculative: tokens drafted per verify forward (k)
+    draft_len: int = 4  # self_speculative: tokens drafted per verify forward (k); adaptive: the most
+    # self_speculative: `constant` drafts draft_len every round; `adaptive` drafts what pays given the
+    # row's running acceptance, down to none (a full-model step) (eetune.infer.draft_schedule).
+    draft_schedule: str = "constant"
     # self_speculative: draft over only the N most frequent tokens (FR-Spec): the draft head
     # streams N rows instead of the whole vocabulary; verification with the full head keeps the
     # output exact. None drafts over the whole vocabulary. Needs the engine's `token_order`.
@@ -45,7 +48,9 @@ class DecodeSettings:
 
 # The fields of DecodeSettings that say how to use the exits; the generate and serve configs,
 # serve's per-request options and eval's sweep settings name them the same.
-EXIT_FIELDS = ("mode", "threshold", "confidence", "draft_exit", "draft_len", "draft_vocab", "draft_confidence")
+EXIT_FIELDS = (
+    "mode", "threshold", "confidence", "draft_exit", "draft_len", "draft_schedule", "draft_vocab", "draft_confidence",
+)
 
 
 def exit_settings(source: Any, **rest: Any) -> DecodeSettings:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from eetune.infer.draft_schedule import DraftSchedule
 from eetune.infer.generate import layer_forward
 from eetune.infer.picker import Picker
 from eetune.infer.policy import POLICIES
@@ -88,6 +89,7 @@ def decode_self_speculative(
     draft_layer = s.draft_exit if s.draft_exit is not None else engine.model.exit_layers[-1]
     layer_exit = draft_layer in engine._layer_exits
     draft_head = None if s.draft_vocab is None else engine._draft_head(draft_layer, s.draft_vocab)
+    schedule = draft_schedule(engine, s, draft_layer)
     caches = engine._caches_for(1, len(prompt) + s.max_new_tokens)
     caches.set_padding([0])
     gen = caches.gen
@@ -121,7 +123,7 @@ def decode_self_speculative(
         t1 = time.perf_counter()
         pos = len(prompt)  # where out[-1], not yet fed, goes
         while not done:
-            k = min(s.draft_len, s.max_new_tokens - len(out) - 1)
+            k = schedule.next_length(s.max_new_tokens - len(out) - 1)
             token = torch.tensor([[out[-1]]], device=device)
             draft_ids: list[Tensor] = []
             draft_probs: list[Tensor] = []
@@ -166,6 +168,7 @@ def decode_self_speculative(
             layer_calls += k * draft_layer + n_layers
             drafted += k
             accepted += n_ok
+            schedule.record(k, n_ok)
             emitted = torch.cat((draft[:n_ok], torch.tensor([next_token], device=device)))
             # The output is the full model's: its logprobs come from the verify pass.
             logprobs = [None] * (n_ok + 1) if picker.top is None else token_logprobs(
@@ -195,6 +198,12 @@ def decode_self_speculative(
         stopped_by="eos" if out[-1] in stop_ids else "callback" if halted else "length",
         logprobs=None if picker.logprobs is None else picker.logprobs[0],
     )
+
+
+def draft_schedule(engine: Engine, s: DecodeSettings, layer: int) -> DraftSchedule:
+    """A row's draft lengths under settings `s`, drafting at exit `layer`."""
+    costs = engine._draft_costs(layer, s.draft_vocab) if s.draft_schedule == "adaptive" else None
+    return DraftSchedule(s.draft_schedule, s.draft_len, costs)
 
 
 def draft_logits(engine: Engine, layer: int, hidden: Tensor, draft_head: tuple[Tensor, Tensor] | None) -> Tensor:

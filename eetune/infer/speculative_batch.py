@@ -3,8 +3,8 @@
 Every row drafts with the exit's layers and head and verifies with the deeper layers in the same
 forwards, each at its own positions, and accepts its own prefix. A round runs as many draft
 steps as its most ambitious row: row r considers only its own k_r drafts (the ones its solo
-decode would make: `draft_len`, fewer near its token budget, fewer where the drafting exit's
-estimator doubts a draft), so its tokens are its solo output. Positions a row drafted past its
+decode would make: its draft schedule's length, fewer near its token budget, fewer where the
+drafting exit's estimator doubts a draft), so its tokens are its solo output. Positions a row drafted past its
 k_r, like rejected drafts, are simply overwritten later (the caches are position-indexed).
 """
 
@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 from eetune.infer.continuous import ContinuousBatch
+from eetune.infer.draft_schedule import DraftSchedule
 from eetune.infer.picker import Picker
 from eetune.infer.policy import POLICIES
 from eetune.infer.sampling import TokenLogprob, probabilities, token_logprobs
 from eetune.infer.settings import DecodeSettings
-from eetune.infer.speculative import accept_greedy, accept_sampled, draft_logits, pick_draft
+from eetune.infer.speculative import accept_greedy, accept_sampled, draft_logits, draft_schedule, pick_draft
 
 if TYPE_CHECKING:
     from eetune.infer.engine import Engine
@@ -29,18 +30,23 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Drafting:
-    """How rows draft: the exit, tokens per round, FR-Spec head (kept ids, their head rows), estimator cut."""
+    """How rows draft: the exit, FR-Spec head (kept ids, their head rows), estimator cut, and the
+    settings each row's own DraftSchedule (tokens per round) starts from."""
 
     layer: int
-    length: int
     head: tuple[Tensor, Tensor] | None
     confidence: float | None
+    settings: DecodeSettings
 
     @classmethod
     def of(cls, engine: Engine, s: DecodeSettings) -> Drafting:
         layer = s.draft_exit if s.draft_exit is not None else engine.model.exit_layers[-1]
         head = None if s.draft_vocab is None else engine._draft_head(layer, s.draft_vocab)
-        return cls(layer, s.draft_len, head, s.draft_confidence)
+        return cls(layer, head, s.draft_confidence, s)
+
+    def schedule(self, engine: Engine) -> DraftSchedule:
+        """A new row's draft lengths."""
+        return draft_schedule(engine, self.settings, self.layer)
 
 
 @dataclass
@@ -57,17 +63,24 @@ class RoundOutput:
 
 @torch.inference_mode()
 def speculative_round(
-    engine: Engine, batch: ContinuousBatch, inputs: list[int], budgets: list[int], pickers: list[Picker], d: Drafting
+    engine: Engine,
+    batch: ContinuousBatch,
+    inputs: list[int],
+    budgets: list[int],
+    pickers: list[Picker],
+    schedules: list[DraftSchedule],
+    d: Drafting,
 ) -> list[RoundOutput]:
-    """Row r feeds inputs[r] (its newest token) and may emit up to budgets[r] tokens; draft, verify
-    and accept for every row. Advances each row's length by the positions it accepted."""
+    """Row r feeds inputs[r] (its newest token) and may emit up to budgets[r] tokens, drafting as
+    many as schedules[r] says; draft, verify and accept for every row, and tell each schedule what
+    was accepted. Advances each row's length by the positions it accepted."""
     n, gen, n_layers = batch.size, batch.gen, engine.num_layers
     backbone, caches = gen.row_caches(0, n), batch.caches.rows(0, n)
     device = gen.device
     pos = torch.tensor(batch.lengths, dtype=torch.long, device=device)  # where inputs[r] goes
     # Row r's drafts this round (its solo decode's k), bounded so every row's positions fit.
     room = batch.max_seq_len - 1 - int(pos.max())
-    ks = [max(0, min(d.length, budget - 1, room)) for budget in budgets]
+    ks = [schedule.next_length(min(budget - 1, room)) for schedule, budget in zip(schedules, budgets)]
     steps = max(ks)
     tokens = torch.tensor(inputs, dtype=torch.long, device=device)[:, None]
     states: list[Tensor] = []
@@ -116,6 +129,7 @@ def speculative_round(
         emitted = draft[:n_ok].tolist() + [next_token]
         logprobs = [None] * len(emitted) if picker.top is None else token_logprobs(
             target[: n_ok + 1], torch.tensor(emitted, device=device), picker.top)
+        schedules[r].record(k, n_ok)
         outputs.append(RoundOutput(emitted, [d.layer] * n_ok + [n_layers], logprobs, k, n_ok))
         batch.lengths[r] += n_ok + 1
     return outputs

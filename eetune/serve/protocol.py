@@ -5,7 +5,7 @@ OpenAI parameters this server cannot honour are named and refused (400, code
 `unsupported_parameter`) unless they carry their default value (`n: 1`, `tools: []`, ...);
 a few that do not change the answer (`user`, `metadata`, `store`, `service_tier`,
 `parallel_tool_calls`) are accepted and ignored. Beyond OpenAI's fields, a request may carry
-`early_exit: {mode, threshold, confidence, draft_exit, draft_len, draft_vocab,
+`early_exit: {mode, threshold, confidence, draft_exit, draft_len, draft_schedule, draft_vocab,
 draft_confidence}`; each field it gives overrides the server's default. Responses carry the
 decoding statistics in an `early_exit` object beside `usage`.
 """
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from eetune.infer.draft_schedule import SCHEDULES
 from eetune.infer.policy import CONFIDENCES, MAX_DRAFT_LEN, MODES, THRESHOLD_RANGE
 from eetune.infer.sampling import SEED_MAX, SEED_MIN, TokenLogprob
 
@@ -80,6 +81,7 @@ class EarlyExitOptions(_Strict):
     confidence: Literal[CONFIDENCES] | None = None  # type: ignore[valid-type]
     draft_exit: int | None = None
     draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN)
+    draft_schedule: Literal[SCHEDULES] | None = None  # type: ignore[valid-type]
     draft_vocab: int | None = Field(None, ge=1)
     draft_confidence: float | None = Field(None, gt=0.0, le=1.0)
 
@@ -259,6 +261,7 @@ def statistics(completion: Completion) -> dict[str, Any]:
         "confidence": s.confidence if early else None,
         "draft_exit": completion.draft_exit if speculative else None,
         "draft_len": s.draft_len if speculative else None,
+        "draft_schedule": s.draft_schedule if speculative else None,
         "draft_vocab": s.draft_vocab if speculative else None,
         "draft_confidence": s.draft_confidence if speculative else None,
         "num_layers": completion.num_layers,

@@ -6,10 +6,13 @@ ignored so every case decodes exactly that many):
 - `hf`: Hugging Face transformers `generate` on the same weights and dtype (the baseline).
 - `full`: our engine with the full model (every speedup below is relative to it).
 - `early_exit`: each threshold x each confidence policy (max_prob, learned).
-- `self_speculative`: each drafting exit x draft length, with the whole vocabulary or a
-  restricted draft vocabulary (FR-Spec); output must equal `full`.
+- `self_speculative`: each drafting exit x draft length x draft schedule (`constant`: k every
+  round; `adaptive`: as many as pay from the running acceptance, up to k), with the whole
+  vocabulary or a restricted draft vocabulary (FR-Spec); output must equal `full`.
 - `int8` (optional): `full` on torchao weight-only int8 weights, reported separately.
 
+Every case runs on each prompt set of `--prompt-sets`: `bench` (scripts/bench/prompts.txt) and
+`unseen` (scripts/bench/prompts_unseen.txt: topics no tuning prompt touches, checked by a test).
 Cases run interleaved prompt by prompt, so a change in machine load affects them alike.
 Decode speed counts tokens after the first one (prefill excluded) for every case, HF too
 (timed with a streamer). Quality, against the full model:
@@ -20,9 +23,10 @@ Decode speed counts tokens after the first one (prefill excluded) for every case
   continuation, so this one is harsh: bf16 rounding alone (HF vs ours) takes it far below 100%.
 
     .venv/bin/python scripts/bench/decode.py --run-dir runs/smollm2_135m [--prompts 10] [--new-tokens 128] \
-        [--int8] [--assisted] [--serve]
+        [--prompt-sets bench,unseen] [--draft-schedules constant,adaptive] [--int8] [--assisted] [--serve]
 
-Writes decode.json and decode.png (speedup vs agreement) under --out and prints a table.
+Writes decode.json and decode.png (speedup vs agreement, one panel per prompt set) under --out
+and prints a table per prompt set.
 `--assisted` and `--serve` also run assisted.py (transformers assisted generation with each
 exit exported as a draft model) and serve_load.py (1-16 concurrent streaming clients against
 `eetune serve` at max_batch_size 1 and 8, every mode) on the same exits; each writes its own JSON beside decode.json. The prompts
@@ -53,7 +57,9 @@ from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
 from eetune.rundir import atomic_write  # noqa: E402
 from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
 
-PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.txt"  # chat prompts no tuning data was made from
+BENCH_DIR = Path(__file__).resolve().parent
+# Chat prompts no tuning data was made from; `unseen` also on topics absent from every tuning prompt.
+PROMPT_SETS = {"bench": BENCH_DIR / "prompts.txt", "unseen": BENCH_DIR / "prompts_unseen.txt"}
 
 
 @dataclass
@@ -88,42 +94,89 @@ def main() -> None:
     model = load_exits(args.run_dir, base.model, base.fingerprint)
     stops = tuple(sorted(stop_token_ids(base.tokenizer)))
     engine = Engine(model, token_order=load_token_order(args.run_dir, always=stops))
-    prompts = [p for p in PROMPTS_FILE.read_text().splitlines() if p.strip()][: args.prompts]
-    prompt_ids = [build_prompt_ids(base.tokenizer, p, chat=True) for p in prompts]
-
     has_learned = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
-    cases = _cases(args, model.exit_layers, has_learned, has_token_order=engine.token_order is not None)
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, float | None, int, int]]] = {}
     if args.hf:
         runners["hf"] = _hf_runner(base, args.dtype, args.new_tokens, args.device)
     if args.int8:
         runners["int8"] = _int8_runner(base, args.new_tokens)
-
+    sets = {}
+    for name in args.prompt_sets.split(","):
+        if name not in PROMPT_SETS:
+            raise SystemExit(f"--prompt-sets: unknown set {name!r}; choose from {', '.join(PROMPT_SETS)}")
+        prompts = [p for p in PROMPT_SETS[name].read_text().splitlines() if p.strip()][: args.prompts]
+        sets[name] = (prompts, [build_prompt_ids(base.tokenizer, p, chat=True) for p in prompts])
     # Warm-up: the first decode of a process pays one-time allocation costs.
-    engine.generate(prompt_ids[0], DecodeSettings(max_new_tokens=8))
-    with console.status("decoding") as status:
-        for i, ids in enumerate(prompt_ids):
-            for case in cases:
-                status.update(f"prompt {i + 1}/{len(prompt_ids)}: {case.name}")
-                if case.kind in runners:
-                    tokens, decode_s, layers, drafted, accepted = runners[case.kind](ids)
-                else:
-                    r = engine.generate(ids, case.settings)
-                    tokens, decode_s, layers, drafted, accepted = (
-                        r.tokens, r.decode_s, r.mean_layers, r.draft_tokens, r.accepted_tokens
-                    )
-                case.add(tokens, decode_s, layers)
-                case.drafted += drafted
-                case.accepted += accepted
+    engine.generate(next(iter(sets.values()))[1][0], DecodeSettings(max_new_tokens=8))
+    results: list[dict[str, Any]] = []
+    for name, (prompts, prompt_ids) in sets.items():
+        cases = _cases(args, model.exit_layers, has_learned, has_token_order=engine.token_order is not None)
+        with console.status("decoding") as status:
+            for i, ids in enumerate(prompt_ids):
+                for case in cases:
+                    status.update(f"{name} prompt {i + 1}/{len(prompt_ids)}: {case.name}")
+                    if case.kind in runners:
+                        tokens, decode_s, layers, drafted, accepted = runners[case.kind](ids)
+                    else:
+                        r = engine.generate(ids, case.settings)
+                        tokens, decode_s, layers, drafted, accepted = (
+                            r.tokens, r.decode_s, r.mean_layers, r.draft_tokens, r.accepted_tokens
+                        )
+                    case.add(tokens, decode_s, layers)
+                    case.drafted += drafted
+                    case.accepted += accepted
+        set_results, rows = _score(base, cases, prompt_ids, args.new_tokens, name)
+        results += set_results
+        print_table(
+            console,
+            f"decode, SmolLM2-135M (Q4_1 GGUF dequantised) {args.dtype}, batch 1, "
+            f"{len(prompts)} {name} chat prompts x {args.new_tokens} new tokens",
+            ["case", "tok/s", "vs full", "mean layers", "token agr.", "seq. agr.", "identical", "accepted"],
+            rows,
+            caption=(f"exits {model.exit_layers} from {args.run_dir}; token agreement = the full model's greedy "
+                     "choice after the same prefix; sequence agreement = same token as full's output at the same "
+                     "position"),
+        )
+    report = {
+        "benchmark": "decode",
+        "created": now_iso(),
+        "model": "smollm2_135m",
+        "dtype": args.dtype,
+        "device": args.device,
+        "run_dir": str(args.run_dir),
+        "exit_layers": model.exit_layers,
+        "prompt_sets": {name: len(prompts) for name, (prompts, _) in sets.items()},
+        "new_tokens": args.new_tokens,
+        "machine": machine_info(),
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "decode.json", report)
+    _plot(results, list(sets), args.out / "decode.png", title=f"SmolLM2-135M {args.dtype}: speed vs quality")
+    console.print(f"wrote {args.out / 'decode.json'} and {args.out / 'decode.png'}")
+    # The other two decode benchmarks, each in its own script and JSON, on the same exits.
+    if args.assisted:
+        import assisted
 
+        assisted.main(["--run-dir", str(args.run_dir), "--max-new-tokens", str(args.new_tokens),
+                       "--dtype", args.dtype, "--draft-tokens", "0", "3", "--out", str(args.out)])
+    if args.serve:
+        import serve_load
+
+        serve_load.main(["--run-dir", str(args.run_dir), "--dtype", args.dtype, "--out", str(args.out)])
+
+
+def _score(base, cases: list[Case], prompt_ids: list[list[int]], new_tokens: int, prompt_set: str):
+    """Each case's results entry (speed against `full`, agreement, acceptance) and table row."""
     full = next(c for c in cases if c.kind == "full")
-    judge = Generator(base.model, max_seq_len=max(len(ids) for ids in prompt_ids) + args.new_tokens)
+    judge = Generator(base.model, max_seq_len=max(len(ids) for ids in prompt_ids) + new_tokens)
     rows, results = [], []
     for case in cases:
         token_agree = _token_agreement(judge, prompt_ids, case.outputs)
         agree = _agreement(case.outputs, full.outputs)
         identical = sum(a == b for a, b in zip(case.outputs, full.outputs))
         entry: dict[str, Any] = {
+            "prompt_set": prompt_set,
             "case": case.name,
             "kind": case.kind,
             "settings": None if case.settings is None else _settings_dict(case.settings),
@@ -144,46 +197,11 @@ def main() -> None:
                 "-" if entry["mean_layers"] is None else f"{entry['mean_layers']:.1f}",
                 f"{token_agree:.1%}",
                 f"{agree:.1%}",
-                f"{identical}/{len(prompts)}",
+                f"{identical}/{len(prompt_ids)}",
                 "-" if entry["acceptance_rate"] is None else f"{entry['acceptance_rate']:.0%}",
             ]
         )
-    report = {
-        "benchmark": "decode",
-        "created": now_iso(),
-        "model": "smollm2_135m",
-        "dtype": args.dtype,
-        "device": args.device,
-        "run_dir": str(args.run_dir),
-        "exit_layers": model.exit_layers,
-        "prompts": len(prompts),
-        "new_tokens": args.new_tokens,
-        "machine": machine_info(),
-        "results": results,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "decode.json", report)
-    print_table(
-        console,
-        f"decode, SmolLM2-135M (Q4_1 GGUF dequantised) {args.dtype}, batch 1, "
-        f"{len(prompts)} chat prompts x {args.new_tokens} new tokens",
-        ["case", "tok/s", "vs full", "mean layers", "token agr.", "seq. agr.", "identical", "accepted"],
-        rows,
-        caption=(f"exits {model.exit_layers} from {args.run_dir}; token agreement = the full model's greedy choice "
-                 "after the same prefix; sequence agreement = same token as full's output at the same position"),
-    )
-    _plot(results, args.out / "decode.png", title=f"SmolLM2-135M {args.dtype}: speed vs quality")
-    console.print(f"wrote {args.out / 'decode.json'} and {args.out / 'decode.png'}")
-    # The other two decode benchmarks, each in its own script and JSON, on the same exits.
-    if args.assisted:
-        import assisted
-
-        assisted.main(["--run-dir", str(args.run_dir), "--max-new-tokens", str(args.new_tokens),
-                       "--dtype", args.dtype, "--draft-tokens", "0", "3", "--out", str(args.out)])
-    if args.serve:
-        import serve_load
-
-        serve_load.main(["--run-dir", str(args.run_dir), "--dtype", args.dtype, "--out", str(args.out)])
+    return results, rows
 
 
 def _parse_args() -> argparse.Namespace:
@@ -197,7 +215,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--policies", default="max_prob,learned")
     parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
     parser.add_argument("--draft-vocab", default="0,4096", help="draft vocab sizes (0 = whole vocabulary)")
-    parser.add_argument("--draft-confidence", default="0,0.5", help="adaptive draft thresholds (0 = off)")
+    parser.add_argument("--draft-confidence", default="0,0.5", help="estimator cuts of a draft (0 = off)")
+    parser.add_argument("--draft-schedules", default="constant,adaptive", help="self_speculative draft schedules")
+    parser.add_argument("--prompt-sets", default="bench,unseen", help=f"of {', '.join(PROMPT_SETS)}")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
     parser.add_argument("--int8", action="store_true", help="also run full on torchao int8 weight-only weights")
     parser.add_argument("--assisted", action="store_true",
@@ -234,13 +254,15 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
             for conf in (float(c) for c in args.draft_confidence.split(",")):
                 if conf and not has_learned:
                     continue
-                label = (f"self_spec exit {layer} k={k}" + (f" vocab {vocab}" if vocab else "")
-                         + (f" conf {conf:g}" if conf else ""))
-                cases.append(
-                    Case(label, "self_speculative",
-                         DecodeSettings(mode="self_speculative", draft_exit=layer, draft_len=k, draft_vocab=vocab or None,
-                                        draft_confidence=conf or None, max_new_tokens=n))
-                )
+                for schedule in args.draft_schedules.split(","):
+                    label = (f"self_spec exit {layer} k={k}" + (" adaptive" if schedule == "adaptive" else "")
+                             + (f" vocab {vocab}" if vocab else "") + (f" conf {conf:g}" if conf else ""))
+                    cases.append(
+                        Case(label, "self_speculative",
+                             DecodeSettings(mode="self_speculative", draft_exit=layer, draft_len=k,
+                                            draft_schedule=schedule, draft_vocab=vocab or None,
+                                            draft_confidence=conf or None, max_new_tokens=n))
+                    )
     return cases
 
 
@@ -298,17 +320,27 @@ def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
 def _settings_dict(s: DecodeSettings) -> dict[str, Any]:
     return {
         "mode": s.mode, "threshold": s.threshold, "confidence": s.confidence, "draft_exit": s.draft_exit,
-        "draft_len": s.draft_len, "draft_vocab": s.draft_vocab, "draft_confidence": s.draft_confidence,
+        "draft_len": s.draft_len, "draft_schedule": s.draft_schedule, "draft_vocab": s.draft_vocab,
+        "draft_confidence": s.draft_confidence,
     }
 
 
-def _plot(results: list[dict], out: Path, title: str) -> None:
+def _plot(results: list[dict], sets: list[str], out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        _plot_set(ax, [r for r in results if r["prompt_set"] == name])
+        ax.set_title(f"{title} ({name} prompts)")
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _plot_set(ax, results: list[dict]) -> None:
     for policy, marker in (("max_prob", "o"), ("learned", "s")):
         points = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy]
         if points:
@@ -317,22 +349,19 @@ def _plot(results: list[dict], out: Path, title: str) -> None:
             for r in points:
                 ax.annotate(f"{r['settings']['threshold']:g}", (r["speedup_vs_full"], r["token_agreement_with_full"]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
-    spec = [r for r in results if r["kind"] == "self_speculative"]
-    if spec:
-        ax.scatter([r["speedup_vs_full"] for r in spec], [r["token_agreement_with_full"] for r in spec],
-                   marker="*", s=120, color="tab:green", label="self-speculative (lossless)", zorder=3)
+    for schedule, color in (("constant", "tab:green"), ("adaptive", "tab:olive")):
+        spec = [r for r in results if r["kind"] == "self_speculative" and r["settings"]["draft_schedule"] == schedule]
+        if spec:
+            ax.scatter([r["speedup_vs_full"] for r in spec], [r["token_agreement_with_full"] for r in spec],
+                       marker="*", s=120, color=color, label=f"self-speculative, {schedule} (lossless)", zorder=3)
     for r in results:
         if r["kind"] in ("hf", "int8"):
             ax.scatter([r["speedup_vs_full"]], [r["token_agreement_with_full"]], marker="^", s=70, label=r["case"])
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("decode speed vs our full model (x)")
     ax.set_ylabel("token agreement with full (same prefix)")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ def test_generate_mode_flags_reach_the_config_and_are_validated(run_cli):
     ("draft_len", 65, "draft_len=65 must be in 1..64"),
     ("draft_vocab", 0, "draft_vocab=0 must be >= 1 (or null for the whole vocabulary)"),
     ("draft_confidence", 1.5, "draft_confidence=1.5 must be in (0, 1] (or null)"),
+    ("draft_schedule", "greedy", "draft_schedule='greedy' is not one of: constant, adaptive"),
 ])
 def test_generate_and_serve_share_the_exit_policy_checks(field, value, message):
     """One ExitPolicyConfig: generate checks it at composition, serve when it starts (validate_run)."""
@@ -165,9 +166,9 @@ def test_generate_and_serve_share_the_exit_policy_checks(field, value, message):
     with pytest.raises(EetuneError) as caught:
         compose_config("generate", [f"generate.{field}={value}"])
     assert str(caught.value) == f"generate.{message}"
-    cfg = compose_config("serve", [f"serve.{field}={value}"])
     with pytest.raises(EetuneError) as caught:
-        cfg.serve.validate_run()
+        # Closed choices already fail at composition; ranges when serve starts.
+        compose_config("serve", [f"serve.{field}={value}"]).serve.validate_run()
     assert str(caught.value) == f"serve.{message}"
 
 

@@ -95,6 +95,22 @@ def ee_fixture(tiny_base_model: BaseModel) -> EarlyExitModel:
     return EarlyExitModel(tiny_base_model.model, SPECS).eval()
 
 
+@pytest.fixture(scope="module")
+def ee_shallow_agrees() -> EarlyExitModel:
+    """The test engine's layer and mlp exits at 1 and 2, and a norm exit at 1 copied from the final
+    norm, on a backbone whose layers 2-4 barely change the residual stream (their output
+    projections scaled by 0.3): the norm exit drafts what the final layer says almost always, so
+    drafting there pays and adaptive rounds draft several tokens."""
+    backbone = _untied_llama()
+    with torch.no_grad():
+        for layer in backbone.layers[1:]:
+            layer.attn.output_proj.weight.mul_(0.3)
+            layer.mlp.w2.weight.mul_(0.3)
+    torch.manual_seed(1)
+    specs = [ExitSpec(1, "norm", init="copy"), SPECS[1]]
+    return EarlyExitModel(backbone, specs).eval()
+
+
 def _prompt(seed: int, n: int | None = None) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     n = n if n is not None else int(torch.randint(1, 14, (1,), generator=g))
@@ -954,18 +970,23 @@ def test_scheduler_flush_settles_the_owed_kv_like_a_full_forward(ee: EarlyExitMo
             torch.testing.assert_close(got.v[row, :, : len(seq)], expect.v[0, :, : len(seq)], msg=f"layer {layer}")
 
 
-@pytest.mark.parametrize("model, prefill_chunk", [("ee", None), ("ee_learned", None), ("ee", 4)])
+@pytest.mark.parametrize(
+    "model, prefill_chunk, schedule",
+    [("ee", None, "constant"), ("ee_learned", None, "constant"), ("ee", 4, "constant"),
+     ("ee_shallow_agrees", None, "adaptive")],
+)
 def test_scheduler_self_speculative_rows_accept_their_own_prefix_as_alone(
-    model: str, prefill_chunk: int | None, request: pytest.FixtureRequest
+    model: str, prefill_chunk: int | None, schedule: str, request: pytest.FixtureRequest
 ) -> None:
     """Rows draft and verify together, each at its own positions, and accept their own prefix:
     every request's tokens (greedy, sampled with its seed, penalised, FR-Spec, adaptive drafts)
     equal its solo decode; greedy ones also the full model's."""
     ee = request.getfixturevalue(model)
     engine = Engine(ee, token_order=_frequency_order())
-    # ee's exits: a `layer` exit at 1 (own KV cache) and an mlp exit at 2; ee_learned: estimators for adaptive drafts.
-    draft = dict(mode="self_speculative", draft_exit=1 if model == "ee" else 2, draft_len=3,
-                 draft_confidence=None if model == "ee" else 0.5)
+    # ee's exits: a `layer` exit at 1 (own KV cache) and an mlp exit at 2; ee_learned: estimators that cut drafts short.
+    # ee_shallow_agrees: a norm exit at 1 that mostly agrees, so adaptive rows draft 0 to 3 tokens a round.
+    draft = dict(mode="self_speculative", draft_exit=2 if model == "ee_learned" else 1, draft_len=3,
+                 draft_schedule=schedule, draft_confidence=0.5 if model == "ee_learned" else None)
     prompts = [_prompt(70, n=5), _prompt(71, n=1), _prompt(72, n=11), _prompt(73, n=3), _prompt(74, n=7)]
     settings = [
         DecodeSettings(**draft, max_new_tokens=14),

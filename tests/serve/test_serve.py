@@ -167,13 +167,15 @@ def test_chat_completion_equals_the_generate_stage(client, served, tiny_dir, run
 
 def test_cheaper_drafts_keep_self_speculative_exact(client) -> None:
     full = client.post("/v1/chat/completions", json=chat_body("Tell me a story", "full")).json()
-    options = {"mode": "self_speculative", "draft_exit": 2, "draft_len": 3, "draft_vocab": 64, "draft_confidence": 0.5}
+    options = {"mode": "self_speculative", "draft_exit": 2, "draft_len": 3, "draft_vocab": 64, "draft_confidence": 0.5,
+               "draft_schedule": "adaptive"}
     body = client.post("/v1/chat/completions", json={**chat_body("Tell me a story"), "early_exit": options}).json()
     assert body["choices"][0]["message"] == full["choices"][0]["message"]
     stats = body["early_exit"]
-    assert (stats["draft_vocab"], stats["draft_confidence"]) == (64, 0.5)
-    bad = client.post("/v1/chat/completions", json={**chat_body("Hi"), "early_exit": {**options, "draft_vocab": 0}})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "early_exit.draft_vocab"
+    assert (stats["draft_vocab"], stats["draft_confidence"], stats["draft_schedule"]) == (64, 0.5, "adaptive")
+    for field, value in (("draft_vocab", 0), ("draft_schedule", "greedy")):
+        bad = client.post("/v1/chat/completions", json={**chat_body("Hi"), "early_exit": {**options, field: value}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == f"early_exit.{field}"
 
 
 def test_a_threshold_left_out_is_the_calibrated_one(tiny_dir, run_dir, tmp_path) -> None:

@@ -32,6 +32,9 @@ class ExitPolicyConfig:
     # self_speculative: the exit that drafts (default: the deepest) and tokens per draft.
     draft_exit: Optional[int] = None
     draft_len: int = 4
+    # self_speculative: constant (draft_len every round) | adaptive (as many as pay, up to
+    # draft_len, from the running acceptance; none where drafting does not pay).
+    draft_schedule: str = "constant"
     # self_speculative: draft over only the N most frequent tokens of the tuning data (FR-Spec;
     # output stays exact). null drafts over the whole vocabulary.
     draft_vocab: Optional[int] = None
@@ -42,7 +45,7 @@ class ExitPolicyConfig:
     def validate_policy(self, section: str) -> None:
         """The policy's value checks, messages naming `section` (`generate.draft_len=0 ...`).
         Checks that need the model (is draft_exit an exit?) run where it is loaded."""
-        check_choices(self, section, "mode", "confidence")
+        check_choices(self, section, "mode", "confidence", "draft_schedule")
         if not 1 <= self.draft_len <= MAX_DRAFT_LEN:
             raise EetuneError(f"{section}.draft_len={self.draft_len} must be in 1..{MAX_DRAFT_LEN}")
         if self.draft_vocab is not None and self.draft_vocab < 1:
