@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
     "data.heldout_by": ("tail", "prompt"),
+    "data.cache_dtype": ("compute", "bfloat16"),
     "data.hf_format": ("json", "csv", "parquet", "text"),
     "optim.decay": ("cosine", "linear", "constant"),
     "loss.weighting": ("constant", "linear", "cosine", "dynamic"),

@@ -45,6 +45,8 @@ from eetune.train.schedule import FlatStop, exit_weight, lr_factor
 from eetune.train.state import capture_rng, restore_rng
 from eetune.train.strategy import SingleProcess, Strategy
 
+# The hidden cache's key for the LM head's argmax over the final state.
+TEACHER_TOP1 = "teacher_top1"
 # Per exit, the sums a micro-batch contributes (divided by its global valid-token count after reduction).
 STATS = ("ce", "max_prob", "kd", "agreement", "confidence_bce")
 
@@ -119,10 +121,15 @@ class Trainer:
 
     def _open_cache(self) -> HiddenCache:
         keys = [str(layer) for layer in self.layers] + (["final"] if self.needs_final else [])
+        storage = torch.bfloat16 if self.cfg.data.cache_dtype == "bfloat16" else self.base.dtype
         return HiddenCache(
             self.run_dir / "hidden_cache", keys, self.data.num_examples, self.data.seq_len,
-            lm_head_weight(self.base.model).shape[1], self.base.dtype,
+            lm_head_weight(self.base.model).shape[1], storage, index_keys=self._cached_indices(),
         )
+
+    def _cached_indices(self) -> tuple[str, ...]:
+        # The LM head's argmax over the frozen final state: one head pass per step saved.
+        return (TEACHER_TOP1,) if self.cfg.loss.ce_target == "teacher" and self.needs_final else ()
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -259,7 +266,9 @@ class Trainer:
         lm_head = local_shard(lm_head_weight(self.base.model)).to(dtype)
         targets = labels
         if cfg.loss.ce_target == "teacher":
-            top1 = chunked_argmax(teacher, lm_head, cfg.loss.chunk_size, self.vocab_shard)
+            top1 = states.get(TEACHER_TOP1)
+            if top1 is None:
+                top1 = chunked_argmax(teacher, lm_head, cfg.loss.chunk_size, self.vocab_shard)
             targets = torch.where(labels == IGNORE_INDEX, labels, top1)
         out = exit_losses(
             hiddens, heads, targets, {layer: weights[layer] for layer in layers},
@@ -289,13 +298,23 @@ class Trainer:
 
     @torch.no_grad()
     def _backbone_states(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Layer outputs at every exit (keys "8", "16", ...) and "final" if needed."""
+        """Layer outputs at every exit (keys "8", "16", ...) and "final" if needed; with the cache,
+        also the LM head's argmax over "final" where the CE target is the teacher's."""
+        dtype = self.base.dtype
         if self.cache is not None:
             cached = self.cache.get(batch["indices"])
             if cached is not None:
-                return {key: value.to(self.device) for key, value in cached.items()}
+                return {key: value.to(self.device, dtype if value.is_floating_point() else value.dtype)
+                        for key, value in cached.items()}
         states = self.strategy.backbone_states(self.model, batch["tokens"], self.layers, self.needs_final)
         if self.cache is not None:
+            if self.cache.dtype != dtype:
+                # Stored rounded: every epoch, this one included, sees the same values.
+                states = {key: value.to(self.cache.dtype).to(dtype) for key, value in states.items()}
+            if TEACHER_TOP1 in self.cache.index_keys:
+                lm_head = local_shard(lm_head_weight(self.base.model)).to(states["final"].dtype)
+                states[TEACHER_TOP1] = chunked_argmax(states["final"], lm_head, self.cfg.loss.chunk_size,
+                                                      self.vocab_shard)
             self.cache.put(batch["indices"], states)
         return states
 

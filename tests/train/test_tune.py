@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -109,16 +110,31 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_base_model, corpus, tmp
 
 
 def test_hidden_state_cache_gives_the_same_losses(tiny_base_model, corpus, tmp_path):
+    """The cache (exit and final states, and the teacher's argmax the CE targets) repeats an
+    uncached run; stored in bf16 it takes half the disk and stays within bf16 rounding of it."""
     # 30 steps of 4 examples span two epochs (~20 batches each): the second reads the cache.
-    common = ("train.steps=30", "train.checkpoint_every=0", "loss.kd_alpha=0.5")
+    common = ("train.steps=30", "train.checkpoint_every=0", "loss.kd_alpha=0.5", "loss.ce_target=teacher")
     tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "plain", *common))
     tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "cached", "data.cache_hidden=true", *common))
-    assert (tmp_path / "cached" / "hidden_cache" / "final.npy").is_file()
+    cache = tmp_path / "cached" / "hidden_cache"
+    assert (cache / "final.npy").is_file()
     plain = _train_losses(tmp_path / "plain")
     cached = _train_losses(tmp_path / "cached")
     assert len(plain) == 30 and plain == pytest.approx(cached, rel=0, abs=1e-6)
     for key, value in exit_state(tmp_path / "plain").items():
         torch.testing.assert_close(exit_state(tmp_path / "cached")[key], value, rtol=0, atol=1e-6)
+    # The cached argmax is the LM head's over the cached final state.
+    final, top1 = np.load(cache / "final.npy"), np.load(cache / "teacher_top1.npy")
+    head = tiny_base_model.model.output.weight if hasattr(tiny_base_model.model.output, "weight") else (
+        tiny_base_model.model.tok_embeddings.weight)
+    expect = (torch.from_numpy(final[:4]) @ head.detach().T).argmax(-1)
+    assert torch.equal(torch.from_numpy(top1[:4]), expect)
+
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "bf16", "data.cache_hidden=true",
+                      "data.cache_dtype=bfloat16", *common))
+    stored = np.load(tmp_path / "bf16" / "hidden_cache" / "final.npy", mmap_mode="r")
+    assert stored.dtype == np.int16 and stored.nbytes * 2 == final.nbytes
+    assert _train_losses(tmp_path / "bf16") == pytest.approx(plain, rel=2e-2)
 
 
 def _train_losses(run_dir: Path) -> list[float]:

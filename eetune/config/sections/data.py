@@ -57,6 +57,10 @@ class DataConfig:
     # Store the frozen backbone's hidden states at the exits during the first epoch,
     # so later epochs skip the backbone entirely.
     cache_hidden: bool = False
+    # How the cache stores states: `compute` (the model's dtype; cached steps bit-identical to
+    # uncached ones) or `bfloat16` (half the disk under float32 compute; states are rounded
+    # to bf16 in every epoch alike).
+    cache_dtype: str = "compute"
 
     def validate(self, stage: str = "") -> None:
         """`stage`: `plan` reads no data, so it needs no data.path."""
