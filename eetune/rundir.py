@@ -15,6 +15,9 @@ from typing import Any, Callable, Iterator
 from eetune.errors import EetuneError
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tuned exits shipped inside the package, named `builtin:<name>` wherever a run dir is read.
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_ROOT = Path(__file__).resolve().parent / "builtin"
 _TRACKED_PACKAGES = ("eetune", "torch", "torchtune", "torchao", "transformers", "safetensors")
 
 
@@ -104,3 +107,26 @@ def write_config(run_dir: Path, cfg: Any) -> None:
 
     # A typed config (dataclass) or a DictConfig: the same YAML.
     atomic_write_text(Path(run_dir) / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True))
+
+
+def builtin_names() -> list[str]:
+    """The shipped run dirs (`builtin:<name>`)."""
+    if not BUILTIN_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_ROOT.iterdir() if (p / "manifest.json").is_file())
+
+
+def resolve_run_dir(value: str | None) -> str | None:
+    """A run dir to read from: `builtin:<name>` becomes the shipped one's path; anything else as given."""
+    if value is None or not str(value).startswith(BUILTIN_PREFIX):
+        return value
+    name = str(value)[len(BUILTIN_PREFIX):]
+    if name not in builtin_names():
+        shipped = ", ".join(f"{BUILTIN_PREFIX}{n}" for n in builtin_names()) or "none"
+        raise EetuneError(f"no shipped exits named {value!r}; shipped: {shipped}")
+    return str(BUILTIN_ROOT / name)
+
+
+def is_builtin(path: str | Path) -> bool:
+    """Whether `path` is a shipped run dir (read-only: nothing is written into it)."""
+    return Path(path).resolve().parent == BUILTIN_ROOT

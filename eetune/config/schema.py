@@ -28,6 +28,8 @@ from eetune.config.sections.export import ExportConfig
 from eetune.config.sections.model import ExitsConfig, ModelConfig
 from eetune.config.sections.parallel import ParallelConfig, PlanConfig
 from eetune.config.sections.training import LoggerConfig, LossConfig, OptimConfig, TrainConfig
+from eetune.errors import EetuneError
+from eetune.rundir import BUILTIN_PREFIX
 
 __all__ = [
     "CHOICES", "SCHEMA_NAME", "DataConfig", "DataSourceConfig", "DistillConfig", "EetuneConfig", "EvalConfig",
@@ -68,6 +70,9 @@ class EetuneConfig:
     def validate(self) -> None:
         """Every section's value checks the schema's types cannot express, made at composition.
         A stage checks the sections only it reads with their `validate_run()` before it starts."""
+        if self.stage in ("augment", "tune") and str(self.run_dir).startswith(BUILTIN_PREFIX):
+            raise EetuneError(f"run_dir={self.run_dir} names shipped exits, which are read-only: "
+                              f"write the {self.stage} run elsewhere (train.init_from={self.run_dir} tunes from them)")
         self.model.validate()
         self.exits.validate()
         self.generate.validate()

@@ -47,7 +47,7 @@ from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_threshold
-from eetune.rundir import CONFIG_FILE
+from eetune.rundir import CONFIG_FILE, resolve_run_dir
 from eetune.models import load_base_model
 from eetune.data.chat import stop_token_ids
 
@@ -90,6 +90,7 @@ class EetuneLM(TemplateLM):
         super().__init__()
         if not run_dir:
             raise EetuneError("the eetune model type needs run_dir=<an eetune augment or tune run dir> in --model_args")
+        run_dir = resolve_run_dir(run_dir)
         read_manifest(run_dir)
         model_cfg = _run_model_config(Path(run_dir), dtype, device)
         base = load_base_model(**vars(model_cfg))

@@ -40,7 +40,7 @@ from eetune.eval.timing import measure_costs
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import Engine
 from eetune.models import load_base_model
-from eetune.rundir import new_run_dir
+from eetune.rundir import is_builtin, new_run_dir, resolve_run_dir
 
 
 @dataclass
@@ -54,13 +54,17 @@ class EvalResult:
 def output_dir(cfg: EetuneConfig) -> Path:
     if cfg.eval.out_dir:
         return Path(cfg.eval.out_dir).expanduser()
-    return Path(cfg.run_dir) / f"eval-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    stamp = f"eval-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    if is_builtin(cfg.run_dir):  # read-only: the report goes under runs/
+        return Path("runs") / f"{Path(cfg.run_dir).name}-{stamp}"
+    return Path(cfg.run_dir) / stamp
 
 
 def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
     console = console or make_console()
     started = time.perf_counter()
     cfg.eval.validate_run()
+    cfg.run_dir = resolve_run_dir(cfg.run_dir)
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_dir():
         raise EetuneError(f"run dir not found: {run_dir}: pass run_dir=<a tune (or augment) run dir>")
@@ -129,7 +133,9 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
     plots = {key: out_dir / path.name for key, path in plots.items()}
     # Recorded once the report exists: a failed eval leaves the previous calibration in place.
     measured_on = calibration_source(cfg, prompts, rows, placement(base.model))
-    calibration = write_calibration(run_dir, calibrations, measured_on) if calibrations else None
+    # A shipped run dir is read-only: its calibration is the one it shipped with; this one goes beside the report.
+    calibration_dir = out_dir if is_builtin(run_dir) else run_dir
+    calibration = write_calibration(calibration_dir, calibrations, measured_on) if calibrations else None
     print_summary(console, report, out_dir, plots, calibration)
     return EvalResult(out_dir, report, plots, calibration)
 

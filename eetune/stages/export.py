@@ -29,6 +29,7 @@ from eetune.export.draft import build_draft, check_exportable, save_draft
 from eetune.export.gguf_file import GGUF_DTYPES, save_draft_gguf
 from eetune.models import DEFAULT_MODEL, load_base_model
 from eetune.models.load import parse_dtype
+from eetune.rundir import resolve_run_dir
 
 DRAFT_FORMAT = "eetune.draft/1"
 
@@ -45,6 +46,7 @@ class ExportResult:
 def run(cfg: EetuneConfig, console: Console | None = None) -> ExportResult:
     console = console or make_console()
     exp = cfg.export
+    exp.run_dir = resolve_run_dir(exp.run_dir)
     fmt = exp.format
     if not exp.run_dir:
         raise EetuneError(f"no run dir: pass run_dir=<augment or tune run dir>, e.g. eetune export {fmt} run_dir=runs/quick ...")

@@ -20,6 +20,7 @@ from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, Engine, exit_settings
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import resolve_threshold
+from eetune.rundir import resolve_run_dir
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TextStream:
 
 def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = None) -> GenerateResult:
     gen = cfg.generate
+    gen.run_dir = resolve_run_dir(gen.run_dir)
     if not gen.prompt:
         raise EetuneError("no prompt: pass --prompt 'text' (or generate.prompt=...)")
     if gen.mode != "full" and not gen.run_dir:

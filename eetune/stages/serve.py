@@ -8,11 +8,13 @@ from rich.console import Console
 from eetune.serve.server import bind_socket, build_app
 from eetune.config import EetuneConfig
 from eetune.serve.service import ServedModel
+from eetune.rundir import resolve_run_dir
 
 
 def run(cfg: EetuneConfig, console: Console | None = None) -> None:
     console = console or Console(stderr=True)
     s = cfg.serve
+    s.run_dir = resolve_run_dir(s.run_dir)
     s.validate_run()  # before the model loads: a bad config fails at once
     sock = bind_socket(s.host, s.port)  # a taken port fails before the model loads
     try:

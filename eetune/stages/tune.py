@@ -19,6 +19,7 @@ from eetune.console import make_console
 from eetune.data import load_tuning_data
 from eetune.errors import EetuneError
 from eetune.models import load_base_model
+from eetune.rundir import resolve_run_dir
 from eetune.train.needs import build_model, run_needs
 from eetune.train.results import TuneResult, result_from_run_dir
 from eetune.train.run_dir import check_run_dir, finished_run, started_run_dir
@@ -28,6 +29,7 @@ from eetune.train.trainer import Trainer
 def run(cfg: EetuneConfig, console: Optional[Console] = None) -> TuneResult:
     console = console or make_console()
     cfg.validate_tune()
+    cfg.train.init_from = resolve_run_dir(cfg.train.init_from)
     run_dir = Path(cfg.run_dir)
     check_run_dir(cfg, run_dir)
     finished = finished_run(cfg, run_dir)

@@ -54,7 +54,7 @@ from eetune.infer.draft_vocab import load_token_order  # noqa: E402
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import Generator  # noqa: E402
 from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
-from eetune.rundir import atomic_write  # noqa: E402
+from eetune.rundir import atomic_write, resolve_run_dir  # noqa: E402
 from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -88,6 +88,7 @@ class Case:
 
 def main() -> None:
     args = _parse_args()
+    args.run_dir = Path(resolve_run_dir(str(args.run_dir)))  # builtin:<name> too
     console = make_console()
     torch.manual_seed(0)
     base = load_base_model("smollm2_135m", checkpoint_dir=default_smollm2_dir(), dtype=args.dtype, device=args.device)
@@ -206,7 +207,7 @@ def _score(base, cases: list[Case], prompt_ids: list[list[int]], new_tokens: int
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True, help="tune run dir whose exits decode")
+    parser.add_argument("--run-dir", type=Path, required=True, help="tune run dir (or builtin:<name>) whose exits decode")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))

@@ -24,7 +24,8 @@ matmul gets slower per row as rows are added, which would hide what batching buy
 
     .venv/bin/python scripts/bench/serve_load.py [--concurrency 1,2,4,8,16] [--max-batch-sizes 1,8]
         [--requests 4] [--max-tokens 64] [--run-dir DIR] [--modes full,early_exit,self_speculative]
-        [--threshold 0.8] [--draft-exit L] [--draft-len 4] [--dtype float32] [--out DIR]
+        [--threshold 0.8] [--draft-exit L] [--draft-len 4] [--draft-schedule constant|adaptive] [--dtype float32]
+        [--out DIR]
 
 e.g. all three modes on a tuned run's exits:
 
@@ -137,6 +138,7 @@ def early_exit_options(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         options["threshold"] = args.threshold
     if mode == "self_speculative":
         options["draft_len"] = args.draft_len
+        options["draft_schedule"] = args.draft_schedule
         if args.draft_exit is not None:
             options["draft_exit"] = args.draft_exit
     return options
@@ -384,6 +386,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.8, help="early_exit threshold (default 0.8)")
     parser.add_argument("--draft-exit", type=int, default=None, help="self_speculative drafting exit (default deepest)")
     parser.add_argument("--draft-len", type=int, default=4, help="self_speculative tokens per draft (default 4)")
+    parser.add_argument("--draft-schedule", default="constant", choices=["constant", "adaptive"],
+                        help="self_speculative draft schedule (default constant)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help=f"output dir (default {DEFAULT_OUT_DIR})")
     args = parser.parse_args(argv)
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 "requests_per_client": args.requests, "requests": args.requests, "max_tokens": args.max_tokens,
                 "dtype": args.dtype, "run_dir": str(args.run_dir) if args.run_dir else None, "modes": args.modes,
                 "threshold": args.threshold, "draft_exit": args.draft_exit, "draft_len": args.draft_len,
-                "queue_size": max(args.concurrency) * 2, "stream": True, "temperature": 0,
+                "draft_schedule": args.draft_schedule, "queue_size": max(args.concurrency) * 2, "stream": True, "temperature": 0,
                 "prompts": f"{DEFAULT_PROMPTS.name} ({len(prompts)}, round-robin)"}
     machine = machine_info()
     console.print(f"[bold]serve load[/]: servers max_batch_size {', '.join(map(str, args.max_batch_sizes))}; "
