@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash scripts/demo.sh
 
+# Two workers on two cores, one thread each (tests/conftest.py); tests are taken as workers free up.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # Only the real-Slurm test (root: installs slurmctld/slurmd/munge, runs scripts/slurm/tune.sbatch).
 # `make test` runs it too.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,12 @@ import torch
 
 from eetune.models import BaseModel, default_smollm2_dir, get_model_entry, load_base_model
 from eetune.models.tiny import write_tiny_checkpoint
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each (and in their subprocesses)
+    # keeps OpenMP from oversubscribing the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +84,33 @@ def one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def read_wandb_records():
+    """Reads the records of an offline W&B run's .wandb file (tune's and eval's logging tests)."""
+    return _wandb_records
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a .wandb file (a LevelDB-style log: 7-byte header, 32 KiB blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, pending = path.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a record header
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full record, or last fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            records.append(record)
+            pending = b""
+        elif kind in (2, 3):  # first / middle fragment
+            pending += chunk
+    return records

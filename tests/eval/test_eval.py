@@ -657,9 +657,7 @@ def test_a_batched_sweep_decodes_every_prompt_as_batch_1_does(model, base):
         assert sum(o.head_calls for o in rows) == pytest.approx(calls)
 
 
-def test_eval_logs_tables_and_images_to_wandb(evaluated):
-    from test_tune import read_wandb_records
-
+def test_eval_logs_tables_and_images_to_wandb(evaluated, read_wandb_records):
     from eetune.eval.report import sweep_table
 
     result, _, _ = evaluated

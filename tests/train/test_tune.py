@@ -333,7 +333,7 @@ def test_confidence_estimators_train_and_are_saved_with_the_exits(tiny_base_mode
     torch.testing.assert_close(estimator.net[0].weight, state["1.confidence.net.0.weight"])
 
 
-def test_wandb_offline_run_holds_the_logged_metrics(tiny_base_model, corpus, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_logged_metrics(tiny_base_model, corpus, tmp_path, monkeypatch, read_wandb_records):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     tune.run(tune_cfg(tiny_base_model, corpus, run_dir, "logger.kind=wandb", "logger.mode=offline", "train.steps=3"))
@@ -352,30 +352,6 @@ def test_wandb_offline_run_holds_the_logged_metrics(tiny_base_model, corpus, tmp
     assert steps_with["ce/exit_2"] == {1, 2, 3}
     assert steps_with["heldout_ce/exit_3"] == {0, 3}
     assert "heldout_agreement/exit_1" in summary_keys
-
-
-def read_wandb_records(path: Path) -> list:
-    """The protobuf records of a .wandb file (a LevelDB-style log: 7-byte header, 32 KiB blocks)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, block, records, pending = path.read_bytes(), 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a record header
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # full record, or last fragment
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending + chunk)
-            records.append(record)
-            pending = b""
-        elif kind in (2, 3):  # first / middle fragment
-            pending += chunk
-    return records
 
 
 def test_schedules_match_hand_computed_values():
