@@ -192,10 +192,10 @@ class Engine:
         """Parameters a self-speculative round drafting at exit `layer` streams, by part (the
         adaptive draft schedule's cost model)."""
         backbone = self.model.backbone
-        per_layer = [sum(p.numel() for p in block.parameters()) for block in backbone.layers]
+        per_layer = [sum(map(_whole_numel, block.parameters())) for block in backbone.layers]
         head = self.vocab_size * backbone.tok_embeddings.embedding_dim
         # The exit's own module; a head of its own is the draft head, counted apart.
-        exit_params = sum(p.numel() for p in self.model.exit(layer).parameters() if p.shape[:1] != (self.vocab_size,))
+        exit_params = sum(_whole_numel(p) for p in self.model.exit(layer).parameters() if p.shape[:1] != (self.vocab_size,))
         kept = self.vocab_size if draft_vocab is None else min(draft_vocab, self.vocab_size)
         return DraftCosts(
             below=sum(per_layer[:layer]),
@@ -231,3 +231,9 @@ class Engine:
             depth = layer
             layer_forward(self.model.exit(layer).block, h, span, caches.exit_caches[layer])
         return gen.run_layers(h, depth, self.num_layers, span)
+
+
+def _whole_numel(param: Tensor) -> int:
+    """Elements of a parameter in the whole model: a tensor-parallel slice (eetune.parallel.inference_tp)
+    records how many shards it is one of, so every rank costs drafts as one process would."""
+    return param.numel() * getattr(param, "tp_shards", 1)

@@ -5,11 +5,16 @@ per-op cost of everything around them. torchtune's block spends ~70 ops and a do
 calls per token (RoPE alone is ~15 ops); the same math on the block's own tensors takes ~30.
 On SmolLM2 that is ~1,200 fewer ops per token. Only plain Llama-style blocks qualify (RMSNorm,
 interleaved RoPE, SwiGLU, no q/k norm, no scales, plain linears); others keep the module path.
+
+A block split for tensor parallel (eetune.parallel.inference_tp) holds this rank's heads and
+hidden units and names its group as `tp_group`: the two row-split projections' partial sums are
+all-reduced over it, as the module path's hooks do.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
@@ -43,6 +48,7 @@ class FastBlock:
         self.v = (attn.v_proj.weight, attn.v_proj.bias)
         self.o = (attn.output_proj.weight, attn.output_proj.bias)
         self.w1, self.w2, self.w3 = layer.mlp.w1.weight, layer.mlp.w2.weight, layer.mlp.w3.weight
+        self.tp_group = getattr(layer, "tp_group", None)
         # e^(i * pos * theta) per position and pair of dims: RoPE is one complex product.
         self.rope = None if attn.pos_embeddings is None else torch.view_as_complex(attn.pos_embeddings.cache.float())
 
@@ -91,9 +97,14 @@ class FastBlock:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=n_h != n_kv
             ).transpose(1, 2)
-        x = x + F.linear(out.reshape(b, s, n_h * h_d), *self.o)
+        x = x + self._reduce(F.linear(out.reshape(b, s, n_h * h_d), *self.o))
         h = _rms_norm(x, *self.mlp_norm)
-        return x + F.linear(F.silu(F.linear(h, self.w1)) * F.linear(h, self.w3), self.w2)
+        return x + self._reduce(F.linear(F.silu(F.linear(h, self.w1)) * F.linear(h, self.w3), self.w2))
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        if self.tp_group is not None:
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial
 
 
 def _rms_norm(x: Tensor, shape: tuple[int, ...], scale: Tensor, eps: float) -> Tensor:

@@ -1,4 +1,5 @@
-"""Tuning on a device mesh: FSDP2, tensor and pipeline parallel, torchrun and Slurm launch, planning."""
+"""Running on a device mesh: FSDP2, tensor and pipeline parallel tuning; tensor-parallel decoding and
+evaluation; torchrun and Slurm launch; planning."""
 
 from __future__ import annotations
 
@@ -27,4 +28,21 @@ def on_mesh(cfg: EetuneConfig) -> bool:
     return processes > 1 or under_launcher()
 
 
-__all__ = ["ParallelDims", "on_mesh"]
+def on_inference_mesh(cfg: EetuneConfig) -> bool:
+    """`on_mesh` for decoding and evaluation, which split the model tensor-parallel only: the
+    processes must all be `parallel.tp` ranks (refused clearly before any process starts)."""
+    if not on_mesh(cfg):
+        return False
+    processes = launched_world_size() if under_launcher() else int(cfg.parallel.nproc_per_node)
+    dims = ParallelDims.from_config(cfg.parallel, processes)
+    if dims.tp != processes:
+        from eetune.errors import EetuneError
+
+        raise EetuneError(
+            f"{cfg.stage} on a mesh splits the model tensor-parallel only, but the mesh is {dims.describe()}: "
+            f"set parallel.tp={processes} (and parallel.pp=1, parallel.dp_replicate=1)"
+        )
+    return True
+
+
+__all__ = ["ParallelDims", "on_inference_mesh", "on_mesh"]

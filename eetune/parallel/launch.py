@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 def relaunch(cfg: EetuneConfig, console: Console) -> None:
     """Run `cfg`'s stage as `parallel.nproc_per_node` processes under torchrun; return when all have finished."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -39,6 +40,8 @@ def relaunch(cfg: EetuneConfig, console: Console) -> None:
         console.print(f"launching {nproc} processes under torchrun")
         try:
             run(args)
+        except SignalException as exc:  # Ctrl-C or a kill: torchrun has passed it on to the workers
+            raise SystemExit(128 + int(exc.sigval)) from None
         except ChildFailedError as exc:
             codes = sorted({failure.exitcode for failure in exc.failures.values()})
             raise EetuneError(

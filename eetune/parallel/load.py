@@ -1,4 +1,7 @@
-"""Build one rank's part of the model: only the tensors its pipeline stage needs are ever read.
+"""Build one rank's part of the model: only the tensors its pipeline stage needs are ever kept.
+
+`build_stage_model` is tuning's (a pipeline stage, DTensor-sharded); `build_inference_model` is
+decoding's and evaluation's (every layer, tensor-parallel slices as plain tensors).
 
 The decoder is built on the meta device (no memory). Tensors are read one at a time from the
 checkpoint's safetensors files (memory-mapped) and converted to torchtune names with the family's
@@ -23,11 +26,13 @@ from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel, ExitSpec, get_exit_arch
+from eetune.exits.checkpoint import load_exits, read_manifest
 from eetune.models import BaseModel, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import find_safetensors, hf_to_tune_state_dict
 from eetune.models.load import resolve_checkpoint_dir, load_tokenizer, parse_dtype
 from eetune.models.registry import ModelFamily
+from eetune.parallel.inference_tp import shard_block, shard_exits
 from eetune.parallel.mesh import Topology
 from eetune.parallel.parallelize import parallelize_stage
 from eetune.parallel.pipeline import StagePlan, run_stages
@@ -122,6 +127,57 @@ def build_stage_model(cfg: EetuneConfig, topology: Topology, needs: RunNeeds) ->
                       before_block=lambda index: loader.load([f"layers.{index}."]))
     _init_rope(model, topology.device)
     return StageModel(base=base, model=model, plan=plan, plans=plans, specs=specs)
+
+
+def build_inference_model(model_cfg: Any, run_dir: str | None, topology: Topology) -> tuple[BaseModel, EarlyExitModel]:
+    """The base model `model_cfg` names with the exits of `run_dir` (none without one), split
+    over the tp group for decoding (eetune.parallel.inference_tp): what `load_model` gives a
+    single process, holding this rank's slices only.
+
+    Each block is read whole, one at a time, and sliced at once, so a rank never holds more than
+    its slices plus one block (and the layers copy-initialised exits are rebuilt from).
+    """
+    if topology.dims.pp > 1 or topology.dims.dp > 1:
+        raise EetuneError(
+            f"decoding and evaluating on a mesh split the model tensor-parallel only: got {topology.dims.describe()}; "
+            f"set parallel.tp to the process count ({topology.dims.world_size}) and parallel.pp=1"
+        )
+    entry = get_model_entry(model_cfg.name)
+    path = resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
+    config = hfc.read_hf_config(path)
+    dtype = parse_dtype(model_cfg.dtype)
+    seq_len = int(model_cfg.max_seq_len or config.get("max_position_embeddings") or 4096)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise EetuneError(f"{path} has no tokenizer: decoding text needs one (tokenizer.json)")
+    tensors = CheckpointTensors(entry.family, path, config)
+    with torch.device("meta"):
+        decoder = entry.family.builder(**entry.family.decoder_kwargs(config, seq_len))
+    decoder.to(dtype=dtype).eval().requires_grad_(False)
+    base = BaseModel(
+        name=entry.name, model=decoder, tokenizer=tokenizer, checkpoint_dir=path, hf_config=config,
+        fingerprint=_shared_fingerprint(tensors),
+    )
+    loader = _Materialiser(decoder, tensors, topology.device, dtype)
+    num_layers = len(decoder.layers)
+    loader.load(["tok_embeddings.weight", "norm.scale", _lm_head_name(config)])
+    if run_dir:
+        specs = [ExitSpec(**spec) for spec in read_manifest(run_dir)["exits"]]
+        # Exits are rebuilt from the layers they copy, then their own weights are loaded over them.
+        loader.load(_exit_sources(specs, num_layers, _lm_head_name(config)))
+        model = load_exits(run_dir, decoder, base.fingerprint, path)
+    else:
+        model = EarlyExitModel(decoder, [])
+    group = topology.tp_group
+    if topology.dims.tp > 1:
+        shard_exits(model, group)
+    model.exits.to(topology.device)
+    for index in range(num_layers):
+        loader.load([f"layers.{index}."])
+        if topology.dims.tp > 1:
+            shard_block(decoder.layers[index], group)
+    _init_rope(model, topology.device)
+    return base, model
 
 
 def _shared_fingerprint(tensors: CheckpointTensors) -> str:

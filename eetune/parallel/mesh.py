@@ -8,8 +8,10 @@ different rows; the `pp` ranks hold different layers of the same rows.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -180,3 +182,15 @@ def init_topology(parallel: Any, model_device: str, timeout_s: float = 1800.0) -
     # One group over both data dims (torchtitan flattens them the same way).
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return Topology(dims=dims, mesh=mesh, device=device, dp_mesh=dp_mesh)
+
+
+@contextlib.contextmanager
+def mesh_session(parallel: Any, model_device: str) -> Iterator[Topology]:
+    """`init_topology` for one stage run; the process group it started ends with it."""
+    owns_group = not dist.is_initialized()
+    topology = init_topology(parallel, model_device)
+    try:
+        yield topology
+    finally:
+        if owns_group:
+            dist.destroy_process_group()

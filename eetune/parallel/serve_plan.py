@@ -1,20 +1,22 @@
 """`eetune plan plan.workload=serve`'s arithmetic: will a model with its exits decode on a mesh, and on which?
 
 Decoding keeps no optimizer state and no FSDP shards: every rank of a pipeline stage holds its
-tensor-parallel shard of all of the stage's layers. Per rank:
+tensor-parallel shard of all of the stage's layers (eetune.parallel.inference_tp). Per rank:
 
 - weights: the stage's backbone layers / tp; the embeddings on the first stage; the final norm
-  and the LM head (vocabulary-parallel over tp) on the last stage and on stages whose exits use
-  it (a tied model's head is its embeddings); the stage's exits / tp; all in `model.dtype`;
+  and the LM head on the last stage and on stages whose exits use it (a tied model's head is its
+  embeddings), whole: every rank computes the same logits and so takes the same exit decisions;
+  the stage's exit bodies / tp and their copied heads whole; all in `model.dtype`;
 - the KV cache: 2 x `plan.batch_size` x `plan.context` x kv_dim / tp values per layer of the
   stage (heads split over tp, as `tune`'s TP plan splits them), plus one more per `layer` exit,
   whose block keeps its own cache (eetune.infer.caches);
 - activations: a prefill chunk of `serve.prefill_chunk` tokens through one layer, and one row of
-  fp32 logits per sequence over the vocabulary shard;
+  fp32 logits per sequence over the vocabulary;
 - 10% of the GPU held back, as for tuning.
 
-`smallest_mesh` tries every tp that divides the attention and KV heads (within a node) and every
-pp, and returns the plan on the fewest GPUs that fits (fewer stages first: less latency per token).
+`smallest_mesh` tries every tp that divides the attention and KV heads (within a node), on one
+pipeline stage: decoding on a mesh runs tensor-parallel only (`make_serve_plan` still sizes pp > 1).
+It returns the plan on the fewest GPUs that fits.
 """
 
 from __future__ import annotations
@@ -96,17 +98,15 @@ def make_serve_plan(cfg: EetuneConfig, tp: int | None = None, pp: int | None = N
 
 
 def smallest_mesh(cfg: EetuneConfig) -> ServePlan | None:
-    """The plan on the fewest GPUs (then the fewest stages) that fits the cluster, or None."""
+    """The tensor-parallel plan on the fewest GPUs that fits the cluster, or None."""
     entry = get_model_entry(cfg.model.name)
     config = model_config(cfg, entry)
-    layers, heads, kv_heads = hfc.num_layers(config), int(config["num_attention_heads"]), hfc.num_kv_heads(config)
+    heads, kv_heads = int(config["num_attention_heads"]), hfc.num_kv_heads(config)
     per_node, gpus = int(cfg.plan.gpus_per_node), int(cfg.plan.nodes) * int(cfg.plan.gpus_per_node)
     tps = [tp for tp in range(1, per_node + 1) if heads % tp == 0 and kv_heads % tp == 0]
-    meshes = sorted(((tp, pp) for tp in tps for pp in range(1, layers + 1) if tp * pp <= gpus),
-                    key=lambda mesh: (mesh[0] * mesh[1], mesh[1]))
-    for tp, pp in meshes:
-        plan = make_serve_plan(cfg, tp, pp)
-        if plan.fits:
+    for tp in tps:
+        plan = make_serve_plan(cfg, tp, 1)
+        if tp <= gpus and plan.fits:
             return plan
     return None
 
@@ -128,9 +128,9 @@ def _stage_memory(plan: StagePlan, specs: list[ExitSpec], shape: Shape, tp: int,
     m = stage.memory
     layers = plan.last - plan.first
     m["backbone layers"] = layers * shape.layer_params * weight_bytes / tp
-    m["embeddings + LM head"] = head_bytes(plan, shape, weight_bytes, tp)  # every serving plan computes the final layer
-    m["exits"] = sum(sum(exit_params(spec, shape)) for spec in specs) * weight_bytes / tp
+    m["embeddings + LM head"] = head_bytes(plan, shape, weight_bytes, 1)  # whole; every plan computes the final layer
+    m["exits"] = sum(body / tp + head for body, head in (exit_params(spec, shape) for spec in specs)) * weight_bytes
     caches = layers + sum(get_exit_arch(spec.arch).block is not None for spec in specs)
     m["KV cache"] = caches * 2 * batch * context * kv / tp * weight_bytes
-    m["activations"] = chunk * weight_bytes * (2 * d + (2 * d + 2 * kv + 3 * f) / tp) + batch * v / tp * 4
+    m["activations"] = chunk * weight_bytes * (2 * d + (2 * d + 2 * kv + 3 * f) / tp) + batch * v * 4
     return stage

@@ -33,6 +33,7 @@ from eetune.serve.protocol import (
 )
 from eetune.serve.service import Completion, DecodePlan, ServedModel
 from eetune.infer.scheduler import BatchScheduler
+from eetune.serve.mirror import Channel, LeadingEngine, LeadingScheduler
 from eetune.serve.worker import DecodeWorker, QueueFull, Ticket
 
 _DONE = "data: [DONE]\n\n"
@@ -41,10 +42,17 @@ _CLIENT_CLOSED = 499
 
 
 def create_app(
-    served: ServedModel, queue_size: int, max_batch_size: int = 1, prefill_chunk: int | None = None
+    served: ServedModel, queue_size: int, max_batch_size: int = 1, prefill_chunk: int | None = None,
+    channel: Channel | None = None,
 ) -> FastAPI:
-    """The app over `served`; up to `max_batch_size` requests of one decoding group decode together (1: one at a time)."""
-    scheduler = BatchScheduler(served.engine, max_batch_size, prefill_chunk=prefill_chunk) if max_batch_size > 1 else None
+    """The app over `served`; up to `max_batch_size` requests of one decoding group decode together (1: one at a time).
+
+    With `channel` (rank 0 of a tensor-parallel mesh) every decoding call is announced to the other
+    ranks first (eetune.serve.mirror); `stop_followers` ends theirs once the app has shut down."""
+    scheduler = make_scheduler(served, max_batch_size, prefill_chunk)
+    if channel is not None:
+        served.engine = LeadingEngine(served.engine, channel)
+        scheduler = LeadingScheduler(scheduler, channel) if scheduler is not None else None
     worker = DecodeWorker(queue_size, scheduler)
     started = int(time.time())
 
@@ -89,6 +97,19 @@ def create_app(
         return await _respond(request, worker, served, plan, fmt, body.stream, body.include_usage)
 
     return app
+
+
+def stop_followers(app: FastAPI) -> None:
+    """Rank 0 of a mesh, after the server has stopped: end the worker, then the other ranks' loops."""
+    worker: DecodeWorker = app.state.worker
+    worker.close()
+    worker.join()  # no decoding call may be under way while the others are told to stop
+    app.state.served.engine.stop_followers()
+
+
+def make_scheduler(served: ServedModel, max_batch_size: int, prefill_chunk: int | None) -> BatchScheduler | None:
+    """The continuous batch over the served engine; None (one request at a time) at max_batch_size 1."""
+    return BatchScheduler(served.engine, max_batch_size, prefill_chunk=prefill_chunk) if max_batch_size > 1 else None
 
 
 def _submit(worker: DecodeWorker, job: Any) -> Ticket:

@@ -30,6 +30,7 @@ from eetune.serve.protocol import EarlyExitOptions, GenerationRequest
 from eetune.serve.text import TextAssembler, TokenSpeller
 from eetune.data.chat import chat_prompt_ids, stop_token_ids
 from eetune.exits.loading import load_model
+from eetune.models import BaseModel
 
 
 def default_options(serve_cfg: ServeConfig) -> EarlyExitOptions:
@@ -109,10 +110,11 @@ class ServedModel:
             raise EetuneError(exc.message) from None
 
     @classmethod
-    def from_config(cls, cfg: EetuneConfig) -> ServedModel:
+    def from_config(cls, cfg: EetuneConfig, loaded: tuple[BaseModel, EarlyExitModel] | None = None) -> ServedModel:
+        """`loaded`: the base model and exits, when loaded elsewhere (a rank's slices on a mesh)."""
         s = cfg.serve
         s.validate_run()
-        base, model = load_model(s.run_dir, **vars(cfg.model))
+        base, model = loaded or load_model(s.run_dir, **vars(cfg.model))
         max_seq_len = base.model.max_seq_len
         if s.max_prompt_tokens >= max_seq_len:
             raise EetuneError(

@@ -119,6 +119,10 @@ class DecodeWorker:
         for ticket in tickets:
             ticket.cancel()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker thread to end (after `close`)."""
+        self._thread.join(timeout)
+
     # -- the worker thread ----------------------------------------------------------------------
 
     def _batchable(self, ticket: Ticket) -> bool:

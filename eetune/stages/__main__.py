@@ -23,6 +23,8 @@ def main(argv: list[str]) -> None:
     except EetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C, passed on by torchrun: the parent reports it
+        sys.exit(130)
 
 
 if __name__ == "__main__":

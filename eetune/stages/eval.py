@@ -7,6 +7,8 @@
 3. Task metrics per setting (ROUGE-L, F1; multiple choice by log-likelihood under the policy).
 4. Calibration of the default threshold into <run_dir>/calibration.json.
 5. report.json, report.md, PNG plots in a fresh output dir; W&B when logger=wandb.
+
+With `parallel.tp` > 1 every rank of the tensor-parallel mesh runs all of it and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def output_dir(cfg: EetuneConfig) -> Path:
     return Path(cfg.run_dir) / stamp
 
 
-def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
+def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult | None:
+    """Evaluate `run_dir`'s exits; on a mesh (`parallel.tp` ranks) every rank measures and rank 0
+    writes. None in a parent that re-launched itself under torchrun."""
     console = console or make_console()
     started = time.perf_counter()
     cfg.eval.validate_run()
@@ -76,8 +80,33 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise EetuneError(f"eval output dir {out_dir} already exists and is not empty: choose another eval.out_dir=...")
 
-    base = load_base_model(**vars(cfg.model))
-    model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
+    from eetune.parallel import on_inference_mesh
+
+    if not on_inference_mesh(cfg):
+        base = load_base_model(**vars(cfg.model))
+        model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
+        return _evaluate(cfg, base, model, tasks, out_dir, console, started)
+    from eetune.parallel.launch import relaunch
+    from eetune.parallel.load import build_inference_model
+    from eetune.parallel.mesh import mesh_session, under_launcher
+
+    if not under_launcher():
+        cfg.eval.out_dir = str(out_dir)  # one output dir for every rank, timestamp included
+        relaunch(cfg, console)
+        return None
+    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+        base, model = build_inference_model(cfg.model, str(run_dir), topology)
+        if not topology.is_main:
+            console = Console(quiet=True)
+        return _evaluate(cfg, base, model, tasks, out_dir, console, started, writes=topology.is_main)
+
+
+def _evaluate(
+    cfg: EetuneConfig, base: Any, model: Any, tasks: list, out_dir: Path, console: Console, started: float,
+    *, writes: bool = True,
+) -> EvalResult:
+    """Measure, sweep, score and calibrate; with `writes` (rank 0 of a mesh), write and print it all."""
+    run_dir = Path(cfg.run_dir)
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: eval needs one to read tasks")
     batch = heldout_batch(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
@@ -124,6 +153,8 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult:
             "thresholds": {c.confidence: asdict(c) for c in calibrations},
         }
     report["elapsed_s"] = time.perf_counter() - started
+    if not writes:
+        return EvalResult(out_dir, report, {}, None)
     with new_run_dir(out_dir) as staging:
         plots = draw_all(report, staging)
         write_report(staging, report, plots)

@@ -1,7 +1,12 @@
-"""`eetune generate`: decode from a prompt or a chat message, streaming to the terminal."""
+"""`eetune generate`: decode from a prompt or a chat message, streaming to the terminal.
+
+With `parallel.tp` > 1 (and `parallel.nproc_per_node`, or under torchrun) every rank decodes the
+same request on its tensor-parallel slices; rank 0 prints.
+"""
 
 from __future__ import annotations
 
+import io
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -61,7 +66,8 @@ class TextStream:
         self.printed = len(text)
 
 
-def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = None) -> GenerateResult:
+def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = None) -> GenerateResult | None:
+    """Decode `generate.prompt`; None in a parent that re-launched itself under torchrun."""
     gen = cfg.generate
     gen.run_dir = resolve_run_dir(gen.run_dir)
     if not gen.prompt:
@@ -70,7 +76,26 @@ def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = 
         raise EetuneError(f"generate.mode={gen.mode} needs exits: pass --run-dir <augment or tune run dir>")
     out = out or sys.stdout
     console = console or make_console()
-    base, model = load_model(gen.run_dir, **vars(cfg.model))
+    from eetune.parallel import on_inference_mesh
+
+    if not on_inference_mesh(cfg):
+        return _generate(cfg, *load_model(gen.run_dir, **vars(cfg.model)), out, console)
+    from eetune.parallel.launch import relaunch
+    from eetune.parallel.load import build_inference_model
+    from eetune.parallel.mesh import mesh_session, under_launcher
+
+    if not under_launcher():
+        relaunch(cfg, console)
+        return None
+    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+        base, model = build_inference_model(cfg.model, gen.run_dir, topology)
+        if not topology.is_main:
+            out, console = io.StringIO(), Console(quiet=True)
+        return _generate(cfg, base, model, out, console)
+
+
+def _generate(cfg: EetuneConfig, base: Any, model: Any, out: TextIO, console: Console) -> GenerateResult:
+    gen = cfg.generate
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
     threshold = default_threshold(gen, console, model) if gen.threshold is None else gen.threshold

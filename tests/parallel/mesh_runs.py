@@ -1,23 +1,28 @@
-"""Several `tune` runs on one torchrun process group, for tests/parallel/test_parallel.py.
+"""Several `tune` (and `generate`) runs on one torchrun process group, for tests/parallel/test_parallel.py.
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/parallel/mesh_runs.py runs.json
 
 runs.json is a list of {"overrides": [...], "stop_after": step or null, "refused": text or null}.
 A run with `refused` must fail with an EetuneError containing that text. A run with `stop_after`
 is interrupted on every rank after that many steps (as a killed job would be), so a later run with
-resume=true can continue it. One launch for many runs: each process imports torch once.
+resume=true can continue it. A run with "stage": "generate" decodes, and every rank writes what it
+decoded to `<out>.rank<R>.json`; with "stage": "eval" every rank writes its report there. One launch for many runs: each process imports torch once.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
+from rich.console import Console
 
 from eetune.config import compose_config
 from eetune.errors import EetuneError
-from eetune.stages import tune
+from eetune.stages import eval as eval_stage
+from eetune.stages import generate, tune
 from eetune.train.trainer import Trainer
 
 
@@ -30,6 +35,13 @@ def main(path: str) -> None:
     original_step = Trainer.train_step
     try:
         for run in json.loads(open(path).read()):
+            if run.get("stage") == "generate":
+                decode(run)
+                continue
+            if run.get("stage") == "eval":
+                result = eval_stage.run(compose_config("eval", run["overrides"]), console=Console(quiet=True))
+                Path(f"{run['out']}.rank{dist.get_rank()}.json").write_text(json.dumps(result.report, default=str))
+                continue
             stop_after = run.get("stop_after")
 
             def train_step(self, stop_after=stop_after):
@@ -50,6 +62,14 @@ def main(path: str) -> None:
                     raise AssertionError(f"expected a refusal ({run['refused']}): {run['overrides']}")
     finally:
         dist.destroy_process_group()
+
+
+def decode(run: dict) -> None:
+    out = io.StringIO()
+    result = generate.run(compose_config("generate", run["overrides"]), out=out, console=Console(quiet=True))
+    decoded = {"tokens": result.result.tokens, "exit_layers": result.result.exit_layers,
+               "accepted": result.result.accepted_tokens, "text": out.getvalue()}
+    Path(f"{run['out']}.rank{dist.get_rank()}.json").write_text(json.dumps(decoded))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tuning on a device mesh (CPU, gloo) equals tuning in one process.
+"""Tuning on a device mesh (CPU, gloo) equals tuning in one process; so does decoding split tensor-parallel.
 
 Each mesh run and its single-process reference tune the tiny model for 4 steps on the same data;
 they must agree on the logged loss of every step (relative 1e-6) and on every tuned exit weight
@@ -9,14 +9,24 @@ train against the final layer (teacher CE + KD): the random tiny model's CE agai
 after 4 steps (measured; the losses still agree to 1e-7), which would test the model, not us. All 2-process runs share one
 torchrun launch and all 4-process runs another (tests/parallel/mesh_runs.py): starting processes and
 importing torch is most of the cost.
+
+Decoding (`generate` on `parallel.tp` ranks) must give exactly the single process's tokens and exit
+layers in every mode, on every rank: greedy, sampled with a seed, early exit (max_prob and learned
+confidence), self-speculative with a fixed and an adaptive draft length. Exits copied from the last
+layer make drafts at exit 3 agree with the full model, so verification accepts as well as rejects.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,12 +38,15 @@ from safetensors.torch import load_file
 from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.exits import load_exits
+from eetune.models import get_model_entry
+from eetune.models.tiny import write_tiny_checkpoint
 from eetune.parallel import on_mesh
 from eetune.parallel.checkpoint import check_same_mesh
 from eetune.parallel.load import CheckpointTensors
 from eetune.parallel.mesh import ParallelDims
 from eetune.parallel.pipeline import plan_stages
-from eetune.stages import tune
+from eetune.stages import augment, generate, tune
+from eetune.stages import eval as eval_stage
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-6
@@ -57,6 +70,28 @@ FOUR_PROCESS = {
     "hsdp": (TEACHER, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     # Trainable vocabulary-parallel heads and attention exits, sharded over tp and dp.
     "fsdp_tp_copy_heads": ([*TEACHER, "exits.head=copy", "exits.arch=layer"], ["parallel.dp_shard=2", "parallel.tp=2"]),
+}
+
+# Decoding cases: name -> (exits run, generate settings); run on 2 ranks (tp=2) and in one process.
+DECODES = {
+    "full": (None, ["generate.mode=full"]),
+    "early_exit": ("random_mlp", ["generate.mode=early_exit", "generate.threshold=0.006"]),
+    "early_exit_learned": ("random_mlp", ["generate.mode=early_exit", "generate.confidence=learned",
+                                          "generate.threshold=0.5"]),
+    "self_speculative": ("copied_layer", ["generate.mode=self_speculative", "generate.draft_exit=3",
+                                          "generate.draft_len=3"]),
+    "self_speculative_adaptive": ("copied_layer", ["generate.mode=self_speculative", "generate.draft_exit=2",
+                                                   "generate.draft_schedule=adaptive"]),
+    "sampled_early_exit": ("random_mlp", ["generate.mode=early_exit", "generate.threshold=0.006",
+                                            "generate.temperature=0.8", "generate.seed=3"]),
+    "sampled_self_speculative": ("copied_layer", ["generate.mode=self_speculative", "generate.draft_exit=3",
+                                                  "generate.temperature=0.8", "generate.seed=3"]),
+}
+# On 4 ranks (tp=4), a tiny model with 4 KV heads.
+FOUR_WAY_DECODES = ("full", "early_exit", "self_speculative")
+EXIT_RUNS = {
+    "random_mlp": ["exits.arch=mlp", "exits.init=random", "exits.head=copy", "exits.confidence=linear"],
+    "copied_layer": ["exits.arch=layer", "exits.init=copy", "exits.head=copy", "exits.confidence=none"],
 }
 
 
@@ -112,8 +147,55 @@ def launch(nproc: int, runs: list[dict], tmp: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def EVAL_DATA(common: list[str]) -> list[str]:
+    return [o for o in common if o.startswith("data")]
+
+
+class Decodes:
+    """`generate` settings for one tiny checkpoint, with its exits (augment runs made on first use)."""
+
+    def __init__(self, root: Path, checkpoint_dir: Path) -> None:
+        self.root, self.model = root, [f"model.checkpoint_dir={checkpoint_dir}", "model.dtype=float32"]
+        for name, settings in EXIT_RUNS.items():
+            augment.run(compose_config("augment", [*self.model, "exits.layers=[1,2,3]", *settings,
+                                                   f"run_dir={root / name}"]))
+
+    def overrides(self, name: str) -> list[str]:
+        run, settings = DECODES[name]
+        exits = [] if run is None else [f"generate.run_dir={self.root / run}"]
+        return [*self.model, *exits, *settings, "generate.prompt='The quick brown fox'", "generate.max_new_tokens=16"]
+
+    def on_mesh(self, name: str, tp: int, out_dir: Path) -> dict:
+        return {"stage": "generate", "out": str(out_dir / name),
+                "overrides": [*self.overrides(name), f"parallel.tp={tp}", "parallel.dp_shard=1"]}
+
+    def eval_overrides(self, data: list[str], out_dir: Path) -> list[str]:
+        return [*self.model, f"run_dir={self.root / 'random_mlp'}", *data, "eval.thresholds=[1.0,0.006]",
+                "eval.max_items=2", "eval.max_new_tokens=8", "eval.timing_repeats=2", "eval.calibrate=false",
+                f"eval.out_dir={out_dir}"]
+
+    def in_one_process(self, name: str) -> dict:
+        out = io.StringIO()
+        result = generate.run(compose_config("generate", self.overrides(name)), out=out)
+        return {"tokens": result.result.tokens, "exit_layers": result.result.exit_layers,
+                "accepted": result.result.accepted_tokens, "text": out.getvalue()}
+
+
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory, common, references) -> dict[str, Path]:
+def decodes(tmp_path_factory, tiny_base_model) -> Decodes:
+    return Decodes(tmp_path_factory.mktemp("decodes"), tiny_base_model.checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def four_way_decodes(tmp_path_factory) -> Decodes:
+    root = tmp_path_factory.mktemp("decodes4")
+    checkpoint_dir = write_tiny_checkpoint(get_model_entry("smollm2_135m"), root / "checkpoint", seed=1,
+                                           num_hidden_layers=4, num_key_value_heads=4, tie_word_embeddings=False)
+    return Decodes(root, checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, common, references, decodes) -> dict[str, Path]:
     """The 2-process meshes, plus an interrupted FSDP run resumed, plus exits moved to a TP mesh."""
     root = tmp_path_factory.mktemp("mesh2")
     runs, dirs = [], {}
@@ -135,16 +217,21 @@ def two_process_runs(tmp_path_factory, common, references) -> dict[str, Path]:
     dirs["init_from_fsdp"] = root / "init_from_fsdp"
     runs.append({"overrides": [*common, *TEACHER, "parallel.tp=2", "parallel.dp_shard=1",
                                f"train.init_from={dirs['fsdp']}", f"run_dir={dirs['init_from_fsdp']}"]})
+    runs += [decodes.on_mesh(name, 2, root) for name in DECODES]
+    runs.append({"stage": "eval", "out": str(root / "eval"),
+                 "overrides": [*decodes.eval_overrides(EVAL_DATA(common), root / "eval"), "parallel.tp=2",
+                               "parallel.dp_shard=1"]})
     launch(2, runs, root)
     return dirs
 
 
 @pytest.fixture(scope="module")
-def four_process_runs(tmp_path_factory, common) -> dict[str, Path]:
+def four_process_runs(tmp_path_factory, common, four_way_decodes) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mesh4")
     dirs = {name: root / name for name in FOUR_PROCESS}
-    launch(4, [{"overrides": [*common, *settings, *mesh, f"run_dir={dirs[name]}"]}
-               for name, (settings, mesh) in FOUR_PROCESS.items()], root)
+    runs = [{"overrides": [*common, *settings, *mesh, f"run_dir={dirs[name]}"]}
+            for name, (settings, mesh) in FOUR_PROCESS.items()]
+    launch(4, [*runs, *(four_way_decodes.on_mesh(name, 4, root) for name in FOUR_WAY_DECODES)], root)
     return dirs
 
 
@@ -176,6 +263,121 @@ def test_two_process_mesh_tunes_like_one_process(name, two_process_runs, referen
 def test_four_process_mesh_tunes_like_one_process(name, four_process_runs, references):
     settings, _ = FOUR_PROCESS[name]
     assert_same_run(four_process_runs[name], references(settings))
+
+
+def assert_decoded_alike(mesh_out: Path, nproc: int, reference: dict) -> None:
+    ranks = [json.loads(Path(f"{mesh_out}.rank{rank}.json").read_text()) for rank in range(nproc)]
+    for rank, decoded in enumerate(ranks):
+        for key in ("tokens", "exit_layers", "accepted"):
+            assert decoded[key] == reference[key], (rank, key)
+    assert ranks[0]["text"] == reference["text"] and all(r["text"] == "" for r in ranks[1:])  # rank 0 prints
+    assert len(reference["tokens"]) >= 4  # up to 16, or the stop token
+
+
+@pytest.mark.parametrize("name", list(DECODES))
+def test_two_process_tensor_parallel_decoding_equals_one_process(name, two_process_runs, decodes):
+    reference = decodes.in_one_process(name)
+    mesh_out = two_process_runs["fsdp"].parent / name
+    assert_decoded_alike(mesh_out, 2, reference)
+    # Not vacuous: early exits leave at several depths, copied-exit drafts are accepted.
+    if name.startswith(("early_exit", "sampled_early")):
+        assert len(set(reference["exit_layers"])) > 1
+    if name in ("self_speculative", "sampled_self_speculative"):
+        assert reference["accepted"] > 0
+
+
+@pytest.mark.parametrize("name", FOUR_WAY_DECODES)
+def test_four_process_tensor_parallel_decoding_equals_one_process(name, four_process_runs, four_way_decodes):
+    assert_decoded_alike(four_process_runs["fsdp_tp"].parent / name, 4, four_way_decodes.in_one_process(name))
+
+
+def test_tensor_parallel_eval_measures_like_one_process(two_process_runs, decodes, common, tmp_path):
+    root = two_process_runs["fsdp"].parent
+    ranks = [json.loads(Path(f"{root / 'eval'}.rank{rank}.json").read_text()) for rank in range(2)]
+    single = eval_stage.run(compose_config("eval", decodes.eval_overrides(EVAL_DATA(common), tmp_path / "out"))).report
+    assert (root / "eval" / "report.json").is_file()  # written once, by rank 0
+    for report in ranks:
+        # Teacher-forced per-exit metrics: equal up to the order of the tensor-parallel sums.
+        assert [e["layer"] for e in report["per_exit"]] == [e["layer"] for e in single["per_exit"]]
+        for got, want in zip(report["per_exit"], single["per_exit"]):
+            for key, value in want.items():
+                if isinstance(value, float):
+                    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        # Decoding through the engine: the same text, tokens and exits.
+        assert [r["setting"] for r in report["sweep"]] == [r["setting"] for r in single["sweep"]]
+        for got, want in zip(report["sweep"], single["sweep"]):
+            # task_scores hold the multiple-choice accuracies too (log-likelihood under the setting's policy).
+            for key in ("outputs", "exit_counts", "tokens", "token_agreement", "task_scores", "mean_layers"):
+                assert got[key] == want[key], (want["setting"], key)
+    assert any(r["mode"] == "early_exit" and len(r["exit_counts"]) > 1 for r in single["sweep"])
+
+
+# Requests of every mode, sampled ones with seeds, a stop string, and a malformed body; sent 4 at a
+# time to a batch of 4. The random tiny model's own text is one byte repeated: the answers that
+# differ are those of its random early exits.
+SERVE_BODIES = [
+    {"max_tokens": 12, "temperature": 0},
+    {"max_tokens": 12, "temperature": 0, "early_exit": {"mode": "early_exit", "threshold": 0.006}},
+    {"max_tokens": 12, "temperature": 0, "early_exit": {"mode": "self_speculative", "draft_exit": 3}},
+    {"max_tokens": 12, "temperature": 0.8, "seed": 5},
+    {"max_tokens": 12, "temperature": 0.9, "seed": 6, "early_exit": {"mode": "early_exit", "threshold": 0.006}},
+    {"max_tokens": 12, "temperature": 0.9, "seed": 7, "early_exit": {"mode": "self_speculative", "draft_exit": 2}},
+    {"max_tokens": 12, "temperature": 0.9, "seed": 8, "stop": ["a", "e"]},
+    {"max_tokens": "twelve"},
+]
+
+
+def serve_answers(url: str) -> list[tuple[int, str]]:
+    import httpx
+
+    def ask(index_body: tuple[int, dict]) -> tuple[int, str]:
+        index, body = index_body
+        messages = [{"role": "user", "content": f"Request {index}: tell me something"}]
+        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, **body}, timeout=300)
+        if response.status_code != 200:
+            return response.status_code, response.json()["error"]["message"]
+        return 200, response.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(ask, enumerate(SERVE_BODIES)))
+
+
+def test_a_server_on_a_tensor_parallel_mesh_answers_like_one_process(decodes, tmp_path):
+    """`eetune serve ... parallel.nproc_per_node=2 parallel.tp=2`: rank 0 serves, rank 1 follows; the
+    answers equal the single-process server's; Ctrl-C stops every process cleanly."""
+    from eetune.serve import BackgroundServer
+    from eetune.serve.server import build_app
+
+    overrides = [*decodes.model, f"serve.run_dir={decodes.root / 'random_mlp'}", "serve.max_batch_size=4"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "eetune.cli", "serve", *overrides, "serve.port=0",
+                                 "parallel.nproc_per_node=2", "parallel.tp=2"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (match := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", " ".join(log.read_text().split()))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        mesh = serve_answers(match.group(1))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+        code = proc.wait(timeout=120)
+    output = log.read_text()
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    assert "mesh pp=1 x dp_replicate=1 x dp_shard=1 x tp=2 on 2 processes" in output
+    with BackgroundServer(build_app(compose_config("serve", overrides))) as server:
+        single = serve_answers(server.url)
+    assert mesh == single
+    assert [status for status, _ in single] == [200] * 7 + [400]
+    assert len({text for _, text in single[:7]}) > 2  # the answers differ: the comparison is not vacuous
+
+
+def test_decoding_mesh_must_be_tensor_parallel_only(decodes, run_cli):
+    code, _, err = run_cli("generate", "--prompt", "hi", *decodes.model, "parallel.nproc_per_node=2", "parallel.pp=2")
+    assert code == 2
+    assert "splits the model tensor-parallel only" in err and "set parallel.tp=2" in err
 
 
 def test_partial_pipeline_builds_nothing_past_the_deepest_exit(two_process_runs):

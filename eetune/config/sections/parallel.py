@@ -11,6 +11,7 @@ from eetune.config.checks import check_choices
 @dataclass
 class ParallelConfig:
     """The device mesh `tune` runs on (the README's "Scaling out"); world size = the product of the four.
+    `generate`, `eval` and `serve` split the model over `tp` only (pp=1, no data-parallel ranks).
 
     Mesh dims, outermost first: pp (pipeline stages), dp_replicate (HSDP replicas), dp_shard
     (FSDP2 shards), tp (tensor parallel, innermost: keep it within a node).
@@ -28,7 +29,8 @@ class ParallelConfig:
     # when a loss needs the final layer). false builds every layer, so held-out agreement with
     # the final layer is reported as in a single process.
     partial: bool = True
-    # > 1: `eetune tune` re-launches itself under torchrun with this many processes (one node).
+    # > 1: `eetune tune` (generate, eval, serve) re-launches itself under torchrun with this many
+    # processes (one node).
     # Under torchrun or Slurm (scripts/slurm/) the launcher has already started the processes.
     nproc_per_node: int = 1
     # auto: nccl on CUDA, gloo on CPU.
