@@ -279,3 +279,34 @@ def case_entry_point(run_case: Callable[[dict[str, Any]], dict[str, Any]]) -> bo
     case = json.loads(sys.argv[2])
     write_json(Path(sys.argv[3]), run_case(case))
     return True
+
+
+def run_ranks_in_subprocess(
+    script: Path, case: Mapping[str, Any], nproc: int, *, threads: int = 1, timeout_s: float | None = None,
+    tail_lines: int = 25,
+) -> list[dict[str, Any]]:
+    """Run `script` on `case` as `nproc` processes under torchrun (standalone); every rank's result, by rank."""
+    with tempfile.TemporaryDirectory(prefix="eetune-bench-") as scratch:
+        prefix = Path(scratch) / "result"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   str(Path(script).resolve()), CASE_FLAG, json.dumps(dict(case)), str(prefix)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        try:
+            proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise CaseFailed(f"case {dict(case)} ran past {timeout_s} s") from exc
+        paths = sorted(Path(scratch).glob("result.rank*.json"))
+        if proc.returncode != 0 or len(paths) != nproc:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:])
+            raise CaseFailed(f"case {dict(case)} failed (exit code {proc.returncode}):\n{tail}")
+        return sorted((json.loads(path.read_text()) for path in paths), key=lambda result: result["rank"])
+
+
+def rank_case_entry_point(run_case: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """In a rank that `run_ranks_in_subprocess` started: run the case, write this rank's result (with
+    its "rank") and return True. In the parent process: do nothing and return False."""
+    if len(sys.argv) != 4 or sys.argv[1] != CASE_FLAG:
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    write_json(Path(f"{sys.argv[3]}.rank{rank}.json"), {"rank": rank, **run_case(json.loads(sys.argv[2]))})
+    return True

@@ -72,6 +72,10 @@ FOUR_PROCESS = {
     "fsdp_tp_copy_heads": ([*TEACHER, "exits.head=copy", "exits.arch=layer"], ["parallel.dp_shard=2", "parallel.tp=2"]),
 }
 
+# bf16 FSDP2 mixed precision (bf16 compute, fp32 master exits) against a single bf16 process; random
+# exits against the labels, so the losses are large and move.
+BF16 = [*LABELS, "exits.init=random", "model.dtype=bfloat16"]
+
 # Decoding cases: name -> (exits run, generate settings); run on 2 ranks (tp=2) and in one process.
 DECODES = {
     "full": (None, ["generate.mode=full"]),
@@ -217,6 +221,8 @@ def two_process_runs(tmp_path_factory, common, references, decodes) -> dict[str,
     dirs["init_from_fsdp"] = root / "init_from_fsdp"
     runs.append({"overrides": [*common, *TEACHER, "parallel.tp=2", "parallel.dp_shard=1",
                                f"train.init_from={dirs['fsdp']}", f"run_dir={dirs['init_from_fsdp']}"]})
+    dirs["fsdp_bf16"] = root / "fsdp_bf16"
+    runs.append({"overrides": [*common, *BF16, "parallel.dp_shard=2", f"run_dir={dirs['fsdp_bf16']}"]})
     runs += [decodes.on_mesh(name, 2, root) for name in DECODES]
     runs.append({"stage": "eval", "out": str(root / "eval"),
                  "overrides": [*decodes.eval_overrides(EVAL_DATA(common), root / "eval"), "parallel.tp=2",
@@ -378,6 +384,23 @@ def test_decoding_mesh_must_be_tensor_parallel_only(decodes, run_cli):
     code, _, err = run_cli("generate", "--prompt", "hi", *decodes.model, "parallel.nproc_per_node=2", "parallel.pp=2")
     assert code == 2
     assert "splits the model tensor-parallel only" in err and "set parallel.tp=2" in err
+
+
+def test_bf16_mixed_precision_mesh_tunes_like_one_bf16_process(two_process_runs, references):
+    """Stated tolerance: the first step's loss equal to 1e-6 (the same bf16 forward); later losses within
+    0.5% and exit weights within 0.025 (2.5 steps of lr 1e-2) after 4 steps: the mesh keeps fp32 master
+    weights and reduces gradients in fp32, one process steps its bf16 compute copies' gradients, so
+    updates of near-zero gradients round apart."""
+    mesh_dir, reference_dir = two_process_runs["fsdp_bf16"], references(BF16)
+    expected, got = train_losses(reference_dir), train_losses(mesh_dir)
+    assert len(got) == len(expected) == 4
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)
+    assert got == pytest.approx(expected, rel=5e-3)
+    assert got[-1] < got[0]
+    reference, tuned = load_file(str(reference_dir / "exits.safetensors")), load_file(str(mesh_dir / "exits.safetensors"))
+    assert tuned.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(tuned[key].float(), reference[key].float(), rtol=0, atol=0.025)
 
 
 def test_partial_pipeline_builds_nothing_past_the_deepest_exit(two_process_runs):
