@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash scripts/demo.sh
 
-# Two workers on two cores, one thread each (tests/conftest.py); tests are taken as workers free up.
+# Two workers on two cores, one thread each (tests/conftest.py); a file runs on one worker, so its
+# module fixtures (tuned runs, torchrun launches) are made once.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Only the real-Slurm test (root: installs slurmctld/slurmd/munge, runs scripts/slurm/tune.sbatch).
 # `make test` runs it too.
