@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torchtune.modules import TransformerDecoder
 
 from eetune.errors import EetuneError
-from eetune.exits import EarlyExitModel, ExitSpec, get_exit_arch
+from eetune.exits import EarlyExitModel, ExitSpec, check_specs, get_exit_arch
 from eetune.exits.checkpoint import load_exits, read_manifest
 from eetune.models import BaseModel, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
@@ -129,13 +129,26 @@ def build_stage_model(cfg: EetuneConfig, topology: Topology, needs: RunNeeds) ->
     return StageModel(base=base, model=model, plan=plan, plans=plans, specs=specs)
 
 
-def build_inference_model(model_cfg: Any, run_dir: str | None, topology: Topology) -> tuple[BaseModel, EarlyExitModel]:
-    """The base model `model_cfg` names with the exits of `run_dir` (none without one), split
-    over the tp group for decoding (eetune.parallel.inference_tp): what `load_model` gives a
-    single process, holding this rank's slices only.
+@dataclass(frozen=True)
+class NewExits:
+    """Exits to build as `augment` builds them: `specs`, random ones drawn after seeding with `seed`."""
+
+    specs: list[ExitSpec]
+    init_std: float
+    seed: int
+
+
+def build_inference_model(
+    model_cfg: Any, run_dir: str | None, topology: Topology, *, new_exits: NewExits | None = None,
+    split_exits: bool = True,
+) -> tuple[BaseModel, EarlyExitModel]:
+    """The base model `model_cfg` names with the exits of `run_dir` (or `new_exits`; none without
+    either), split over the tp group for decoding (eetune.parallel.inference_tp): what `load_model`
+    gives a single process, holding this rank's slices only. `split_exits=False` keeps the exits
+    whole on every rank (`augment` saves them).
 
     Each block is read whole, one at a time, and sliced at once, so a rank never holds more than
-    its slices plus one block (and the layers copy-initialised exits are rebuilt from).
+    its slices plus one block (and the layers copy-initialised exits are built from).
     """
     if topology.dims.pp > 1 or topology.dims.dp > 1:
         raise EetuneError(
@@ -166,10 +179,15 @@ def build_inference_model(model_cfg: Any, run_dir: str | None, topology: Topolog
         # Exits are rebuilt from the layers they copy, then their own weights are loaded over them.
         loader.load(_exit_sources(specs, num_layers, _lm_head_name(config)))
         model = load_exits(run_dir, decoder, base.fingerprint, path)
+    elif new_exits is not None:
+        check_specs(new_exits.specs, num_layers)
+        loader.load(_exit_sources(new_exits.specs, num_layers, _lm_head_name(config)))
+        torch.manual_seed(new_exits.seed)  # the same draws as in one process
+        model = EarlyExitModel(decoder, new_exits.specs, init_std=new_exits.init_std)
     else:
         model = EarlyExitModel(decoder, [])
     group = topology.tp_group
-    if topology.dims.tp > 1:
+    if topology.dims.tp > 1 and split_exits:
         shard_exits(model, group)
     model.exits.to(topology.device)
     for index in range(num_layers):

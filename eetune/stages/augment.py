@@ -1,9 +1,14 @@
-"""Stage one of EE-Tuning: add exits to the frozen model and write them to a run dir."""
+"""Stage one of EE-Tuning: add exits to the frozen model and write them to a run dir.
+
+With `parallel.tp` > 1 the frozen model is split over the ranks (read block by block, never whole
+on one device); the exits are built whole on every rank from the same seed, and rank 0 writes them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -26,16 +31,37 @@ class AugmentResult:
     quality: dict[int, ExitQuality]  # held-out, before tuning; key num_layers is the final layer
 
 
-def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult:
+def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult | None:
+    """Build the exits, score them on held-out text and write the run dir. On a tensor-parallel mesh
+    the backbone is split over the ranks and the exits stay whole; rank 0 writes. None in a parent
+    that re-launched itself under torchrun."""
     console = console or make_console()
-    base = load_base_model(**vars(cfg.model))
     e = cfg.exits
     specs = exit_specs(e.layers, arch=e.arch, init=e.init, head=e.head, confidence=e.confidence, norm_init=e.norm_init)
-    check_specs(specs, base.num_layers)
     check_seq_len(cfg.data.seq_len, cfg.model.max_seq_len)
+    from eetune.parallel import on_inference_mesh
 
-    torch.manual_seed(cfg.seed)
-    model = EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std)
+    if not on_inference_mesh(cfg):
+        base = load_base_model(**vars(cfg.model))
+        check_specs(specs, base.num_layers)
+        torch.manual_seed(cfg.seed)
+        return _augment(cfg, base, EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std), console)
+    from eetune.parallel.launch import relaunch
+    from eetune.parallel.load import NewExits, build_inference_model
+    from eetune.parallel.mesh import mesh_session, under_launcher
+
+    if not under_launcher():
+        relaunch(cfg, console)
+        return None
+    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+        base, model = build_inference_model(cfg.model, None, topology, split_exits=False,
+                                            new_exits=NewExits(specs, cfg.exits.init_std, cfg.seed))
+        if not topology.is_main:
+            console = Console(quiet=True)
+        return _augment(cfg, base, model, console, writes=topology.is_main)
+
+
+def _augment(cfg: EetuneConfig, base: Any, model: EarlyExitModel, console: Console, *, writes: bool = True) -> AugmentResult:
     parameters = {
         layer: sum(p.numel() for p in model.exit(layer).parameters() if p.requires_grad)
         for layer in model.exit_layers
@@ -43,6 +69,8 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult:
     with console.status("scoring exits on held-out text"):
         quality = heldout_quality(model, heldout_batch(cfg.data, base.tokenizer))
 
+    if not writes:
+        return AugmentResult(Path(cfg.run_dir), parameters, quality)
     heldout = {str(layer): {"cross_entropy": q.cross_entropy, "agreement": q.agreement} for layer, q in quality.items()}
     manifest = build_manifest(model, base_info(base), stage="augment", extra={"heldout_before_tuning": heldout})
     with new_run_dir(cfg.run_dir) as staging:

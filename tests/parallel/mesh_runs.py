@@ -6,7 +6,8 @@ runs.json is a list of {"overrides": [...], "stop_after": step or null, "refused
 A run with `refused` must fail with an EetuneError containing that text. A run with `stop_after`
 is interrupted on every rank after that many steps (as a killed job would be), so a later run with
 resume=true can continue it. A run with "stage": "generate" decodes, and every rank writes what it
-decoded to `<out>.rank<R>.json`; with "stage": "eval" every rank writes its report there. One launch for many runs: each process imports torch once.
+decoded to `<out>.rank<R>.json`; with "stage": "eval" every rank writes its report there; "stage":
+"augment" writes its run dir (rank 0). One launch for many runs: each process imports torch once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.console import Console
 from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.stages import eval as eval_stage
-from eetune.stages import generate, tune
+from eetune.stages import augment, generate, tune
 from eetune.train.trainer import Trainer
 
 
@@ -37,6 +38,9 @@ def main(path: str) -> None:
         for run in json.loads(open(path).read()):
             if run.get("stage") == "generate":
                 decode(run)
+                continue
+            if run.get("stage") == "augment":
+                augment.run(compose_config("augment", run["overrides"]), console=Console(quiet=True))
                 continue
             if run.get("stage") == "eval":
                 result = eval_stage.run(compose_config("eval", run["overrides"]), console=Console(quiet=True))

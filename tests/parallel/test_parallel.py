@@ -155,6 +155,11 @@ def EVAL_DATA(common: list[str]) -> list[str]:
     return [o for o in common if o.startswith("data")]
 
 
+def augment_overrides(name: str, common: list[str]) -> list[str]:
+    model = [o for o in common if o.startswith("model.")]
+    return [*model, *EVAL_DATA(common), "exits.layers=[1,2,3]", *EXIT_RUNS[name], "seed=3"]
+
+
 class Decodes:
     """`generate` settings for one tiny checkpoint, with its exits (augment runs made on first use)."""
 
@@ -223,6 +228,8 @@ def two_process_runs(tmp_path_factory, common, references, decodes) -> dict[str,
                                f"train.init_from={dirs['fsdp']}", f"run_dir={dirs['init_from_fsdp']}"]})
     dirs["fsdp_bf16"] = root / "fsdp_bf16"
     runs.append({"overrides": [*common, *BF16, "parallel.dp_shard=2", f"run_dir={dirs['fsdp_bf16']}"]})
+    runs += [{"stage": "augment", "overrides": [*augment_overrides(name, common), "parallel.tp=2", "parallel.dp_shard=1",
+                                                f"run_dir={root / f'augmented_{name}'}"]} for name in EXIT_RUNS]
     runs += [decodes.on_mesh(name, 2, root) for name in DECODES]
     runs.append({"stage": "eval", "out": str(root / "eval"),
                  "overrides": [*decodes.eval_overrides(EVAL_DATA(common), root / "eval"), "parallel.tp=2",
@@ -378,6 +385,23 @@ def test_a_server_on_a_tensor_parallel_mesh_answers_like_one_process(decodes, tm
     assert mesh == single
     assert [status for status, _ in single] == [200] * 7 + [400]
     assert len({text for _, text in single[:7]}) > 2  # the answers differ: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("name", list(EXIT_RUNS))
+def test_augment_on_a_tensor_parallel_mesh_writes_the_single_process_run(name, two_process_runs, common, tmp_path):
+    """Random exits drawn from the same seed and exits copied from layers read block by block: the
+    same tensors; the held-out scores of the split backbone equal to 1e-5."""
+    mesh_dir = two_process_runs["fsdp"].parent / f"augmented_{name}"
+    augment.run(compose_config("augment", [*augment_overrides(name, common), f"run_dir={tmp_path / 'one'}"]))
+    single, mesh = load_file(str(tmp_path / "one" / "exits.safetensors")), load_file(str(mesh_dir / "exits.safetensors"))
+    assert mesh.keys() == single.keys()
+    for key in single:
+        assert torch.equal(mesh[key], single[key]), key
+    want, got = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "one", mesh_dir))
+    assert got["base_model"]["fingerprint"] == want["base_model"]["fingerprint"]
+    assert got["exit_parameters"] == want["exit_parameters"]
+    for layer, scores in want["heldout_before_tuning"].items():
+        assert got["heldout_before_tuning"][layer] == pytest.approx(scores, rel=1e-5), layer
 
 
 def test_decoding_mesh_must_be_tensor_parallel_only(decodes, run_cli):
