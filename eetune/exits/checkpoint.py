@@ -91,14 +91,11 @@ def _exported_manifest(export_dir: Path) -> dict | None:
     return config.get(EXPORT_CONFIG_KEY) if isinstance(config, dict) else None
 
 
-def load_exits(
-    run_dir: str | Path, backbone: TransformerDecoder, fingerprint: str, checkpoint_dir: str | Path | None = None,
-) -> EarlyExitModel:
-    """Rebuild the run's exits on `backbone` (loaded from `checkpoint_dir`) and load their weights.
-
-    Fails clearly when the run was made for other base weights (fingerprints differ).
-    """
-    manifest = read_manifest(run_dir)
+def check_base_fingerprint(
+    run_dir: str | Path, manifest: dict, fingerprint: str, checkpoint_dir: str | Path | None = None,
+) -> None:
+    """Fail clearly when the base weights (`fingerprint`, read from `checkpoint_dir`) are not the
+    ones the run's exits were built on."""
     base = manifest["base_model"]
     expected = base["fingerprint"]
     if expected != fingerprint:
@@ -110,6 +107,17 @@ def load_exits(
             f"exits in {run_dir} were built on {base.get('name')} weights {built_on} (fingerprint {expected}), "
             f"but {loaded} has fingerprint {fingerprint}: load the weights the exits were built on ({fix})"
         )
+
+
+def load_exits(
+    run_dir: str | Path, backbone: TransformerDecoder, fingerprint: str, checkpoint_dir: str | Path | None = None,
+) -> EarlyExitModel:
+    """Rebuild the run's exits on `backbone` (loaded from `checkpoint_dir`) and load their weights.
+
+    Fails clearly when the run was made for other base weights (fingerprints differ).
+    """
+    manifest = read_manifest(run_dir)
+    check_base_fingerprint(run_dir, manifest, fingerprint, checkpoint_dir)
     specs = [ExitSpec(**spec) for spec in manifest["exits"]]
     model = EarlyExitModel(backbone, specs)
     path = Path(run_dir) / EXITS_FILE

@@ -31,12 +31,13 @@ TENSOR_PREFIX = "exits."
 _NOT_COPIED = {hfc.CONFIG_FILE, IMPORT_MARKER, EXITS_FILE}
 
 
-def export_bundle(run_dir: Path, base: BaseModel, manifest: dict[str, Any], out_dir: Path) -> Path:
-    """Copy ``base``'s checkpoint dir to ``out_dir`` with the run's exits added (atomically)."""
+def export_bundle(run_dir: Path, checkpoint_dir: Path, manifest: dict[str, Any], out_dir: Path) -> Path:
+    """Copy the base checkpoint dir to ``out_dir`` with the run's exits added (atomically). The files
+    are copied, never loaded: check the base's fingerprint first (the stage streams it)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise EetuneError(f"{out_dir} already exists; delete it or choose another out=...")
-    source = Path(base.checkpoint_dir)
+    source = Path(checkpoint_dir)
     config = hfc.read_hf_config(source)
     prefix = manifest.get("tensor_prefix", "")  # set when the source is itself an exported dir
     tensors = {k.removeprefix(prefix): v for k, v in load_file(str(Path(run_dir) / EXITS_FILE)).items()}

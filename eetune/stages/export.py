@@ -6,7 +6,8 @@
 - gguf: the draft as a GGUF file for llama.cpp's speculative decoding.
 
 Every check that needs no weights (run dir, exit layer, output path) runs before the base
-model loads, so mistakes fail in a second.
+model loads, so mistakes fail in a second. `hf` never loads it: the base files are copied after
+its fingerprint is checked one tensor at a time.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.errors import EetuneError
 from eetune.exits import load_exits, read_manifest
+from eetune.exits.checkpoint import check_base_fingerprint
 from eetune.exits.spec import ExitSpec
 from eetune.export.bundle import export_bundle
 from eetune.export.draft import build_draft, check_exportable, save_draft
 from eetune.export.gguf_file import GGUF_DTYPES, save_draft_gguf
-from eetune.models import DEFAULT_MODEL, load_base_model
-from eetune.models.load import parse_dtype
+from eetune.models import DEFAULT_MODEL, fingerprint, get_model_entry, load_base_model
+from eetune.models import hf_config as hfc
+from eetune.models.load import parse_dtype, resolve_checkpoint_dir
+from eetune.parallel.load import CheckpointTensors
 from eetune.rundir import resolve_run_dir
 
 DRAFT_FORMAT = "eetune.draft/1"
@@ -69,6 +73,8 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> ExportResult:
     if fmt == "gguf" and dtype not in GGUF_DTYPES.values():
         raise EetuneError(f"GGUF export writes float32 or float16, not dtype={exp.dtype}")
 
+    if fmt == "hf":
+        return _export_bundle(cfg, manifest, run_dir, out, sorted(exits), console)
     with console.status(f"loading the base model and the exits of {run_dir}"):
         base = load_base_model(
             manifest["base_model"]["name"],
@@ -78,16 +84,6 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> ExportResult:
             device=cfg.model.device,
         )
         model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
-
-    if fmt == "hf":
-        with console.status(f"copying {base.checkpoint_dir} and the exits to {out}"):
-            export_bundle(run_dir, base, manifest, out)
-        path = shlex.quote(str(out))
-        console.print(
-            f"wrote {out}: the base model + exits at {sorted(exits)}; use it with: eetune generate "
-            f"model.checkpoint_dir={path} generate.run_dir={path} --prompt 'Hi'", markup=False,
-        )
-        return ExportResult(out, fmt, base.checkpoint_dir, None, None)
 
     layer = int(exp.exit)
     draft = build_draft(model, layer, base.hf_config)
@@ -103,6 +99,25 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> ExportResult:
         f"({draft.num_layers} decoder layers, {'tied' if draft.tied else 'own'} head, {exp.dtype})", markup=False,
     )
     return ExportResult(out, fmt, base.checkpoint_dir, layer, draft.num_layers)
+
+
+def _export_bundle(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path, out: Path, exits: list[int],
+                   console: Console) -> ExportResult:
+    """`export hf`: the base files are copied, not loaded, so any size of base exports on any machine;
+    its fingerprint is streamed one tensor at a time first."""
+    entry = get_model_entry(manifest["base_model"]["name"])
+    checkpoint_dir = resolve_checkpoint_dir(entry, _base_checkpoint_dir(cfg, manifest, run_dir))
+    with console.status(f"checking the base weights in {checkpoint_dir}, one tensor at a time"):
+        tensors = CheckpointTensors(entry.family, checkpoint_dir, hfc.read_hf_config(checkpoint_dir))
+        check_base_fingerprint(run_dir, manifest, fingerprint(tensors), checkpoint_dir)
+    with console.status(f"copying {checkpoint_dir} and the exits to {out}"):
+        export_bundle(run_dir, checkpoint_dir, manifest, out)
+    path = shlex.quote(str(out))
+    console.print(
+        f"wrote {out}: the base model + exits at {exits}; use it with: eetune generate "
+        f"model.checkpoint_dir={path} generate.run_dir={path} --prompt 'Hi'", markup=False,
+    )
+    return ExportResult(out, "hf", Path(checkpoint_dir), None, None)
 
 
 def _base_checkpoint_dir(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path) -> str | None:
@@ -124,9 +139,8 @@ def _base_checkpoint_dir(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: P
 
 
 def _load_dtype(fmt: str, dtype: str) -> str:
-    # A draft is written in `dtype` anyway; GGUF keeps norms in float32 even in an F16 file; the
-    # bundle copies files and only needs the (dtype-independent) fingerprint, so half the memory.
-    return {"draft": dtype, "gguf": "float32", "hf": "bfloat16"}[fmt]
+    # A draft is written in `dtype` anyway; GGUF keeps norms in float32 even in an F16 file.
+    return {"draft": dtype, "gguf": "float32"}[fmt]
 
 
 def _provenance(manifest: dict[str, Any], spec: ExitSpec, run_dir: Path, num_layers: int) -> dict[str, Any]:

@@ -319,6 +319,25 @@ def test_hf_export_keeps_the_base_checkpoint_untouched_beside_the_exits(bundle, 
     torch.testing.assert_close(hf_logits(out, tokens), tiny_base_model.model(tokens), rtol=0, atol=1e-4)
 
 
+def test_hf_export_never_loads_the_base_and_refuses_other_weights(bundle, tiny_base_model, tmp_path, monkeypatch):
+    """The bundle is copied files: the base is only fingerprinted, one tensor at a time, so a base
+    that fits no single device exports too; other weights than the exits' are refused."""
+    run_dir, first = bundle
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("export hf loaded the base model")
+
+    monkeypatch.setattr(stage, "load_base_model", no_loading)
+    export("hf", run_dir, tmp_path / "again")
+    assert filecmp.cmp(tmp_path / "again" / "exits.safetensors", first / "exits.safetensors", shallow=False)
+    other = write_tiny_checkpoint(get_model_entry("smollm2_135m"), tmp_path / "other", seed=1, num_hidden_layers=4,
+                                  rope_theta=100_000.0, rope_scaling=None, tie_word_embeddings=True,
+                                  max_position_embeddings=2048)
+    with pytest.raises(EetuneError, match=f"but the base model loaded from {other} has fingerprint"):
+        export("hf", run_dir, tmp_path / "refused", f"model.checkpoint_dir={other}")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_hf_export_loads_back_without_the_run_dir(bundle, tiny_base_model, tokens, tmp_path, reuse_tiny):
     run_dir, out = bundle
     moved = tmp_path / "moved"
