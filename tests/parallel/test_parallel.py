@@ -325,8 +325,8 @@ def test_tensor_parallel_eval_measures_like_one_process(two_process_runs, decode
     assert any(r["mode"] == "early_exit" and len(r["exit_counts"]) > 1 for r in single["sweep"])
 
 
-# Requests of every mode, sampled ones with seeds, a stop string, and a malformed body; sent 4 at a
-# time to a batch of 4. The random tiny model's own text is one byte repeated: the answers that
+# Requests of every mode, sampled ones with seeds, a stop string, logprobs, a stream and a malformed
+# body; sent 4 at a time to a batch of 4. The random tiny model's own text is one byte repeated: the answers that
 # differ are those of its random early exits.
 SERVE_BODIES = [
     {"max_tokens": 12, "temperature": 0},
@@ -336,6 +336,10 @@ SERVE_BODIES = [
     {"max_tokens": 12, "temperature": 0.9, "seed": 6, "early_exit": {"mode": "early_exit", "threshold": 0.006}},
     {"max_tokens": 12, "temperature": 0.9, "seed": 7, "early_exit": {"mode": "self_speculative", "draft_exit": 2}},
     {"max_tokens": 12, "temperature": 0.9, "seed": 8, "stop": ["a", "e"]},
+    {"max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+     "early_exit": {"mode": "early_exit", "threshold": 0.006}},
+    {"max_tokens": 12, "temperature": 0.9, "seed": 9, "stream": True,
+     "early_exit": {"mode": "early_exit", "threshold": 0.006}},
     {"max_tokens": "twelve"},
 ]
 
@@ -346,10 +350,20 @@ def serve_answers(url: str) -> list[tuple[int, str]]:
     def ask(index_body: tuple[int, dict]) -> tuple[int, str]:
         index, body = index_body
         messages = [{"role": "user", "content": f"Request {index}: tell me something"}]
-        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, **body}, timeout=300)
+        request = {"messages": messages, **body}
+        if body.get("stream"):  # server-sent events: the text is the deltas joined
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=300) as response:
+                events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+            chunks = [json.loads(event) for event in events if event != "[DONE]"]
+            return response.status_code, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        response = httpx.post(f"{url}/v1/chat/completions", json=request, timeout=300)
         if response.status_code != 200:
             return response.status_code, response.json()["error"]["message"]
-        return 200, response.json()["choices"][0]["message"]["content"]
+        choice = response.json()["choices"][0]
+        if choice.get("logprobs"):  # the tokens and their alternatives (values differ in the last bits)
+            picked = [(e["token"], [t["token"] for t in e["top_logprobs"]]) for e in choice["logprobs"]["content"]]
+            return 200, json.dumps([choice["message"]["content"], picked])
+        return 200, choice["message"]["content"]
 
     with ThreadPoolExecutor(4) as pool:
         return list(pool.map(ask, enumerate(SERVE_BODIES)))
@@ -357,7 +371,7 @@ def serve_answers(url: str) -> list[tuple[int, str]]:
 
 def test_a_server_on_a_tensor_parallel_mesh_answers_like_one_process(decodes, tmp_path):
     """`eetune serve ... parallel.nproc_per_node=2 parallel.tp=2`: rank 0 serves, rank 1 follows; the
-    answers equal the single-process server's; Ctrl-C stops every process cleanly."""
+    answers (10 requests) equal the single-process server's; Ctrl-C stops every process cleanly."""
     from eetune.serve import BackgroundServer
     from eetune.serve.server import build_app
 
@@ -383,8 +397,8 @@ def test_a_server_on_a_tensor_parallel_mesh_answers_like_one_process(decodes, tm
     with BackgroundServer(build_app(compose_config("serve", overrides))) as server:
         single = serve_answers(server.url)
     assert mesh == single
-    assert [status for status, _ in single] == [200] * 7 + [400]
-    assert len({text for _, text in single[:7]}) > 2  # the answers differ: the comparison is not vacuous
+    assert [status for status, _ in single] == [200] * 9 + [400]
+    assert len({text for _, text in single[:9]}) > 3  # the answers differ: the comparison is not vacuous
 
 
 @pytest.mark.parametrize("name", list(EXIT_RUNS))
