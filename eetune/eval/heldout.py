@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from eetune.exits.model import EarlyExitModel
+from eetune.exits.modules import head_logits
 from eetune.infer.policy import POLICIES
 
 
@@ -105,7 +105,7 @@ def batch_sequence_tokens(
     for layer in model.exit_layers:
         hidden = rows(model.exit_hidden(layer, states[layer]))
         head = model.head_weight(layer)
-        views[layer] = _summarise(lambda r: F.linear(r, head).float(), hidden, flat_targets, model.exit(layer).confidence)
+        views[layer] = _summarise(lambda r: head_logits(r, head).float(), hidden, flat_targets, model.exit(layer).confidence)
     normed = model.backbone.norm(rows(states[final]))
     views[final] = _summarise(lambda r: model.backbone.output(r).float(), normed, flat_targets, exit=False)
     split = {layer: _split(view, sizes) for layer, view in views.items()}

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from eetune.exits.model import EarlyExitModel
+from eetune.exits.modules import head_logits
 from eetune.infer.generate import Generator
 from eetune.infer.policy import POLICIES as CONFIDENCE_POLICIES
 from eetune.infer.policy import ConfidencePolicy
@@ -109,7 +109,7 @@ def measure_costs(model: EarlyExitModel, *, context: int = 64, repeats: int = 30
 
     def head(weight: torch.Tensor) -> Callable[[], object]:
         def run() -> object:
-            logits = F.linear(h, weight).float()
+            logits = head_logits(h, weight).float()
             return (logits.amax(-1) - logits.logsumexp(-1)).exp()
 
         return run

@@ -14,7 +14,7 @@ from torch import nn
 from torchtune.modules import TransformerDecoder
 
 from eetune.exits.archs import build_exit
-from eetune.exits.modules import EarlyExit, lm_head_weight
+from eetune.exits.modules import EarlyExit, head_logits, lm_head_weight
 from eetune.exits.spec import ExitSpec
 
 
@@ -60,9 +60,14 @@ class EarlyExitModel(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Apply backbone layers start+1..end (1-based): turns layer `start`'s output into layer `end`'s."""
+        # A pipeline stage (eetune.parallel.inference_pp) runs its own layers and hands over the rest.
+        pipeline = getattr(self.backbone, "layer_pipeline", None)
         with torch.no_grad():
-            for layer in self.backbone.layers[start:end]:
-                h = layer(h, mask=mask, input_pos=input_pos)
+            for index in range(start, end):
+                if pipeline is None or pipeline.owns(index):
+                    h = self.backbone.layers[index](h, mask=mask, input_pos=input_pos)
+                if pipeline is not None:
+                    h = pipeline.pass_on(h, index, end)
         return h
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -97,7 +102,7 @@ class EarlyExitModel(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         hidden = self.exit_hidden(layer, h, mask=mask, input_pos=input_pos)
-        return torch.nn.functional.linear(hidden, self.head_weight(layer)).float()
+        return head_logits(hidden, self.head_weight(layer)).float()
 
     # --- whole passes --------------------------------------------------------------------
 

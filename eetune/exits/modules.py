@@ -105,6 +105,20 @@ def lm_head_weight(backbone: TransformerDecoder) -> torch.Tensor:
     return output.weight
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`hidden @ weight.T` over the whole vocabulary. A head split by vocabulary over tensor-parallel
+    ranks (eetune.parallel.inference_tp) carries a `vocab_split` that gathers every rank's slice."""
+    logits = nn.functional.linear(hidden, weight)
+    split = getattr(weight, "vocab_split", None)
+    return logits if split is None else split.gather(logits)
+
+
+def head_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The rows of head `weight` for token `ids` (whole rows, even from a head split by vocabulary)."""
+    split = getattr(weight, "vocab_split", None)
+    return weight[ids] if split is None else split.rows(weight, ids)
+
+
 def build_head(backbone: TransformerDecoder) -> nn.Linear:
     """An own head: a copy of the LM head."""
     weight = lm_head_weight(backbone)

@@ -50,7 +50,8 @@ class DecodeCaches:
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy row `source`'s first `length` positions over row `target`, in every cache."""
         for cache in [*self.gen.caches, *self.exit_caches.values()]:
-            cache.move_row(source, target, length)
+            if cache is not None:  # None: a layer another pipeline stage holds
+                cache.move_row(source, target, length)
 
     def set_padding(self, pads: Sequence[int]) -> None:
         if not any(pads):

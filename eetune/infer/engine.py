@@ -28,6 +28,7 @@ from torch import Tensor
 
 from eetune.errors import EetuneError
 from eetune.exits.model import EarlyExitModel
+from eetune.exits.modules import head_logits, head_rows
 from eetune.exits.archs import get_exit_arch
 from eetune.infer.caches import DecodeCaches
 from eetune.infer.draft_schedule import DraftCosts
@@ -178,14 +179,14 @@ class Engine:
 
     def _exit_logits(self, layer: int, hidden: Tensor) -> Tensor:
         self.head_calls[layer] += hidden.shape[0]
-        return torch.nn.functional.linear(hidden, self.model.head_weight(layer)).float()
+        return head_logits(hidden, self.model.head_weight(layer)).float()
 
     def _draft_head(self, layer: int, size: int) -> tuple[Tensor, Tensor]:
         """(kept token ids [n], their rows of exit `layer`'s head [n, dim]) for FR-Spec drafting."""
         key = (layer, size)
         if key not in self._draft_heads:
             ids = self.token_order[:size]
-            self._draft_heads[key] = (ids, self.model.head_weight(layer)[ids].contiguous())
+            self._draft_heads[key] = (ids, head_rows(self.model.head_weight(layer), ids).contiguous())
         return self._draft_heads[key]
 
     def _draft_costs(self, layer: int, draft_vocab: int | None) -> DraftCosts:
@@ -195,7 +196,9 @@ class Engine:
         per_layer = [sum(map(_whole_numel, block.parameters())) for block in backbone.layers]
         head = self.vocab_size * backbone.tok_embeddings.embedding_dim
         # The exit's own module; a head of its own is the draft head, counted apart.
-        exit_params = sum(_whole_numel(p) for p in self.model.exit(layer).parameters() if p.shape[:1] != (self.vocab_size,))
+        exit_module = self.model.exit(layer)
+        own_head = set() if exit_module.head is None else set(map(id, exit_module.head.parameters()))
+        exit_params = sum(_whole_numel(p) for p in exit_module.parameters() if id(p) not in own_head)
         kept = self.vocab_size if draft_vocab is None else min(draft_vocab, self.vocab_size)
         return DraftCosts(
             below=sum(per_layer[:layer]),

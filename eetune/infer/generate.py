@@ -147,9 +147,14 @@ class Generator:
         self.batch_size = batch_size
         self.vocab_size: int = model.tok_embeddings.num_embeddings
         self.device = model.tok_embeddings.weight.device
+        # A pipeline stage (eetune.parallel.inference_pp) runs and caches its own layers only.
+        self.pipeline = getattr(model, "layer_pipeline", None)
         self.caches = caches_for_model(model, batch_size=batch_size, max_seq_len=max_seq_len)
         # Plain Llama-style blocks decode through FastBlock (same math, fewer ops).
-        self.blocks = [FastBlock(layer) if fast and FastBlock.supports(layer) else None for layer in self.layers]
+        self.blocks = [
+            FastBlock(layer) if fast and FastBlock.supports(layer) and cache is not None else None
+            for layer, cache in zip(self.layers, self.caches)
+        ]
         # Views of these serve every step's positions and token input without allocating.
         self._positions = torch.arange(max_seq_len, device=self.device)
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -185,7 +190,7 @@ class Generator:
 
     def row_caches(self, start: int, end: int) -> list[LayerKVCache]:
         """Every layer's cache restricted to rows [start, end) (views)."""
-        return [cache.rows(start, end) for cache in self.caches]
+        return [None if cache is None else cache.rows(start, end) for cache in self.caches]
 
     def embed(self, tokens: Tensor) -> Tensor:
         return self.model.tok_embeddings(tokens)
@@ -195,14 +200,19 @@ class Generator:
     ) -> Tensor:
         """Hidden states after layers [start, end) (0-based), writing their caches at `span`
         (`caches`: e.g. `row_caches` for some rows of the batch; default all of them)."""
-        layers, blocks = self.layers, self.blocks
+        layers, blocks, pipeline = self.layers, self.blocks, self.pipeline
         caches = self.caches if caches is None else caches
         for i in range(start, end):
+            if pipeline is not None and not pipeline.owns(i):
+                h = pipeline.pass_on(h, i, end)  # another stage's layer
+                continue
             block = blocks[i]
             if block is None:
                 h = layer_forward(layers[i], h, span, caches[i])
             else:
                 h = block(h, span.input_pos, span.kv_len, span.mask, caches[i])
+            if pipeline is not None:
+                h = pipeline.pass_on(h, i, end)
         return h
 
     def final_logits(self, h: Tensor) -> Tensor:

@@ -78,9 +78,11 @@ def caches_for_model(
     max_seq_len: int,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> list[LayerKVCache]:
-    """One cache per decoder layer, in the model's own dtype and device unless given."""
+) -> list[LayerKVCache | None]:
+    """One cache per decoder layer, in the model's own dtype and device unless given; None for a
+    layer another pipeline stage runs (eetune.parallel.inference_pp)."""
     weight = model.tok_embeddings.weight
+    pipeline = getattr(model, "layer_pipeline", None)
     return [
         LayerKVCache(
             batch_size,
@@ -90,5 +92,7 @@ def caches_for_model(
             dtype=dtype or weight.dtype,
             device=device or weight.device,
         )
-        for layer in model.layers
+        if pipeline is None or pipeline.owns(index)
+        else None
+        for index, layer in enumerate(model.layers)
     ]

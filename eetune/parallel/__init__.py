@@ -1,5 +1,5 @@
-"""Running on a device mesh: FSDP2, tensor and pipeline parallel tuning; tensor-parallel decoding and
-evaluation; torchrun and Slurm launch; planning."""
+"""Running on a device mesh: FSDP2, tensor and pipeline parallel tuning; tensor and pipeline parallel
+decoding, evaluation and serving; torchrun and Slurm launch; planning."""
 
 from __future__ import annotations
 
@@ -29,18 +29,19 @@ def on_mesh(cfg: EetuneConfig) -> bool:
 
 
 def on_inference_mesh(cfg: EetuneConfig) -> bool:
-    """`on_mesh` for decoding and evaluation, which split the model tensor-parallel only: the
-    processes must all be `parallel.tp` ranks (refused clearly before any process starts)."""
+    """`on_mesh` for decoding and evaluation, which split the model over `parallel.tp` x `parallel.pp`
+    ranks and never by data: a mesh with data-parallel ranks is refused before any process starts."""
     if not on_mesh(cfg):
         return False
     processes = launched_world_size() if under_launcher() else int(cfg.parallel.nproc_per_node)
     dims = ParallelDims.from_config(cfg.parallel, processes)
-    if dims.tp != processes:
+    if dims.dp > 1:
         from eetune.errors import EetuneError
 
         raise EetuneError(
-            f"{cfg.stage} on a mesh splits the model tensor-parallel only, but the mesh is {dims.describe()}: "
-            f"set parallel.tp={processes} (and parallel.pp=1, parallel.dp_replicate=1)"
+            f"{cfg.stage} on a mesh splits the model by tensor and pipeline parallel only, but the mesh is "
+            f"{dims.describe()}: set parallel.tp x parallel.pp = {processes} (and parallel.dp_shard=1, "
+            "parallel.dp_replicate=1)"
         )
     return True
 

@@ -9,8 +9,10 @@ and call `eetune tune` directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,9 +20,23 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from eetune.errors import EetuneError
+from eetune.parallel.mesh import Topology, mesh_session, under_launcher
 
 if TYPE_CHECKING:
     from eetune.config.schema import EetuneConfig
+
+
+@contextlib.contextmanager
+def stage_ranks(cfg: EetuneConfig, console: Console) -> Iterator[Topology | None]:
+    """Where a stage runs on its mesh. In a plain process: re-launch the stage under torchrun and
+    yield None once every rank has finished (the caller returns). Under torchrun: yield this rank's
+    place in the mesh; the process group ends with the block."""
+    if not under_launcher():
+        relaunch(cfg, console)
+        yield None
+        return
+    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+        yield topology
 
 
 def relaunch(cfg: EetuneConfig, console: Console) -> None:

@@ -1,7 +1,7 @@
 """Build one rank's part of the model: only the tensors its pipeline stage needs are ever kept.
 
 `build_stage_model` is tuning's (a pipeline stage, DTensor-sharded); `build_inference_model` is
-decoding's and evaluation's (every layer, tensor-parallel slices as plain tensors).
+decoding's and evaluation's (a pipeline stage's layers, tensor-parallel slices as plain tensors).
 
 The decoder is built on the meta device (no memory). Tensors are read one at a time from the
 checkpoint's safetensors files (memory-mapped) and converted to torchtune names with the family's
@@ -32,10 +32,11 @@ from eetune.models import hf_config as hfc
 from eetune.models.checkpoint import find_safetensors, hf_to_tune_state_dict
 from eetune.models.load import resolve_checkpoint_dir, load_tokenizer, parse_dtype
 from eetune.models.registry import ModelFamily
-from eetune.parallel.inference_tp import shard_block, shard_exits
+from eetune.parallel.inference_pp import LayerPipeline
+from eetune.parallel.inference_tp import shard_block, shard_exits, shard_heads
 from eetune.parallel.mesh import Topology
 from eetune.parallel.parallelize import parallelize_stage
-from eetune.parallel.pipeline import StagePlan, run_stages
+from eetune.parallel.pipeline import StagePlan, plan_stages, run_stages
 from eetune.train.needs import RunNeeds, build_model
 
 if TYPE_CHECKING:
@@ -89,27 +90,12 @@ def build_stage_model(cfg: EetuneConfig, topology: Topology, needs: RunNeeds) ->
     the single-process builder (`build_model`, which reads `base.model`'s layers).
     """
     specs = needs.specs
-    model_cfg = cfg.model
-    entry = get_model_entry(model_cfg.name)
-    path = resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
-    config = hfc.read_hf_config(path)
-    dtype = parse_dtype(model_cfg.dtype)
-    seq_len = int(model_cfg.max_seq_len or config.get("max_position_embeddings") or 4096)
-    kwargs = entry.family.decoder_kwargs(config, seq_len)
-    tokenizer = load_tokenizer(path)
-    tensors = CheckpointTensors(entry.family, path, config)
-    with torch.device("meta"):
-        decoder = entry.family.builder(**kwargs)
-    decoder.to(dtype=dtype).eval().requires_grad_(False)
+    base, loader = _meta_base(cfg.model, topology.device)
+    decoder, config = base.model, base.hf_config
     num_layers = len(decoder.layers)
 
     plans = run_stages(topology.dims.pp, num_layers, needs, cfg.parallel.partial)
     plan = plans[topology.pp_rank]
-    base = BaseModel(
-        name=entry.name, model=decoder, tokenizer=tokenizer, checkpoint_dir=path, hf_config=config,
-        fingerprint=_shared_fingerprint(tensors),
-    )
-    loader = _Materialiser(decoder, tensors, topology.device, dtype)
 
     # Exits, built from full source weights on every rank (same random draws), then this stage's kept.
     loader.load(_exit_sources(specs, num_layers, _lm_head_name(config)))
@@ -123,10 +109,29 @@ def build_stage_model(cfg: EetuneConfig, topology: Topology, needs: RunNeeds) ->
     loader.unload(loader.loaded - set(loader.expand(stage_names)))  # exit sources this stage does not run
     loader.load(name for name in stage_names if not name.startswith("layers."))
     # Layers load one at a time, right before they are sharded.
-    parallelize_stage(model, plan, topology, bf16=dtype == torch.bfloat16,
+    parallelize_stage(model, plan, topology, bf16=loader.dtype == torch.bfloat16,
                       before_block=lambda index: loader.load([f"layers.{index}."]))
     _init_rope(model, topology.device)
     return StageModel(base=base, model=model, plan=plan, plans=plans, specs=specs)
+
+
+def _meta_base(model_cfg: Any, device: torch.device) -> tuple[BaseModel, _Materialiser]:
+    """The base model `model_cfg` names, built on the meta device (no memory), with its fingerprint
+    (streamed on rank 0) and a loader that materialises its tensors by name from the checkpoint."""
+    entry = get_model_entry(model_cfg.name)
+    path = resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
+    config = hfc.read_hf_config(path)
+    dtype = parse_dtype(model_cfg.dtype)
+    seq_len = int(model_cfg.max_seq_len or config.get("max_position_embeddings") or 4096)
+    tensors = CheckpointTensors(entry.family, path, config)
+    with torch.device("meta"):
+        decoder = entry.family.builder(**entry.family.decoder_kwargs(config, seq_len))
+    decoder.to(dtype=dtype).eval().requires_grad_(False)
+    base = BaseModel(
+        name=entry.name, model=decoder, tokenizer=load_tokenizer(path), checkpoint_dir=path, hf_config=config,
+        fingerprint=_shared_fingerprint(tensors),
+    )
+    return base, _Materialiser(decoder, tensors, device, dtype)
 
 
 @dataclass(frozen=True)
@@ -143,57 +148,57 @@ def build_inference_model(
     split_exits: bool = True,
 ) -> tuple[BaseModel, EarlyExitModel]:
     """The base model `model_cfg` names with the exits of `run_dir` (or `new_exits`; none without
-    either), split over the tp group for decoding (eetune.parallel.inference_tp): what `load_model`
-    gives a single process, holding this rank's slices only. `split_exits=False` keeps the exits
-    whole on every rank (`augment` saves them).
+    either), for decoding and evaluation: what `load_model` gives a single process, holding this
+    rank's part only. Layers are split into `parallel.pp` pipeline stages (eetune.parallel.inference_pp)
+    and each stage's blocks and the vocabulary heads over its `parallel.tp` ranks
+    (eetune.parallel.inference_tp). Exits are on every stage, split over tp; `split_exits=False` keeps
+    them whole (`augment` saves them).
 
     Each block is read whole, one at a time, and sliced at once, so a rank never holds more than
     its slices plus one block (and the layers copy-initialised exits are built from).
     """
-    if topology.dims.pp > 1 or topology.dims.dp > 1:
+    if topology.dims.dp > 1:
         raise EetuneError(
-            f"decoding and evaluating on a mesh split the model tensor-parallel only: got {topology.dims.describe()}; "
-            f"set parallel.tp to the process count ({topology.dims.world_size}) and parallel.pp=1"
+            f"decoding and evaluating on a mesh split the model by tensor and pipeline parallel only: got "
+            f"{topology.dims.describe()}; set parallel.dp_shard=1 and parallel.dp_replicate=1"
         )
-    entry = get_model_entry(model_cfg.name)
-    path = resolve_checkpoint_dir(entry, model_cfg.checkpoint_dir)
-    config = hfc.read_hf_config(path)
-    dtype = parse_dtype(model_cfg.dtype)
-    seq_len = int(model_cfg.max_seq_len or config.get("max_position_embeddings") or 4096)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise EetuneError(f"{path} has no tokenizer: decoding text needs one (tokenizer.json)")
-    tensors = CheckpointTensors(entry.family, path, config)
-    with torch.device("meta"):
-        decoder = entry.family.builder(**entry.family.decoder_kwargs(config, seq_len))
-    decoder.to(dtype=dtype).eval().requires_grad_(False)
-    base = BaseModel(
-        name=entry.name, model=decoder, tokenizer=tokenizer, checkpoint_dir=path, hf_config=config,
-        fingerprint=_shared_fingerprint(tensors),
-    )
-    loader = _Materialiser(decoder, tensors, topology.device, dtype)
+    base, loader = _meta_base(model_cfg, topology.device)
+    if base.tokenizer is None:
+        raise EetuneError(f"{base.checkpoint_dir} has no tokenizer: decoding text needs one (tokenizer.json)")
+    decoder, lm_head = base.model, _lm_head_name(base.hf_config)
     num_layers = len(decoder.layers)
-    loader.load(["tok_embeddings.weight", "norm.scale", _lm_head_name(config)])
+    loader.load(["tok_embeddings.weight", "norm.scale", lm_head])
     if run_dir:
         specs = [ExitSpec(**spec) for spec in read_manifest(run_dir)["exits"]]
         # Exits are rebuilt from the layers they copy, then their own weights are loaded over them.
-        loader.load(_exit_sources(specs, num_layers, _lm_head_name(config)))
-        model = load_exits(run_dir, decoder, base.fingerprint, path)
+        loader.load(_exit_sources(specs, num_layers, lm_head))
+        model = load_exits(run_dir, decoder, base.fingerprint, base.checkpoint_dir)
     elif new_exits is not None:
         check_specs(new_exits.specs, num_layers)
-        loader.load(_exit_sources(new_exits.specs, num_layers, _lm_head_name(config)))
+        loader.load(_exit_sources(new_exits.specs, num_layers, lm_head))
         torch.manual_seed(new_exits.seed)  # the same draws as in one process
         model = EarlyExitModel(decoder, new_exits.specs, init_std=new_exits.init_std)
     else:
         model = EarlyExitModel(decoder, [])
-    group = topology.tp_group
-    if topology.dims.tp > 1 and split_exits:
-        shard_exits(model, group)
+    tp_mesh = topology.tp_mesh
+    if tp_mesh is not None and split_exits:
+        shard_exits(model, tp_mesh)
     model.exits.to(topology.device)
+
+    pipeline = None
+    if topology.dims.pp > 1:
+        plans = plan_stages(topology.dims.pp, num_layers, [], needs_final=True)
+        pipeline = LayerPipeline(plans, topology.pp_rank, topology.pp_group)
+        # Layers other stages run were read only to build exits from.
+        loader.unload(f"layers.{index}." for index in range(num_layers) if not pipeline.owns(index))
     for index in range(num_layers):
-        loader.load([f"layers.{index}."])
-        if topology.dims.tp > 1:
-            shard_block(decoder.layers[index], group)
+        if pipeline is None or pipeline.owns(index):
+            loader.load([f"layers.{index}."])
+            if tp_mesh is not None:
+                shard_block(decoder.layers[index], tp_mesh)
+    if tp_mesh is not None:  # after the exits copied the LM head
+        shard_heads(model, tp_mesh, exits=split_exits)
+    decoder.layer_pipeline = pipeline  # read by eetune.infer.generate and EarlyExitModel.run_layers
     _init_rope(model, topology.device)
     return base, model
 

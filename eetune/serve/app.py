@@ -47,7 +47,7 @@ def create_app(
 ) -> FastAPI:
     """The app over `served`; up to `max_batch_size` requests of one decoding group decode together (1: one at a time).
 
-    With `channel` (rank 0 of a tensor-parallel mesh) every decoding call is announced to the other
+    With `channel` (rank 0 of a decoding mesh) every decoding call is announced to the other
     ranks first (eetune.serve.mirror); `stop_followers` ends theirs once the app has shut down."""
     scheduler = make_scheduler(served, max_batch_size, prefill_chunk)
     if channel is not None:

@@ -32,7 +32,7 @@ class AugmentResult:
 
 
 def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult | None:
-    """Build the exits, score them on held-out text and write the run dir. On a tensor-parallel mesh
+    """Build the exits, score them on held-out text and write the run dir. On a mesh (tp x pp)
     the backbone is split over the ranks and the exits stay whole; rank 0 writes. None in a parent
     that re-launched itself under torchrun."""
     console = console or make_console()
@@ -46,14 +46,12 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> AugmentResult | No
         check_specs(specs, base.num_layers)
         torch.manual_seed(cfg.seed)
         return _augment(cfg, base, EarlyExitModel(base.model, specs, init_std=cfg.exits.init_std), console)
-    from eetune.parallel.launch import relaunch
+    from eetune.parallel.launch import stage_ranks
     from eetune.parallel.load import NewExits, build_inference_model
-    from eetune.parallel.mesh import mesh_session, under_launcher
 
-    if not under_launcher():
-        relaunch(cfg, console)
-        return None
-    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+    with stage_ranks(cfg, console) as topology:
+        if topology is None:
+            return None
         base, model = build_inference_model(cfg.model, None, topology, split_exits=False,
                                             new_exits=NewExits(specs, cfg.exits.init_std, cfg.seed))
         if not topology.is_main:

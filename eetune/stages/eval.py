@@ -8,7 +8,7 @@
 4. Calibration of the default threshold into <run_dir>/calibration.json.
 5. report.json, report.md, PNG plots in a fresh output dir; W&B when logger=wandb.
 
-With `parallel.tp` > 1 every rank of the tensor-parallel mesh runs all of it and rank 0 writes.
+With `parallel.tp` x `parallel.pp` > 1 every rank of the decoding mesh runs all of it and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def output_dir(cfg: EetuneConfig) -> Path:
 
 
 def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult | None:
-    """Evaluate `run_dir`'s exits; on a mesh (`parallel.tp` ranks) every rank measures and rank 0
+    """Evaluate `run_dir`'s exits; on a mesh (`parallel.tp` x `parallel.pp` ranks) every rank measures and rank 0
     writes. None in a parent that re-launched itself under torchrun."""
     console = console or make_console()
     started = time.perf_counter()
@@ -86,15 +86,13 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult | None:
         base = load_base_model(**vars(cfg.model))
         model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
         return _evaluate(cfg, base, model, tasks, out_dir, console, started)
-    from eetune.parallel.launch import relaunch
+    from eetune.parallel.launch import stage_ranks
     from eetune.parallel.load import build_inference_model
-    from eetune.parallel.mesh import mesh_session, under_launcher
 
-    if not under_launcher():
-        cfg.eval.out_dir = str(out_dir)  # one output dir for every rank, timestamp included
-        relaunch(cfg, console)
-        return None
-    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+    cfg.eval.out_dir = str(out_dir)  # one output dir for every rank, timestamp included
+    with stage_ranks(cfg, console) as topology:
+        if topology is None:
+            return None
         base, model = build_inference_model(cfg.model, str(run_dir), topology)
         if not topology.is_main:
             console = Console(quiet=True)

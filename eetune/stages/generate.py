@@ -80,14 +80,12 @@ def run(cfg: EetuneConfig, out: TextIO | None = None, console: Console | None = 
 
     if not on_inference_mesh(cfg):
         return _generate(cfg, *load_model(gen.run_dir, **vars(cfg.model)), out, console)
-    from eetune.parallel.launch import relaunch
+    from eetune.parallel.launch import stage_ranks
     from eetune.parallel.load import build_inference_model
-    from eetune.parallel.mesh import mesh_session, under_launcher
 
-    if not under_launcher():
-        relaunch(cfg, console)
-        return None
-    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+    with stage_ranks(cfg, console) as topology:
+        if topology is None:
+            return None
         base, model = build_inference_model(cfg.model, gen.run_dir, topology)
         if not topology.is_main:
             out, console = io.StringIO(), Console(quiet=True)

@@ -38,16 +38,16 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> None:
 
 def _serve_on_mesh(cfg: EetuneConfig, console: Console) -> None:
     """Every rank loads its slices; rank 0 serves HTTP and leads, the others follow (eetune.serve.mirror)."""
-    from eetune.parallel.launch import relaunch
+    from eetune.parallel.launch import stage_ranks
+    from eetune.parallel.mesh import under_launcher
     from eetune.parallel.load import build_inference_model
-    from eetune.parallel.mesh import mesh_session, under_launcher
 
     s = cfg.serve
     if not under_launcher():
         bind_socket(s.host, s.port).close()  # a taken port fails before any process starts
-        relaunch(cfg, console)
-        return
-    with mesh_session(cfg.parallel, cfg.model.device) as topology:
+    with stage_ranks(cfg, console) as topology:
+        if topology is None:
+            return
         served = ServedModel.from_config(cfg, loaded=build_inference_model(cfg.model, s.run_dir, topology))
         channel = Channel()
         if not topology.is_main:

@@ -76,7 +76,7 @@ FOUR_PROCESS = {
 # exits against the labels, so the losses are large and move.
 BF16 = [*LABELS, "exits.init=random", "model.dtype=bfloat16"]
 
-# Decoding cases: name -> (exits run, generate settings); run on 2 ranks (tp=2) and in one process.
+# Decoding cases: name -> (exits run, generate settings); run on 2 ranks (tp=2, and pp=2) and in one process.
 DECODES = {
     "full": (None, ["generate.mode=full"]),
     "early_exit": ("random_mlp", ["generate.mode=early_exit", "generate.threshold=0.006"]),
@@ -91,8 +91,16 @@ DECODES = {
     "sampled_self_speculative": ("copied_layer", ["generate.mode=self_speculative", "generate.draft_exit=3",
                                                   "generate.temperature=0.8", "generate.seed=3"]),
 }
-# On 4 ranks (tp=4), a tiny model with 4 KV heads.
+# On 4 ranks (tp=4, and tp=2 x pp=2), a tiny model with 4 KV heads.
 FOUR_WAY_DECODES = ("full", "early_exit", "self_speculative")
+# Meshes decoding runs on: name -> (processes, overrides). 4 layers in 2 stages: exits at 1 and 3 are
+# inside a stage, the exit at 2 ends the first.
+DECODE_MESHES = {
+    "tp": (2, ["parallel.tp=2"]),
+    "pp": (2, ["parallel.pp=2"]),
+    "tp4": (4, ["parallel.tp=4"]),
+    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+}
 EXIT_RUNS = {
     "random_mlp": ["exits.arch=mlp", "exits.init=random", "exits.head=copy", "exits.confidence=linear"],
     "copied_layer": ["exits.arch=layer", "exits.init=copy", "exits.head=copy", "exits.confidence=none"],
@@ -174,9 +182,9 @@ class Decodes:
         exits = [] if run is None else [f"generate.run_dir={self.root / run}"]
         return [*self.model, *exits, *settings, "generate.prompt='The quick brown fox'", "generate.max_new_tokens=16"]
 
-    def on_mesh(self, name: str, tp: int, out_dir: Path) -> dict:
-        return {"stage": "generate", "out": str(out_dir / name),
-                "overrides": [*self.overrides(name), f"parallel.tp={tp}", "parallel.dp_shard=1"]}
+    def on_mesh(self, name: str, mesh: str, out_dir: Path) -> dict:
+        return {"stage": "generate", "out": str(out_dir / f"{mesh}_{name}"),
+                "overrides": [*self.overrides(name), *DECODE_MESHES[mesh][1], "parallel.dp_shard=1"]}
 
     def eval_overrides(self, data: list[str], out_dir: Path) -> list[str]:
         return [*self.model, f"run_dir={self.root / 'random_mlp'}", *data, "eval.thresholds=[1.0,0.006]",
@@ -230,10 +238,12 @@ def two_process_runs(tmp_path_factory, common, references, decodes) -> dict[str,
     runs.append({"overrides": [*common, *BF16, "parallel.dp_shard=2", f"run_dir={dirs['fsdp_bf16']}"]})
     runs += [{"stage": "augment", "overrides": [*augment_overrides(name, common), "parallel.tp=2", "parallel.dp_shard=1",
                                                 f"run_dir={root / f'augmented_{name}'}"]} for name in EXIT_RUNS]
-    runs += [decodes.on_mesh(name, 2, root) for name in DECODES]
-    runs.append({"stage": "eval", "out": str(root / "eval"),
-                 "overrides": [*decodes.eval_overrides(EVAL_DATA(common), root / "eval"), "parallel.tp=2",
-                               "parallel.dp_shard=1"]})
+    runs += [decodes.on_mesh(name, mesh, root) for mesh in ("tp", "pp") for name in DECODES]
+    for mesh in ("tp", "pp"):
+        runs.append({"stage": "eval", "out": str(root / f"eval_{mesh}"),
+                     "overrides": [*decodes.eval_overrides(EVAL_DATA(common), root / f"eval_{mesh}"),
+                                   *DECODE_MESHES[mesh][1], "parallel.dp_shard=1"]})
+    runs.append({"stage": "vocab_split", "out": str(root / "vocab_split")})
     launch(2, runs, root)
     return dirs
 
@@ -244,7 +254,11 @@ def four_process_runs(tmp_path_factory, common, four_way_decodes) -> dict[str, P
     dirs = {name: root / name for name in FOUR_PROCESS}
     runs = [{"overrides": [*common, *settings, *mesh, f"run_dir={dirs[name]}"]}
             for name, (settings, mesh) in FOUR_PROCESS.items()]
-    launch(4, [*runs, *(four_way_decodes.on_mesh(name, 4, root) for name in FOUR_WAY_DECODES)], root)
+    runs += [four_way_decodes.on_mesh(name, mesh, root) for mesh in ("tp4", "tp2pp2") for name in FOUR_WAY_DECODES]
+    runs.append({"stage": "holdings", "out": str(root / "holdings"),
+                 "overrides": [*four_way_decodes.overrides("self_speculative"), "parallel.tp=2", "parallel.pp=2",
+                               "parallel.dp_shard=1"]})
+    launch(4, runs, root)
     return dirs
 
 
@@ -288,10 +302,11 @@ def assert_decoded_alike(mesh_out: Path, nproc: int, reference: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(DECODES))
-def test_two_process_tensor_parallel_decoding_equals_one_process(name, two_process_runs, decodes):
+def test_two_process_mesh_decoding_equals_one_process(name, two_process_runs, decodes):
+    """tp=2 and pp=2 decode every setting as one process does."""
     reference = decodes.in_one_process(name)
-    mesh_out = two_process_runs["fsdp"].parent / name
-    assert_decoded_alike(mesh_out, 2, reference)
+    for mesh in ("tp", "pp"):
+        assert_decoded_alike(two_process_runs["fsdp"].parent / f"{mesh}_{name}", 2, reference)
     # Not vacuous: early exits leave at several depths, copied-exit drafts are accepted.
     if name.startswith(("early_exit", "sampled_early")):
         assert len(set(reference["exit_layers"])) > 1
@@ -300,15 +315,43 @@ def test_two_process_tensor_parallel_decoding_equals_one_process(name, two_proce
 
 
 @pytest.mark.parametrize("name", FOUR_WAY_DECODES)
-def test_four_process_tensor_parallel_decoding_equals_one_process(name, four_process_runs, four_way_decodes):
-    assert_decoded_alike(four_process_runs["fsdp_tp"].parent / name, 4, four_way_decodes.in_one_process(name))
+def test_four_process_mesh_decoding_equals_one_process(name, four_process_runs, four_way_decodes):
+    reference = four_way_decodes.in_one_process(name)
+    for mesh in ("tp4", "tp2pp2"):
+        assert_decoded_alike(four_process_runs["fsdp_tp"].parent / f"{mesh}_{name}", 4, reference)
 
 
-def test_tensor_parallel_eval_measures_like_one_process(two_process_runs, decodes, common, tmp_path):
+def test_a_rank_holds_its_stage_and_slices_only(four_process_runs):
+    """tp=2 x pp=2 on 4 layers: a rank holds its stage's 2 layers (KV caches included) at half their
+    heads, half the LM head's rows and every exit split in two; the other layers are never loaded."""
+    ranks = [json.loads(Path(f"{four_process_runs['fsdp_tp'].parent / 'holdings'}.rank{r}.json").read_text())
+             for r in range(4)]
+    for rank, held in enumerate(ranks):
+        stage = rank // 2  # the mesh is (pp, tp): ranks 0-1 run layers 0-1, ranks 2-3 layers 2-3
+        assert held["layers"] == [2 * stage, 2 * stage + 1], rank
+        assert held["caches"] == held["layers"]
+        assert held["kv_heads"] == 2 and held["head_rows"] == 128 and held["exit_q_rows"] == 32  # of 4, 256, 64
+    assert ranks[0]["vocab"] == 256
+
+
+def test_a_vocabulary_split_unevenly_gathers_the_whole_logits(two_process_runs):
+    """7 rows over 2 ranks (4 + 3 and a zero row): gathered logits and rows equal the whole head's."""
     root = two_process_runs["fsdp"].parent
-    ranks = [json.loads(Path(f"{root / 'eval'}.rank{rank}.json").read_text()) for rank in range(2)]
-    single = eval_stage.run(compose_config("eval", decodes.eval_overrides(EVAL_DATA(common), tmp_path / "out"))).report
-    assert (root / "eval" / "report.json").is_file()  # written once, by rank 0
+    for rank in range(2):
+        assert json.loads(Path(f"{root / 'vocab_split'}.rank{rank}.json").read_text()) == {"logits": True, "rows": True}
+
+
+@pytest.fixture(scope="module")
+def single_eval(decodes, common, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single_eval") / "out"
+    return eval_stage.run(compose_config("eval", decodes.eval_overrides(EVAL_DATA(common), out))).report
+
+
+@pytest.mark.parametrize("mesh", ["tp", "pp"])
+def test_mesh_eval_measures_like_one_process(mesh, two_process_runs, single_eval):
+    root, single = two_process_runs["fsdp"].parent, single_eval
+    ranks = [json.loads(Path(f"{root / f'eval_{mesh}'}.rank{rank}.json").read_text()) for rank in range(2)]
+    assert (root / f"eval_{mesh}" / "report.json").is_file()  # written once, by rank 0
     for report in ranks:
         # Teacher-forced per-exit metrics: equal up to the order of the tensor-parallel sums.
         assert [e["layer"] for e in report["per_exit"]] == [e["layer"] for e in single["per_exit"]]
@@ -418,10 +461,11 @@ def test_augment_on_a_tensor_parallel_mesh_writes_the_single_process_run(name, t
         assert got["heldout_before_tuning"][layer] == pytest.approx(scores, rel=1e-5), layer
 
 
-def test_decoding_mesh_must_be_tensor_parallel_only(decodes, run_cli):
-    code, _, err = run_cli("generate", "--prompt", "hi", *decodes.model, "parallel.nproc_per_node=2", "parallel.pp=2")
+def test_decoding_mesh_must_not_split_data(decodes, run_cli):
+    code, _, err = run_cli("generate", "--prompt", "hi", *decodes.model, "parallel.nproc_per_node=2")
     assert code == 2
-    assert "splits the model tensor-parallel only" in err and "set parallel.tp=2" in err
+    assert "splits the model by tensor and pipeline parallel only" in err
+    assert "set parallel.tp x parallel.pp = 2" in err
 
 
 def test_bf16_mixed_precision_mesh_tunes_like_one_bf16_process(two_process_runs, references):

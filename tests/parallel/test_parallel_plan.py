@@ -137,17 +137,18 @@ def serve_cfg(*overrides: str):
 
 def test_serving_memory_per_rank_matches_hand_arithmetic():
     plan = make_serve_plan(serve_cfg("parallel.tp=2", "parallel.pp=2"))
-    assert [(s.plan.first, s.plan.last, s.plan.exits) for s in plan.stages] == [(0, 16, (8, 16)), (16, 32, (24,))]
-    last = plan.stages[1].memory  # bf16 = 2 bytes; blocks and exit bodies split over tp=2, heads whole
-    assert last["backbone layers"] == 16 * LAYER * 2 / 2
-    assert last["embeddings + LM head"] == HEAD * 2 + 4096 * 2  # untied head (whole on every rank) + final norm
-    assert last["exits"] == EXIT_BODY * 2 / 2  # one mlp exit; its head is the LM head
-    assert last["KV cache"] == 16 * 2 * 4 * 2048 * (4096 / 2) * 2 == GIB  # 16 layers x K,V x rows x positions
-    assert last["activations"] == 256 * 2 * (2 * 4096 + (2 * 4096 + 2 * 4096 + 3 * 11008) / 2) + 4 * 32000 * 4
-    first = plan.stages[0].memory  # embeddings, and the LM head for its two shared-head exits
-    assert first["embeddings + LM head"] == 2 * HEAD * 2 + 4096 * 2
+    assert [(s.plan.first, s.plan.last) for s in plan.stages] == [(0, 16), (16, 32)]
+    for stage in plan.stages:  # bf16 = 2 bytes; every stage holds the embeddings whole and every exit
+        m = stage.memory
+        assert m["backbone layers"] == 16 * LAYER * 2 / 2  # 16 blocks split over tp=2
+        assert m["embeddings + LM head"] == HEAD * 2 + HEAD * 2 / 2 + 4096 * 2  # the untied head by vocabulary
+        assert m["exits"] == 3 * EXIT_BODY * 2 / 2  # three mlp exits over tp; their head is the LM head
+        assert m["KV cache"] == 16 * 2 * 4 * 2048 * (4096 / 2) * 2 == GIB  # 16 layers x K,V x rows x positions
+        assert m["activations"] == 256 * 2 * (2 * 4096 + (2 * 4096 + 2 * 4096 + 3 * 11008) / 2) + 4 * 32000 * 4
     copied = make_serve_plan(serve_cfg("parallel.tp=2", "parallel.pp=2", "exits.head=copy")).stages[1].memory
-    assert copied["exits"] == EXIT_BODY * 2 / 2 + HEAD * 2  # a copied head stays whole too
+    assert copied["exits"] == 3 * (EXIT_BODY + HEAD) * 2 / 2  # copied heads split by vocabulary too
+    attention = make_serve_plan(serve_cfg("parallel.tp=2", "exits.arch=layer")).stages[0].memory
+    assert attention["KV cache"] == (32 + 3) * 2 * 4 * 2048 * (4096 / 2) * 2  # a layer exit's block has a cache
     assert plan.usable == 0.9 * 80 * GIB and plan.fits
 
 
@@ -156,16 +157,23 @@ def test_the_smallest_serving_mesh_is_the_fewest_gpus_that_fit():
                                   "plan.context=4096"])
     best = smallest_mesh(cfg)
     assert best is not None and best.fits
-    assert best.pp == 1  # decoding on a mesh is tensor-parallel only
     for tp in (1, 2, 4, 8):
-        if tp < best.tp:
-            assert not make_serve_plan(cfg, tp, 1).fits, tp
+        for pp in range(1, 9):
+            if tp * pp < best.gpus:
+                assert not make_serve_plan(cfg, tp, pp).fits, (tp, pp)
+    assert best.describe() == "tp=1 x pp=3 (3 GPUs)"  # pipeline stages split the memory no tp of 3 can
+    # At equal GPUs the most tensor-parallel mesh: pipeline stages wait for each other, tp ranks do not.
+    busy = compose_config("plan", ["recipe=llama2_70b_mlp", "plan.workload=serve", "plan.batch_size=64",
+                                   "plan.context=4096"])
+    assert make_serve_plan(busy, 2, 2).fits and make_serve_plan(busy, 1, 4).fits
+    assert smallest_mesh(busy).describe() == "tp=4 x pp=1 (4 GPUs)"
     # A bigger KV cache needs more GPUs; none is enough once one stage's share cannot fit.
     bigger = smallest_mesh(compose_config("plan", ["recipe=llama2_70b_mlp", "plan.workload=serve",
                                                    "plan.batch_size=128", "plan.context=4096"]))
     assert bigger is not None and bigger.gpus > best.gpus
     assert smallest_mesh(compose_config("plan", ["recipe=llama2_70b_mlp", "plan.workload=serve",
-                                                 "plan.gpus_per_node=1", "plan.gpu_memory_gb=24"])) is None
+                                                 "plan.gpus_per_node=1", "plan.nodes=1",
+                                                 "plan.gpu_memory_gb=24"])) is None
 
 
 def test_plan_serve_command_prints_the_smallest_mesh_and_refuses_a_bad_tp():
