@@ -1,6 +1,6 @@
-"""Serving on a tensor-parallel mesh: rank 0 serves HTTP and leads; the other ranks mirror its decoding.
+"""Serving on a decoding mesh (tensor and pipeline parallel): rank 0 serves HTTP and leads; the others mirror it.
 
-Every rank holds a slice of every layer, so every engine call must run on every rank, in the same
+Every rank holds a part of the model, so every engine call must run on every rank, in the same
 order, with the same arguments. Rank 0's decode worker goes through `LeadingScheduler` and
 `LeadingEngine`, which broadcast each call (admit a request, step the batch, cancel a row, decode
 one request alone) before making it; the other ranks sit in `follow`, making the same calls on
@@ -121,7 +121,8 @@ def follow(engine: Any, scheduler: BatchScheduler | None, channel: Channel) -> N
 
     An exception is rank 0's too (same state, same call): it has answered its request with it, so
     here it is dropped and the loop goes on. Runs in the main thread (it ignores SIGINT)."""
-    requests: dict[int, BatchRequest] = {}
+    requests: dict[int, BatchRequest] = {}  # by rank 0's request id
+    ids: dict[int, int] = {}  # id(request) -> rank 0's request id, for the finished ones `step` returns
     # Ctrl-C reaches every rank (torchrun passes it on): rank 0 shuts the server down and says "stop".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
@@ -135,13 +136,22 @@ def follow(engine: Any, scheduler: BatchScheduler | None, channel: Channel) -> N
             elif kind == "admit":
                 request_id, prompt, settings = args
                 request = requests[request_id] = BatchRequest(prompt, settings, on_token=_following(channel))
+                ids[id(request)] = request_id
                 if scheduler.admit(request):
-                    del requests[request_id]
+                    _forget(requests, ids, request_id)
             elif kind == "step":
                 for request in scheduler.step():
-                    requests.pop(next(i for i, r in requests.items() if r is request), None)
+                    _forget(requests, ids, ids.get(id(request)))
             elif kind == "cancel":
-                scheduler.cancel(requests.pop(args[0]))
+                request = requests[args[0]]
+                _forget(requests, ids, args[0])
+                scheduler.cancel(request)
         except Exception:  # noqa: BLE001 - rank 0 met the same error and reported it
             if kind == "admit":
-                requests.pop(args[0], None)
+                _forget(requests, ids, args[0])
+
+
+def _forget(requests: dict[int, BatchRequest], ids: dict[int, int], request_id: int | None) -> None:
+    request = requests.pop(request_id, None)
+    if request is not None:
+        ids.pop(id(request), None)

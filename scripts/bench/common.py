@@ -283,13 +283,15 @@ def case_entry_point(run_case: Callable[[dict[str, Any]], dict[str, Any]]) -> bo
 
 def run_ranks_in_subprocess(
     script: Path, case: Mapping[str, Any], nproc: int, *, threads: int = 1, timeout_s: float | None = None,
-    tail_lines: int = 25,
+    tail_lines: int = 25, plain_single: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run `script` on `case` as `nproc` processes under torchrun (standalone); every rank's result, by rank."""
+    """Run `script` on `case` as `nproc` processes under torchrun (standalone); every rank's result, by rank.
+    `plain_single`: one process runs without torchrun (a plain process, not a mesh of one)."""
     with tempfile.TemporaryDirectory(prefix="eetune-bench-") as scratch:
         prefix = Path(scratch) / "result"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   str(Path(script).resolve()), CASE_FLAG, json.dumps(dict(case)), str(prefix)]
+        command = [sys.executable, str(Path(script).resolve()), CASE_FLAG, json.dumps(dict(case)), str(prefix)]
+        if nproc > 1 or not plain_single:
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         try:
             proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=timeout_s)

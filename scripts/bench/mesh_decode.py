@@ -1,16 +1,17 @@
-"""Decoding on a tensor-parallel mesh vs one process: tokens/s, the weights each rank holds, peak memory.
+"""Decoding on a tensor/pipeline-parallel mesh vs one process: tokens/s, the weights each rank holds, peak memory.
 
-Each case is a fresh torchrun launch of N processes (N=1 too, so every case takes the same code
-path: `build_inference_model` on a `parallel.tp=N` mesh, gloo on CPU, nccl on GPUs) that decodes
-the same prompts greedily with the full model. Per case: decode tokens/s on rank 0 (median over
-prompts, after one untimed warm-up prompt), each rank's parameter MiB (its slices, plus the whole
-embeddings and heads) and peak RSS, and whether every case decoded exactly the tokens of the
-first. On a CPU the mesh is expected to be slower (two all-reduces per layer and token through
-gloo, processes sharing the cores); what it buys is memory per rank.
+Each case is a fresh torchrun launch of tp x pp processes (1 x 1 too, so every case takes the same
+code path: `build_inference_model` on that mesh, gloo on CPU, nccl on GPUs) that decodes the same
+prompts greedily with the full model. Per case: decode tokens/s on rank 0 (median over prompts,
+after one untimed warm-up prompt), each rank's weight MiB (its slices and its stage's layers, the
+whole embeddings; a head tied to them counted once) and peak RSS, and whether every case decoded
+exactly the tokens of the first. On a CPU a mesh is expected to be slower (tp: two all-reduces per
+layer and token through gloo; pp: the stages take turns, plus a hand-off per stage; processes share
+the cores); what it buys is memory per rank.
 
-    .venv/bin/python scripts/bench/mesh_decode.py [--tp 1,3] [--tokens 32] [--dtype float32] [--out DIR]
+    .venv/bin/python scripts/bench/mesh_decode.py [--meshes 1x1,3x1,1x2,1x3] [--tokens 32] [--dtype float32]
 
-SmolLM2-135M has 9 attention and 3 KV heads, so tp is 1 or 3 on it.
+A mesh is `TPxPP`. SmolLM2-135M has 9 attention and 3 KV heads, so tp is 1 or 3 on it; 30 layers.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     from eetune.parallel.mesh import mesh_session
 
     cfg = compose_config("generate", [f"model.dtype={case['dtype']}", f"parallel.tp={case['tp']}",
-                                      "parallel.dp_shard=1"])
+                                      f"parallel.pp={case['pp']}", "parallel.dp_shard=1"])
     memory = PeakMemory()
     with mesh_session(cfg.parallel, cfg.model.device) as topology, memory:
         base, model = build_inference_model(cfg.model, None, topology)
@@ -57,13 +58,17 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         prompts = [build_prompt_ids(base.tokenizer, text, True, None) for text in PROMPTS]
         engine.generate(prompts[0], settings)  # warm-up
         results = [engine.generate(ids, settings) for ids in prompts]
-        params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        # By storage: a head that is a view of the embeddings is not counted twice; other stages' layers are meta.
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                    for p in model.parameters() if not p.is_meta}
+        params = sum(storages.values()) / 2**20
     return {"tokens_per_s": [r.tokens_per_s for r in results], "tokens": [r.tokens for r in results],
             "param_mib": params, "peak_rss_mib": memory.window.peak_rss_mib}
 
 
 def launch(case: dict[str, Any]) -> dict[str, Any]:
-    per_rank = run_ranks_in_subprocess(Path(__file__), case, case["tp"], threads=case["threads"], timeout_s=3600)
+    per_rank = run_ranks_in_subprocess(Path(__file__), case, case["tp"] * case["pp"], threads=case["threads"],
+                                       timeout_s=3600)
     return {**case, "tokens_per_s": statistics.median(per_rank[0]["tokens_per_s"]),
             "tokens": per_rank[0]["tokens"], "ranks_agree": all(r["tokens"] == per_rank[0]["tokens"] for r in per_rank),
             "ranks": [{k: r[k] for k in ("rank", "param_mib", "peak_rss_mib")} for r in per_rank]}
@@ -71,7 +76,8 @@ def launch(case: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tp", default="1,3", help="tensor-parallel degrees to compare, the first is the baseline")
+    parser.add_argument("--meshes", default="1x1,3x1,1x2,1x3",
+                        help="TPxPP meshes to compare, the first is the baseline")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (greedy, full model)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -80,16 +86,18 @@ def main() -> None:
 
     console = make_console()
     results = []
-    for tp in (int(n) for n in args.tp.split(",")):
-        console.print(f"[bold]tp={tp}[/] ...")
+    for mesh in args.meshes.split(","):
+        tp, pp = (int(n) for n in mesh.lower().split("x"))
+        console.print(f"[bold]tp={tp} x pp={pp}[/] ...")
         started = time.perf_counter()
-        results.append(launch({"tp": tp, "tokens": args.tokens, "dtype": args.dtype, "threads": args.threads}))
+        results.append(launch({"tp": tp, "pp": pp, "tokens": args.tokens, "dtype": args.dtype,
+                               "threads": args.threads}))
         results[-1]["wall_s"] = time.perf_counter() - started
     base = results[0]
     for r in results:
         r["speed_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["same_tokens_as_first"] = r["tokens"] == base["tokens"]
-    rows = [[f"tp={r['tp']}", f"{r['tokens_per_s']:.1f}", f"{r['speed_vs_first']:.2f}x",
+    rows = [[f"tp={r['tp']} x pp={r['pp']}", f"{r['tokens_per_s']:.1f}", f"{r['speed_vs_first']:.2f}x",
              " / ".join(f"{rank['param_mib']:.0f}" for rank in r["ranks"]),
              " / ".join(f"{rank['peak_rss_mib']:.0f}" for rank in r["ranks"]),
              "yes" if r["same_tokens_as_first"] and r["ranks_agree"] else "NO"] for r in results]

@@ -21,11 +21,7 @@ recorded with them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,15 +29,17 @@ from typing import Any
 
 from common import (
     DEFAULT_OUT_DIR,
+    CaseFailed,
     PeakMemory,
     machine_info,
     make_console,
     now_iso,
     print_table,
+    rank_case_entry_point,
+    run_ranks_in_subprocess,
     write_json,
 )
 
-CASE_FLAG = "--scale-case"  # argv: [script, CASE_FLAG, case_json, result_prefix]
 CASE_TIMEOUT_S = 3600
 
 
@@ -55,7 +53,7 @@ def overrides(case: dict[str, Any], run_dir: Path) -> list[str]:
     ]
 
 
-def run_case(case: dict[str, Any], result_prefix: str) -> None:
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Inside a case process (one rank): tune, timing each step and watching memory from the first timed one."""
     import torch
 
@@ -84,36 +82,22 @@ def run_case(case: dict[str, Any], result_prefix: str) -> None:
     with tempfile.TemporaryDirectory(prefix="eetune-scale-") as scratch:
         # Every rank composes the same run_dir; rank 0's config is the one used.
         tune.run(compose_config("tune", overrides(case, Path(scratch) / "run")))
-    rank = int(os.environ.get("RANK", "0"))
     window = memory.window
-    write_json(Path(f"{result_prefix}.rank{rank}.json"), {
-        "rank": rank, "step_seconds": times, "peak_rss_mib": window.peak_rss_mib,
-        "peak_delta_mib": window.peak_delta_mib, "rss_before_mib": window.rss_before_mib,
-    })
+    return {"step_seconds": times, "peak_rss_mib": window.peak_rss_mib, "peak_delta_mib": window.peak_delta_mib,
+            "rss_before_mib": window.rss_before_mib}
 
 
 def launch(case: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in fresh processes (torchrun for N > 1); its per-rank results."""
-    script = str(Path(__file__).resolve())
-    with tempfile.TemporaryDirectory(prefix="eetune-scale-result-") as scratch:
-        prefix = str(Path(scratch) / "result")
-        command = [sys.executable, script, CASE_FLAG, json.dumps(case), prefix]
-        if case["nproc"] > 1:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={case['nproc']}", *command[1:]]
-        env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"])}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S,
-                              cwd=Path(__file__).resolve().parents[2])
-        ranks = sorted(Path(scratch).glob("result.rank*.json"))
-        if proc.returncode != 0 or len(ranks) != case["nproc"]:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-            raise RuntimeError(f"case {case} failed (exit code {proc.returncode}):\n{tail}")
-        per_rank = [json.loads(path.read_text()) for path in ranks]
+    """Run one case in fresh processes (torchrun for N > 1, a plain process for 1); its per-rank results."""
+    try:
+        per_rank = run_ranks_in_subprocess(Path(__file__), case, case["nproc"], threads=case["threads"],
+                                           timeout_s=CASE_TIMEOUT_S, plain_single=True)
+    except CaseFailed as exc:
+        raise RuntimeError(str(exc)) from None
     step = statistics.median(per_rank[0]["step_seconds"])
     tokens = case["batch_size"] * case["seq_len"]
     return {
-        **case, "tokens_per_step": tokens, "median_step_s": step, "tokens_per_s": tokens / step,
-        "ranks": sorted(per_rank, key=lambda r: r["rank"]),
+        **case, "tokens_per_step": tokens, "median_step_s": step, "tokens_per_s": tokens / step, "ranks": per_rank,
     }
 
 
@@ -170,8 +154,5 @@ def main() -> None:
     console.print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == CASE_FLAG:
-        run_case(json.loads(sys.argv[2]), sys.argv[3])
-    else:
-        main()
+if __name__ == "__main__" and not rank_case_entry_point(run_case):
+    main()

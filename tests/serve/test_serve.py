@@ -771,6 +771,10 @@ def test_a_stream_whose_client_left_before_its_first_event_is_dropped_from_the_q
     worker = app.state.worker
     gate = threading.Event()
     worker.submit(lambda cancelled: gate.wait(60))
+    deadline = time.monotonic() + 60
+    while worker.status()["decoding"] != 1:  # the worker thread has taken it (slow on a busy machine)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     body = json.dumps({"prompt": "hi", "max_tokens": 2, "stream": True}).encode()
     incoming = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
