@@ -7,11 +7,18 @@ staying F32), Llama 3 RoPE scaling as a ``rope_freqs`` tensor, and the tokenizer
 ``tokenizer.ggml.*`` metadata. Only byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2.5) are
 written; a SentencePiece vocabulary needs its scores, which llama.cpp's converter reads from
 ``tokenizer.model``: run that converter on an ``eetune export draft`` dir instead.
+
+Tensors are read, converted and written one at a time, so a draft of any size needs the memory
+of its largest tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,9 +26,8 @@ import numpy as np
 import torch
 
 from eetune.errors import EetuneError
-from eetune.export.draft import Draft
+from eetune.export.draft import Draft, hf_tensors
 from eetune.models import hf_config as hfc
-from eetune.models.checkpoint import tune_to_hf_state_dict
 from eetune.models.gguf_import import gguf_tensor_name, permute_rope
 from eetune.models.catalog import MODELS
 from eetune.models.registry import ModelFamily
@@ -60,17 +66,23 @@ def save_draft_gguf(
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(title)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hyperparameters(writer, config, arch)
-        tokenizer.add_to(writer, gguf_pre_tokenizer(model_name, family))
-        for name, array in tensors.items():
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.add_name(title)
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_F16)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _add_hyperparameters(writer, config, arch)
+            tokenizer.add_to(writer, gguf_pre_tokenizer(model_name, family))
+            # add_tensor would keep every array until write_tensors_to_file: declare them all (the
+            # header lists them), then convert and write them one at a time.
+            for name, planned in tensors.items():
+                writer.add_tensor_info(name, planned.shape, planned.dtype, planned.nbytes)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for name, planned in tensors.items():
+                writer.write_tensor_data(planned.array(name))
+        finally:
+            writer.close()
 
     atomic_write(out_file, write)
     return out_file
@@ -83,26 +95,48 @@ def gguf_pre_tokenizer(model_name: str, family: ModelFamily) -> str:
     return (entry.gguf_pre_tokenizer if entry is not None else None) or family.gguf_pre_tokenizer
 
 
-def gguf_tensors(draft: Draft, family: ModelFamily, arch: str, dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """GGUF name -> array, in llama.cpp's layout; matrices in ``dtype``, vectors in float32."""
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A tensor to write: its array's shape and dtype up front, the array itself when read."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def array(self, name: str) -> np.ndarray:
+        array = self.read()
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise EetuneError(f"internal error: {name} is {array.dtype}{list(array.shape)}, not {self.dtype}{list(self.shape)}")
+        return array
+
+
+def gguf_tensors(draft: Draft, family: ModelFamily, arch: str, dtype: torch.dtype) -> dict[str, GGUFTensor]:
+    """GGUF name -> tensor in llama.cpp's layout, read and converted one at a time when written;
+    matrices in ``dtype``, vectors in float32."""
     config = draft.hf_config
-    hf_tensors = tune_to_hf_state_dict(
-        family, {k: v.float() for k, v in draft.state_dict.items()}, config
-    )
+    hf = hf_tensors(draft, family, torch.float32)
     heads, kv_heads = int(config["num_attention_heads"]), hfc.num_kv_heads(config)
-    out: dict[str, np.ndarray] = {}
-    for hf_name, tensor in hf_tensors.items():
-        array = tensor.cpu().numpy()
+
+    def read(hf_name: str, to: np.dtype) -> np.ndarray:
+        array = hf[hf_name].cpu().numpy()
         if arch == "llama" and hf_name.endswith("q_proj.weight"):
             array = permute_rope(array, heads)
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             array = permute_rope(array, kv_heads)
-        if array.ndim > 1 and dtype == torch.float16:
-            array = array.astype(np.float16)
-        out[gguf_tensor_name(hf_name)] = np.ascontiguousarray(array)
+        return np.ascontiguousarray(array.astype(to, copy=False))
+
+    out: dict[str, GGUFTensor] = {}
+    for hf_name in hf:
+        shape = tuple(hf.meta(hf_name).shape)
+        to = np.dtype(np.float16 if len(shape) > 1 and dtype == torch.float16 else np.float32)
+        out[gguf_tensor_name(hf_name)] = GGUFTensor(shape, to, partial(read, hf_name, to))
     factors = llama3_rope_factors(config)
     if factors is not None:
-        out["rope_freqs.weight"] = factors
+        out["rope_freqs.weight"] = GGUFTensor(factors.shape, factors.dtype, lambda: factors)
     return out
 
 

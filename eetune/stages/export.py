@@ -5,9 +5,10 @@
 - hf: the base checkpoint plus all exits in one Hugging Face dir that eetune loads back alone.
 - gguf: the draft as a GGUF file for llama.cpp's speculative decoding.
 
-Every check that needs no weights (run dir, exit layer, output path) runs before the base
-model loads, so mistakes fail in a second. `hf` never loads it: the base files are copied after
-its fingerprint is checked one tensor at a time.
+Every check that needs no weights (run dir, exit layer, output path) runs before any weight is
+read, so mistakes fail in a second. No format loads the base model: its fingerprint is checked one
+tensor at a time, then `hf` copies its files and `draft`/`gguf` read just the tensors the draft
+keeps, one at a time as they are written, so a base that fits no machine's memory exports too.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from rich.console import Console
 from eetune.config.schema import EetuneConfig
 from eetune.console import make_console
 from eetune.errors import EetuneError
-from eetune.exits import load_exits, read_manifest
+from eetune.exits import read_manifest
 from eetune.exits.checkpoint import check_base_fingerprint
 from eetune.exits.spec import ExitSpec
 from eetune.export.bundle import export_bundle
-from eetune.export.draft import build_draft, check_exportable, save_draft
+from eetune.export.draft import check_exportable, save_draft, stream_draft
 from eetune.export.gguf_file import GGUF_DTYPES, save_draft_gguf
-from eetune.models import DEFAULT_MODEL, fingerprint, get_model_entry, load_base_model
+from eetune.models import DEFAULT_MODEL, ModelEntry, fingerprint, get_model_entry
 from eetune.models import hf_config as hfc
-from eetune.models.load import parse_dtype, resolve_checkpoint_dir
+from eetune.models.load import load_tokenizer, parse_dtype, resolve_checkpoint_dir
 from eetune.parallel.load import CheckpointTensors
 from eetune.rundir import resolve_run_dir
 
@@ -75,41 +76,32 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> ExportResult:
 
     if fmt == "hf":
         return _export_bundle(cfg, manifest, run_dir, out, sorted(exits), console)
-    with console.status(f"loading the base model and the exits of {run_dir}"):
-        base = load_base_model(
-            manifest["base_model"]["name"],
-            checkpoint_dir=_base_checkpoint_dir(cfg, manifest, run_dir),
-            dtype=_load_dtype(fmt, exp.dtype),
-            max_seq_len=cfg.model.max_seq_len,
-            device=cfg.model.device,
-        )
-        model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
-
     layer = int(exp.exit)
-    draft = build_draft(model, layer, base.hf_config)
-    spec = model.exit(layer).spec
-    with console.status(f"writing the layer-{layer} draft to {out}"):
+    entry, checkpoint_dir, tensors = _base_tensors(cfg, manifest, run_dir)
+    # Cheap checks first: config.json, the exit's weights and the tokenizer before the fingerprint.
+    draft = stream_draft(entry.family, tensors, tensors.hf_config, run_dir, manifest, layer)
+    load_tokenizer(checkpoint_dir)
+    _check_fingerprint(run_dir, manifest, tensors, checkpoint_dir, console)
+    spec = ExitSpec(**next(spec for spec in manifest["exits"] if int(spec["layer"]) == layer))
+    with console.status(f"writing the layer-{layer} draft to {out}, one tensor at a time"):
         if fmt == "draft":
-            save_draft(draft, base.family, base.checkpoint_dir, out, dtype, _provenance(manifest, spec, run_dir, draft.num_layers))
+            save_draft(draft, entry.family, checkpoint_dir, out, dtype, _provenance(manifest, spec, run_dir, draft.num_layers))
         else:
-            title = f"{base.name} exit {layer} draft"
-            save_draft_gguf(draft, base.family, base.name, base.checkpoint_dir, out, dtype, title)
+            title = f"{entry.name} exit {layer} draft"
+            save_draft_gguf(draft, entry.family, entry.name, checkpoint_dir, out, dtype, title)
     console.print(
         f"wrote {out}: layers 1..{layer} + the {spec.arch} exit at {layer} "
         f"({draft.num_layers} decoder layers, {'tied' if draft.tied else 'own'} head, {exp.dtype})", markup=False,
     )
-    return ExportResult(out, fmt, base.checkpoint_dir, layer, draft.num_layers)
+    return ExportResult(out, fmt, checkpoint_dir, layer, draft.num_layers)
 
 
 def _export_bundle(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path, out: Path, exits: list[int],
                    console: Console) -> ExportResult:
     """`export hf`: the base files are copied, not loaded, so any size of base exports on any machine;
     its fingerprint is streamed one tensor at a time first."""
-    entry = get_model_entry(manifest["base_model"]["name"])
-    checkpoint_dir = resolve_checkpoint_dir(entry, _base_checkpoint_dir(cfg, manifest, run_dir))
-    with console.status(f"checking the base weights in {checkpoint_dir}, one tensor at a time"):
-        tensors = CheckpointTensors(entry.family, checkpoint_dir, hfc.read_hf_config(checkpoint_dir))
-        check_base_fingerprint(run_dir, manifest, fingerprint(tensors), checkpoint_dir)
+    _, checkpoint_dir, tensors = _base_tensors(cfg, manifest, run_dir)
+    _check_fingerprint(run_dir, manifest, tensors, checkpoint_dir, console)
     with console.status(f"copying {checkpoint_dir} and the exits to {out}"):
         export_bundle(run_dir, checkpoint_dir, manifest, out)
     path = shlex.quote(str(out))
@@ -117,7 +109,21 @@ def _export_bundle(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path, o
         f"wrote {out}: the base model + exits at {exits}; use it with: eetune generate "
         f"model.checkpoint_dir={path} generate.run_dir={path} --prompt 'Hi'", markup=False,
     )
-    return ExportResult(out, "hf", Path(checkpoint_dir), None, None)
+    return ExportResult(out, "hf", checkpoint_dir, None, None)
+
+
+def _base_tensors(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path) -> tuple[ModelEntry, Path, CheckpointTensors]:
+    """The base checkpoint's tensors, each read from its safetensors file only when asked for."""
+    entry = get_model_entry(manifest["base_model"]["name"])
+    checkpoint_dir = Path(resolve_checkpoint_dir(entry, _base_checkpoint_dir(cfg, manifest, run_dir)))
+    return entry, checkpoint_dir, CheckpointTensors(entry.family, checkpoint_dir, hfc.read_hf_config(checkpoint_dir))
+
+
+def _check_fingerprint(run_dir: Path, manifest: dict[str, Any], tensors: CheckpointTensors, checkpoint_dir: Path,
+                       console: Console) -> None:
+    """Refuse exits built on other weights; the fingerprint is streamed, one tensor in memory at a time."""
+    with console.status(f"checking the base weights in {checkpoint_dir}, one tensor at a time"):
+        check_base_fingerprint(run_dir, manifest, fingerprint(tensors), checkpoint_dir)
 
 
 def _base_checkpoint_dir(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: Path) -> str | None:
@@ -136,11 +142,6 @@ def _base_checkpoint_dir(cfg: EetuneConfig, manifest: dict[str, Any], run_dir: P
         f"the base model of {run_dir} was loaded from {recorded}, which does not exist here: "
         "pass model.checkpoint_dir=<that Hugging Face checkpoint dir>"
     )
-
-
-def _load_dtype(fmt: str, dtype: str) -> str:
-    # A draft is written in `dtype` anyway; GGUF keeps norms in float32 even in an F16 file.
-    return {"draft": dtype, "gguf": "float32"}[fmt]
 
 
 def _provenance(manifest: dict[str, Any], spec: ExitSpec, run_dir: Path, num_layers: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.exits import EarlyExitModel, ExitSpec, build_manifest, load_exits, read_manifest, save_exits
-from eetune.export import load_exported
+from eetune.export import build_draft, load_exported, save_draft, save_draft_gguf
+from eetune.export.lazy import write_safetensors
 from eetune.models import BaseModel, get_model_entry, load_base_model
 from eetune.models.tiny import write_tiny_checkpoint
+from eetune.parallel.load import CheckpointTensors
 from eetune.stages import export as stage
 from eetune.stages import generate
 from eetune.models import base_info
@@ -59,23 +62,27 @@ def hf_logits(path: Path, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         return model(tokens).logits
 
 
+def other_weights(path: Path) -> Path:
+    """A checkpoint shaped exactly like the tiny base model, with other weights."""
+    return write_tiny_checkpoint(get_model_entry("smollm2_135m"), path, seed=1, num_hidden_layers=4,
+                                 rope_theta=100_000.0, rope_scaling=None, tie_word_embeddings=True,
+                                 max_position_embeddings=2048)
+
+
 @pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
     return torch.randint(3, 256, (2, 19), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture
-def reuse_tiny(monkeypatch, tiny_base_model):
-    """The stage gets the session's tiny model instead of reading it again (torchtune's
-    checkpointer runs a full gc.collect per load, seconds in a big test process)."""
-    load = stage.load_base_model
+def no_base_loading(monkeypatch):
+    """Fails the test if anything loads a whole base model (`load_base_model` reads every tensor
+    through `load_tune_state_dict`): exports read the checkpoint one tensor at a time."""
 
-    def cached(name, checkpoint_dir=None, **kwargs):
-        if checkpoint_dir is not None and Path(checkpoint_dir) == tiny_base_model.checkpoint_dir:
-            return tiny_base_model
-        return load(name, checkpoint_dir=checkpoint_dir, **kwargs)
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export loaded the whole base model")
 
-    monkeypatch.setattr(stage, "load_base_model", cached)
+    monkeypatch.setattr("eetune.models.load.load_tune_state_dict", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,7 @@ def tiny_run(request, tiny_base_model, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("layer, arch", list(zip((1, 2, 3), ARCHS)))
 def test_draft_dir_is_a_plain_llama_whose_logits_equal_the_exits(
-    tiny_run, tiny_base_model, tokens, tmp_path, reuse_tiny, layer, arch
+    tiny_run, tiny_base_model, tokens, tmp_path, no_base_loading, layer, arch
 ):
     out = tmp_path / "draft"
     result = export("draft", tiny_run, out, f"export.exit={layer}")
@@ -141,8 +148,7 @@ def test_draft_of_other_families_matches_the_exit(tmp_path, tokens, model_name, 
     torch.testing.assert_close(hf_logits(out, tokens), exit_logits(run_dir, base, 2, tokens), rtol=0, atol=1e-4)
 
 
-def test_smollm2_draft_matches_the_exit_and_assists_generation_losslessly(smollm2, smollm2_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(stage, "load_base_model", lambda *args, **kwargs: smollm2)
+def test_smollm2_draft_matches_the_exit_and_assists_generation_losslessly(smollm2, smollm2_dir, tmp_path, no_base_loading):
     run_dir = make_run(tmp_path / "run", smollm2, [ExitSpec(8, "mlp", "copy", "shared"), ExitSpec(20, "mlp", "copy", "shared")])
     out = tmp_path / "draft20"
     export("draft", run_dir, out, "export.exit=20")
@@ -172,7 +178,7 @@ def count_calls(module: torch.nn.Module):
     return lambda: calls[0]
 
 
-def test_tiny_draft_as_assistant_model_gives_the_base_models_greedy_output(tiny_base_model, tmp_path, reuse_tiny):
+def test_tiny_draft_as_assistant_model_gives_the_base_models_greedy_output(tiny_base_model, tmp_path, no_base_loading):
     # A random exit drafts badly, so transformers must reject and roll back again and again.
     run_dir = make_run(tmp_path / "run", tiny_base_model, [ExitSpec(1, "layer", "random", "copy")])
     out = tmp_path / "draft"
@@ -186,7 +192,7 @@ def test_tiny_draft_as_assistant_model_gives_the_base_models_greedy_output(tiny_
     assert drafted() > 0
 
 
-def test_a_failed_draft_export_leaves_nothing_behind(mixed_run, tmp_path, monkeypatch, reuse_tiny):
+def test_a_failed_draft_export_leaves_nothing_behind(mixed_run, tmp_path, monkeypatch, no_base_loading):
     def full_disk(*args, **kwargs):
         raise OSError("disk full")
 
@@ -196,8 +202,18 @@ def test_a_failed_draft_export_leaves_nothing_behind(mixed_run, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_draft_over_the_shard_size_is_written_as_hugging_face_shards(mixed_run, tiny_base_model, tokens, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr("eetune.export.draft.write_safetensors", partial(write_safetensors, max_shard_bytes=64 << 10))
+    out = tmp_path / "draft"
+    export("draft", mixed_run, out, "export.exit=3")
+    files = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(files) > 2 and files == {p.name for p in out.glob("*.safetensors")}
+    torch.testing.assert_close(hf_logits(out, tokens), exit_logits(mixed_run, tiny_base_model, 3, tokens), rtol=0, atol=1e-4)
+
+
 def test_bfloat16_draft_is_the_float32_draft_rounded(mixed_run, tmp_path):
-    # Loaded for real in each dtype: the stage loads the base in the dtype it writes.
+    # Read for real in each dtype: the stage casts each tensor as it writes it.
     export("draft", mixed_run, tmp_path / "fp32", "export.exit=2")
     export("draft", mixed_run, tmp_path / "bf16", "export.exit=2", "export.dtype=bfloat16")
     full, half = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("fp32", "bf16"))
@@ -212,7 +228,7 @@ def test_bfloat16_draft_is_the_float32_draft_rounded(mixed_run, tmp_path):
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
 def test_gguf_draft_loads_in_transformers_with_the_exits_logits(
-    mixed_run, tiny_base_model, tokens, tmp_path, reuse_tiny, layer
+    mixed_run, tiny_base_model, tokens, tmp_path, no_base_loading, layer
 ):
     import gguf
 
@@ -241,11 +257,10 @@ def test_gguf_draft_of_other_families_matches_the_exit(tmp_path, tokens, model_n
     torch.testing.assert_close(got, exit_logits(run_dir, base, 2, tokens), rtol=0, atol=1e-4)
 
 
-def test_smollm2_gguf_draft_carries_a_tokenizer_transformers_rebuilds_exactly(smollm2, tmp_path, monkeypatch):
+def test_smollm2_gguf_draft_carries_a_tokenizer_transformers_rebuilds_exactly(smollm2, tmp_path, no_base_loading):
     # Logits through GGUF are checked on the tiny models above (same llama layout, GQA included);
     # here the real 49k-token BPE vocabulary, its merges, specials and chat template. (Reading
     # them back is slow: gguf's reader parses metadata arrays in Python.)
-    monkeypatch.setattr(stage, "load_base_model", lambda *args, **kwargs: smollm2)
     run_dir = make_run(tmp_path / "run", smollm2, [ExitSpec(2, "norm", "copy", "shared")])
     out = tmp_path / "draft2.gguf"
     export("gguf", run_dir, out, "export.exit=2", "export.dtype=float16")
@@ -289,6 +304,69 @@ def test_gguf_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs(tmp_path):
     assert len(set(np.round(factors, 4))) > 2  # the tiny head_dim covers all three bands
 
 
+# --- draft and gguf stream the base: a base bigger than any machine's memory exports too --------
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_streamed_draft_and_gguf_hold_the_tensors_of_the_draft_built_in_memory(
+    mixed_run, tiny_base_model, tmp_path, no_base_loading, layer
+):
+    import gguf
+
+    base = tiny_base_model
+    loaded = build_draft(load_exits(mixed_run, base.model, base.fingerprint), layer, base.hf_config)
+    save_draft(loaded, base.family, base.checkpoint_dir, tmp_path / "loaded", torch.bfloat16, {})
+    save_draft_gguf(loaded, base.family, base.name, base.checkpoint_dir, tmp_path / "loaded.gguf", torch.float16, "t")
+    export("draft", mixed_run, tmp_path / "streamed", f"export.exit={layer}", "export.dtype=bfloat16")
+    export("gguf", mixed_run, tmp_path / "streamed.gguf", f"export.exit={layer}", "export.dtype=float16")
+
+    # Compared by tensor: safetensors files list their tensors in hash order.
+    streamed, expected = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("streamed", "loaded"))
+    assert streamed.keys() == expected.keys()
+    assert all(streamed[k].dtype == expected[k].dtype and torch.equal(streamed[k], expected[k]) for k in expected)
+    streamed, expected = (gguf.GGUFReader(str(tmp_path / f)).tensors for f in ("streamed.gguf", "loaded.gguf"))
+    assert [(t.name, t.tensor_type) for t in streamed] == [(t.name, t.tensor_type) for t in expected]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(streamed, expected))
+
+
+def test_streamed_draft_and_gguf_refuse_other_weights_and_write_nothing(mixed_run, tmp_path, no_base_loading):
+    other = other_weights(tmp_path / "other")
+    for fmt, out in (("draft", tmp_path / "draft"), ("gguf", tmp_path / "draft.gguf")):
+        with pytest.raises(EetuneError, match=f"but the base model loaded from {other} has fingerprint"):
+            export(fmt, mixed_run, out, "export.exit=2", f"model.checkpoint_dir={other}")
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+
+
+@pytest.mark.parametrize("fmt, layer", [("draft", 2), ("gguf", 3)])
+def test_a_draft_reads_only_the_base_tensors_it_keeps(mixed_run, tiny_base_model, tmp_path, monkeypatch, fmt, layer):
+    """Past the fingerprint (which samples every tensor), only the embeddings and the layers below
+    the exit are read, none deeper: the exit's own weights, copies included, are in exits.safetensors."""
+    read: list[str] = []
+    fingerprinting = [False]
+    get, fingerprint = CheckpointTensors.__getitem__, stage.fingerprint
+
+    def recording_get(self, name):
+        if not fingerprinting[0]:
+            read.append(name)
+        return get(self, name)
+
+    def flagged_fingerprint(tensors):
+        fingerprinting[0] = True
+        try:
+            return fingerprint(tensors)
+        finally:
+            fingerprinting[0] = False
+
+    monkeypatch.setattr(CheckpointTensors, "__getitem__", recording_get)
+    monkeypatch.setattr(stage, "fingerprint", flagged_fingerprint)
+    out = tmp_path / ("draft.gguf" if fmt == "gguf" else "draft")
+    export(fmt, mixed_run, out, f"export.exit={layer}")
+    names = tiny_base_model.model.state_dict().keys()
+    kept = {n for n in names if n == "tok_embeddings.weight" or n.startswith(tuple(f"layers.{i}." for i in range(layer)))}
+    assert set(read) == kept  # the tied embeddings are the head of the shared-head mlp exit at 2
+    assert len(read) == len(kept) + (layer == 2) * sum(n.startswith("layers.0.") for n in names)  # mlp: layer 0 once more
+
+
 # --- hf: base + all exits in one dir ------------------------------------------------------------
 
 
@@ -320,30 +398,23 @@ def test_hf_export_keeps_the_base_checkpoint_untouched_beside_the_exits(bundle, 
     torch.testing.assert_close(hf_logits(out, tokens), tiny_base_model.model(tokens), rtol=0, atol=1e-4)
 
 
-def test_hf_export_never_loads_the_base_and_refuses_other_weights(bundle, tiny_base_model, tmp_path, monkeypatch):
+def test_hf_export_never_loads_the_base_and_refuses_other_weights(bundle, tiny_base_model, tmp_path, no_base_loading):
     """The bundle is copied files: the base is only fingerprinted, one tensor at a time, so a base
     that fits no single device exports too; other weights than the exits' are refused."""
     run_dir, first = bundle
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("export hf loaded the base model")
-
-    monkeypatch.setattr(stage, "load_base_model", no_loading)
     export("hf", run_dir, tmp_path / "again")
     # Same tensors and metadata; not the same bytes: safetensors writes its metadata map in hash order.
     again, before = (safe_open(str(d / "exits.safetensors"), "pt") for d in (tmp_path / "again", first))
     assert again.metadata() == before.metadata()
     assert again.keys() == before.keys()
     assert all(torch.equal(again.get_tensor(name), before.get_tensor(name)) for name in before.keys())
-    other = write_tiny_checkpoint(get_model_entry("smollm2_135m"), tmp_path / "other", seed=1, num_hidden_layers=4,
-                                  rope_theta=100_000.0, rope_scaling=None, tie_word_embeddings=True,
-                                  max_position_embeddings=2048)
+    other = other_weights(tmp_path / "other")
     with pytest.raises(EetuneError, match=f"but the base model loaded from {other} has fingerprint"):
         export("hf", run_dir, tmp_path / "refused", f"model.checkpoint_dir={other}")
     assert not (tmp_path / "refused").exists()
 
 
-def test_hf_export_loads_back_without_the_run_dir(bundle, tiny_base_model, tokens, tmp_path, reuse_tiny):
+def test_hf_export_loads_back_without_the_run_dir(bundle, tiny_base_model, tokens, tmp_path):
     run_dir, out = bundle
     moved = tmp_path / "moved"
     out.rename(moved)  # nothing may point back at the run dir or the old location
