@@ -236,8 +236,9 @@ def two_process_runs(tmp_path_factory, common, references, decodes) -> dict[str,
                                f"train.init_from={dirs['fsdp']}", f"run_dir={dirs['init_from_fsdp']}"]})
     dirs["fsdp_bf16"] = root / "fsdp_bf16"
     runs.append({"overrides": [*common, *BF16, "parallel.dp_shard=2", f"run_dir={dirs['fsdp_bf16']}"]})
-    runs += [{"stage": "augment", "overrides": [*augment_overrides(name, common), "parallel.tp=2", "parallel.dp_shard=1",
-                                                f"run_dir={root / f'augmented_{name}'}"]} for name in EXIT_RUNS]
+    runs += [{"stage": "augment", "overrides": [*augment_overrides(name, common), *DECODE_MESHES[mesh][1],
+                                                "parallel.dp_shard=1", f"run_dir={root / f'augmented_{mesh}_{name}'}"]}
+             for mesh in ("tp", "pp") for name in EXIT_RUNS]
     runs += [decodes.on_mesh(name, mesh, root) for mesh in ("tp", "pp") for name in DECODES]
     for mesh in ("tp", "pp"):
         runs.append({"stage": "eval", "out": str(root / f"eval_{mesh}"),
@@ -445,20 +446,23 @@ def test_a_server_on_a_tensor_parallel_mesh_answers_like_one_process(decodes, tm
 
 
 @pytest.mark.parametrize("name", list(EXIT_RUNS))
-def test_augment_on_a_tensor_parallel_mesh_writes_the_single_process_run(name, two_process_runs, common, tmp_path):
-    """Random exits drawn from the same seed and exits copied from layers read block by block: the
-    same tensors; the held-out scores of the split backbone equal to 1e-5."""
-    mesh_dir = two_process_runs["fsdp"].parent / f"augmented_{name}"
+def test_augment_on_a_mesh_writes_the_single_process_run(name, two_process_runs, common, tmp_path):
+    """On tp=2 and on pp=2, random exits drawn from the same seed and exits copied from layers read
+    block by block: the same tensors; the held-out scores of the split backbone equal to 1e-5."""
     augment.run(compose_config("augment", [*augment_overrides(name, common), f"run_dir={tmp_path / 'one'}"]))
-    single, mesh = load_file(str(tmp_path / "one" / "exits.safetensors")), load_file(str(mesh_dir / "exits.safetensors"))
-    assert mesh.keys() == single.keys()
-    for key in single:
-        assert torch.equal(mesh[key], single[key]), key
-    want, got = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "one", mesh_dir))
-    assert got["base_model"]["fingerprint"] == want["base_model"]["fingerprint"]
-    assert got["exit_parameters"] == want["exit_parameters"]
-    for layer, scores in want["heldout_before_tuning"].items():
-        assert got["heldout_before_tuning"][layer] == pytest.approx(scores, rel=1e-5), layer
+    single = load_file(str(tmp_path / "one" / "exits.safetensors"))
+    want = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    for mesh in ("tp", "pp"):
+        mesh_dir = two_process_runs["fsdp"].parent / f"augmented_{mesh}_{name}"
+        on_mesh = load_file(str(mesh_dir / "exits.safetensors"))
+        assert on_mesh.keys() == single.keys()
+        for key in single:
+            assert torch.equal(on_mesh[key], single[key]), (mesh, key)
+        got = json.loads((mesh_dir / "manifest.json").read_text())
+        assert got["base_model"]["fingerprint"] == want["base_model"]["fingerprint"]
+        assert got["exit_parameters"] == want["exit_parameters"]
+        for layer, scores in want["heldout_before_tuning"].items():
+            assert got["heldout_before_tuning"][layer] == pytest.approx(scores, rel=1e-5), (mesh, layer)
 
 
 def test_decoding_mesh_must_not_split_data(decodes, run_cli):
