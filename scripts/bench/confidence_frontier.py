@@ -1,0 +1,195 @@
+"""Which confidence policy buys the most speed at a given agreement? Teacher-forced, one run, one process.
+
+Lever 3 of "exits that pay": a confidence check costs time at every exit a token passes. `max_prob`
+runs the exit's whole vocabulary head there (on SmolLM2 one head costs ~4 layers); `learned` runs a
+tiny estimator and the head only where the token leaves. A third candidate, measured here before
+it is built: `max_prob` over a frequent-token head (the head's rows for the N most frequent tokens,
+FR-Spec's draft vocabulary, softmax over those N only), with the whole head run only for the token
+that leaves, so its token is the exit's own argmax.
+
+On a run's recorded held-out sequences (`heldout.safetensors`: self-distilled chat held out by
+prompt, for the builtin exits), every exit's confidence under each policy is computed for every
+position, and each threshold's exits are chosen exactly as the engine chooses them
+(`first_confident`). Agreement: the chosen exit's top-1 equals the final layer's. Speed: eval's
+cost model (`measure_costs`: one layer, one head, each exit module and estimator at batch 1, on
+this machine), plus a measured frequent-token head per N. Per policy, the frontier is the best
+modelled speedup at each agreement floor; the oracle (the shallowest agreeing exit) bounds them all.
+
+    .venv/bin/python scripts/bench/confidence_frontier.py [--run-dir builtin:smollm2_135m] [--vocab 1024,4096,16384]
+
+Writes confidence_frontier.json and confidence_frontier.png (agreement against modelled speedup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+FLOORS = (0.95, 0.90, 0.85, 0.80)
+THRESHOLDS = [round(0.02 * i, 2) for i in range(1, 50)] + [0.985, 0.99, 0.995, 0.999]
+
+
+def frequent_confidence(hidden: torch.Tensor, head: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability over the head's rows for the `kept` token ids only."""
+    logits = F.linear(hidden, head[kept]).float()
+    return (logits.amax(-1) - logits.logsumexp(-1)).exp()
+
+
+def policy_costs(costs: Any, exits: list[int], num_layers: int, check_s: float, leave_s: float) -> list[float]:
+    """Seconds of a token leaving at exit index k (E: the final layer) when each passed exit costs its
+    module plus `check_s`, and the exit it leaves at `leave_s` more (the head that picks its token)."""
+    out = []
+    for k in range(len(exits) + 1):
+        depth = exits[k] if k < len(exits) else num_layers
+        checks = sum(costs.exit_s[layer] + check_s for layer in exits[: k + 1])
+        out.append(depth * costs.layer_s + checks + (leave_s if k < len(exits) else costs.final_s))
+    return out
+
+
+def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, per_index: list[float],
+             full_s: float) -> list[dict[str, float]]:
+    """(threshold, agreement, speedup) for every threshold; confidence [E, T], top1 [E + 1, T]."""
+    from eetune.eval.metrics import chosen, exit_fractions
+    from eetune.infer.policy import first_confident
+
+    points = []
+    for t in THRESHOLDS:
+        index = first_confident(confidence, t)
+        fractions = exit_fractions(index, confidence.shape[0])
+        mean_s = sum(f * c for f, c in zip(fractions, per_index))
+        points.append({"threshold": t, "agreement": float((chosen(top1, index) == final_top1).float().mean()),
+                       "speedup": full_s / mean_s, "fractions": fractions})
+    return points
+
+
+def best_at(points: list[dict[str, float]], floor: float) -> dict[str, float] | None:
+    fine = [p for p in points if p["agreement"] >= floor]
+    return max(fine, key=lambda p: p["speedup"]) if fine else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="builtin:smollm2_135m", help="a run dir with heldout.safetensors")
+    parser.add_argument("--vocab", default="1024,4096,16384", help="frequent-token head sizes to try")
+    parser.add_argument("--repeats", type=int, default=30, help="timing repeats per piece")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (decoding at batch 1)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from safetensors.torch import load_file
+
+    from eetune.eval.heldout import token_stats
+    from eetune.eval.metrics import chosen, exit_fractions, oracle_exit
+    from eetune.eval.timing import measure_costs, median_seconds
+    from eetune.exits.loading import load_model
+    from eetune.infer.draft_vocab import load_token_order
+    from eetune.rundir import resolve_run_dir
+
+    console = make_console()
+    run_dir = Path(resolve_run_dir(args.run_dir))
+    base, model = load_model(str(run_dir), name="smollm2_135m", dtype="float32")
+    order = load_token_order(run_dir)
+    if order is None:
+        raise SystemExit(f"{run_dir} has no draft_vocab.safetensors (token frequencies)")
+    tokens = load_file(str(run_dir / "heldout.safetensors"))["tokens"]
+    exits, num_layers = model.exit_layers, model.num_layers
+    console.print(f"{len(tokens)} held-out sequences x {tokens.shape[1] - 1} predicted tokens; exits {exits}")
+
+    with torch.inference_mode():
+        stats = token_stats(model, tokens)
+        # The exits' normalised hidden states, the very rows their heads read (as token_stats does).
+        hidden = {}
+        for row in tokens:
+            states = model.hidden_states(row[None, :-1], exits)
+            for layer in exits:
+                hidden.setdefault(layer, []).append(model.exit_hidden(layer, states[layer])[0])
+        hidden = {layer: torch.cat(rows) for layer, rows in hidden.items()}
+        costs = measure_costs(model, repeats=args.repeats)
+        h = hidden[exits[0]][:1]
+        vocab_s = {}
+        for n in (int(v) for v in args.vocab.split(",")):
+            rows = model.head_weight(exits[0])[order[:n]].contiguous()
+            vocab_s[n] = median_seconds(lambda rows=rows: (F.linear(h, rows).float().softmax(-1).amax(-1)), args.repeats)
+
+    top1 = torch.stack([stats.layers[layer].top1 for layer in [*exits, num_layers]])
+    final_top1 = stats.layers[num_layers].top1
+    full_s = costs.full_token(num_layers)
+    curves: dict[str, list[dict[str, float]]] = {}
+    for name in ("max_prob", "learned"):
+        if all(name in stats.layers[layer].confidence for layer in exits):
+            confidence = torch.stack([stats.layers[layer].confidence[name] for layer in exits])
+            curves[name] = frontier(confidence, top1, final_top1, costs.index_costs(exits, num_layers, name), full_s)
+    for n, check_s in vocab_s.items():
+        confidence = torch.stack([frequent_confidence(hidden[layer], model.head_weight(layer), order[:n])
+                                  for layer in exits])
+        per_index = policy_costs(costs, exits, num_layers, check_s, costs.head_s)
+        curves[f"frequent_{n}"] = frontier(confidence, top1, final_top1, per_index, full_s)
+    agrees = torch.stack([stats.agrees(layer) for layer in exits])
+    index = oracle_exit(agrees)
+    fractions = exit_fractions(index, len(exits))
+    oracle = {"agreement": float((chosen(top1, index) == final_top1).float().mean()), "fractions": fractions,
+              "speedup": full_s / sum(f * c for f, c in zip(fractions, costs.index_costs(exits, num_layers, "oracle")))}
+
+    rows = []
+    for name, points in curves.items():
+        cells = []
+        for floor in FLOORS:
+            best = best_at(points, floor)
+            cells.append("-" if best is None else f"{best['speedup']:.2f}x @ {best['threshold']:g}")
+        rows.append([name, *cells])
+    rows.append(["oracle", *[f"{oracle['speedup']:.2f}x"] * len(FLOORS)])
+    print_table(console, f"Modelled speedup at an agreement floor, {len(final_top1)} held-out tokens, exits {exits}",
+                ["policy", *(f">= {floor:.0%}" for floor in FLOORS)], rows)
+    timing = {"layer_ms": costs.layer_s * 1e3, "head_ms": costs.head_s * 1e3, "final_ms": costs.final_s * 1e3,
+              "frequent_head_ms": {str(n): s * 1e3 for n, s in vocab_s.items()},
+              "exit_ms": {str(k): v * 1e3 for k, v in costs.exit_s.items()},
+              "estimator_ms": {str(k): v * 1e3 for k, v in costs.estimator_s.items()}}
+    console.print("batch-1 costs (ms): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in timing.items() if isinstance(v, float)) + "; frequent heads "
+        + ", ".join(f"{n}: {ms:.3f}" for n, ms in timing["frequent_head_ms"].items()))
+    agreement = {str(layer): stats.agreement(layer) for layer in exits}
+    out = write_json(args.out / "confidence_frontier.json", {
+        "benchmark": "confidence_frontier", "created": now_iso(), "machine": machine_info(),
+        "args": vars(args) | {"out": str(args.out)}, "run_dir": str(run_dir), "exits": exits,
+        "heldout_tokens": len(final_top1), "exit_agreement": agreement, "costs": timing,
+        "curves": curves, "oracle": oracle,
+        "best": {name: {str(floor): best_at(points, floor) for floor in FLOORS} for name, points in curves.items()},
+    })
+    plot(curves, oracle, args.out / "confidence_frontier.png")
+    console.print(f"wrote {out} and {args.out / 'confidence_frontier.png'}")
+
+
+def plot(curves: dict[str, list[dict[str, float]]], oracle: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eetune.rundir import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        ax.plot([p["agreement"] * 100 for p in points], [p["speedup"] for p in points], marker=".", label=name)
+    ax.scatter([oracle["agreement"] * 100], [oracle["speedup"]], marker="*", s=120, color="black", label="oracle")
+    ax.axvline(95, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("token agreement with the final layer (%)")
+    ax.set_ylabel("modelled speedup over full")
+    ax.set_title("Confidence policies on held-out chat (teacher-forced)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
