@@ -13,7 +13,7 @@ eetune.eval.harness` before `lm_eval.simple_evaluate(model="eetune", ...)` does 
 - generate_until: the decoding engine itself (full, early_exit or self_speculative).
 
 model_args: run_dir (required), mode (full | early_exit | self_speculative), threshold (default:
-the run's calibrated one, else 0.8), confidence (max_prob | learned), draft_exit, draft_len, draft_schedule,
+the run's calibrated one, else 0.8), confidence (max_prob | learned | frequent), draft_exit, draft_len, draft_schedule,
 dtype, max_length, max_gen_toks, seed, batch_size.
 
 Batches: `--batch_size B` (or batch_size=B in model_args, which wins over the flag) scores B
@@ -50,6 +50,7 @@ from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_t
 from eetune.rundir import CONFIG_FILE, resolve_run_dir
 from eetune.models import load_base_model
 from eetune.data.chat import stop_token_ids
+from eetune.infer.draft_vocab import load_token_order
 
 
 # What `--batch_size auto` means here (lm-eval's own models search for the largest batch that fits).
@@ -102,20 +103,22 @@ class EetuneLM(TemplateLM):
         self.tokenizer = base.tokenizer
         self.model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
         self.batch_size = _batch_size(batch_size, max_batch_size)
-        self.engine = Engine(self.model, max_batch_size=self.batch_size)
-        self.scorer = PolicyScorer(self.model, self.policy)
+        self.stop_ids = frozenset(stop_token_ids(self.tokenizer))
+        # As generate and serve decode: the `frequent` policy's head (and FR-Spec's) from the run's token frequencies.
+        token_order = load_token_order(Path(run_dir), always=tuple(sorted(self.stop_ids)))
+        self.engine = Engine(self.model, max_batch_size=self.batch_size, token_order=token_order)
+        self.scorer = PolicyScorer(self.model, self.policy, token_order)
         self.draft_exit, self.draft_len, self.draft_schedule = draft_exit, int(draft_len), draft_schedule
         self.max_length = min(int(max_length or model_cfg.max_seq_len), base.model.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
-        self.stop_ids = frozenset(stop_token_ids(self.tokenizer))
         self._device = base.model.tok_embeddings.weight.device
         # Decoding statistics over every generate_until request, for get_model_info().
         self.exit_counts: Counter[int] = Counter()
         self.decoded_tokens = 0
         self.decode_s = 0.0
         # Fail on bad settings now, not at the first request.
-        check_exit_settings(self._settings(1, 0.0), **model_exit_rules(self.model))
+        check_exit_settings(self._settings(1, 0.0), **model_exit_rules(self.model), has_token_order=token_order is not None)
 
     # -- tokenisation ----------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 exit and the final layer) and per predicted position, the four numbers every later metric
 needs: log-probability of the true next token, top-1 token, max probability, and at every exit
 each confidence policy's confidence (eetune.infer.policy: the engine's own functions; `learned`
-only where the exit has an estimator). Nothing of size vocabulary outlives a sequence.
+only where the exit has an estimator, `frequent` only given the token order the engine decodes
+with). Nothing of size vocabulary outlives a sequence.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from eetune.exits.model import EarlyExitModel
-from eetune.exits.modules import head_logits
-from eetune.infer.policy import POLICIES
+from eetune.exits.modules import head_logits, head_rows
+from eetune.infer.policy import POLICIES, frequent_vocab
 
 
 @dataclass
@@ -76,19 +78,23 @@ _CHUNK = 512
 
 
 @torch.no_grad()
-def sequence_tokens(model: EarlyExitModel, tokens: torch.Tensor, targets: torch.Tensor) -> dict[int, LayerTokens]:
+def sequence_tokens(
+    model: EarlyExitModel, tokens: torch.Tensor, targets: torch.Tensor, token_order: torch.Tensor | None = None
+) -> dict[int, LayerTokens]:
     """Every layer's view of predicting targets [n] from the last n positions of tokens [1, m].
 
     Uses the same pieces as `EarlyExitModel.forward` (layer outputs, exit hidden state, exit
     head), and the confidence policies on the very hidden state and logits the head reads;
-    heads run only on the last n positions.
+    heads run only on the last n positions. `token_order` (token ids, most frequent first, as
+    the engine's) gives the `frequent` policy's head.
     """
-    return batch_sequence_tokens(model, tokens, [tokens.shape[1]], [targets])[0]
+    return batch_sequence_tokens(model, tokens, [tokens.shape[1]], [targets], token_order)[0]
 
 
 @torch.no_grad()
 def batch_sequence_tokens(
-    model: EarlyExitModel, tokens: torch.Tensor, lengths: list[int], targets: list[torch.Tensor]
+    model: EarlyExitModel, tokens: torch.Tensor, lengths: list[int], targets: list[torch.Tensor],
+    token_order: torch.Tensor | None = None,
 ) -> list[dict[int, LayerTokens]]:
     """`sequence_tokens` for several sequences in one forward: row r of tokens [b, m] holds its
     sequence in its first lengths[r] positions (right padding: attention is causal, so what
@@ -102,10 +108,13 @@ def batch_sequence_tokens(
         return torch.cat([h[r, length - n : length] for r, (length, n) in enumerate(zip(lengths, sizes))])
 
     views = {}
+    kept = None if token_order is None else token_order[: frequent_vocab(model.backbone.tok_embeddings.num_embeddings)]
     for layer in model.exit_layers:
         hidden = rows(model.exit_hidden(layer, states[layer]))
         head = model.head_weight(layer)
-        views[layer] = _summarise(lambda r: head_logits(r, head).float(), hidden, flat_targets, model.exit(layer).confidence)
+        frequent = None if kept is None else head_rows(head, kept)
+        views[layer] = _summarise(lambda r: head_logits(r, head).float(), hidden, flat_targets,
+                                  model.exit(layer).confidence, frequent_rows=frequent)
     normed = model.backbone.norm(rows(states[final]))
     views[final] = _summarise(lambda r: model.backbone.output(r).float(), normed, flat_targets, exit=False)
     split = {layer: _split(view, sizes) for layer, view in views.items()}
@@ -122,11 +131,17 @@ def _split(view: LayerTokens, sizes: list[int]) -> list[LayerTokens]:
     ]
 
 
-def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, estimator=None, exit: bool = True) -> LayerTokens:
-    """`exit`: also every confidence policy's confidence (an exit's view; the estimator may be None)."""
-    policies = [p for p in POLICIES.values() if exit and (estimator is not None or not p.needs_estimator)]
+def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, estimator=None, exit: bool = True,
+               frequent_rows: torch.Tensor | None = None) -> LayerTokens:
+    """`exit`: also every confidence policy's confidence (an exit's view; the estimator and the
+    frequent-token head's rows may be None)."""
+    policies = [p for p in POLICIES.values() if exit and (estimator is not None or not p.needs_estimator)
+                and (frequent_rows is not None or not p.needs_token_order)]
     # Policies off the hidden state alone run once over every position; head policies per chunk.
-    confidence = {p.name: p.score(None, hidden, estimator) for p in policies if not p.needs_head}
+    confidence = {
+        p.name: p.score(F.linear(hidden, frequent_rows).float() if p.needs_token_order else None, hidden, estimator)
+        for p in policies if not p.needs_head
+    }
     chunks = []
     for start in range(0, len(targets), _CHUNK):
         rows = hidden[start : start + _CHUNK]
@@ -140,9 +155,9 @@ def _summarise(head, hidden: torch.Tensor, targets: torch.Tensor, estimator=None
     return LayerTokens(label_logprob, top1, max_prob, {name: confidence[name] for name in POLICIES if name in confidence})
 
 
-def token_stats(model: EarlyExitModel, batch: torch.Tensor) -> TokenStats:
+def token_stats(model: EarlyExitModel, batch: torch.Tensor, token_order: torch.Tensor | None = None) -> TokenStats:
     """Statistics of next-token prediction over sequences batch [n, seq_len], one sequence at a time."""
-    per_sequence = [sequence_tokens(model, sequence[None, :-1], sequence[1:]) for sequence in batch]
+    per_sequence = [sequence_tokens(model, sequence[None, :-1], sequence[1:], token_order) for sequence in batch]
     layers = {}
     for layer in per_sequence[0]:
         views = [seq[layer] for seq in per_sequence]

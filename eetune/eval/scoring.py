@@ -47,7 +47,7 @@ class ExitPolicy:
 
 def exit_confidence(layers: dict[int, LayerTokens], exit_layers: Sequence[int], confidence: str) -> torch.Tensor | None:
     """Confidence [E, T] of policy `confidence` at every exit; None where an exit cannot give it
-    (`learned` without an estimator)."""
+    (`learned` without an estimator, `frequent` without a token order)."""
     views = [layers[layer].confidence.get(confidence) for layer in exit_layers]
     return None if any(v is None for v in views) else torch.stack(views)
 
@@ -59,6 +59,9 @@ def policy_index(layers: dict[int, LayerTokens], exit_layers: Sequence[int], pol
         return torch.full((num_tokens,), len(exit_layers), dtype=torch.long)
     confidence = exit_confidence(layers, exit_layers, policy.confidence)
     if confidence is None:
+        if confidence_policy(policy.confidence).needs_token_order:
+            raise EetuneError(f"confidence {policy.confidence!r} needs token frequencies (the run dir's "
+                              "draft_vocab.safetensors), and none were given")
         missing = [layer for layer in exit_layers if policy.confidence not in layers[layer].confidence]
         raise EetuneError(f"confidence {policy.confidence!r} needs an estimator on every exit; exit(s) {missing} have none")
     return first_confident(confidence, policy.threshold)
@@ -72,11 +75,13 @@ class Scored:
 
 
 class PolicyScorer:
-    """Scores continuations of a context with an EarlyExitModel under an ExitPolicy."""
+    """Scores continuations of a context with an EarlyExitModel under an ExitPolicy (`token_order`:
+    the engine's, for the `frequent` policy)."""
 
-    def __init__(self, model: EarlyExitModel, policy: ExitPolicy) -> None:
+    def __init__(self, model: EarlyExitModel, policy: ExitPolicy, token_order: torch.Tensor | None = None) -> None:
         self.model = model
         self.policy = policy
+        self.token_order = token_order
         self.stack = [*model.exit_layers, model.num_layers]  # exit index -> layer
 
     def layer_tokens(self, context: Sequence[int], continuation: Sequence[int]) -> dict[int, LayerTokens]:
@@ -85,7 +90,7 @@ class PolicyScorer:
             raise EetuneError("scoring needs a non-empty context and a non-empty continuation")
         device = self.model.backbone.tok_embeddings.weight.device
         ids = torch.tensor([*context, *continuation], device=device)
-        return sequence_tokens(self.model, ids[None, :-1], ids[len(context) :])
+        return sequence_tokens(self.model, ids[None, :-1], ids[len(context) :], self.token_order)
 
     def pick(self, layers: dict[int, LayerTokens], continuation: Sequence[int]) -> Scored:
         """The policy's log-likelihood of the continuation, from every layer's view of it."""
@@ -111,18 +116,20 @@ class PolicyScorer:
         # Any token id pads: it comes after every position a row scores, which never sees it.
         tokens = torch.tensor([row + [row[-1]] * (width - len(row)) for row in inputs], device=device)
         targets = [torch.tensor(list(continuation), device=device) for _, continuation in pairs]
-        views = batch_sequence_tokens(self.model, tokens, [len(row) for row in inputs], targets)
+        views = batch_sequence_tokens(self.model, tokens, [len(row) for row in inputs], targets, self.token_order)
         return [self.pick(v, continuation) for v, (_, continuation) in zip(views, pairs)]
 
 
 def choice_accuracy(
-    model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance: Callable[[], None]
+    model: EarlyExitModel, tokenizer: Any, task: Task, settings: list[Setting], advance: Callable[[], None],
+    token_order: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Exact match per setting: the choice with the highest log-likelihood under the setting's exit policy.
 
     Every layer's view of a choice is computed once (one forward); each setting only picks among them.
     """
-    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence)) for s in settings}
+    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence), token_order)
+               for s in settings}
     views_of = next(iter(scorers.values()))
     correct = dict.fromkeys(scorers, 0)
     for item in task.items:

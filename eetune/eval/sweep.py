@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from eetune.errors import EetuneError
 from eetune.eval.text_metrics import rouge_l, token_agreement
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
+from eetune.infer.policy import POLICIES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -240,15 +241,20 @@ def _rouge_or_match(text: str, reference: str) -> float:
     return rouge_l(text, reference)
 
 
-def sweep_settings(cfg: EetuneConfig, model: EarlyExitModel, console: Console) -> list[Setting]:
+def sweep_settings(cfg: EetuneConfig, model: EarlyExitModel, console: Console, *, has_token_order: bool = False
+                   ) -> list[Setting]:
     """full first, then each confidence policy at each threshold below 1.0, then self-speculative."""
     e = cfg.eval
     settings = [Setting("full")]
     has_estimators = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
     for confidence in dict.fromkeys(e.confidences):
-        if confidence == "learned" and not has_estimators:
-            console.print("[dim]eval: skipping confidence 'learned': these exits have no estimators "
+        if POLICIES[confidence].needs_estimator and not has_estimators:
+            console.print(f"[dim]eval: skipping confidence '{confidence}': these exits have no estimators "
                           "(tune with exits.confidence=linear|mlp)[/]")
+            continue
+        if POLICIES[confidence].needs_token_order and not has_token_order:
+            console.print(f"[dim]eval: skipping confidence '{confidence}': the run dir has no token frequencies "
+                          "(draft_vocab.safetensors, written by tune)[/]")
             continue
         for t in sorted({float(t) for t in e.thresholds if t < 1.0}, reverse=True):
             settings.append(Setting("early_exit", t, confidence))

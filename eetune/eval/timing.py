@@ -23,7 +23,7 @@ from eetune.exits.model import EarlyExitModel
 from eetune.exits.modules import head_logits
 from eetune.infer.generate import Generator
 from eetune.infer.policy import POLICIES as CONFIDENCE_POLICIES
-from eetune.infer.policy import ConfidencePolicy
+from eetune.infer.policy import ConfidencePolicy, frequent_vocab
 
 # full, every confidence policy of eetune.infer.policy, oracle.
 POLICIES = ("full", *CONFIDENCE_POLICIES, "oracle")
@@ -39,6 +39,7 @@ class Costs:
     exit_s: dict[int, float]  # each exit's module (norm / MLP / block) on one token
     estimator_s: dict[int, float]  # each exit's learned confidence estimator, where it has one
     context: int  # cached positions the layer step attended to
+    frequent_head_s: float = 0.0  # the `frequent` policy's head (the most frequent tokens' rows) + max probability
 
     def full_token(self, num_layers: int) -> float:
         return num_layers * self.layer_s + self.final_s
@@ -48,8 +49,9 @@ class Costs:
 
         full checks nothing (threshold 1.0: the engine runs the plain model); a confidence
         policy checks every exit up to the one it leaves at: with the head where it needs the
-        head (max_prob), else with its estimator, running a head only where it leaves
-        (learned); oracle knows where to leave and evaluates that exit alone.
+        head (max_prob), else with its estimator or frequent-token head, running the whole head
+        only where it leaves (learned, frequent); oracle knows where to leave and evaluates that
+        exit alone.
         """
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
@@ -64,7 +66,8 @@ class Costs:
                 if p.needs_head:
                     checks = sum(self.exit_s[layer] + self.head_s + self._estimator_s(p, layer) for layer in checked)
                 else:
-                    checks = sum(self.exit_s[layer] + self._estimator_s(p, layer) for layer in checked)
+                    frequent = self.frequent_head_s if p.needs_token_order else 0.0
+                    checks = sum(self.exit_s[layer] + self._estimator_s(p, layer) + frequent for layer in checked)
                     checks += self.head_s if k < len(exit_layers) else 0.0
             else:
                 checks = self.exit_s[exit_layers[k]] + self.head_s if k < len(exit_layers) else 0.0
@@ -125,4 +128,9 @@ def measure_costs(model: EarlyExitModel, *, context: int = 64, repeats: int = 30
         statistics.mean(median_seconds(head(w), repeats) for w in head_weights.values()) if head_weights else 0.0
     )
     final_s = median_seconds(lambda: gen.final_logits(h), repeats)
-    return Costs(layer_s, head_s, final_s, exit_s, estimator_s, context)
+    # Any rows time alike: the first ones of an exit's head stand for the most frequent tokens'.
+    frequent_s = 0.0
+    if model.exit_layers:
+        rows = model.head_weight(model.exit_layers[0])[: frequent_vocab(vocab)].contiguous()
+        frequent_s = median_seconds(head(rows), repeats)
+    return Costs(layer_s, head_s, final_s, exit_s, estimator_s, context, frequent_s)

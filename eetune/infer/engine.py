@@ -34,7 +34,9 @@ from eetune.infer.caches import DecodeCaches
 from eetune.infer.draft_schedule import DraftCosts
 from eetune.infer.early_exit import decode_full, decode_lockstep
 from eetune.infer.generate import Span, _check_request_length, layer_forward
-from eetune.infer.policy import CONFIDENCES, MODES, POLICIES, check_exit_settings, exits_early, exits_here, model_exit_rules
+from eetune.infer.policy import (
+    CONFIDENCES, MODES, POLICIES, check_exit_settings, exits_early, exits_here, frequent_vocab, model_exit_rules,
+)
 from eetune.infer.sampling import SamplingParams, TokenLogprob
 from eetune.infer.settings import EXIT_FIELDS, DecodeResult, DecodeSettings, exit_settings, sampling_params
 from eetune.infer.speculative import decode_self_speculative
@@ -182,7 +184,8 @@ class Engine:
         return head_logits(hidden, self.model.head_weight(layer)).float()
 
     def _draft_head(self, layer: int, size: int) -> tuple[Tensor, Tensor]:
-        """(kept token ids [n], their rows of exit `layer`'s head [n, dim]) for FR-Spec drafting."""
+        """(kept token ids [n], their rows of exit `layer`'s head [n, dim]) for FR-Spec drafting and
+        the `frequent` confidence policy."""
         key = (layer, size)
         if key not in self._draft_heads:
             ids = self.token_order[:size]
@@ -216,6 +219,11 @@ class Engine:
         """Which rows of hidden [r, dim] leave at exit `layer`, and their logits [fired, vocab]."""
         policy = POLICIES[s.confidence]
         estimator = self.model.exit(layer).confidence
+        if policy.needs_token_order:  # the frequent-token head decides; the whole head runs where it fires
+            _, rows = self._draft_head(layer, frequent_vocab(self.vocab_size))
+            score = policy.score(torch.nn.functional.linear(hidden, rows).float(), hidden, estimator)
+            fire = exits_here(score, s.threshold)
+            return fire, (self._exit_logits(layer, hidden[fire]) if bool(fire.any()) else None)
         if policy.needs_head:
             logits = self._exit_logits(layer, hidden)
             fire = exits_here(policy.score(logits, hidden, estimator), s.threshold)

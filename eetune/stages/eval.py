@@ -40,6 +40,7 @@ from eetune.eval.sweep import Prompt, run_sweep, sweep_settings
 from eetune.eval.tasks import load_task
 from eetune.eval.timing import measure_costs
 from eetune.exits import load_exits, read_manifest
+from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import Engine
 from eetune.models import load_base_model
 from eetune.rundir import is_builtin, new_run_dir, resolve_run_dir
@@ -109,13 +110,15 @@ def _evaluate(
         raise EetuneError(f"model {base.name} has no tokenizer: eval needs one to read tasks")
     batch = heldout_batch(cfg.data, base.tokenizer, max_seq_len=cfg.model.max_seq_len)
     batch = batch.to(base.model.tok_embeddings.weight.device)
-    settings = sweep_settings(cfg, model, console)
+    stop_ids = frozenset(stop_token_ids(base.tokenizer))
+    # The token order generate and serve decode with: the `frequent` policy's head, as theirs.
+    token_order = load_token_order(Path(cfg.run_dir), always=tuple(sorted(stop_ids)))
+    settings = sweep_settings(cfg, model, console, has_token_order=token_order is not None)
     prompts = [
         Prompt(build_prompt_ids(base.tokenizer, item.prompt, cfg.eval.chat), task.name, i)
         for task in tasks if task.is_generation for i, item in enumerate(task.items)
     ]
     choice_tasks = [task for task in tasks if not task.is_generation]
-    stop_ids = frozenset(stop_token_ids(base.tokenizer))
 
     progress = Progress(
         TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -123,19 +126,19 @@ def _evaluate(
     )
     with progress:
         step = progress.add_task("held-out per-exit metrics", total=1)
-        stats = token_stats(model, batch)
+        stats = token_stats(model, batch, token_order)
         progress.update(step, advance=1, description="timing one layer step and one head")
         costs = measure_costs(model, repeats=cfg.eval.timing_repeats)
         step = progress.add_task("decoding sweep", total=len(prompts) * len(settings))
         rows = run_sweep(
-            Engine(model, max_batch_size=cfg.eval.batch_size), prompts, settings,
+            Engine(model, max_batch_size=cfg.eval.batch_size, token_order=token_order), prompts, settings,
             max_new_tokens=cfg.eval.max_new_tokens, stop_ids=stop_ids,
             decode=lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
             advance=lambda: progress.advance(step), seed=cfg.seed, batch_size=cfg.eval.batch_size,
         )
         step = progress.add_task("multiple-choice tasks", total=sum(len(t.items) for t in choice_tasks))
         choice_scores = {
-            task.name: choice_accuracy(model, base.tokenizer, task, settings, lambda: progress.advance(step))
+            task.name: choice_accuracy(model, base.tokenizer, task, settings, lambda: progress.advance(step), token_order)
             for task in choice_tasks
         }
 

@@ -5,7 +5,7 @@ ignored so every case decodes exactly that many):
 
 - `hf`: Hugging Face transformers `generate` on the same weights and dtype (the baseline).
 - `full`: our engine with the full model (every speedup below is relative to it).
-- `early_exit`: each threshold x each confidence policy (max_prob, learned).
+- `early_exit`: each threshold x each confidence policy (max_prob, learned, frequent).
 - `self_speculative`: each drafting exit x draft length x draft schedule (`constant`: k every
   round; `adaptive`: as many as pay from the running acceptance, up to k), with the whole
   vocabulary or a restricted draft vocabulary (FR-Spec); output must equal `full`.
@@ -213,7 +213,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--thresholds", default="0.9,0.8,0.6,0.4,0.2")
-    parser.add_argument("--policies", default="max_prob,learned")
+    parser.add_argument("--policies", default="max_prob,learned,frequent")
     parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
     parser.add_argument("--draft-vocab", default="0,4096", help="draft vocab sizes (0 = whole vocabulary)")
     parser.add_argument("--draft-confidence", default="0,0.5", help="estimator cuts of a draft (0 = off)")
@@ -238,7 +238,7 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
     if args.int8:
         cases.append(Case("full int8 (torchao)", "int8"))
     for policy in args.policies.split(","):
-        if policy == "learned" and not has_learned:
+        if (policy == "learned" and not has_learned) or (policy == "frequent" and not has_token_order):
             continue
         for t in (float(x) for x in args.thresholds.split(",")):
             cases.append(

@@ -91,6 +91,9 @@ def test_cost_model_matches_hand_computed_values():
     assert costs.index_costs([1, 2], 4, "learned") == pytest.approx([3.6, 5.2, 8.2])
     assert costs.index_costs([1, 2], 4, "oracle") == pytest.approx([3.5, 4.5, 7.0])
     assert costs.index_costs([1, 2], 4, "full") == pytest.approx([1.0, 2.0, 7.0])
+    # `frequent`: each passed exit's module and frequent-token head, the whole head only where it leaves.
+    frequent = Costs(1.0, 2.0, 3.0, {1: 0.5, 2: 0.5}, {1: 0.1, 2: 0.1}, context=8, frequent_head_s=0.25)
+    assert frequent.index_costs([1, 2], 4, "frequent") == pytest.approx([3.75, 5.5, 8.5])
     # Half the tokens at exit 1, half through every layer: (3.5 + 12) / 2 per token vs 7.
     assert costs.speedup([0.5, 0.0, 0.5], [1, 2], 4, "max_prob") == pytest.approx(7 / 7.75)
     assert costs.speedup([0.5, 0.0, 0.5], [1, 2], 4, "oracle") == pytest.approx(7 / 5.25)

@@ -241,6 +241,10 @@ def test_deferred_kv_fill_equals_full_forward_kv(ee: EarlyExitModel) -> None:
     torch.testing.assert_close(caches.exit_caches[1].v[:, :, :fed], block_cache.v[:, :, :fed], atol=1e-5, rtol=0)
 
 
+# A token order (most frequent first) for the `frequent` policy: its head keeps the first VOCAB / 8.
+TOKEN_ORDER = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(7))
+
+
 def test_learned_confidence_runs_the_head_only_where_tokens_exit(ee_learned: EarlyExitModel) -> None:
     for seed in range(4):
         prompt = _prompt(seed + 20)
@@ -251,6 +255,46 @@ def test_learned_confidence_runs_the_head_only_where_tokens_exit(ee_learned: Ear
         # One head evaluation per token, at the layer it left at; none at exits it passed.
         assert engine.head_calls == Counter(result.exit_layers)
     assert any(e < N_LAYERS for e in result.exit_layers)
+
+
+def test_frequent_confidence_decides_on_the_frequent_rows_and_runs_the_whole_head_where_tokens_exit(
+    ee_learned: EarlyExitModel,
+) -> None:
+    """`frequent`: each exit a token passes puts it through the head's rows of the 32 most frequent
+    tokens; the whole head runs once per token, where it leaves, and picks its token (the exit's argmax)."""
+    kept = TOKEN_ORDER[: VOCAB // 8]
+    engine = Engine(ee_learned, token_order=TOKEN_ORDER)
+    prompt, probe = _prompt(23, 6), _prompt(24, 12)
+    layers = sequence_tokens(ee_learned, torch.tensor([prompt + probe[:-1]]), torch.tensor(probe), TOKEN_ORDER)
+    threshold = _mid_threshold(torch.stack([layers[layer].confidence["frequent"] for layer in ee_learned.exit_layers]))
+    settings = DecodeSettings(mode="early_exit", threshold=threshold, confidence="frequent", max_new_tokens=12)
+    with _LinearCalls() as calls:
+        result = engine.generate(prompt, settings)
+    assert engine.head_calls == Counter(result.exit_layers)
+    assert calls.head_rows(VOCAB) == len(result.tokens)
+    frequent_rows = sum(rows for w, rows in calls.calls if w.dim() == 2 and w.shape[0] == len(kept))
+    assert frequent_rows >= len(result.tokens)  # a check at every exit a token passed
+    assert any(e < N_LAYERS for e in result.exit_layers) and any(e == N_LAYERS for e in result.exit_layers)
+    # By hand: the first exit whose frequent-row softmax reaches the threshold, its head's argmax there.
+    ids = list(prompt)
+    for token, layer in zip(result.tokens, result.exit_layers):
+        with torch.inference_mode():
+            states = ee_learned.hidden_states(torch.tensor([ids]), [*ee_learned.exit_layers, N_LAYERS])
+            for exit_layer in ee_learned.exit_layers:
+                hidden = ee_learned.exit_hidden(exit_layer, states[exit_layer])[0, -1]
+                head = ee_learned.head_weight(exit_layer)
+                if torch.softmax(head[kept] @ hidden, -1).max() >= threshold:
+                    assert (layer, token) == (exit_layer, int((head @ hidden).argmax()))
+                    break
+            else:
+                assert layer == N_LAYERS and token == int(ee_learned.final_logits(states[N_LAYERS])[0, -1].argmax())
+        ids.append(token)
+
+
+def test_frequent_confidence_needs_token_frequencies(ee_learned: EarlyExitModel) -> None:
+    settings = DecodeSettings(mode="early_exit", threshold=0.2, confidence="frequent", max_new_tokens=4)
+    with pytest.raises(EetuneError, match="confidence 'frequent' needs token frequencies"):
+        Engine(ee_learned).generate(_prompt(1), settings)
 
 
 class _LinearCalls(TorchFunctionMode):
@@ -750,21 +794,23 @@ def _mid_threshold(confidence: torch.Tensor) -> float:
 def test_eval_exit_decision_equals_the_engines_for_every_policy(ee_learned: EarlyExitModel, confidence: str) -> None:
     """Teacher-forced eval (eetune.eval.scoring, exit_metrics) sends every token to the exit the
     engine's early_exit decode left it at, for every registered confidence policy."""
-    engine = Engine(ee_learned)
+    engine = Engine(ee_learned, token_order=TOKEN_ORDER)
     exits = ee_learned.exit_layers
     for seed in range(3):
         prompt = _prompt(100 + seed, 6)
         probe = _prompt(200 + seed, 12)
-        layers = sequence_tokens(ee_learned, torch.tensor([prompt + probe[:-1]]), torch.tensor(probe))
+        layers = sequence_tokens(ee_learned, torch.tensor([prompt + probe[:-1]]), torch.tensor(probe), TOKEN_ORDER)
         threshold = _mid_threshold(torch.stack([layers[layer].confidence[confidence] for layer in exits]))
         settings = DecodeSettings(mode="early_exit", threshold=threshold, confidence=confidence, max_new_tokens=12)
         result = engine.generate(prompt, settings)
-        scored = PolicyScorer(ee_learned, ExitPolicy("early_exit", threshold, confidence)).score(prompt, result.tokens)
+        scorer = PolicyScorer(ee_learned, ExitPolicy("early_exit", threshold, confidence), TOKEN_ORDER)
+        scored = scorer.score(prompt, result.tokens)
         assert scored.exit_layers == result.exit_layers, (seed, threshold)
         assert scored.is_greedy
         assert len(set(result.exit_layers)) > 1, "the threshold should mix exits"
         # exit_metrics' policy sweep makes the same decision from the same confidences.
-        taught = sequence_tokens(ee_learned, torch.tensor([prompt + result.tokens[:-1]]), torch.tensor(result.tokens))
+        taught = sequence_tokens(ee_learned, torch.tensor([prompt + result.tokens[:-1]]), torch.tensor(result.tokens),
+                                 TOKEN_ORDER)
         index = first_confident(torch.stack([taught[layer].confidence[confidence] for layer in exits]), threshold)
         assert [[*exits, N_LAYERS][i] for i in index.tolist()] == result.exit_layers
 

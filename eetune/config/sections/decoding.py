@@ -27,7 +27,8 @@ class ExitPolicyConfig:
     # None: the threshold `eetune eval` calibrated into the run dir for the confidence policy,
     # else 0.8.
     threshold: Optional[float] = None
-    # max_prob (the paper) or learned (the exits' confidence estimators).
+    # max_prob (the paper), learned (the exits' confidence estimators) or frequent (max_prob over the
+    # head's rows for the most frequent tokens; needs the run dir's token frequencies).
     confidence: str = "max_prob"
     # self_speculative: the exit that drafts (default: the deepest) and tokens per draft.
     draft_exit: Optional[int] = None
