@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
+import confidence_frontier  # noqa: E402
 import decode_profile  # noqa: E402
 import serve_load  # noqa: E402
 
@@ -47,6 +48,24 @@ def test_exit_costs_charge_max_prob_a_head_per_check_and_learned_only_where_it_l
     # no exit: the full token + two heads (max_prob) or none (learned).
     assert costs["max_prob"] == pytest.approx({"exit_8": 0.5, "exit_16": 1.0, "no_exit": 1.5})
     assert costs["learned"] == pytest.approx({"exit_8": 0.5, "exit_16": 0.75, "no_exit": 1.0})
+
+
+def test_confidence_frontier_costs_a_check_per_passed_exit_and_a_head_where_a_token_leaves():
+    import torch
+
+    # Exit 8 leaves after 8 layers (0.25), exit 16 after 16 (0.5); each passed check 0.05, the head 0.25.
+    per_index = confidence_frontier.policy_costs(COSTS, [8, 16], 20, check_s=0.05, leave_s=0.25)
+    assert per_index == pytest.approx([0.55, 0.85, 20 / 32 + 0.1 + 0.375])
+    confidence = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.95, 0.1]])  # [exit, token]
+    top1 = torch.tensor([[1, 2, 3], [1, 5, 3], [1, 5, 4]])  # [exit 8, exit 16, final] x token
+    points = confidence_frontier.frontier(confidence, top1, top1[2], per_index, full_s=1.0)
+    at_half = next(p for p in points if p["threshold"] == 0.5)
+    # Tokens leave at 8, 16, 8; the third disagrees with the final layer.
+    assert at_half["fractions"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert at_half["agreement"] == pytest.approx(2 / 3)
+    assert at_half["speedup"] == pytest.approx(1 / (2 / 3 * 0.55 + 1 / 3 * 0.85))
+    assert confidence_frontier.best_at(points, 1.0)["threshold"] > 0.5  # only stricter thresholds agree fully
+    assert confidence_frontier.best_at(points, 1.01) is None
 
 
 def _row(concurrency, mode, max_batch_size, tokens_per_s, p95):
