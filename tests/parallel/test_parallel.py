@@ -1,4 +1,4 @@
-"""Tuning on a device mesh (CPU, gloo) equals tuning in one process; so does decoding split tensor-parallel.
+"""Tuning on a device mesh (CPU, gloo) equals tuning in one process; so does decoding split tp x pp.
 
 Each mesh run and its single-process reference tune the tiny model for 4 steps on the same data;
 they must agree on the logged loss of every step (relative 1e-6) and on every tuned exit weight
@@ -10,8 +10,8 @@ after 4 steps (measured; the losses still agree to 1e-7), which would test the m
 torchrun launch and all 4-process runs another (tests/parallel/mesh_runs.py): starting processes and
 importing torch is most of the cost.
 
-Decoding (`generate` on `parallel.tp` ranks) must give exactly the single process's tokens and exit
-layers in every mode, on every rank: greedy, sampled with a seed, early exit (max_prob and learned
+Decoding (`generate` on `parallel.tp` x `parallel.pp` ranks) must give exactly the single process's
+tokens and exit layers in every mode, on every rank: greedy, sampled with a seed, early exit (max_prob and learned
 confidence), self-speculative with a fixed and an adaptive draft length. Exits copied from the last
 layer make drafts at exit 3 agree with the full model, so verification accepts as well as rejects.
 """
