@@ -14,6 +14,8 @@ position, and each threshold's exits are chosen exactly as the engine chooses th
 cost model (`measure_costs`: one layer, one head, each exit module and estimator at batch 1, on
 this machine), plus a measured frequent-token head per N. Per policy, the frontier is the best
 modelled speedup at each agreement floor; the oracle (the shallowest agreeing exit) bounds them all.
+Per-exit thresholds (one per exit, searched over a grid) are set beside one global threshold: do
+they buy enough to be worth a setting?
 
     .venv/bin/python scripts/bench/confidence_frontier.py [--run-dir builtin:smollm2_135m] [--vocab 1024,4096,16384]
 
@@ -70,6 +72,28 @@ def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Ten
     return points
 
 
+PER_EXIT_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]
+
+
+def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, per_index: list[float],
+                      full_s: float) -> list[dict[str, Any]]:
+    """(thresholds, agreement, speedup) for every combination of one threshold per exit from
+    PER_EXIT_GRID (1.0: that exit never fires); the decision is still the first exit that fires."""
+    import itertools
+
+    num_exits, num_tokens = confidence.shape
+    costs = torch.tensor(per_index)
+    points = []
+    for combo in itertools.product(PER_EXIT_GRID, repeat=num_exits):
+        t = torch.tensor(combo)[:, None]
+        fires = (confidence >= t) & (t < 1.0)
+        index = torch.where(fires.any(0), fires.int().argmax(0), torch.full((num_tokens,), num_exits))
+        agreement = float((top1.gather(0, index[None])[0] == final_top1).float().mean())
+        points.append({"thresholds": list(combo), "agreement": agreement,
+                       "speedup": full_s / float(costs[index].mean())})
+    return points
+
+
 def best_at(points: list[dict[str, float]], floor: float) -> dict[str, float] | None:
     fine = [p for p in points if p["agreement"] >= floor]
     return max(fine, key=lambda p: p["speedup"]) if fine else None
@@ -123,16 +147,20 @@ def main() -> None:
     top1 = torch.stack([stats.layers[layer].top1 for layer in [*exits, num_layers]])
     final_top1 = stats.layers[num_layers].top1
     full_s = costs.full_token(num_layers)
-    curves: dict[str, list[dict[str, float]]] = {}
+    # Per policy: confidence [exit, token] and the cost of a token leaving at each exit index.
+    policies: dict[str, tuple[torch.Tensor, list[float]]] = {}
     for name in ("max_prob", "learned"):
         if all(name in stats.layers[layer].confidence for layer in exits):
-            confidence = torch.stack([stats.layers[layer].confidence[name] for layer in exits])
-            curves[name] = frontier(confidence, top1, final_top1, costs.index_costs(exits, num_layers, name), full_s)
+            policies[name] = (torch.stack([stats.layers[layer].confidence[name] for layer in exits]),
+                              costs.index_costs(exits, num_layers, name))
     for n, check_s in vocab_s.items():
-        confidence = torch.stack([frequent_confidence(hidden[layer], model.head_weight(layer), order[:n])
-                                  for layer in exits])
-        per_index = policy_costs(costs, exits, num_layers, check_s, costs.head_s)
-        curves[f"frequent_{n}"] = frontier(confidence, top1, final_top1, per_index, full_s)
+        policies[f"frequent_{n}"] = (
+            torch.stack([frequent_confidence(hidden[layer], model.head_weight(layer), order[:n]) for layer in exits]),
+            policy_costs(costs, exits, num_layers, check_s, costs.head_s),
+        )
+    curves = {name: frontier(conf, top1, final_top1, per_index, full_s) for name, (conf, per_index) in policies.items()}
+    per_exit = {name: per_exit_frontier(conf, top1, final_top1, per_index, full_s)
+                for name, (conf, per_index) in policies.items()}
     agrees = torch.stack([stats.agrees(layer) for layer in exits])
     index = oracle_exit(agrees)
     fractions = exit_fractions(index, len(exits))
@@ -141,11 +169,11 @@ def main() -> None:
 
     rows = []
     for name, points in curves.items():
-        cells = []
-        for floor in FLOORS:
-            best = best_at(points, floor)
-            cells.append("-" if best is None else f"{best['speedup']:.2f}x @ {best['threshold']:g}")
-        rows.append([name, *cells])
+        rows.append([name, *("-" if (best := best_at(points, floor)) is None
+                             else f"{best['speedup']:.2f}x @ {best['threshold']:g}" for floor in FLOORS)])
+        rows.append(["  per exit", *("-" if (best := best_at(per_exit[name], floor)) is None
+                                     else f"{best['speedup']:.2f}x @ {'/'.join(f'{t:g}' for t in best['thresholds'])}"
+                                     for floor in FLOORS)])
     rows.append(["oracle", *[f"{oracle['speedup']:.2f}x"] * len(FLOORS)])
     print_table(console, f"Modelled speedup at an agreement floor, {len(final_top1)} held-out tokens, exits {exits}",
                 ["policy", *(f">= {floor:.0%}" for floor in FLOORS)], rows)
@@ -163,6 +191,8 @@ def main() -> None:
         "heldout_tokens": len(final_top1), "exit_agreement": agreement, "costs": timing,
         "curves": curves, "oracle": oracle,
         "best": {name: {str(floor): best_at(points, floor) for floor in FLOORS} for name, points in curves.items()},
+        "best_per_exit": {name: {str(floor): best_at(points, floor) for floor in FLOORS}
+                          for name, points in per_exit.items()},
     })
     plot(curves, oracle, args.out / "confidence_frontier.png")
     console.print(f"wrote {out} and {args.out / 'confidence_frontier.png'}")

@@ -66,6 +66,15 @@ def test_confidence_frontier_costs_a_check_per_passed_exit_and_a_head_where_a_to
     assert at_half["speedup"] == pytest.approx(1 / (2 / 3 * 0.55 + 1 / 3 * 0.85))
     assert confidence_frontier.best_at(points, 1.0)["threshold"] > 0.5  # only stricter thresholds agree fully
     assert confidence_frontier.best_at(points, 1.01) is None
+    # One threshold per exit: the same one everywhere is the global threshold's point; 1.0 shuts an exit.
+    per_exit = {tuple(p["thresholds"]): p for p in
+                confidence_frontier.per_exit_frontier(confidence, top1, top1[2], per_index, full_s=1.0)}
+    assert per_exit[(0.5, 0.5)]["speedup"] == pytest.approx(at_half["speedup"])
+    assert per_exit[(0.5, 0.5)]["agreement"] == pytest.approx(at_half["agreement"])
+    # Exit 8 at 0.9 (token 1 only), exit 16 at 0.5 (token 2): all three agree, faster than full.
+    assert per_exit[(0.9, 0.5)]["agreement"] == 1.0
+    assert per_exit[(0.9, 0.5)]["speedup"] == pytest.approx(1 / ((0.55 + 0.85 + per_index[2]) / 3))
+    assert per_exit[(1.0, 1.0)]["speedup"] == pytest.approx(1 / per_index[2])
 
 
 def _row(concurrency, mode, max_batch_size, tokens_per_s, p95):
