@@ -100,6 +100,7 @@ def frequent_vocab(vocab_size: int) -> int:
     """How many of the most frequent tokens the `frequent` policy's head keeps."""
     return max(1, min(FREQUENT_VOCAB, vocab_size // 8))
 
+
 CONFIDENCES: tuple[str, ...] = tuple(POLICIES)
 # Every policy's thresholds lie in (low, high] of this.
 THRESHOLD_RANGE = (min(p.threshold_range[0] for p in POLICIES.values()), max(p.threshold_range[1] for p in POLICIES.values()))
