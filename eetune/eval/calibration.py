@@ -14,6 +14,8 @@ and the fallback 0.8 is measured on nothing.
 Stability: measured speedups are noisy, so candidates whose speedups differ by less than
 twice the standard error of their difference (from the per-prompt speedups) count as equally
 fast, and the higher threshold wins; an early exit must beat the full model by that margin.
+A lower threshold that made exactly the decisions of a higher one (same tokens, same exits)
+did the same work: its timing differs only by noise, so it is never picked over the higher one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Candidate:
     agreement: float  # greedy-token agreement with the full model on the calibration prompts
     speedup: float  # measured decode tokens/s over the full model's
     speedup_se: float = 0.0  # standard error of the speedup over the prompts (0: unknown)
+    # A digest of what the decode did (tokens and exit layers): equal for two thresholds, same work.
+    decisions: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,17 +67,24 @@ def pick_threshold(confidence: str, candidates: Sequence[Candidate], target: flo
 
     Speeds within noise of the fastest (a difference under 2 standard errors) count as ties,
     and ties go to the higher threshold (the more conservative one): two evals of the same run
-    then pick the same threshold even though their timings differ.
+    then pick the same threshold even though their timings differ. A candidate whose decisions
+    equal a higher threshold's is left out: it did the same work.
     """
     if not 0.0 < target <= 1.0:
         raise EetuneError(f"eval.target_agreement={target} must be in (0, 1]")
     full = Candidate(1.0, 1.0, 1.0)
     pool = [full, *(c for c in candidates if c.threshold < 1.0)]
-    meeting = [c for c in pool if c.agreement >= target]
+    meeting = [c for c in pool if c.agreement >= target and not _repeats_a_higher_threshold(c, pool)]
     fastest = max(meeting, key=lambda c: (c.speedup, c.threshold))
     tied = [c for c in meeting if fastest.speedup - c.speedup <= 2.0 * math.hypot(c.speedup_se, fastest.speedup_se)]
     best = max(tied, key=lambda c: c.threshold)
     return Calibration(confidence, best.threshold, best.agreement, best.speedup, target, tuple(pool))
+
+
+def _repeats_a_higher_threshold(candidate: Candidate, pool: Sequence[Candidate]) -> bool:
+    return bool(candidate.decisions) and any(
+        other.threshold > candidate.threshold and other.decisions == candidate.decisions for other in pool
+    )
 
 
 def exits_digest(run_dir: str | Path) -> str:
@@ -178,12 +189,17 @@ def calibrations_from_sweep(cfg: EetuneConfig, rows: list[SweepRow]) -> list[Cal
     out = []
     for confidence in dict.fromkeys(cfg.eval.confidences):
         candidates = [
-            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se)
+            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se, _decisions(r))
             for r in rows if r.setting.mode == "early_exit" and r.setting.confidence == confidence
         ]
         if candidates:
             out.append(pick_threshold(confidence, candidates, cfg.eval.target_agreement))
     return out
+
+
+def _decisions(row: SweepRow) -> str:
+    done = [(list(o.result.tokens), list(o.result.exit_layers)) for o in row.outputs]
+    return hashlib.sha256(json.dumps(done).encode()).hexdigest()[:16]
 
 
 def calibration_source(
