@@ -9,14 +9,25 @@ States are stored in the compute dtype (a cached step is bit-identical to an unc
 in bfloat16 (`data.cache_dtype=bfloat16`: half the disk of float32, ~4.4 GB per key per million
 tokens of SmolLM2; the trainer then rounds fresh states the same way, so every epoch sees the
 same values).
+
+A cache dir records what it holds (`identity.json`: base model fingerprint, a digest of the
+training tokens, keys, dtype). Runs that match may share it (`data.cache_dir`); a run that does
+not is refused rather than reading or overwriting another run's states.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from eetune.errors import EetuneError
+from eetune.rundir import atomic_write_json
+
+IDENTITY_FILE = "identity.json"
 
 # numpy has no bfloat16: store 16-bit floats as raw int16 and view them back.
 _STORAGE = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16}
@@ -28,8 +39,9 @@ class HiddenCache:
 
     def __init__(
         self, directory: Path, keys: list[str], num_examples: int, seq_len: int, dim: int, dtype: torch.dtype,
-        index_keys: tuple[str, ...] = (),
+        index_keys: tuple[str, ...] = (), identity: dict[str, Any] | None = None,
     ) -> None:
+        """`identity`: what the states are of (model, data); a dir made for another is refused."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
@@ -37,10 +49,24 @@ class HiddenCache:
         self._filled_path = self.directory / "filled.npy"
         layouts = {key: ((num_examples, seq_len, dim), _STORAGE[dtype]) for key in keys}
         layouts |= {key: ((num_examples, seq_len), np.int64) for key in index_keys}
+        identity = {**(identity or {}), "keys": sorted(layouts), "dtype": str(dtype).removeprefix("torch."),
+                    "shape": [num_examples, seq_len, dim]}
+        identity_path = self.directory / IDENTITY_FILE
+        if identity_path.exists():
+            recorded = json.loads(identity_path.read_text())
+            if recorded != identity:
+                differ = sorted(k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k))
+                raise EetuneError(
+                    f"hidden-state cache {self.directory} holds states of another run ({', '.join(differ)} differ): "
+                    "point data.cache_dir elsewhere or delete it"
+                )
         # A key added since, or stored differently (an older run's cache), fills every row again.
-        fresh = not self._filled_path.exists() or any(
+        fresh = not identity_path.exists() or not self._filled_path.exists() or any(
             not self._matches(key, shape, storage) for key, (shape, storage) in layouts.items()
         )
+        if fresh:
+            self._filled_path.unlink(missing_ok=True)
+            atomic_write_json(identity_path, identity)
         self.arrays = {
             key: np.lib.format.open_memmap(
                 self.directory / f"{key}.npy",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -122,9 +123,13 @@ class Trainer:
     def _open_cache(self) -> HiddenCache:
         keys = [str(layer) for layer in self.layers] + (["final"] if self.needs_final else [])
         storage = torch.bfloat16 if self.cfg.data.cache_dtype == "bfloat16" else self.base.dtype
+        directory = Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.run_dir / "hidden_cache"
+        tokens = hashlib.sha256(self.data.train_tokens.numpy().tobytes())
+        tokens.update(self.data.train_labels.numpy().tobytes())
+        identity = {"base_fingerprint": self.base.fingerprint, "train_tokens_sha256": tokens.hexdigest()}
         return HiddenCache(
-            self.run_dir / "hidden_cache", keys, self.data.num_examples, self.data.seq_len,
-            lm_head_weight(self.base.model).shape[1], storage, index_keys=self._cached_indices(),
+            directory, keys, self.data.num_examples, self.data.seq_len,
+            lm_head_weight(self.base.model).shape[1], storage, index_keys=self._cached_indices(), identity=identity,
         )
 
     def _cached_indices(self) -> tuple[str, ...]:

@@ -137,6 +137,42 @@ def test_hidden_state_cache_gives_the_same_losses(tiny_base_model, corpus, tmp_p
     assert _train_losses(tmp_path / "bf16") == pytest.approx(plain, rel=2e-2)
 
 
+def test_runs_sharing_a_cache_dir_fill_it_once_and_refuse_other_data(tiny_base_model, corpus, tmp_path):
+    """A second run on the same model, data and exits reads the first one's states (the
+    backbone never runs for training); its losses equal its own cached run's. Other data (a
+    different seq_len) is refused with a clear error, and the shared states stay intact."""
+    from eetune.train import strategy as strategy_module
+
+    common = ("train.steps=6", "train.checkpoint_every=0", "loss.kd_alpha=0.5", "loss.ce_target=teacher",
+              "data.cache_hidden=true")
+    shared = tmp_path / "shared_cache"
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "first", f"data.cache_dir={shared}", *common))
+    assert not (tmp_path / "first" / "hidden_cache").exists() and (shared / "identity.json").is_file()
+    tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "own", *common, "optim.lr=3e-3"))
+
+    calls = []
+    original = strategy_module.SingleProcess.backbone_states
+
+    def counting(self, model, tokens, layers, final, heldout=False):
+        calls.append(heldout)
+        return original(self, model, tokens, layers, final, heldout)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(strategy_module.SingleProcess, "backbone_states", counting)
+        tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "second", f"data.cache_dir={shared}", *common,
+                          "optim.lr=3e-3"))
+    assert [h for h in calls if not h] == [], "the backbone ran for training although every state was cached"
+    assert _train_losses(tmp_path / "second") == pytest.approx(_train_losses(tmp_path / "own"), rel=0, abs=1e-6)
+
+    before = {p.name: p.read_bytes() for p in shared.iterdir()}
+    with pytest.raises(EetuneError, match=r"holds states of another run \(.*train_tokens_sha256"):
+        tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "other", f"data.cache_dir={shared}", *common,
+                          "data.seq_len=16"))
+    assert {p.name: p.read_bytes() for p in shared.iterdir()} == before
+    with pytest.raises(EetuneError, match="data.cache_dir is where data.cache_hidden=true keeps"):
+        tune.run(tune_cfg(tiny_base_model, corpus, tmp_path / "uncached", f"data.cache_dir={shared}"))
+
+
 def _train_losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]

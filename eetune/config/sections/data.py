@@ -61,6 +61,10 @@ class DataConfig:
     # uncached ones) or `bfloat16` (half the disk under float32 compute; states are rounded
     # to bf16 in every epoch alike).
     cache_dtype: str = "compute"
+    # Where the cache lives; default `<run_dir>/hidden_cache`. Runs on the same base model, data
+    # and exit layers may share one dir (one run at a time), so a sweep runs the backbone once;
+    # a dir holding another model's, data's or layers' states is refused.
+    cache_dir: Optional[str] = None
 
     def validate(self, stage: str = "") -> None:
         """`stage`: `plan` reads no data, so it needs no data.path."""
@@ -73,6 +77,8 @@ class DataConfig:
                 entry.validate(k, stage)
         elif self.source in ("text", "jsonl", "hf") and not self.path and stage != "plan":
             raise EetuneError(f"data.source={self.source} needs data.path=<file>")
+        if self.cache_dir and not self.cache_hidden:
+            raise EetuneError("data.cache_dir is where data.cache_hidden=true keeps its states: set that too")
 
     def validate_run(self) -> None:
         """Checked by the stage that reads this section, before anything slow or written
