@@ -1,0 +1,184 @@
+"""Which exits pay on held-out chat? The recipe choices side by side, the same tokens for each.
+
+Every variant is a real `eetune tune` run of the `smollm2_135m_chat` recipe (exits augmented
+fresh, same seed, same batches, `train.steps` each, no early stop) on the self-distilled chat
+corpus, scored on the recipe's held-out prompts (held out by prompt: questions the exits never
+saw). Variants: exit architecture (`mlp`, `layer`, `norm`), copy vs random init, the loss (CE
+to the final layer's argmax, KL to its distribution, the recipe's mix), and exit depths
+(8/16/24 vs 4/8/.../24). Variants with the same exit layers share one hidden-state cache
+(`data.cache_dir`), so the backbone runs once per layer set.
+
+Per variant: held-out CE and top-1 agreement with the final layer at each exit, the curve
+against tokens seen, and what an exit costs at decode time (its module's time in layers, from
+eval's cost model). Writes exit_study.json, a table, and exit_study.png (agreement against
+tokens seen, one panel per exit). Finished variants are read back, so a stopped study goes on:
+
+    .venv/bin/python scripts/bench/exit_study.py --data runs/study/chat.jsonl [--steps 100] [--only 1,2]
+
+`--data` defaults to the corpus parts committed in scripts/corpus/smollm2_chat/, restored
+once into runs/study/chat.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+
+from eetune.config import compose_config  # noqa: E402
+from eetune.rundir import atomic_write  # noqa: E402
+from eetune.stages import tune  # noqa: E402
+from eetune.train.metrics import read_metrics  # noqa: E402
+from eetune.train.results import result_from_run_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = ROOT / "scripts" / "corpus" / "smollm2_chat"
+RECIPE = "smollm2_135m_chat"
+DEEP = "[4,8,12,16,20,24]"
+
+# name -> overrides on top of the recipe (mlp exits at 8/16/24, copied, CE to the argmax + 0.5 KL).
+VARIANTS: dict[str, list[str]] = {
+    "mlp, copy, CE + 0.5 KL (recipe)": [],
+    "layer, copy": ["exits=layer"],
+    "norm, copy": ["exits=norm"],
+    "mlp, random init": ["exits.init=random"],
+    "mlp, CE to final argmax only": ["loss.kd_alpha=0"],
+    "mlp, KL to final only": ["loss.kd_alpha=1"],
+    "mlp at 4/8/12/16/20/24": [f"exits.layers={DEEP}"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="chat JSONL (default: the committed parts)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--only", default=None, help="comma-separated variant numbers (1-based) to run")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant")
+    args = parser.parse_args()
+    console = make_console()
+    data = args.data or restore_parts(ROOT / "runs" / "study" / "chat.jsonl")
+    work = args.out / "exit_study_runs"
+    chosen = None if args.only is None else {int(x) - 1 for x in args.only.split(",")}
+    common = [
+        f"recipe={RECIPE}", f"data.path={data}", f"train.steps={args.steps}",
+        f"train.eval_every={max(args.steps // 4, 1)}", "train.checkpoint_every=0", "train.flat_patience=0",
+        "train.init_from=null", *args.set,
+    ]
+    results = []
+    for i, (name, overrides) in enumerate(VARIANTS.items()):
+        if chosen is not None and i not in chosen:
+            continue
+        run_dir = work / str(i)
+        layer_set = "deep" if any(o.startswith("exits.layers=") for o in overrides) else "default"
+        cache = work / f"cache_{layer_set}"
+        console.print(f"[bold]{i + 1}/{len(VARIANTS)}[/] {name}")
+        start = time.perf_counter()
+        if not (run_dir / "manifest.json").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a variant stopped half-way starts again
+            cfg = compose_config("tune", [*common, f"run_dir={run_dir}", f"data.cache_dir={cache}", *overrides])
+            tune.run(cfg, console=console)
+        result = result_from_run_dir(run_dir)
+        results.append({
+            "variant": name, "overrides": overrides, "run_dir": str(run_dir),
+            "seconds": time.perf_counter() - start, "tokens_seen": result.tokens_seen,
+            "after": {str(layer): {"cross_entropy": q.cross_entropy, "agreement": q.agreement}
+                      for layer, q in result.after.items()},
+            "exit_cost_layers": exit_costs(run_dir),
+            "curve": [
+                {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("heldout_")}}
+                for r in read_metrics(run_dir / "metrics.jsonl") if any(k.startswith("heldout_ce/") for k in r)
+            ],
+        })
+    report = {
+        "benchmark": "exit_study", "created": now_iso(), "recipe": RECIPE, "steps": args.steps,
+        "data": {"path": str(data), "sha256": sha256(data)}, "overrides": args.set,
+        "machine": machine_info(), "results": results,
+    }
+    write_json(args.out / "exit_study.json", report)
+    layers = sorted({int(l) for r in results for l in r["after"]} - {max(int(l) for r in results for l in r["after"])})
+    rows = [
+        [r["variant"],
+         *(f"{r['after'][str(l)]['agreement']:.1%}" if str(l) in r["after"] else "" for l in layers),
+         *(f"{r['after'][str(l)]['cross_entropy']:.2f}" if str(l) in r["after"] else "" for l in (8, 16, 24)),
+         f"{statistics.median(r['exit_cost_layers'].values()):.2f}", f"{r['seconds']:.0f}"]
+        for r in results
+    ]
+    print_table(
+        console,
+        f"held-out chat after {args.steps} steps ({results[0]['tokens_seen']:,} tokens each; SmolLM2-135M as "
+        "embedded): top-1 agreement with the final layer, CE, an exit module's cost in layers (median over exits)",
+        ["variant", *(f"agree {l}" for l in layers), "CE 8", "CE 16", "CE 24", "exit cost", "s"], rows,
+    )
+    plot(results, layers, args.out / "exit_study.png")
+    console.print(f"wrote {args.out / 'exit_study.json'} and {args.out / 'exit_study.png'}")
+
+
+def restore_parts(corpus: Path) -> Path:
+    """The committed corpus parts, concatenated once (whole batches only, as distill wrote them)."""
+    if not corpus.exists():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        tmp = corpus.with_suffix(".tmp")
+        with tmp.open("wb") as out:
+            for part in sorted(PARTS.glob("part-*.jsonl.gz")):
+                with gzip.open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        tmp.replace(corpus)
+    return corpus
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def exit_costs(run_dir: Path) -> dict[str, float]:
+    """Each exit module's decode-time cost in backbone layers (eval's cost model, batch 1)."""
+    from eetune.eval.timing import measure_costs
+    from eetune.exits import load_exits
+    from eetune.models import load_base_model
+
+    cfg = compose_config("tune", [f"recipe={RECIPE}"])
+    base = load_base_model(**vars(cfg.model))
+    model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
+    costs = measure_costs(model, repeats=50)
+    return {str(layer): seconds / costs.layer_s for layer, seconds in costs.exit_s.items()}
+
+
+def plot(results: list[dict], layers: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.6), sharey=True)
+    for ax, layer in zip(axes, layers):
+        for r in results:
+            key = f"heldout_agreement/exit_{layer}"
+            points = [(c["step"] * r["tokens_seen"] / max(r["curve"][-1]["step"], 1) / 1e3, c[key])
+                      for c in r["curve"] if key in c]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=r["variant"])
+        ax.set_title(f"exit {layer}")
+        ax.set_xlabel("tokens seen (k)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out top-1 agreement with the final layer")
+    axes[-1].legend(fontsize=6)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
