@@ -4,16 +4,17 @@ Every variant is a real `eetune tune` run of the `smollm2_135m_chat` recipe (exi
 fresh, same seed, same batches, `train.steps` each, no early stop) on the self-distilled chat
 corpus, scored on the recipe's held-out prompts (held out by prompt: questions the exits never
 saw). Variants: exit architecture (`mlp`, `layer`, `norm`), copy vs random init, the loss (CE
-to the final layer's argmax, KL to its distribution, the recipe's mix), and exit depths
-(8/16/24 vs 4/8/.../24). Variants with the same exit layers share one hidden-state cache
+to the final layer's argmax, KL to its distribution, the recipe's mix), exit depths
+(8/16/24 vs 4/8/.../24), and the learning rate. Variants with the same exit layers share one hidden-state cache
 (`data.cache_dir`), so the backbone runs once per layer set.
 
 Per variant: held-out CE and top-1 agreement with the final layer at each exit, the curve
 against tokens seen, and what an exit costs at decode time (its module's time in layers, from
 eval's cost model). Writes exit_study.json, a table, and exit_study.png (agreement against
-tokens seen, one panel per exit). Finished variants are read back, so a stopped study goes on:
+tokens seen, one panel per exit). Finished variants (at the same --steps) are read back and
+reported, so a stopped study goes on, and `--only` adds variants to the report:
 
-    .venv/bin/python scripts/bench/exit_study.py --data runs/study/chat.jsonl [--steps 100] [--only 1,2]
+    .venv/bin/python scripts/bench/exit_study.py --data runs/study/chat.jsonl [--steps 50] [--only 1,2]
 
 `--data` defaults to the corpus parts committed in scripts/corpus/smollm2_chat/, restored
 once into runs/study/chat.jsonl.
@@ -27,7 +28,6 @@ import hashlib
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,13 +53,14 @@ VARIANTS: dict[str, list[str]] = {
     "mlp, CE to final argmax only": ["loss.kd_alpha=0"],
     "mlp, KL to final only": ["loss.kd_alpha=1"],
     "mlp at 4/8/12/16/20/24": [f"exits.layers={DEEP}"],
+    "mlp, copy, CE + 0.5 KL, lr 3e-3": ["optim.lr=3e-3"],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="chat JSONL (default: the committed parts)")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--only", default=None, help="comma-separated variant numbers (1-based) to run")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant")
@@ -75,21 +76,21 @@ def main() -> None:
     ]
     results = []
     for i, (name, overrides) in enumerate(VARIANTS.items()):
-        if chosen is not None and i not in chosen:
-            continue
         run_dir = work / str(i)
+        finished = (run_dir / "manifest.json").is_file() and result_from_run_dir(run_dir).steps == args.steps
+        if not finished and chosen is not None and i not in chosen:
+            continue  # the report holds every finished variant, run now or before
         layer_set = "deep" if any(o.startswith("exits.layers=") for o in overrides) else "default"
         cache = work / f"cache_{layer_set}"
-        console.print(f"[bold]{i + 1}/{len(VARIANTS)}[/] {name}")
-        start = time.perf_counter()
-        if not (run_dir / "manifest.json").is_file():
+        if not finished:
+            console.print(f"[bold]{i + 1}/{len(VARIANTS)}[/] {name}")
             shutil.rmtree(run_dir, ignore_errors=True)  # a variant stopped half-way starts again
             cfg = compose_config("tune", [*common, f"run_dir={run_dir}", f"data.cache_dir={cache}", *overrides])
             tune.run(cfg, console=console)
         result = result_from_run_dir(run_dir)
         results.append({
             "variant": name, "overrides": overrides, "run_dir": str(run_dir),
-            "seconds": time.perf_counter() - start, "tokens_seen": result.tokens_seen,
+            "seconds": tune_seconds(run_dir), "tokens_seen": result.tokens_seen,
             "after": {str(layer): {"cross_entropy": q.cross_entropy, "agreement": q.agreement}
                       for layer, q in result.after.items()},
             "exit_cost_layers": exit_costs(run_dir),
@@ -120,6 +121,11 @@ def main() -> None:
     )
     plot(results, layers, args.out / "exit_study.png")
     console.print(f"wrote {args.out / 'exit_study.json'} and {args.out / 'exit_study.png'}")
+
+
+def tune_seconds(run_dir: Path) -> float:
+    """Wall time of the tune, from its config (written at the start) to its manifest (at the end)."""
+    return (run_dir / "manifest.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
 
 
 def restore_parts(corpus: Path) -> Path:
