@@ -53,7 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     "mlp, CE to final argmax only": ["loss.kd_alpha=0"],
     "mlp, KL to final only": ["loss.kd_alpha=1"],
     "mlp at 4/8/12/16/20/24": [f"exits.layers={DEEP}"],
-    "mlp, copy, CE + 0.5 KL, lr 3e-3": ["optim.lr=3e-3"],
+    "mlp, random init, lr 3e-3": ["exits.init=random", "optim.lr=3e-3"],
 }
 
 
