@@ -158,6 +158,7 @@ def exit_costs(run_dir: Path) -> dict[str, float]:
     cfg = compose_config("tune", [f"recipe={RECIPE}"])
     base = load_base_model(**vars(cfg.model))
     model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
+    measure_costs(model, repeats=10)  # warm-up: the first model measured in a process came out ~2x slow
     costs = measure_costs(model, repeats=50)
     return {str(layer): seconds / costs.layer_s for layer, seconds in costs.exit_s.items()}
 
