@@ -34,7 +34,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from eetune.rundir import atomic_write_json, git_revision, package_versions
+from eetune.rundir import atomic_write, atomic_write_json, git_revision, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "runs" / "bench"
@@ -93,6 +93,33 @@ def write_json(path: Path, data: Any) -> Path:
     """Write `data` as indented JSON at `path` atomically (temp file + rename)."""
     atomic_write_json(Path(path), data)
     return Path(path)
+
+
+def plot_per_exit(
+    out: Path, layers: Sequence[Any], curves: Sequence[tuple[str, Callable[[Any], list[tuple[float, float]]]]],
+    *, xlabel: str, ylabel: str, legend_size: int = 7,
+) -> Path:
+    """One panel per exit layer, one line per (label, points_of(layer)) curve; a PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers), 3.6), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for label, points_of in curves:
+            points = points_of(layer)
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=label)
+        ax.set_title(f"exit {layer}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=legend_size)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out
 
 
 def make_console() -> Console:

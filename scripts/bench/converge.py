@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_OUT_DIR, machine_info, make_console, now_iso, plot_per_exit, print_table, write_json,
+)
 
 from eetune.config import compose_config  # noqa: E402
-from eetune.rundir import atomic_write  # noqa: E402
 from eetune.stages import tune  # noqa: E402
 from eetune.train.metrics import read_metrics  # noqa: E402
 
@@ -183,24 +184,11 @@ def weights_study(args: argparse.Namespace, console) -> None:
 
 
 def _plot(results: list[dict], layers: list[str], out: Path) -> None:
-    import matplotlib
+    def ce_curve(r: dict):
+        return lambda layer: [(c["step"], c[f"heldout_ce/exit_{layer}"]) for c in r["curve"]]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), sharey=True)
-    for ax, layer in zip(axes, layers):
-        for r in results:
-            points = [(c["step"], c[f"heldout_ce/exit_{layer}"]) for c in r["curve"]]
-            ax.plot(*zip(*points), marker="o", label=r["variant"])
-        ax.set_title(f"exit {layer}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out CE (nats/token)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    plot_per_exit(out, layers, [(r["variant"], ce_curve(r)) for r in results], xlabel="step",
+                  ylabel="held-out CE (nats/token)")
 
 
 if __name__ == "__main__":

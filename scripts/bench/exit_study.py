@@ -31,10 +31,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_OUT_DIR, machine_info, make_console, now_iso, plot_per_exit, print_table, write_json,
+)
 
 from eetune.config import compose_config  # noqa: E402
-from eetune.rundir import atomic_write  # noqa: E402
 from eetune.stages import tune  # noqa: E402
 from eetune.train.metrics import read_metrics  # noqa: E402
 from eetune.train.results import result_from_run_dir  # noqa: E402
@@ -168,27 +169,13 @@ def exit_costs(run_dir: Path) -> dict[str, float]:
 
 
 def plot(results: list[dict], layers: list[int], out: Path) -> None:
-    import matplotlib
+    def agreement_curve(r: dict):
+        per_step = r["tokens_seen"] / max(r["curve"][-1]["step"], 1) / 1e3
+        return lambda layer: [(c["step"] * per_step, c[f"heldout_agreement/exit_{layer}"])
+                              for c in r["curve"] if f"heldout_agreement/exit_{layer}" in c]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.6), sharey=True)
-    for ax, layer in zip(axes, layers):
-        for r in results:
-            key = f"heldout_agreement/exit_{layer}"
-            points = [(c["step"] * r["tokens_seen"] / max(r["curve"][-1]["step"], 1) / 1e3, c[key])
-                      for c in r["curve"] if key in c]
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=r["variant"])
-        ax.set_title(f"exit {layer}")
-        ax.set_xlabel("tokens seen (k)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out top-1 agreement with the final layer")
-    axes[-1].legend(fontsize=6)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    plot_per_exit(out, layers, [(r["variant"], agreement_curve(r)) for r in results], xlabel="tokens seen (k)",
+                  ylabel="held-out top-1 agreement with the final layer", legend_size=6)
 
 
 if __name__ == "__main__":
