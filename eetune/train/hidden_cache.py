@@ -60,7 +60,7 @@ class HiddenCache:
                     f"hidden-state cache {self.directory} holds states of another run ({', '.join(differ)} differ): "
                     "point data.cache_dir elsewhere or delete it"
                 )
-        # A key added since, or stored differently (an older run's cache), fills every row again.
+        # A dir without a record (made by an older eetune) or missing an array fills every row again.
         fresh = not identity_path.exists() or not self._filled_path.exists() or any(
             not self._matches(key, shape, storage) for key, (shape, storage) in layouts.items()
         )

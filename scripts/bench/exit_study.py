@@ -23,7 +23,7 @@ once into runs/study/chat.jsonl.
 from __future__ import annotations
 
 import argparse
-import gzip
+import functools
 import hashlib
 import shutil
 import statistics
@@ -31,9 +31,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
 from common import (  # noqa: E402
     DEFAULT_OUT_DIR, machine_info, make_console, now_iso, plot_per_exit, print_table, write_json,
 )
+from parts import restore as restore_corpus  # noqa: E402
 
 from eetune.config import compose_config  # noqa: E402
 from eetune.stages import tune  # noqa: E402
@@ -71,7 +73,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant")
     args = parser.parse_args()
     console = make_console()
-    data = args.data or restore_parts(ROOT / "runs" / "study" / "chat.jsonl")
+    data = args.data or ROOT / "runs" / "study" / "chat.jsonl"
+    if args.data is None and not data.exists():
+        restore_corpus(data, PARTS)
     work = args.out / "exit_study_runs"
     chosen = None if args.only is None else {int(x) - 1 for x in args.only.split(",")}
     common = [
@@ -106,7 +110,7 @@ def main() -> None:
         })
     report = {
         "benchmark": "exit_study", "created": now_iso(), "recipe": RECIPE, "steps": args.steps,
-        "data": {"path": str(data), "sha256": sha256(data)}, "overrides": args.set,
+        "data": {"path": str(data), "sha256": file_sha256(data)}, "overrides": args.set,
         "machine": machine_info(), "results": results,
     }
     write_json(args.out / "exit_study.json", report)
@@ -133,35 +137,25 @@ def tune_seconds(run_dir: Path) -> float:
     return (run_dir / "manifest.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
 
 
-def restore_parts(corpus: Path) -> Path:
-    """The committed corpus parts, concatenated once (whole batches only, as distill wrote them)."""
-    if not corpus.exists():
-        corpus.parent.mkdir(parents=True, exist_ok=True)
-        tmp = corpus.with_suffix(".tmp")
-        with tmp.open("wb") as out:
-            for part in sorted(PARTS.glob("part-*.jsonl.gz")):
-                with gzip.open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
-        tmp.replace(corpus)
-    return corpus
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@functools.cache
+def recipe_base_model():
+    """The recipe's base model, loaded once for every variant's exits (they never change it)."""
+    from eetune.models import load_base_model
+
+    return load_base_model(**vars(compose_config("tune", [f"recipe={RECIPE}"]).model))
 
 
 def exit_costs(run_dir: Path) -> dict[str, float]:
     """Each exit module's decode-time cost in backbone layers (eval's cost model, batch 1)."""
     from eetune.eval.timing import measure_costs
     from eetune.exits import load_exits
-    from eetune.models import load_base_model
 
-    cfg = compose_config("tune", [f"recipe={RECIPE}"])
-    base = load_base_model(**vars(cfg.model))
+    base = recipe_base_model()
     model = load_exits(run_dir, base.model, base.fingerprint, base.checkpoint_dir)
     measure_costs(model, repeats=10)  # warm-up: the first model measured in a process came out ~2x slow
     costs = measure_costs(model, repeats=50)

@@ -34,10 +34,13 @@ def restore(corpus: Path, parts_dir: Path) -> None:
     for suffix in SIDE_FILES:
         if (parts_dir / ("corpus" + suffix)).exists():
             shutil.copyfile(parts_dir / ("corpus" + suffix), corpus.with_name(corpus.name + suffix))
-    with corpus.open("wb") as out:
+    # Written aside, then renamed: an interrupted restore leaves no partial corpus behind.
+    tmp = corpus.with_name(corpus.name + ".tmp")
+    with tmp.open("wb") as out:
         for part in parts(parts_dir):
             with gzip.open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
+    tmp.replace(corpus)
     print(f"restored {corpus} from {len(parts(parts_dir))} parts")
 
 
