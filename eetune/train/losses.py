@@ -146,9 +146,10 @@ class ExitLossOutput:
     num_valid: int
     """Number of targets here that are not `IGNORE_INDEX`."""
     exit_top1: Optional[dict[int, torch.Tensor]] = None
-    """Per exit, the argmax token at every position (targets' shape); only with `return_top1`."""
+    """Per exit, the argmax token at every position with a target, `IGNORE_INDEX` elsewhere
+    (targets' shape); only with `return_top1`."""
     teacher_top1: Optional[torch.Tensor] = None
-    """The teacher's argmax token at every position; only with `return_top1` and a teacher."""
+    """The teacher's argmax token likewise; only with `return_top1` and a teacher."""
 
 
 def vocab_argmax(logits: torch.Tensor, vocab_shard: Optional[VocabShard] = None) -> torch.Tensor:
@@ -448,31 +449,42 @@ class _FusedExitLoss(torch.autograd.Function):
         n, dtype, device = args.targets.shape[0], hiddens[0].dtype, hiddens[0].device
         has_teacher = args.teacher_hidden is not None
 
-        grad_h = [torch.empty_like(h) if need else None for h, need in zip(hiddens, need_h)]
+        # Only positions with a target go through the heads (prompt tokens and padding are a
+        # fifth of chat data); the others get a zero gradient and IGNORE_INDEX as their argmax.
+        rows = (args.targets != IGNORE_INDEX).nonzero().view(-1)
+        dense = rows.numel() == n
+
+        def take(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            return x[start:end] if dense else x.index_select(0, rows[start:end])
+
+        zeros_or_empty = torch.empty_like if dense else torch.zeros_like
+        grad_h = [zeros_or_empty(h) if need else None for h, need in zip(hiddens, need_h)]
         # Weight gradients accumulate over chunks: fp32 whatever the input dtype.
         grad_w = [torch.zeros(w.shape, dtype=torch.float32, device=device) if need else None
                   for w, need in zip(heads, need_w)]
         low_grad_w = (torch.empty(heads[0].shape, dtype=dtype, device=device)
                       if any(need_w) and dtype != torch.float32 else None)
-        buffers = _Buffers(min(args.chunk_size, n), heads[0].shape[0], dtype, device, has_teacher, args.temperature)
+        num_rows = rows.numel()
+        buffers = _Buffers(max(min(args.chunk_size, num_rows), 1), heads[0].shape[0], dtype, device, has_teacher,
+                           args.temperature)
         sums = torch.zeros(num_exits, 5, dtype=torch.float64, device=device)
-        exit_top1 = torch.empty(num_exits, n if want_top1 else 0, dtype=torch.long, device=device)
-        teacher_top1 = torch.empty(n if want_top1 and has_teacher else 0, dtype=torch.long, device=device)
+        exit_top1 = torch.full((num_exits, n if want_top1 else 0), IGNORE_INDEX, dtype=torch.long, device=device)
+        teacher_top1 = torch.full((n if want_top1 and has_teacher else 0,), IGNORE_INDEX, dtype=torch.long,
+                                  device=device)
 
-        for start in range(0, n, args.chunk_size):
-            end = min(start + args.chunk_size, n)
-            y = args.targets[start:end]
-            is_valid = y != IGNORE_INDEX
-            y = torch.where(is_valid, y, 0)
-            valid = is_valid.float()
+        for start in range(0, num_rows, args.chunk_size):
+            end = min(start + args.chunk_size, num_rows)
+            where = rows[start:end]
+            y = take(args.targets, start, end)
+            valid = torch.ones(end - start, dtype=torch.float32, device=device)
             teacher = None
             if args.teacher_hidden is not None and args.teacher_head is not None:
-                teacher = _teacher_chunk(args.teacher_hidden[start:end], args.teacher_head, buffers, args.vocab)
+                teacher = _teacher_chunk(take(args.teacher_hidden, start, end), args.teacher_head, buffers, args.vocab)
                 if teacher_top1.numel():
-                    teacher_top1[start:end] = teacher.top1
+                    teacher_top1[where] = teacher.top1
             for i in range(num_exits):
                 slot = head_slot[i]
-                h, w = hiddens[i][start:end], heads[slot]
+                h, w = take(hiddens[i], start, end), heads[slot]
                 gh, gw = grad_h[i], grad_w[slot]
                 grad_z, chunk_stats, top1 = _exit_chunk(
                     h, w, y, valid, teacher, buffers, args, args.exit_weights[i],
@@ -480,12 +492,15 @@ class _FusedExitLoss(torch.autograd.Function):
                 )
                 sums[i] += chunk_stats
                 if top1 is not None and exit_top1.numel():
-                    exit_top1[i, start:end] = top1
+                    exit_top1[i, where] = top1
                 if grad_z is None:
                     continue
                 g = buffers.to_input_dtype(grad_z)  # both matmuls run in the input dtype, like the forward
                 if gh is not None:
-                    torch.mm(g, w, out=gh[start:end])
+                    if dense:
+                        torch.mm(g, w, out=gh[start:end])
+                    else:
+                        gh.index_copy_(0, where, torch.mm(g, w))
                 if gw is not None:
                     if low_grad_w is None:
                         gw.addmm_(g.t(), h)
@@ -555,7 +570,8 @@ def exit_losses(
             accumulated batch so gradient accumulation and data parallelism stay exact. Default:
             this call's valid-token count.
         chunk_size: tokens per chunk; peak extra memory is a few [chunk_size, V] fp32 tensors.
-        return_top1: also return each exit's (and the teacher's) argmax at every position.
+        return_top1: also return each exit's (and the teacher's) argmax at every position with a
+            target (`IGNORE_INDEX` where there is none: those positions skip the heads).
         vocab_shard: the heads (and teacher head) hold only this rank's vocabulary rows (tensor
             parallel); every rank of its group must call with the same hiddens and targets.
 
@@ -625,5 +641,7 @@ def exit_losses_reference(
         total = total + weighted
         rows.append(torch.stack([weighted, (valid * ce).sum(), (valid * kd).sum(),
                                  (valid * max_prob).sum(), (valid * agree).sum()]).detach())
-        tops.append(logits.argmax(dim=-1))
+        tops.append(torch.where(valid.bool(), logits.argmax(dim=-1), IGNORE_INDEX))
+    if teacher_top1 is not None:
+        teacher_top1 = torch.where(valid.bool(), teacher_top1, IGNORE_INDEX)
     return _build_output(args, total, torch.stack(rows), torch.stack(tops), teacher_top1, return_top1)

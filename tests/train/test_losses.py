@@ -313,19 +313,24 @@ def test_full_logits_never_exist(mode: str) -> None:
 
 
 class CountMatmuls(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = 0) -> None:
         super().__init__()
         self.count = 0
+        self.logit_rows = 0  # rows of every [rows, vocab] matmul output: tokens sent through a head
+        self.vocab = vocab
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Optional[dict] = None) -> Any:
+        out = func(*args, **(kwargs or {}))
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_):
             self.count += 1
-        return func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.mm and out.shape[-1] == self.vocab:
+                self.logit_rows += out.shape[0]
+        return out
 
 
 def test_gradient_work_only_where_needed() -> None:
     """Per exit and chunk: 1 logits matmul, +1 for the hidden gradient, +1 for a trainable head's."""
-    chunks = 5  # 37 tokens in chunks of 8
+    chunks = 4  # 37 tokens, 27 of them with a target, in chunks of 8
     grad_case, eval_case = make_case(), make_case()
     with CountMatmuls() as counter:
         out = exit_losses(grad_case.hiddens, grad_case.heads, grad_case.targets, EXIT_WEIGHTS, chunk_size=8)
@@ -335,6 +340,20 @@ def test_gradient_work_only_where_needed() -> None:
     assert counter.count == chunks * 3
     assert not evaluated.loss.requires_grad
     torch.testing.assert_close(evaluated.loss, out.loss.detach())
+
+
+def test_positions_without_a_target_skip_the_heads() -> None:
+    case = make_case()
+    vocab = case.heads[2].shape[0]
+    with CountMatmuls(vocab) as counter, torch.no_grad():
+        out = exit_losses(case.hiddens, case.heads, case.targets, EXIT_WEIGHTS, chunk_size=8, return_top1=True,
+                          **teacher_kwargs(case, alpha=0.5))
+    valid = case.targets != IGNORE_INDEX
+    assert out.num_valid == int(valid.sum()) < case.targets.numel()
+    assert counter.logit_rows == (len(LAYERS) + 1) * out.num_valid  # every exit's head and the teacher's
+    assert out.exit_top1 is not None and out.teacher_top1 is not None
+    for top1 in (*out.exit_top1.values(), out.teacher_top1):
+        assert bool((top1[~valid] == IGNORE_INDEX).all()) and bool((top1[valid] >= 0).all())
 
 
 # --- errors -----------------------------------------------------------------------------------------
