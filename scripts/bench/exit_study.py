@@ -16,8 +16,8 @@ reported, so a stopped study goes on, and `--only` adds variants to the report:
 
     .venv/bin/python scripts/bench/exit_study.py --data runs/study/chat.jsonl [--steps 50] [--only 1,2]
 
-`--data` defaults to the corpus parts committed in scripts/corpus/smollm2_chat/, restored
-once into runs/study/chat.jsonl.
+`--data` defaults to the corpus parts the study ran on (000-004 of scripts/corpus/smollm2_chat/),
+restored once into runs/study/chat.jsonl.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from eetune.train.results import result_from_run_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ROOT / "scripts" / "corpus" / "smollm2_chat"
+STUDY_PARTS = 5  # parts 000-004: the 895,001 answer tokens every variant saw
 RECIPE = "smollm2_135m_chat"
 DEEP = "[4,8,12,16,20,24]"
 
@@ -75,7 +76,7 @@ def main() -> None:
     console = make_console()
     data = args.data or ROOT / "runs" / "study" / "chat.jsonl"
     if args.data is None and not data.exists():
-        restore_corpus(data, PARTS)
+        restore_corpus(data, PARTS, first=STUDY_PARTS)
     work = args.out / "exit_study_runs"
     chosen = None if args.only is None else {int(x) - 1 for x in args.only.split(",")}
     common = [

@@ -1,6 +1,7 @@
 """Keep a growing distill corpus in git-sized gzip parts, so a fresh machine continues it.
 
     python scripts/corpus/parts.py restore CORPUS PARTS_DIR   # CORPUS.jsonl (+ meta, questions) from the parts
+    python scripts/corpus/parts.py restore CORPUS PARTS_DIR --first 5   # from parts 000-004 only
     python scripts/corpus/parts.py save CORPUS PARTS_DIR      # complete batches not yet in a part -> a new part
 
 A part holds whole batches only (a batch cut off mid-write stays out until it is complete), so
@@ -27,7 +28,11 @@ def parts(parts_dir: Path) -> list[Path]:
     return sorted(parts_dir.glob("part-*.jsonl.gz"))
 
 
-def restore(corpus: Path, parts_dir: Path) -> None:
+def restore(corpus: Path, parts_dir: Path, first: int | None = None) -> None:
+    """Concatenate the parts (the `first` ones only, if given: a run pinned to a corpus prefix)."""
+    chosen = parts(parts_dir)[:first]
+    if first is not None and len(chosen) < first:
+        sys.exit(f"{parts_dir} holds {len(chosen)} parts, fewer than the {first} asked for")
     if corpus.exists():
         sys.exit(f"{corpus} already exists: restore only fills a fresh machine")
     corpus.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +42,11 @@ def restore(corpus: Path, parts_dir: Path) -> None:
     # Written aside, then renamed: an interrupted restore leaves no partial corpus behind.
     tmp = corpus.with_name(corpus.name + ".tmp")
     with tmp.open("wb") as out:
-        for part in parts(parts_dir):
+        for part in chosen:
             with gzip.open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
     tmp.replace(corpus)
-    print(f"restored {corpus} from {len(parts(parts_dir))} parts")
+    print(f"restored {corpus} from {len(chosen)} parts")
 
 
 def save(corpus: Path, parts_dir: Path) -> None:
@@ -87,8 +92,12 @@ def main() -> None:
     parser.add_argument("action", choices=("restore", "save"))
     parser.add_argument("corpus", type=Path)
     parser.add_argument("parts_dir", type=Path)
+    parser.add_argument("--first", type=int, default=None, help="restore: only the first N parts")
     args = parser.parse_args()
-    (restore if args.action == "restore" else save)(args.corpus, args.parts_dir)
+    if args.action == "restore":
+        restore(args.corpus, args.parts_dir, args.first)
+    else:
+        save(args.corpus, args.parts_dir)
 
 
 if __name__ == "__main__":

@@ -643,3 +643,8 @@ def test_corpus_parts_keep_whole_batches_and_restore_the_corpus(tmp_path: Path) 
     parts.restore(restored, store)
     assert restored.read_text() == "".join(lines)
     assert json.loads((tmp_path / "fresh" / "c.jsonl.meta.json").read_text()) == {"distill": {"batch_size": 2}}
+    prefix = tmp_path / "prefix" / "c.jsonl"  # a run pinned to the first parts
+    parts.restore(prefix, store, first=1)
+    assert prefix.read_text() == "".join(lines[:4])
+    with pytest.raises(SystemExit, match="fewer than the 3 asked for"):
+        parts.restore(tmp_path / "more" / "c.jsonl", store, first=3)
