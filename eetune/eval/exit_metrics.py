@@ -52,7 +52,8 @@ def per_exit_metrics(stats: TokenStats, bins: int, estimator_threshold: float = 
 
 
 def policy_metrics(stats: TokenStats, costs: Costs, thresholds: list[float], confidences: list[str]) -> dict[str, Any]:
-    """Teacher-forced: where each policy sends tokens, its agreement, its modelled speedup; the oracle."""
+    """Teacher-forced: where each policy sends tokens, its agreement, its modelled speedup (the
+    held-out tokens taken as one sequence in order, for the catch-up of skipped layers); the oracle."""
     layers = stats.exit_layers
     stack = [*layers, stats.final_layer]
     n = stats.final_layer  # the final layer's number is the layer count
@@ -71,17 +72,24 @@ def policy_metrics(stats: TokenStats, costs: Costs, thresholds: list[float], con
                 "confidence": confidence, "threshold": t,
                 "fractions": {str(layer): f for layer, f in zip(stack, fractions)},
                 "agreement": float((chosen(top1, index) == final_top1).float().mean()),
-                "speedup": costs.speedup(fractions, layers, n, confidence if t < 1.0 else "full"),
+                **_modelled_speed(costs, index, layers, n, confidence if t < 1.0 else "full"),
             })
     index = oracle_exit(agrees)
     fractions = exit_fractions(index, len(layers))
     oracle = {
         "confidence": "oracle", "threshold": None, "fractions": {str(layer): f for layer, f in zip(stack, fractions)},
         "agreement": float((chosen(top1, index) == final_top1).float().mean()),
-        "speedup": costs.speedup(fractions, layers, n, "oracle"),
+        **_modelled_speed(costs, index, layers, n, "oracle"),
         "mean_layers": sum(f * layer for f, layer in zip(fractions, stack)),
     }
     return {"policies": policies, "oracle": oracle}
+
+
+def _modelled_speed(costs: Costs, index: torch.Tensor, layers: list[int], n: int, policy: str) -> dict[str, float]:
+    """The speedup, catch-up included, and the catch-up's seconds per token."""
+    order = index.tolist()
+    return {"speedup": costs.sequence_speedup(order, layers, n, policy),
+            "catch_up_s": costs.catch_up_s(order, layers, n) / max(len(order), 1)}
 
 
 def estimator_metrics(stats: TokenStats, thresholds: list[float]) -> list[dict[str, Any]]:

@@ -100,6 +100,8 @@ def costs_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     c = report["costs"]
     rows = [["decoder layer step", _fmt(c["layer_s"], "ms")], ["exit head + max-prob", _fmt(c["head_s"], "ms")],
             ["final norm + LM head", _fmt(c["final_s"], "ms")]]
+    for rows_minus_one, seconds in enumerate(c.get("layer_rows_s", ())[1:], start=1):
+        rows += [[f"decoder layer over {rows_minus_one + 1} positions (catch-up)", _fmt(seconds, "ms")]]
     rows += [[f"exit {layer} module", _fmt(s, "ms")] for layer, s in c["exit_s"].items()]
     rows += [[f"exit {layer} estimator", _fmt(s, "ms")] for layer, s in c["estimator_s"].items()]
     return ["piece (batch 1, one token)", "ms"], rows

@@ -12,7 +12,9 @@ prompt, for the builtin exits), every exit's confidence under each policy is com
 position, and each threshold's exits are chosen exactly as the engine chooses them
 (`first_confident`). Agreement: the chosen exit's top-1 equals the final layer's. Speed: eval's
 cost model (`measure_costs`: one layer, one head, each exit module and estimator at batch 1, on
-this machine), plus a measured frequent-token head per N. Per policy, the frontier is the best
+this machine), plus a measured frequent-token head per N, and the catch-up of skipped layers
+(the held-out tokens replayed in order: a layer that carries pending positions costs what a
+layer over that many positions was timed at). Per policy, the frontier is the best
 modelled speedup at each agreement floor; the oracle (the shallowest agreeing exit) bounds them all.
 Per-exit thresholds (one per exit, searched over a grid) are set beside one global threshold: do
 they buy enough to be worth a setting?
@@ -27,7 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
@@ -56,8 +58,16 @@ def policy_costs(costs: Any, exits: list[int], num_layers: int, check_s: float, 
     return out
 
 
+CatchUp = Callable[[list[int]], float]  # seconds the catch-up adds to a token sequence's exit indices
+
+
+def sequence_speedup(index: torch.Tensor, per_index: list[float], full_s: float, catch_up: CatchUp) -> float:
+    order = index.tolist()
+    return full_s * len(order) / (sum(per_index[k] for k in order) + catch_up(order))
+
+
 def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, per_index: list[float],
-             full_s: float) -> list[dict[str, float]]:
+             full_s: float, catch_up: CatchUp) -> list[dict[str, float]]:
     """(threshold, agreement, speedup) for every threshold; confidence [E, T], top1 [E + 1, T]."""
     from eetune.eval.metrics import chosen, exit_fractions
     from eetune.infer.policy import first_confident
@@ -66,9 +76,8 @@ def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Ten
     for t in THRESHOLDS:
         index = first_confident(confidence, t)
         fractions = exit_fractions(index, confidence.shape[0])
-        mean_s = sum(f * c for f, c in zip(fractions, per_index))
         points.append({"threshold": t, "agreement": float((chosen(top1, index) == final_top1).float().mean()),
-                       "speedup": full_s / mean_s, "fractions": fractions})
+                       "speedup": sequence_speedup(index, per_index, full_s, catch_up), "fractions": fractions})
     return points
 
 
@@ -76,13 +85,12 @@ PER_EXIT_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]
 
 
 def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, per_index: list[float],
-                      full_s: float) -> list[dict[str, Any]]:
+                      full_s: float, catch_up: CatchUp) -> list[dict[str, Any]]:
     """(thresholds, agreement, speedup) for every combination of one threshold per exit from
     PER_EXIT_GRID (1.0: that exit never fires); the decision is still the first exit that fires."""
     import itertools
 
     num_exits, num_tokens = confidence.shape
-    costs = torch.tensor(per_index)
     points = []
     for combo in itertools.product(PER_EXIT_GRID, repeat=num_exits):
         t = torch.tensor(combo)[:, None]
@@ -90,7 +98,7 @@ def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: 
         index = torch.where(fires.any(0), fires.int().argmax(0), torch.full((num_tokens,), num_exits))
         agreement = float((top1.gather(0, index[None])[0] == final_top1).float().mean())
         points.append({"thresholds": list(combo), "agreement": agreement,
-                       "speedup": full_s / float(costs[index].mean())})
+                       "speedup": sequence_speedup(index, per_index, full_s, catch_up)})
     return points
 
 
@@ -158,14 +166,20 @@ def main() -> None:
             torch.stack([frequent_confidence(hidden[layer], model.head_weight(layer), order[:n]) for layer in exits]),
             policy_costs(costs, exits, num_layers, check_s, costs.head_s),
         )
-    curves = {name: frontier(conf, top1, final_top1, per_index, full_s) for name, (conf, per_index) in policies.items()}
-    per_exit = {name: per_exit_frontier(conf, top1, final_top1, per_index, full_s)
+    def catch_up(order: list[int]) -> float:
+        return costs.catch_up_s(order, exits, num_layers)
+
+    curves = {name: frontier(conf, top1, final_top1, per_index, full_s, catch_up)
+              for name, (conf, per_index) in policies.items()}
+    per_exit = {name: per_exit_frontier(conf, top1, final_top1, per_index, full_s, catch_up)
                 for name, (conf, per_index) in policies.items()}
     agrees = torch.stack([stats.agrees(layer) for layer in exits])
     index = oracle_exit(agrees)
     fractions = exit_fractions(index, len(exits))
     oracle = {"agreement": float((chosen(top1, index) == final_top1).float().mean()), "fractions": fractions,
-              "speedup": full_s / sum(f * c for f, c in zip(fractions, costs.index_costs(exits, num_layers, "oracle")))}
+              "speedup": sequence_speedup(index, costs.index_costs(exits, num_layers, "oracle"), full_s, catch_up),
+              "speedup_without_catch_up": full_s / sum(
+                  f * c for f, c in zip(fractions, costs.index_costs(exits, num_layers, "oracle")))}
 
     rows = []
     for name, points in curves.items():
@@ -175,9 +189,11 @@ def main() -> None:
                                      else f"{best['speedup']:.2f}x @ {'/'.join(f'{t:g}' for t in best['thresholds'])}"
                                      for floor in FLOORS)])
     rows.append(["oracle", *[f"{oracle['speedup']:.2f}x"] * len(FLOORS)])
+    rows.append(["  catch-up free", *[f"{oracle['speedup_without_catch_up']:.2f}x"] * len(FLOORS)])
     print_table(console, f"Modelled speedup at an agreement floor, {len(final_top1)} held-out tokens, exits {exits}",
                 ["policy", *(f">= {floor:.0%}" for floor in FLOORS)], rows)
     timing = {"layer_ms": costs.layer_s * 1e3, "head_ms": costs.head_s * 1e3, "final_ms": costs.final_s * 1e3,
+              "layer_over_positions_ms": [s * 1e3 for s in costs.layer_rows_s],
               "frequent_head_ms": {str(n): s * 1e3 for n, s in vocab_s.items()},
               "exit_ms": {str(k): v * 1e3 for k, v in costs.exit_s.items()},
               "estimator_ms": {str(k): v * 1e3 for k, v in costs.estimator_s.items()}}

@@ -99,6 +99,25 @@ def test_cost_model_matches_hand_computed_values():
     assert costs.speedup([0.5, 0.0, 0.5], [1, 2], 4, "oracle") == pytest.approx(7 / 5.25)
 
 
+def test_catch_up_cost_matches_hand_computed_values():
+    # Exits at 1 and 2 of 4 layers; one layer over 1, 2, 3 positions: 1, 1.5, 2 s (4: 2.5, extrapolated).
+    costs = Costs(1.0, 2.0, 3.0, {1: 0.5, 2: 0.5}, {}, context=8, layer_rows_s=(1.0, 1.5, 2.0))
+    assert costs.layer_over(4) == 2.5
+    # Leaves at exit 1; the next token carries that position through layers 2-4 (3 x 0.5 s).
+    assert costs.catch_up_s([0, 2], [1, 2], 4) == pytest.approx(1.5)
+    # Two positions pend at layer 1; the third token carries them to layer 2 (1 layer over 3
+    # positions: +1 s); the fourth carries those three through layers 3-4 (2 x 1.5 s).
+    assert costs.catch_up_s([0, 0, 1, 2], [1, 2], 4) == pytest.approx(4.0)
+    assert costs.catch_up_s([2, 2, 2], [1, 2], 4) == 0.0
+    # Oracle costs per token [3.5, 4.5, 7.0]: (3.5 + 7.0 + 1.5 catch-up) against 2 x 7.0.
+    assert costs.sequence_speedup([0, 2], [1, 2], 4, "oracle") == pytest.approx(14 / 12)
+    # Unmeasured row counts: catch-up is free, and the order of the tokens does not matter.
+    free = Costs(1.0, 2.0, 3.0, {1: 0.5, 2: 0.5}, {}, context=8)
+    assert free.catch_up_s([0, 0, 1, 2], [1, 2], 4) == 0.0
+    assert free.sequence_speedup([0, 2], [1, 2], 4, "oracle") == pytest.approx(
+        free.speedup([0.5, 0.0, 0.5], [1, 2], 4, "oracle"))
+
+
 def test_text_metrics_match_hand_computed_values():
     # LCS 3 of 3 predicted and 6 reference words: P 1, R 0.5, F 2/3.
     assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
@@ -488,9 +507,14 @@ def test_eval_per_exit_metrics_are_the_held_out_ones(evaluated, model, base, cor
     c = result.report["costs"]
     costs = Costs(c["layer_s"], c["head_s"], c["final_s"], {int(k): v for k, v in c["exit_s"].items()},
                   {int(k): v for k, v in c["estimator_s"].items()}, context=c["context"])
+    assert len(c["layer_rows_s"]) == 4 and c["layer_rows_s"][0] == c["layer_s"]
     exit_layers = result.report["exit_layers"]
     fractions = [oracle["fractions"][str(layer)] for layer in [*exit_layers, result.report["num_layers"]]]
-    assert oracle["speedup"] == pytest.approx(costs.speedup(fractions, exit_layers, result.report["num_layers"], "oracle"))
+    # Plus the catch-up of the layers its early tokens skipped, which the fractions alone do not give.
+    no_catch_up = costs.speedup(fractions, exit_layers, result.report["num_layers"], "oracle")
+    full_s = costs.full_token(result.report["num_layers"])
+    assert full_s / oracle["speedup"] == pytest.approx(full_s / no_catch_up + oracle["catch_up_s"])
+    assert oracle["catch_up_s"] >= 0.0
     # Tokens no exit gets right must go through every layer: the oracle's final share.
     agree_any = 1.0 - oracle["fractions"]["4"]
     assert agree_any >= max(q.agreement for layer, q in quality.items() if layer < 4) - 1e-9

@@ -241,6 +241,41 @@ def test_deferred_kv_fill_equals_full_forward_kv(ee: EarlyExitModel) -> None:
     torch.testing.assert_close(caches.exit_caches[1].v[:, :, :fed], block_cache.v[:, :, :fed], atol=1e-5, rtol=0)
 
 
+def test_eval_catch_up_model_carries_the_positions_the_engine_carries(
+    ee: EarlyExitModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval's cost model replays the exits in order; the engine's decoding layer calls carry
+    exactly the positions it predicts (a layer over r positions costing r here)."""
+    import eetune.infer.early_exit as early_exit
+    from eetune.eval.timing import Costs
+
+    decoding, calls = [False], []
+    step, run_layers = early_exit.early_exit_step, Generator.run_layers
+
+    def stepping(*args, **kwargs):
+        decoding[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            decoding[0] = False
+
+    def recording(self, h, start, end, span, caches=None):
+        if decoding[0]:
+            calls.append((end - start, h.shape[1]))
+        return run_layers(self, h, start, end, span, caches)
+
+    monkeypatch.setattr(early_exit, "early_exit_step", stepping)
+    monkeypatch.setattr(Generator, "run_layers", recording)
+    result = Engine(ee).generate(_prompt(11, n=6), DecodeSettings(mode="early_exit", threshold=0.017,
+                                                                   max_new_tokens=20))
+    carried = sum(layers * (positions - 1) for layers, positions in calls)
+    assert carried > 0, result.exit_layers  # some tokens left early and were carried later
+    exit_layers = [spec.layer for spec in SPECS]
+    index = [exit_layers.index(e) if e < N_LAYERS else len(exit_layers) for e in result.exit_layers]
+    linear = Costs(1.0, 0.0, 0.0, {}, {}, context=8, layer_rows_s=(1.0, 2.0))
+    assert linear.catch_up_s(index, exit_layers, N_LAYERS) == carried
+
+
 # A token order (most frequent first) for the `frequent` policy: its head keeps the first VOCAB / 8.
 TOKEN_ORDER = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(7))
 
