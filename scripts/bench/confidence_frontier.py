@@ -19,7 +19,7 @@ modelled speedup at each agreement floor; the oracle (the shallowest agreeing ex
 Per-exit thresholds (one per exit, searched over a grid) are set beside one global threshold: do
 they buy enough to be worth a setting?
 
-    .venv/bin/python scripts/bench/confidence_frontier.py [--run-dir builtin:smollm2_135m] [--vocab 1024,4096,16384]
+    .venv/bin/python scripts/bench/confidence_frontier.py [--run-dir builtin:smollm2_135m] [--vocab 1024,4096,16384] [--dtype bfloat16]
 
 Writes confidence_frontier.json and confidence_frontier.png (agreement against modelled speedup).
 """
@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--vocab", default="1024,4096,16384", help="frequent-token head sizes to try")
     parser.add_argument("--repeats", type=int, default=30, help="timing repeats per piece")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (decoding at batch 1)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the model's dtype: its agreement and every timing")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +130,7 @@ def main() -> None:
 
     console = make_console()
     run_dir = Path(resolve_run_dir(args.run_dir))
-    base, model = load_model(str(run_dir), name="smollm2_135m", dtype="float32")
+    base, model = load_model(str(run_dir), name="smollm2_135m", dtype=args.dtype)
     order = load_token_order(run_dir)
     if order is None:
         raise SystemExit(f"{run_dir} has no draft_vocab.safetensors (token frequencies)")
