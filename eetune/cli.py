@@ -147,10 +147,6 @@ def generate(
     draft_confidence: Optional[float] = typer.Option(
         None, "--draft-confidence", help="self_speculative: end a draft where the exit's estimator falls below this."
     ),
-    kv_fill: Optional[str] = typer.Option(
-        None, "--kv-fill", help="early_exit: " + " | ".join(CHOICES["generate.kv_fill"])
-        + " (copy: skipped layers' KV from the state a token left with; approximate, cheaper)."
-    ),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour tokens by the exit they left at."),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
@@ -170,7 +166,6 @@ def generate(
         "generate.draft_schedule": draft_schedule,
         "generate.draft_vocab": draft_vocab,
         "generate.draft_confidence": draft_confidence,
-        "generate.kv_fill": kv_fill,
         "generate.color": color,
     }
     cfg = compose_config("generate", overrides or [])

@@ -9,7 +9,7 @@ from eetune.errors import EetuneError
 from eetune.exits.spec import ARCHS, HEADS, INITS, NORM_INITS
 from eetune.exits.spec import CONFIDENCES as ESTIMATORS
 from eetune.infer.draft_schedule import SCHEDULES
-from eetune.infer.policy import CONFIDENCES, KV_FILLS, MODES
+from eetune.infer.policy import CONFIDENCES, MODES
 
 # Closed sets of values for string fields, checked after composition.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -23,11 +23,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generate.mode": MODES,
     "generate.confidence": CONFIDENCES,
     "generate.draft_schedule": SCHEDULES,
-    "generate.kv_fill": KV_FILLS,
     "serve.mode": MODES,
     "serve.confidence": CONFIDENCES,
     "serve.draft_schedule": SCHEDULES,
-    "serve.kv_fill": KV_FILLS,
     "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
     "data.heldout_by": ("tail", "prompt"),

@@ -178,9 +178,6 @@ class ContinuousBatch:
             if self.pending and self.pending[-1].depth == stop:
                 group = torch.cat((self.pending.pop().hidden, group), dim=1)
             if not bool(undecided.any()):
-                if settings.kv_fill == "copy":  # nothing is ever pending: the deeper layers' KV now
-                    engine._fill_kv_from_exit(gen, caches, group, stop, span, backbone)
-                    break
                 # Every row stops here; the deeper layers of the whole group are owed to the next forward.
                 self.pending.append(_Pending(stop, group))
                 break

@@ -124,9 +124,6 @@ def early_exit_step(
             undecided[fired] = False
         joining = pending.pop() if pending and pending[-1].depth == stop else None
         if not bool(undecided.any()):
-            if s.kv_fill == "copy":  # nothing is ever pending: the deeper layers' KV from these states, now
-                engine._fill_kv_from_exit(gen, caches, group, stop, span)
-                return next_tokens, exits
             # Stop here; the deeper layers of the whole group are owed to the next forward.
             if joining is not None:
                 group = torch.cat((joining.hidden, group), dim=1)

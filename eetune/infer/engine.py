@@ -33,8 +33,7 @@ from eetune.exits.archs import get_exit_arch
 from eetune.infer.caches import DecodeCaches
 from eetune.infer.draft_schedule import DraftCosts
 from eetune.infer.early_exit import decode_full, decode_lockstep
-from eetune.infer.generate import Generator, Span, _check_request_length, layer_forward, write_kv
-from eetune.infer.kv_cache import LayerKVCache
+from eetune.infer.generate import Span, _check_request_length, layer_forward
 from eetune.infer.policy import (
     CONFIDENCES, MODES, POLICIES, check_exit_settings, exits_early, exits_here, frequent_vocab, model_exit_rules,
 )
@@ -179,19 +178,6 @@ class Engine:
             h = layer_forward(exit_module.get_submodule(block), group, span, caches.exit_caches[layer])
             return exit_module.norm(h[:, -1])
         return exit_module(group[:, -1])
-
-    def _fill_kv_from_exit(
-        self, gen: Generator, caches: DecodeCaches, group: Tensor, depth: int, span: Span,
-        backbone: Sequence[LayerKVCache] | None = None,
-    ) -> None:
-        """kv_fill=copy: the KV entries of layers past `depth` (and of deeper `layer` exits' blocks)
-        for the positions of `group`, which left at `depth`, from their states there."""
-        gen.fill_kv(group, depth, gen.num_layers, span, backbone)
-        for layer in sorted(self._layer_exits):
-            if layer > depth:
-                exit_module = self.model.exit(layer)
-                block = exit_module.get_submodule(get_exit_arch(exit_module.spec.arch).block)
-                write_kv(block, group, span, caches.exit_caches[layer])
 
     def _exit_logits(self, layer: int, hidden: Tensor) -> Tensor:
         self.head_calls[layer] += hidden.shape[0]

@@ -101,19 +101,6 @@ class FastBlock:
         h = _rms_norm(x, *self.mlp_norm)
         return x + self._reduce(F.linear(F.silu(F.linear(h, self.w1)) * F.linear(h, self.w3), self.w2))
 
-    def write_kv(self, x: Tensor, input_pos: Tensor, cache: LayerKVCache) -> None:
-        """Only the KV entries `__call__` writes for input x, not the block itself."""
-        b, s, _ = x.shape
-        n_kv, h_d = self.n_kv, self.h_d
-        h = _rms_norm(x, *self.sa_norm)
-        k = F.linear(h, *self.k).view(b, s, n_kv, h_d)
-        v = F.linear(h, *self.v).view(b, s, n_kv, h_d)
-        if self.rope is not None:
-            rotated = torch.view_as_complex(k.float().view(b, s, n_kv, h_d // 2, 2)) * self.rope[input_pos].view(
-                -1, s, 1, h_d // 2)
-            k = torch.view_as_real(rotated).flatten(3).to(x.dtype)
-        cache.write(input_pos, k.transpose(1, 2), v.transpose(1, 2))
-
     def _reduce(self, partial: Tensor) -> Tensor:
         if self.tp_group is not None:
             dist.all_reduce(partial, group=self.tp_group)

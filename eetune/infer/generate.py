@@ -83,21 +83,6 @@ def attention_forward(attn: MultiHeadAttention, x: Tensor, span: Span, cache: La
     return attn.output_proj(out.reshape(b, s, n_h * h_d))
 
 
-def write_kv(layer: TransformerSelfAttentionLayer, x: Tensor, span: Span, cache: LayerKVCache) -> None:
-    """Only the KV entries `layer_forward` would write for the block input x, not the block itself."""
-    attn = layer.attn
-    b, s, _ = x.shape
-    h = layer.sa_norm(x)
-    k = attn.k_proj(h).view(b, s, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(h).view(b, s, attn.num_kv_heads, attn.head_dim)
-    if attn.pos_embeddings is not None:
-        k = attn.pos_embeddings(k, input_pos=span.input_pos)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)
-    if attn.k_norm is not None:
-        k = attn.k_norm(k)
-    cache.write(span.input_pos, k, v)
-
-
 def layer_forward(layer: TransformerSelfAttentionLayer, x: Tensor, span: Span, cache: LayerKVCache) -> Tensor:
     """One decoder block, same math as `TransformerSelfAttentionLayer.forward`, with our cache."""
     h = layer.sa_scale(attention_forward(layer.attn, layer.sa_norm(x), span, cache)) + x
@@ -229,22 +214,6 @@ class Generator:
             if pipeline is not None:
                 h = pipeline.pass_on(h, i, end)
         return h
-
-    def fill_kv(
-        self, h: Tensor, start: int, end: int, span: Span, caches: Sequence[LayerKVCache] | None = None
-    ) -> None:
-        """Write layers [start, end)'s KV entries at `span` from the hidden states h [b, s, dim] that
-        reached layer `start`, as if every one of those layers had passed h through unchanged
-        (CALM's state propagation): each layer's norm and K/V projections, not the layer."""
-        if self.pipeline is not None:
-            raise EetuneError("kv_fill=copy is not supported on pipeline stages; use kv_fill=exact")
-        caches = self.caches if caches is None else caches
-        for i in range(start, end):
-            block = self.blocks[i]
-            if block is None:
-                write_kv(self.layers[i], h, span, caches[i])
-            else:
-                block.write_kv(h, span.input_pos, caches[i])
 
     def final_logits(self, h: Tensor) -> Tensor:
         """Final norm + LM head, in fp32 as torchtune returns them."""

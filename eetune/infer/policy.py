@@ -37,10 +37,6 @@ from eetune.exits.spec import DEFAULT_THRESHOLD
 from eetune.infer.draft_schedule import SCHEDULES
 
 MODES = ("full", "early_exit", "self_speculative")
-# early_exit: how the layers a token skipped get its KV entries. `exact`: the next token that goes
-# deeper carries the position through them (EE-LLM); `copy`: at once, from its hidden state where it
-# left (CALM's state propagation: each skipped layer's norm and K/V projections, not the layer).
-KV_FILLS = ("exact", "copy")
 # The most tokens one self-speculative draft may hold (a server's limit per request and in `serve`).
 MAX_DRAFT_LEN = 64
 
@@ -222,8 +218,6 @@ def check_exit_settings(
             check_threshold(s.threshold, f"{prefix}threshold" if prefix else None, s.confidence)
         except EetuneError as exc:
             fail("threshold", str(exc))
-    if s.kv_fill not in KV_FILLS:
-        fail("kv_fill", f"unknown kv_fill {s.kv_fill!r}: choose one of {', '.join(KV_FILLS)}")
     if s.draft_len is not None and s.draft_len < 1:
         fail("draft_len", f"{prefix}draft_len must be >= 1, got {s.draft_len}")
     if s.draft_schedule not in SCHEDULES:

@@ -94,7 +94,7 @@ class BatchScheduler:
             return (SPECULATIVE, draft_exit, s.draft_len, s.draft_schedule, s.draft_vocab, s.draft_confidence)
         if not self.engine._exit_stops(settings):
             return FULL
-        return ("early_exit", settings.confidence, settings.threshold, settings.kv_fill)
+        return ("early_exit", settings.confidence, settings.threshold)
 
     def batchable(self, settings: DecodeSettings) -> bool:
         return self.group_of(settings) is not None

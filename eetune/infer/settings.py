@@ -31,9 +31,6 @@ class DecodeSettings:
     # self_speculative: stop a draft early where the drafting exit's learned estimator puts its
     # agreement with the full model below this (adaptive draft length). None: always draft_len.
     draft_confidence: float | None = None
-    # early_exit: `exact` (the skipped layers' KV entries computed by carrying the position through
-    # them with the next deeper token) or `copy` (from the state it left with; approximate, cheaper).
-    kv_fill: str = "exact"
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int | None = None
@@ -53,7 +50,6 @@ class DecodeSettings:
 # serve's per-request options and eval's sweep settings name them the same.
 EXIT_FIELDS = (
     "mode", "threshold", "confidence", "draft_exit", "draft_len", "draft_schedule", "draft_vocab", "draft_confidence",
-    "kv_fill",
 )
 
 

@@ -6,7 +6,7 @@ OpenAI parameters this server cannot honour are named and refused (400, code
 a few that do not change the answer (`user`, `metadata`, `store`, `service_tier`,
 `parallel_tool_calls`) are accepted and ignored. Beyond OpenAI's fields, a request may carry
 `early_exit: {mode, threshold, confidence, draft_exit, draft_len, draft_schedule, draft_vocab,
-draft_confidence, kv_fill}`; each field it gives overrides the server's default. Responses carry the
+draft_confidence}`; each field it gives overrides the server's default. Responses carry the
 decoding statistics in an `early_exit` object beside `usage`.
 """
 
@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from eetune.infer.draft_schedule import SCHEDULES
-from eetune.infer.policy import CONFIDENCES, KV_FILLS, MAX_DRAFT_LEN, MODES, THRESHOLD_RANGE
+from eetune.infer.policy import CONFIDENCES, MAX_DRAFT_LEN, MODES, THRESHOLD_RANGE
 from eetune.infer.sampling import SEED_MAX, SEED_MIN, TokenLogprob
 
 if TYPE_CHECKING:
@@ -84,7 +84,6 @@ class EarlyExitOptions(_Strict):
     draft_schedule: Literal[SCHEDULES] | None = None  # type: ignore[valid-type]
     draft_vocab: int | None = Field(None, ge=1)
     draft_confidence: float | None = Field(None, gt=0.0, le=1.0)
-    kv_fill: Literal[KV_FILLS] | None = None  # type: ignore[valid-type]
 
     def over(self, defaults: EarlyExitOptions) -> EarlyExitOptions:
         """These options with every field left out taken from `defaults`."""
@@ -260,7 +259,6 @@ def statistics(completion: Completion) -> dict[str, Any]:
         "mode": s.mode,
         "threshold": s.threshold if early else None,
         "confidence": s.confidence if early else None,
-        "kv_fill": s.kv_fill if early else None,
         "draft_exit": completion.draft_exit if speculative else None,
         "draft_len": s.draft_len if speculative else None,
         "draft_schedule": s.draft_schedule if speculative else None,

@@ -5,9 +5,7 @@ ignored so every case decodes exactly that many):
 
 - `hf`: Hugging Face transformers `generate` on the same weights and dtype (the baseline).
 - `full`: our engine with the full model (every speedup below is relative to it).
-- `early_exit`: each threshold x each confidence policy (max_prob, learned, frequent) x each
-  `--kv-fills` way of giving skipped layers their KV entries (exact: carried through them by the
-  next deeper token; copy: from the state the token left with, approximate).
+- `early_exit`: each threshold x each confidence policy (max_prob, learned, frequent).
 - `self_speculative`: each drafting exit x draft length x draft schedule (`constant`: k every
   round; `adaptive`: as many as pay from the running acceptance, up to k), with the whole
   vocabulary or a restricted draft vocabulary (FR-Spec); output must equal `full`.
@@ -38,7 +36,6 @@ exit exported as a draft model) and serve_load.py (1-16 concurrent streaming cli
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -217,7 +214,6 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--thresholds", default="0.9,0.8,0.6,0.4,0.2")
     parser.add_argument("--policies", default="max_prob,learned,frequent")
-    parser.add_argument("--kv-fills", default="exact", help="early_exit: exact and/or copy")
     parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
     parser.add_argument("--draft-vocab", default="0,4096", help="draft vocab sizes (0 = whole vocabulary)")
     parser.add_argument("--draft-confidence", default="0,0.5", help="estimator cuts of a draft (0 = off)")
@@ -244,13 +240,11 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
     for policy in args.policies.split(","):
         if (policy == "learned" and not has_learned) or (policy == "frequent" and not has_token_order):
             continue
-        for kv_fill in args.kv_fills.split(","):
-            for t in (float(x) for x in args.thresholds.split(",")):
-                cases.append(
-                    Case(f"early_exit {policy} {t:g}" + (f" kv {kv_fill}" if kv_fill != "exact" else ""), "early_exit",
-                         DecodeSettings(mode="early_exit", threshold=t, confidence=policy, kv_fill=kv_fill,
-                                        max_new_tokens=n))
-                )
+        for t in (float(x) for x in args.thresholds.split(",")):
+            cases.append(
+                Case(f"early_exit {policy} {t:g}", "early_exit",
+                     DecodeSettings(mode="early_exit", threshold=t, confidence=policy, max_new_tokens=n))
+            )
     for item in args.spec.split(","):
         layer, k = (int(x) for x in item.split(":"))
         if layer not in exit_layers:
@@ -328,7 +322,7 @@ def _settings_dict(s: DecodeSettings) -> dict[str, Any]:
     return {
         "mode": s.mode, "threshold": s.threshold, "confidence": s.confidence, "draft_exit": s.draft_exit,
         "draft_len": s.draft_len, "draft_schedule": s.draft_schedule, "draft_vocab": s.draft_vocab,
-        "draft_confidence": s.draft_confidence, "kv_fill": s.kv_fill,
+        "draft_confidence": s.draft_confidence,
     }
 
 
@@ -348,14 +342,11 @@ def _plot(results: list[dict], sets: list[str], out: Path, title: str) -> None:
 
 
 def _plot_set(ax, results: list[dict]) -> None:
-    for (policy, marker), kv_fill in itertools.product((("max_prob", "o"), ("learned", "s"), ("frequent", "D")),
-                                                       ("exact", "copy")):
-        points = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy
-                  and r["settings"].get("kv_fill", "exact") == kv_fill]
+    for policy, marker in (("max_prob", "o"), ("learned", "s")):
+        points = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy]
         if points:
             ax.plot([r["speedup_vs_full"] for r in points], [r["token_agreement_with_full"] for r in points],
-                    marker=marker, linestyle="-" if kv_fill == "exact" else "--",
-                    label=f"early exit ({policy}" + (", kv copy)" if kv_fill == "copy" else ")"))
+                    marker=marker, label=f"early exit ({policy})")
             for r in points:
                 ax.annotate(f"{r['settings']['threshold']:g}", (r["speedup_vs_full"], r["token_agreement_with_full"]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -34,8 +34,6 @@ from eetune.infer import (
     layer_forward,
     probabilities,
 )
-from eetune.infer.fast_block import FastBlock
-from eetune.infer.generate import write_kv
 from eetune.infer.policy import CONFIDENCES, MODES, POLICIES, first_confident
 from eetune.infer.scheduler import BatchRequest, BatchScheduler, decode_all
 from eetune.infer.settings import DecodeResult
@@ -276,87 +274,6 @@ def test_eval_catch_up_model_carries_the_positions_the_engine_carries(
     index = [exit_layers.index(e) if e < N_LAYERS else len(exit_layers) for e in result.exit_layers]
     linear = Costs(1.0, 0.0, 0.0, {}, {}, context=8, layer_rows_s=(1.0, 2.0))
     assert linear.catch_up_s(index, exit_layers, N_LAYERS) == carried
-
-
-@torch.inference_mode()
-def _reference_copy_fill(model: EarlyExitModel, prompt: list[int], n_new: int, threshold: float
-                         ) -> tuple[list[int], list[int]]:
-    """kv_fill=copy by definition, cache-free: every step a forward over the whole sequence in which
-    a position whose token left at exit d enters every layer past d with its state at d (what those
-    layers output for it is dropped); the newest position goes as deep as its decision needs."""
-    n = model.num_layers
-    seq, out, exits = list(prompt), [], []
-    depth = [n] * (len(prompt) - 1)  # prompt positions before the last went through every layer
-    for _ in range(n_new):
-        frozen_from = torch.tensor(depth + [n])
-        h, states = model.embed(torch.tensor([seq])), {}
-        for j in range(n):
-            h = torch.where((frozen_from > j)[None, :, None], model.run_layers(h, j, j + 1), h)
-            states[j + 1] = h
-        token, layer = int(model.final_logits(states[n])[0, -1].argmax()), n
-        for exit_layer in model.exit_layers:
-            hidden = model.exit_hidden(exit_layer, states[exit_layer])[0, -1]
-            logits = torch.nn.functional.linear(hidden, model.head_weight(exit_layer)).float()
-            if float(logits.softmax(-1).max()) >= threshold:
-                token, layer = int(logits.argmax()), exit_layer
-                break
-        seq.append(token)
-        out.append(token)
-        exits.append(layer)
-        depth.append(layer)
-    return out, exits
-
-
-def test_copy_kv_fill_matches_its_cache_free_definition(ee: EarlyExitModel) -> None:
-    """kv_fill=copy: the layers a token skipped get its KV entries from its state where it left."""
-    engine = Engine(ee, max_seq_len=64)
-    seen: Counter[int] = Counter()
-    differs = 0
-    for seed in range(6):
-        prompt = _prompt(seed)
-        for threshold in MIXED_THRESHOLDS:
-            settings = DecodeSettings(mode="early_exit", threshold=threshold, max_new_tokens=14, kv_fill="copy")
-            result = engine.generate(prompt, settings)
-            assert (result.tokens, result.exit_layers) == _reference_copy_fill(ee, prompt, 14, threshold)
-            seen.update(result.exit_layers)
-            exact = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=threshold, max_new_tokens=14))
-            differs += exact.tokens != result.tokens
-    assert all(seen[layer] for layer in (1, 2, 3, N_LAYERS)), seen  # every exit and the final layer
-    assert differs > 0  # an approximation: it does change some outputs
-
-
-def test_copy_kv_fill_writes_what_each_layer_would_write() -> None:
-    """write_kv / FastBlock.write_kv store exactly the K/V entries of the block forward, module and fast path."""
-    backbone = _untied_llama()
-    gen = Generator(backbone, max_seq_len=16)
-    x = torch.randn(1, 5, backbone.tok_embeddings.embedding_dim)
-    span = gen.span(3, 5)
-    for i, layer in enumerate(backbone.layers):
-        forward, only_kv = LayerKVCache(1, layer.attn.num_kv_heads, 16, layer.attn.head_dim, dtype=torch.float32), \
-            LayerKVCache(1, layer.attn.num_kv_heads, 16, layer.attn.head_dim, dtype=torch.float32)
-        with torch.inference_mode():
-            layer_forward(layer, x, span, forward)
-            write_kv(layer, x, span, only_kv)
-            assert torch.equal(forward.k, only_kv.k) and torch.equal(forward.v, only_kv.v)
-            assert forward.k[:, :, 3:8].abs().sum() > 0
-            fast = FastBlock(layer)
-            fast_forward = LayerKVCache(1, layer.attn.num_kv_heads, 16, layer.attn.head_dim, dtype=torch.float32)
-            fast_only = LayerKVCache(1, layer.attn.num_kv_heads, 16, layer.attn.head_dim, dtype=torch.float32)
-            fast(x, span.input_pos, span.kv_len, span.mask, fast_forward)
-            fast.write_kv(x, span.input_pos, fast_only)
-            assert torch.equal(fast_forward.k, fast_only.k) and torch.equal(fast_forward.v, fast_only.v)
-            torch.testing.assert_close(fast_only.k, only_kv.k, atol=1e-5, rtol=0)
-
-
-def test_copy_kv_fill_in_a_continuous_batch_equals_alone(ee: EarlyExitModel) -> None:
-    settings = DecodeSettings(mode="early_exit", threshold=0.017, max_new_tokens=10, kv_fill="copy")
-    prompts = [_prompt(seed) for seed in range(3)]
-    engine = Engine(ee, max_seq_len=64)
-    alone = [engine.generate(p, settings) for p in prompts]
-    scheduler = BatchScheduler(engine, max_batch_size=3, max_seq_len=64)
-    batched = decode_all(scheduler, [BatchRequest(p, settings) for p in prompts])
-    assert [r.tokens for r in batched] == [r.tokens for r in alone]
-    assert [r.exit_layers for r in batched] == [r.exit_layers for r in alone]
 
 
 # A token order (most frequent first) for the `frequent` policy: its head keeps the first VOCAB / 8.

@@ -42,15 +42,11 @@ class ExitPolicyConfig:
     # self_speculative: end a draft early where the drafting exit's learned estimator puts its
     # agreement below this (adaptive draft length; needs exits.confidence). null: always draft_len.
     draft_confidence: Optional[float] = None
-    # early_exit: exact (the layers a token skipped get its KV entries by carrying it through them
-    # with the next deeper token: the model's own computation) | copy (at once, from its state where
-    # it left: CALM's state propagation, cheaper where multi-row layer calls are not free; approximate).
-    kv_fill: str = "exact"
 
     def validate_policy(self, section: str) -> None:
         """The policy's value checks, messages naming `section` (`generate.draft_len=0 ...`).
         Checks that need the model (is draft_exit an exit?) run where it is loaded."""
-        check_choices(self, section, "mode", "confidence", "draft_schedule", "kv_fill")
+        check_choices(self, section, "mode", "confidence", "draft_schedule")
         if not 1 <= self.draft_len <= MAX_DRAFT_LEN:
             raise EetuneError(f"{section}.draft_len={self.draft_len} must be in 1..{MAX_DRAFT_LEN}")
         if self.draft_vocab is not None and self.draft_vocab < 1:
