@@ -342,7 +342,7 @@ def _plot(results: list[dict], sets: list[str], out: Path, title: str) -> None:
 
 
 def _plot_set(ax, results: list[dict]) -> None:
-    for policy, marker in (("max_prob", "o"), ("learned", "s")):
+    for policy, marker in (("max_prob", "o"), ("learned", "s"), ("frequent", "D")):
         points = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy]
         if points:
             ax.plot([r["speedup_vs_full"] for r in points], [r["token_agreement_with_full"] for r in points],
