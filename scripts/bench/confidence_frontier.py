@@ -16,6 +16,7 @@ this machine), plus a measured frequent-token head per N, and the catch-up of sk
 (the held-out tokens replayed in order: a layer that carries pending positions costs what a
 layer over that many positions was timed at). Per policy, the frontier is the best
 modelled speedup at each agreement floor; the oracle (the shallowest agreeing exit) bounds them all.
+`what_if`: the oracle these costs would give exits that agreed more (how good must exits get?).
 Per-exit thresholds (one per exit, searched over a grid) are set beside one global threshold: do
 they buy enough to be worth a setting?
 
@@ -100,6 +101,28 @@ def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: 
         points.append({"thresholds": list(combo), "agreement": agreement,
                        "speedup": sequence_speedup(index, per_index, full_s, catch_up)})
     return points
+
+
+# Hypothetical agreement at each exit (nested: a token right at a shallow exit is right deeper).
+WHAT_IF = ((0.4, 0.5, 0.65), (0.5, 0.6, 0.75), (0.6, 0.7, 0.85), (0.75, 0.85, 0.95))
+
+
+def what_if(costs: Any, exits: list[int], num_layers: int, tokens: int = 20000, seed: int = 0) -> list[dict[str, Any]]:
+    """The oracle bound these costs would give exits agreeing that often (WHAT_IF, one agreement
+    per exit, for the first three exits): tokens drawn independently, the catch-up charged in order."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for agreement in WHAT_IF:
+        levels = list(agreement[: len(exits)])
+        index = [next((k for k, a in enumerate(levels) if u < a), len(exits))
+                 for u in (rng.random() for _ in range(tokens))]
+        fractions = [index.count(k) / tokens for k in range(len(exits) + 1)]
+        rows.append({"agreement": levels,
+                     "oracle": costs.sequence_speedup(index, exits, num_layers, "oracle"),
+                     "oracle_without_catch_up": costs.speedup(fractions, exits, num_layers, "oracle")})
+    return rows
 
 
 def best_at(points: list[dict[str, float]], floor: float) -> dict[str, float] | None:
@@ -194,6 +217,11 @@ def main() -> None:
     rows.append(["  catch-up free", *[f"{oracle['speedup_without_catch_up']:.2f}x"] * len(FLOORS)])
     print_table(console, f"Modelled speedup at an agreement floor, {len(final_top1)} held-out tokens, exits {exits}",
                 ["policy", *(f">= {floor:.0%}" for floor in FLOORS)], rows)
+    hypothetical = what_if(costs, exits, num_layers)
+    print_table(console, "The oracle bound of exits that agreed more, at these costs",
+                ["agreement at exits " + "/".join(map(str, exits[:3])), "oracle", "catch-up free"],
+                [["/".join(f"{a:.0%}" for a in row["agreement"]), f"{row['oracle']:.2f}x",
+                  f"{row['oracle_without_catch_up']:.2f}x"] for row in hypothetical])
     timing = {"layer_ms": costs.layer_s * 1e3, "head_ms": costs.head_s * 1e3, "final_ms": costs.final_s * 1e3,
               "layer_over_positions_ms": [s * 1e3 for s in costs.layer_rows_s],
               "frequent_head_ms": {str(n): s * 1e3 for n, s in vocab_s.items()},
@@ -207,7 +235,7 @@ def main() -> None:
         "benchmark": "confidence_frontier", "created": now_iso(), "machine": machine_info(),
         "args": vars(args) | {"out": str(args.out)}, "run_dir": str(run_dir), "exits": exits,
         "heldout_tokens": len(final_top1), "exit_agreement": agreement, "costs": timing,
-        "curves": curves, "oracle": oracle,
+        "curves": curves, "oracle": oracle, "what_if": hypothetical,
         "best": {name: {str(floor): best_at(points, floor) for floor in FLOORS} for name, points in curves.items()},
         "best_per_exit": {name: {str(floor): best_at(points, floor) for floor in FLOORS}
                           for name, points in per_exit.items()},

@@ -87,6 +87,19 @@ def test_confidence_frontier_costs_a_check_per_passed_exit_and_a_head_where_a_to
     assert per_exit[(1.0, 1.0)]["speedup"] == pytest.approx(1 / per_index[2])
 
 
+def test_confidence_frontier_what_if_is_the_oracle_of_exits_that_agree_that_often():
+    # Exits at 8 and 16 of 20 layers (a layer 1/32 s, head 0.25 s, final head 0.375 s, modules free).
+    rows = {tuple(r["agreement"]): r for r in confidence_frontier.what_if(COSTS, [8, 16], 20, tokens=4000)}
+    full = COSTS.full_token(20)
+    for agreement, row in rows.items():
+        # Leaving at 8 costs 8 layers + a head, at 16 16 layers + a head; catch-up free (unmeasured rows).
+        expected = agreement[0] * (0.25 + 0.25) + (agreement[1] - agreement[0]) * (0.5 + 0.25) + (1 - agreement[1]) * full
+        assert row["oracle_without_catch_up"] == pytest.approx(full / expected, rel=0.03)
+        assert row["oracle"] == pytest.approx(row["oracle_without_catch_up"])
+    carried = confidence_frontier.what_if(dataclasses.replace(COSTS, layer_rows_s=(1 / 32, 2 / 32)), [8, 16], 20)
+    assert all(r["oracle"] < r["oracle_without_catch_up"] for r in carried)
+
+
 def _row(concurrency, mode, max_batch_size, tokens_per_s, p95):
     return {"concurrency": concurrency, "mode": mode, "max_batch_size": max_batch_size, "requests": 4, "errors": 0,
             "tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / 64,
