@@ -8,7 +8,7 @@
 #      (ROUGE-L, F1, accuracy) per setting, and the calibrated threshold (eval.out_dir, not the run dir).
 #
 #   scripts/bench/builtin_report.sh [RUN_DIR (default builtin:smollm2_135m)] [OUT (default runs/bench/builtin)]
-#   PROMPTS=4 scripts/bench/builtin_report.sh     # fewer prompts per set (default 10)
+#   PROMPTS=4 scripts/bench/builtin_report.sh     # fewer prompts per set (default 6; ~25 min for decode on 2 cores)
 #
 # Run it on a quiet machine: every speed is a ratio within one run, but a busy core still blurs them.
 # Dtype: what `model.dtype=auto` picks on this CPU (bf16 only where the CPU has bf16 units).
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 RUN=${1:-builtin:smollm2_135m}
 OUT=${2:-runs/bench/builtin}
-PROMPTS=${PROMPTS:-10}
+PROMPTS=${PROMPTS:-6}
 DTYPE=$("$PY" -c "from eetune.models import native_dtype; print(native_dtype('cpu'))")
 # eval's held-out split needs the tuning data: the corpus parts the shipped exits were tuned on.
 DATA=${DATA:-runs/long/chat.jsonl}
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 step() { local name=$1; shift; local t0; t0=$(date +%s); echo "== $name"; "$@"; echo "   $name took $(( $(date +%s) - t0 )) s"; }
 
 step decode "$PY" scripts/bench/decode.py --run-dir "$RUN" --prompts "$PROMPTS" --new-tokens 128 \
-    --dtype "$DTYPE" --no-hf --policies learned,frequent --thresholds 0.9,0.8,0.7,0.6,0.4 \
+    --dtype "$DTYPE" --no-hf --policies learned,frequent --thresholds 0.9,0.8,0.6 \
     --spec 8:4,16:4,24:3 --draft-vocab 4096 --draft-confidence 0 --draft-schedules constant,adaptive \
     --prompt-sets bench,unseen --out "$OUT/decode"
 for dtype in float32 bfloat16; do
