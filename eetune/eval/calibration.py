@@ -95,9 +95,13 @@ def exits_digest(run_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_calibration(run_dir: str | Path, calibrations: Sequence[Calibration], measured_on: dict[str, Any]) -> Path:
-    """Record the calibrated thresholds in the run dir (atomically, replacing an older calibration)."""
-    path = Path(run_dir) / CALIBRATION_FILE
+def write_calibration(
+    run_dir: str | Path, calibrations: Sequence[Calibration], measured_on: dict[str, Any], *,
+    into: str | Path | None = None,
+) -> Path:
+    """Record the calibrated thresholds for the run dir's exits (atomically, replacing an older
+    calibration) in the run dir, or in `into` when the run dir is read-only (shipped exits)."""
+    path = Path(into if into is not None else run_dir) / CALIBRATION_FILE
     atomic_write_json(
         path,
         {

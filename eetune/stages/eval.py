@@ -167,7 +167,8 @@ def _evaluate(
     measured_on = calibration_source(cfg, prompts, rows, placement(base.model))
     # A shipped run dir is read-only: its calibration is the one it shipped with; this one goes beside the report.
     calibration_dir = out_dir if is_builtin(run_dir) else run_dir
-    calibration = write_calibration(calibration_dir, calibrations, measured_on) if calibrations else None
+    calibration = (write_calibration(run_dir, calibrations, measured_on, into=calibration_dir)
+                   if calibrations else None)
     print_summary(console, report, out_dir, plots, calibration)
     return EvalResult(out_dir, report, plots, calibration)
 

@@ -22,6 +22,7 @@ from eetune.eval.calibration import (
     calibrated_thresholds,
     CALIBRATION_FILE,
     Candidate,
+    exits_digest,
     load_calibrated_threshold,
     pick_threshold,
     write_calibration,
@@ -590,6 +591,28 @@ def test_eval_with_batch_size_3_reports_batch_1s_outputs(evaluated, soft_tiny, c
     assert "batch 3 (full and early_exit decode 3 prompts together" in (result.out_dir / "report.md").read_text()
     measured = json.loads((run_dir / CALIBRATION_FILE).read_text())["measured_on"]
     assert measured["engine"] == {"decoding": "greedy", "batch_size": 3}
+
+
+def test_eval_of_shipped_exits_writes_its_calibration_beside_the_report(
+    soft_tiny, corpus, tuned_run, tmp_path, monkeypatch
+):
+    """A shipped (read-only) run dir is left untouched; the calibration for its exits goes to eval.out_dir."""
+    import eetune.stages.eval as eval_stage
+
+    run_dir = tmp_path / "shipped"
+    shutil.copytree(tuned_run, run_dir)
+    (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)
+    monkeypatch.setattr(eval_stage, "is_builtin", lambda path: Path(path).resolve() == run_dir.resolve())
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = stage.run(compose_config("eval", [
+        f"model.checkpoint_dir={soft_tiny}", f"run_dir={run_dir}", *data_overrides(corpus),
+        "eval.thresholds=[1.0,0.3]", "eval.max_items=1", "eval.max_new_tokens=4", "eval.timing_repeats=1",
+        "eval.target_agreement=0.5", "eval.self_speculative=false", f"eval.out_dir={tmp_path / 'out'}",
+    ]))
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert result.calibration == tmp_path / "out" / CALIBRATION_FILE
+    written = json.loads(result.calibration.read_text())
+    assert written["exits_sha256"] == exits_digest(run_dir)  # the shipped exits', not the report folder's
 
 
 def test_two_calibrations_with_different_seeds_pick_the_same_threshold(soft_tiny, corpus, tuned_run, tmp_path):
