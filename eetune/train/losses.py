@@ -360,7 +360,6 @@ def _exit_chunk(
     hidden: torch.Tensor,
     head: torch.Tensor,
     targets: torch.Tensor,
-    valid: torch.Tensor,
     teacher: Optional[_TeacherChunk],
     buffers: _Buffers,
     args: _Args,
@@ -370,9 +369,8 @@ def _exit_chunk(
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """One exit on one chunk: (dloss/dlogits [C, V] fp32 or None, stats [5], argmax [C] or None).
 
-    `targets` has ignored positions replaced by 0 (so indexing stays in range); `valid` (fp32 0/1)
-    masks them out of every sum and gradient. The logits buffer is overwritten in place by the
-    softmax and then the gradient, which stays valid until the next exit reuses the buffer. The
+    Every row has a target (the caller leaves ignored positions out). The logits buffer is
+    overwritten in place by the softmax and then the gradient, which stays valid until the next exit reuses the buffer. The
     argmax (a slow indexed pass) is computed only when returned or needed for teacher agreement.
     """
     alpha, temp, vocab = args.kd_alpha, args.temperature, args.vocab
@@ -404,13 +402,13 @@ def _exit_chunk(
         # KL(q || p_T) = sum q log q - sum q z / T + logsumexp(z / T)
         kd = temp * temp * (teacher.neg_entropy - kd_dot / temp + (lse if lse_temp is None else lse_temp))
         loss = (1.0 - alpha) * ce + alpha * kd if alpha > 0 else ce
-        stats[_KD] = (valid * kd).sum()
+        stats[_KD] = kd.sum()
         assert top1 is not None  # always computed with a teacher
-        stats[_AGREE] = (valid * (top1 == teacher.top1)).sum()
-    token_weight = valid * max_prob if args.dynamic else valid  # detached by construction
+        stats[_AGREE] = (top1 == teacher.top1).sum()
+    token_weight = max_prob if args.dynamic else torch.ones_like(max_prob)  # detached by construction
     stats[_WEIGHTED] = exit_weight * (token_weight * loss).sum() / args.normalizer
-    stats[_CE] = (valid * ce).sum()
-    stats[_MAX_PROB] = (valid * max_prob).sum()
+    stats[_CE] = ce.sum()
+    stats[_MAX_PROB] = max_prob.sum()
     if not want_grad:
         return None, stats, top1
 
@@ -476,7 +474,6 @@ class _FusedExitLoss(torch.autograd.Function):
             end = min(start + args.chunk_size, num_rows)
             where = rows[start:end]
             y = take(args.targets, start, end)
-            valid = torch.ones(end - start, dtype=torch.float32, device=device)
             teacher = None
             if args.teacher_hidden is not None and args.teacher_head is not None:
                 teacher = _teacher_chunk(take(args.teacher_hidden, start, end), args.teacher_head, buffers, args.vocab)
@@ -487,7 +484,7 @@ class _FusedExitLoss(torch.autograd.Function):
                 h, w = take(hiddens[i], start, end), heads[slot]
                 gh, gw = grad_h[i], grad_w[slot]
                 grad_z, chunk_stats, top1 = _exit_chunk(
-                    h, w, y, valid, teacher, buffers, args, args.exit_weights[i],
+                    h, w, y, teacher, buffers, args, args.exit_weights[i],
                     want_grad=gh is not None or gw is not None, want_top1=want_top1,
                 )
                 sums[i] += chunk_stats
