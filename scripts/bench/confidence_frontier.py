@@ -203,8 +203,7 @@ def main() -> None:
     fractions = exit_fractions(index, len(exits))
     oracle = {"agreement": float((chosen(top1, index) == final_top1).float().mean()), "fractions": fractions,
               "speedup": sequence_speedup(index, costs.index_costs(exits, num_layers, "oracle"), full_s, catch_up),
-              "speedup_without_catch_up": full_s / sum(
-                  f * c for f, c in zip(fractions, costs.index_costs(exits, num_layers, "oracle")))}
+              "speedup_without_catch_up": costs.speedup(fractions, exits, num_layers, "oracle")}
 
     rows = []
     for name, points in curves.items():
