@@ -28,9 +28,10 @@ Writes confidence_frontier.json and confidence_frontier.png (agreement against m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
@@ -48,28 +49,10 @@ def frequent_confidence(hidden: torch.Tensor, head: torch.Tensor, kept: torch.Te
     return (logits.amax(-1) - logits.logsumexp(-1)).exp()
 
 
-def policy_costs(costs: Any, exits: list[int], num_layers: int, check_s: float, leave_s: float) -> list[float]:
-    """Seconds of a token leaving at exit index k (E: the final layer) when each passed exit costs its
-    module plus `check_s`, and the exit it leaves at `leave_s` more (the head that picks its token)."""
-    out = []
-    for k in range(len(exits) + 1):
-        depth = exits[k] if k < len(exits) else num_layers
-        checks = sum(costs.exit_s[layer] + check_s for layer in exits[: k + 1])
-        out.append(depth * costs.layer_s + checks + (leave_s if k < len(exits) else costs.final_s))
-    return out
-
-
-CatchUp = Callable[[list[int]], float]  # seconds the catch-up adds to a token sequence's exit indices
-
-
-def sequence_speedup(index: torch.Tensor, per_index: list[float], full_s: float, catch_up: CatchUp) -> float:
-    order = index.tolist()
-    return full_s * len(order) / (sum(per_index[k] for k in order) + catch_up(order))
-
-
-def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, per_index: list[float],
-             full_s: float, catch_up: CatchUp) -> list[dict[str, float]]:
-    """(threshold, agreement, speedup) for every threshold; confidence [E, T], top1 [E + 1, T]."""
+def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, costs: Any,
+             exits: list[int], num_layers: int, policy: str) -> list[dict[str, float]]:
+    """(threshold, agreement, speedup) for every threshold; confidence [E, T], top1 [E + 1, T];
+    speedups from `costs` (eval's Costs) for `policy`, the catch-up charged in token order."""
     from eetune.eval.metrics import chosen, exit_fractions
     from eetune.infer.policy import first_confident
 
@@ -78,15 +61,16 @@ def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Ten
         index = first_confident(confidence, t)
         fractions = exit_fractions(index, confidence.shape[0])
         points.append({"threshold": t, "agreement": float((chosen(top1, index) == final_top1).float().mean()),
-                       "speedup": sequence_speedup(index, per_index, full_s, catch_up), "fractions": fractions})
+                       "speedup": costs.sequence_speedup(index.tolist(), exits, num_layers, policy),
+                       "fractions": fractions})
     return points
 
 
 PER_EXIT_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]
 
 
-def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, per_index: list[float],
-                      full_s: float, catch_up: CatchUp) -> list[dict[str, Any]]:
+def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, costs: Any,
+                      exits: list[int], num_layers: int, policy: str) -> list[dict[str, Any]]:
     """(thresholds, agreement, speedup) for every combination of one threshold per exit from
     PER_EXIT_GRID (1.0: that exit never fires); the decision is still the first exit that fires."""
     import itertools
@@ -99,7 +83,7 @@ def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: 
         index = torch.where(fires.any(0), fires.int().argmax(0), torch.full((num_tokens,), num_exits))
         agreement = float((top1.gather(0, index[None])[0] == final_top1).float().mean())
         points.append({"thresholds": list(combo), "agreement": agreement,
-                       "speedup": sequence_speedup(index, per_index, full_s, catch_up)})
+                       "speedup": costs.sequence_speedup(index.tolist(), exits, num_layers, policy)})
     return points
 
 
@@ -179,30 +163,26 @@ def main() -> None:
 
     top1 = torch.stack([stats.layers[layer].top1 for layer in [*exits, num_layers]])
     final_top1 = stats.layers[num_layers].top1
-    full_s = costs.full_token(num_layers)
-    # Per policy: confidence [exit, token] and the cost of a token leaving at each exit index.
-    policies: dict[str, tuple[torch.Tensor, list[float]]] = {}
+    # Per policy: confidence [exit, token], the costs it is charged with, and its name in Costs.
+    policies: dict[str, tuple[torch.Tensor, Any, str]] = {}
     for name in ("max_prob", "learned"):
         if all(name in stats.layers[layer].confidence for layer in exits):
-            policies[name] = (torch.stack([stats.layers[layer].confidence[name] for layer in exits]),
-                              costs.index_costs(exits, num_layers, name))
+            policies[name] = (torch.stack([stats.layers[layer].confidence[name] for layer in exits]), costs, name)
     for n, check_s in vocab_s.items():
         policies[f"frequent_{n}"] = (
             torch.stack([frequent_confidence(hidden[layer], model.head_weight(layer), order[:n]) for layer in exits]),
-            policy_costs(costs, exits, num_layers, check_s, costs.head_s),
+            dataclasses.replace(costs, frequent_head_s=check_s),
+            "frequent",
         )
-    def catch_up(order: list[int]) -> float:
-        return costs.catch_up_s(order, exits, num_layers)
-
-    curves = {name: frontier(conf, top1, final_top1, per_index, full_s, catch_up)
-              for name, (conf, per_index) in policies.items()}
-    per_exit = {name: per_exit_frontier(conf, top1, final_top1, per_index, full_s, catch_up)
-                for name, (conf, per_index) in policies.items()}
+    curves = {name: frontier(conf, top1, final_top1, policy_costs, exits, num_layers, policy)
+              for name, (conf, policy_costs, policy) in policies.items()}
+    per_exit = {name: per_exit_frontier(conf, top1, final_top1, policy_costs, exits, num_layers, policy)
+                for name, (conf, policy_costs, policy) in policies.items()}
     agrees = torch.stack([stats.agrees(layer) for layer in exits])
     index = oracle_exit(agrees)
     fractions = exit_fractions(index, len(exits))
     oracle = {"agreement": float((chosen(top1, index) == final_top1).float().mean()), "fractions": fractions,
-              "speedup": sequence_speedup(index, costs.index_costs(exits, num_layers, "oracle"), full_s, catch_up),
+              "speedup": costs.sequence_speedup(index.tolist(), exits, num_layers, "oracle"),
               "speedup_without_catch_up": costs.speedup(fractions, exits, num_layers, "oracle")}
 
     rows = []

@@ -54,31 +54,29 @@ def test_exit_costs_charge_max_prob_a_head_per_check_and_learned_only_where_it_l
 def test_confidence_frontier_costs_a_check_per_passed_exit_and_a_head_where_a_token_leaves():
     import torch
 
-    # Exit 8 leaves after 8 layers (0.25), exit 16 after 16 (0.5); each passed check 0.05, the head 0.25.
-    per_index = confidence_frontier.policy_costs(COSTS, [8, 16], 20, check_s=0.05, leave_s=0.25)
+    # Exit 8 leaves after 8 layers (0.25), exit 16 after 16 (0.5); each passed check (a frequent-token
+    # head) 0.05, the whole head 0.25 where a token leaves.
+    costs = dataclasses.replace(COSTS, frequent_head_s=0.05)
+    per_index = costs.index_costs([8, 16], 20, "frequent")
     assert per_index == pytest.approx([0.55, 0.85, 20 / 32 + 0.1 + 0.375])
     confidence = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.95, 0.1]])  # [exit, token]
     top1 = torch.tensor([[1, 2, 3], [1, 5, 3], [1, 5, 4]])  # [exit 8, exit 16, final] x token
-    def free(order):
-        return 0.0
-
-    points = confidence_frontier.frontier(confidence, top1, top1[2], per_index, full_s=1.0, catch_up=free)
+    points = confidence_frontier.frontier(confidence, top1, top1[2], costs, [8, 16], 20, "frequent")
     at_half = next(p for p in points if p["threshold"] == 0.5)
     # Tokens leave at 8, 16, 8; the third disagrees with the final layer.
     assert at_half["fractions"] == pytest.approx([2 / 3, 1 / 3, 0.0])
     assert at_half["agreement"] == pytest.approx(2 / 3)
     assert at_half["speedup"] == pytest.approx(1 / (2 / 3 * 0.55 + 1 / 3 * 0.85))
     # A layer over 2 positions costing 2 layers: token 2 carries token 1's position through layers 9-16.
-    linear = dataclasses.replace(COSTS, layer_rows_s=(1 / 32, 2 / 32))
-    points = confidence_frontier.frontier(confidence, top1, top1[2], per_index, full_s=1.0,
-                                          catch_up=lambda order: linear.catch_up_s(order, [8, 16], 20))
+    linear = dataclasses.replace(costs, layer_rows_s=(1 / 32, 2 / 32))
+    points = confidence_frontier.frontier(confidence, top1, top1[2], linear, [8, 16], 20, "frequent")
     carried = next(p for p in points if p["threshold"] == 0.5)
     assert carried["speedup"] == pytest.approx(3 / (0.55 + 0.85 + 0.55 + 8 / 32))
     assert confidence_frontier.best_at(points, 1.0)["threshold"] > 0.5  # only stricter thresholds agree fully
     assert confidence_frontier.best_at(points, 1.01) is None
     # One threshold per exit: the same one everywhere is the global threshold's point; 1.0 shuts an exit.
     per_exit = {tuple(p["thresholds"]): p for p in
-                confidence_frontier.per_exit_frontier(confidence, top1, top1[2], per_index, full_s=1.0, catch_up=free)}
+                confidence_frontier.per_exit_frontier(confidence, top1, top1[2], costs, [8, 16], 20, "frequent")}
     assert per_exit[(0.5, 0.5)]["speedup"] == pytest.approx(at_half["speedup"])
     assert per_exit[(0.5, 0.5)]["agreement"] == pytest.approx(at_half["agreement"])
     # Exit 8 at 0.9 (token 1 only), exit 16 at 0.5 (token 2): all three agree, faster than full.
