@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 EETUNE=.venv/bin/eetune
 RUN=runs/demo-$(date +%Y%m%d-%H%M%S)
 # Step 6's settings for the shipped exits (the README's decode table has the full sweep).
+DEMO_POLICY=frequent
 DEMO_THRESHOLDS=0.9
-DEMO_SPEC=16:4
+DEMO_SPEC=8:4
 start=$(date +%s)
 # The recipes say model.dtype=auto: bf16 where the CPU computes it natively; elsewhere (AVX2-only CPUs)
 # torch's bf16 matmuls are slow over many rows and imprecise enough to change greedy replies.
@@ -34,7 +35,7 @@ $EETUNE eval recipe=smollm2_135m_quickstart run_dir="$RUN/tune" eval=quick eval.
 echo "== 6/6 shipped exits: builtin:smollm2_135m (tuned on SmolLM2's own chat answers) in early_exit and"
 echo "   self_speculative mode beside full, on chat prompts about topics no tuning prompt touched"
 .venv/bin/python scripts/bench/decode.py --run-dir builtin:smollm2_135m --prompt-sets unseen --prompts 2 \
-    --new-tokens 48 --no-hf --dtype "$DTYPE" --policies learned --thresholds "$DEMO_THRESHOLDS" \
+    --new-tokens 48 --no-hf --dtype "$DTYPE" --policies "$DEMO_POLICY" --thresholds "$DEMO_THRESHOLDS" \
     --spec "$DEMO_SPEC" --draft-vocab 4096 --draft-confidence 0 --draft-schedules constant,adaptive \
     --out "$RUN/shipped"
 

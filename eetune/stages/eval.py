@@ -148,9 +148,11 @@ def _evaluate(
         prompts=prompts,
     )
     calibrations = calibrations_from_sweep(cfg, rows) if cfg.eval.calibrate else []
+    # A shipped run dir is read-only: its calibration is the one it shipped with; this one goes beside the report.
+    calibration_dir = out_dir if is_builtin(run_dir) else run_dir
     if calibrations:
         report["calibration"] = {
-            "path": str(run_dir / CALIBRATION_FILE), "target_agreement": cfg.eval.target_agreement,
+            "path": str(calibration_dir / CALIBRATION_FILE), "target_agreement": cfg.eval.target_agreement,
             "thresholds": {c.confidence: asdict(c) for c in calibrations},
         }
     report["elapsed_s"] = time.perf_counter() - started
@@ -165,8 +167,6 @@ def _evaluate(
     plots = {key: out_dir / path.name for key, path in plots.items()}
     # Recorded once the report exists: a failed eval leaves the previous calibration in place.
     measured_on = calibration_source(cfg, prompts, rows, placement(base.model))
-    # A shipped run dir is read-only: its calibration is the one it shipped with; this one goes beside the report.
-    calibration_dir = out_dir if is_builtin(run_dir) else run_dir
     calibration = (write_calibration(run_dir, calibrations, measured_on, into=calibration_dir)
                    if calibrations else None)
     print_summary(console, report, out_dir, plots, calibration)

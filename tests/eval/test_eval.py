@@ -611,6 +611,7 @@ def test_eval_of_shipped_exits_writes_its_calibration_beside_the_report(
     ]))
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert result.calibration == tmp_path / "out" / CALIBRATION_FILE
+    assert result.report["calibration"]["path"] == str(result.calibration)  # what report.md says
     written = json.loads(result.calibration.read_text())
     assert written["exits_sha256"] == exits_digest(run_dir)  # the shipped exits', not the report folder's
 

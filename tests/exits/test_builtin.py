@@ -17,11 +17,15 @@ from eetune.config import compose_config
 from eetune.errors import EetuneError
 from eetune.eval.heldout import heldout_quality
 from eetune.exits import load_exits
+from eetune.models import native_dtype
 from eetune.rundir import BUILTIN_ROOT, builtin_names, resolve_run_dir
 from eetune.stages import tune
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = builtin_names()
+# bf16 matmuls round in an order that depends on the CPU's kernels (AMX, AVX-512). On the CPU kind
+# that tuned the shipped exits the replay is exact; another seed moves the first loss by 1.9%.
+BF16_FIRST_LOSS_REL = 2e-3
 
 
 def test_smollm2_exits_are_shipped_within_20_mb() -> None:
@@ -55,7 +59,8 @@ def test_shipped_exits_reproduce_their_heldout_agreement(name: str, smollm2) -> 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_the_recipe_reproduces_the_shipped_runs_first_loss(name: str, smollm2_dir: Path, tmp_path: Path) -> None:
     """Rebuilding the tuning data from the recorded corpus parts (its sha256 checked) and running
-    the recorded config's first step from the recorded seed gives the recorded first loss."""
+    the recorded config's first step from the recorded seed gives the recorded first loss: to 1e-4
+    in float32; a run tuned in bf16 to BF16_FIRST_LOSS_REL, on a CPU that computes bf16 natively."""
     folder = BUILTIN_ROOT / name
     shipped = json.loads((folder / "manifest.json").read_text())["shipped"]
     data = tmp_path / "data.jsonl"
@@ -67,6 +72,8 @@ def test_the_recipe_reproduces_the_shipped_runs_first_loss(name: str, smollm2_di
 
     assert hashlib.sha256(data.read_bytes()).hexdigest() == shipped["data"]["sha256"]
     recorded = OmegaConf.load(folder / "config.yaml")
+    if recorded.model.dtype == "bfloat16" and native_dtype("cpu") != "bfloat16":
+        pytest.skip("tuned in bf16: without bf16 units this CPU computes it through slow emulated kernels")
     recorded.model.checkpoint_dir = str(smollm2_dir)
     recorded.data.path = str(data)
     recorded.train.init_from = None  # the exits are built from the recorded `exits` and seed, as augment did
@@ -85,7 +92,8 @@ def test_the_recipe_reproduces_the_shipped_runs_first_loss(name: str, smollm2_di
     tune.run(to_typed(OmegaConf.load(cfg_file)))
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert first["step"] == 1
-    assert first["loss"] == pytest.approx(shipped["first_losses"][0]["loss"], rel=1e-4)
+    rel = 1e-4 if recorded.model.dtype == "float32" else BF16_FIRST_LOSS_REL
+    assert first["loss"] == pytest.approx(shipped["first_losses"][0]["loss"], rel=rel)
 
 
 def test_builtin_names_resolve_and_bad_ones_say_what_is_shipped() -> None:
