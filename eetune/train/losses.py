@@ -370,8 +370,9 @@ def _exit_chunk(
     """One exit on one chunk: (dloss/dlogits [C, V] fp32 or None, stats [5], argmax [C] or None).
 
     Every row has a target (the caller leaves ignored positions out). The logits buffer is
-    overwritten in place by the softmax and then the gradient, which stays valid until the next exit reuses the buffer. The
-    argmax (a slow indexed pass) is computed only when returned or needed for teacher agreement.
+    overwritten in place by the softmax and then the gradient, which stays valid until the next
+    exit reuses the buffer. The argmax (a slow indexed pass) is computed only when returned or
+    needed for teacher agreement.
     """
     alpha, temp, vocab = args.kd_alpha, args.temperature, args.vocab
     z = buffers.logits_of(hidden, head, buffers.logits)
