@@ -11,7 +11,9 @@ The corpus grows batch by batch: each batch's records are appended with one writ
 durable before the next batch starts, and every record names its batch. `resume=true`
 continues an interrupted run, dropping a batch that was cut off mid-write; batch `b` always
 holds the same items sampled with the same seed, so a resumed corpus equals an uninterrupted
-one. Raising `distill.max_tokens` on resume extends a finished corpus.
+one. Raising `distill.max_tokens` on resume extends a finished corpus. `model.dtype` may change
+on resume (float32 begun on one CPU, bf16 where AMX makes batches cheaper): the meta records
+from which batch on each dtype decoded.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ QUESTION_MAX_TOKENS = 64
 MAX_PROMPT_TOKENS = 256
 # Settings a resumed corpus may change without changing what its batches hold.
 RESUMABLE_KEYS = ("max_tokens",)
+# The meta's record of the dtype each run of batches was decoded in ({first batch: dtype}): a
+# corpus may continue in another dtype (float32 begun on an AVX2 CPU, bf16 on one with AMX).
+DTYPE_SEGMENTS = "dtype_from_batch"
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -269,12 +274,29 @@ def _check_resume(out: Path, cfg: EetuneConfig) -> None:
     for key in RESUMABLE_KEYS:
         old["distill"].pop(key, None)
         new["distill"].pop(key, None)
+    for settings in (old, new):
+        for key in ("dtype", DTYPE_SEGMENTS):
+            settings.pop(key, None)
     changed = changed_keys(old, new)
     if changed:
         raise EetuneError(
-            f"cannot resume {out}: its settings differ ({', '.join(changed)}); only distill.max_tokens may change "
-            "on resume; resume with the original settings or choose another distill.out"
+            f"cannot resume {out}: its settings differ ({', '.join(changed)}); only distill.max_tokens and "
+            "model.dtype may change on resume; resume with the original settings or choose another distill.out"
         )
+
+
+def _record_dtype(out: Path, first_batch: int, dtype: str) -> None:
+    """Note in the meta that batches from `first_batch` on are decoded in `dtype` (if that changes)."""
+    path = _meta_path(out)
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    segments = meta.get(DTYPE_SEGMENTS, {"0": meta["dtype"]})
+    if segments[max(segments, key=int)] == dtype:
+        return
+    # A segment begun at or after `first_batch` holds no batch yet: this run replaces it.
+    kept = {k: v for k, v in segments.items() if int(k) < first_batch}
+    if not kept or kept[max(kept, key=int)] != dtype:
+        kept[str(first_batch)] = dtype
+    atomic_write_json(path, {**meta, DTYPE_SEGMENTS: kept})
 
 
 def gather_prompts(d: DistillConfig, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
@@ -340,6 +362,7 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
     if out.stat().st_size > good_bytes:
         console.print(f"distill: dropping an incomplete batch at the end of {out}")
         os.truncate(out, good_bytes)
+    _record_dtype(out, done, cfg.model.dtype)
 
     budget = d.max_tokens
     start_tokens, t0 = tokens, time.perf_counter()

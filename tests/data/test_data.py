@@ -507,6 +507,31 @@ def test_distill_resumes_after_an_interruption_to_the_same_corpus(
     assert out.read_text(encoding="utf-8") == whole.read_text(encoding="utf-8")
 
 
+def test_distill_resumes_in_another_dtype_and_records_where(
+    tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    out, meta = tmp_path / "mixed.jsonl", tmp_path / "mixed.jsonl.meta.json"
+    common = ("distill.batch_size=2", "distill.samples_per_prompt=2")  # 6 items: 3 batches
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=1"))
+    assert len(_records(out)) == 2 and distill.DTYPE_SEGMENTS not in json.loads(meta.read_text())
+    # Same dtype: nothing recorded. Another dtype: from the next batch on.
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=1", "resume=true"))
+    assert distill.DTYPE_SEGMENTS not in json.loads(meta.read_text())
+    bf16 = ("model.dtype=bfloat16", "resume=true")
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=1", *bf16))
+    assert json.loads(meta.read_text())[distill.DTYPE_SEGMENTS] == {"0": "float32", "1": "bfloat16"}
+    # Back to float32 before any bf16 batch was written: the empty bf16 segment goes.
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=1", "resume=true"))
+    assert json.loads(meta.read_text())[distill.DTYPE_SEGMENTS] == {"0": "float32"}
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, *bf16))
+    assert json.loads(meta.read_text())[distill.DTYPE_SEGMENTS] == {"0": "float32", "1": "bfloat16"}
+    assert len(_records(out)) == 6
+    # Any other setting still may not change.
+    with pytest.raises(EetuneError, match=r"settings differ \(distill.temperature\)"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, *bf16, "distill.temperature=1.0"))
+
+
 def test_distill_token_budget_stops_and_extends(
     tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
