@@ -271,6 +271,26 @@ def test_top_p_sampling_draws_from_the_processed_distribution(params: SamplingPa
         assert chi2 < dof + 5 * math.sqrt(2 * dof), (row, chi2, dof)
 
 
+def test_top_p_first_look_draws_the_token_the_wide_look_draws(monkeypatch) -> None:
+    """The small first look at the candidates must not change what a seed picks: the same
+    token as looking at all NUCLEUS_CANDIDATES at once, whether the first look held the nucleus."""
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.7, top_p=0.95)
+    first_look_held = 0
+    for trial in range(60):
+        logits = torch.randn(1, 4096, generator=g) * (2.0 + trial % 4)
+        t = sampling._tempered(logits, params.temperature)
+        top = (t.topk(sampling.NUCLEUS_FIRST_LOOK).values - t.logsumexp(-1, keepdim=True)).exp()
+        first_look_held += int(top.sum() >= params.top_p)
+        for seed in range(4):
+            staged = sample(logits, params, make_rng(seed))
+            monkeypatch.setattr(sampling, "NUCLEUS_FIRST_LOOK", sampling.NUCLEUS_CANDIDATES)
+            wide = sample(logits, params, make_rng(seed))
+            monkeypatch.undo()
+            assert torch.equal(staged, wide), (trial, seed)
+    assert 10 < first_look_held < 50  # both paths ran
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_blocks_equal_the_module_path_bit_for_bit(dtype: torch.dtype) -> None:
     model = _tiny_llama().to(dtype)
