@@ -167,14 +167,16 @@ def _sample_nucleus(logits: Tensor, params: SamplingParams, rng: torch.Generator
     logits = _tempered(logits.float(), params.temperature)
     vocab = logits.shape[-1]
     k = min(NUCLEUS_CANDIDATES, vocab, params.top_k or vocab)
-    for look in dict.fromkeys((min(NUCLEUS_FIRST_LOOK, k), k)):
+    top_k_first = params.top_k is not None and params.top_k <= k
+    # Top-k first: its softmax needs all k candidates, so there is no smaller first look.
+    looks = (k,) if top_k_first else dict.fromkeys((min(NUCLEUS_FIRST_LOOK, k), k))
+    log_total = None if top_k_first else logits.logsumexp(-1, keepdim=True)  # once for both looks
+    for look in looks:
         top, ids = logits.topk(look, dim=-1)  # sorted, most likely first
-        if params.top_k is not None and params.top_k <= k:
-            if look < k:
-                continue  # top-k first: its softmax needs all k candidates
+        if top_k_first:
             probs = top.softmax(-1)  # top-k first, then top-p within it, as `probabilities` does
         else:
-            probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
+            probs = (top - log_total).exp()
         cumulative = probs.cumsum(-1)
         if bool((cumulative[..., -1] >= params.top_p).all()):
             break
