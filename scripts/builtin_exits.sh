@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the exits shipped as builtin:smollm2_135m, from the committed corpus parts alone:
-#   1. the tuning data: corpus parts 000-004 (895,001 answer tokens), restored byte for byte;
+#   1. the tuning data: corpus parts 000-008 (3,006,009 answer tokens), restored byte for byte;
 #   2. recipe smollm2_135m_chat on it (1500 steps at most; stops once held-out CE is flat);
 #   3. scripts/ship_exits.py: bf16 exits + manifest (config, data sha256, git revision) into eetune/.
 # Each run continues where the last one stopped (the tune checkpoints every 50 steps and its
@@ -15,9 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-RUN=${RUN:-runs/long/tune}
-DATA=${DATA:-runs/long/chat.jsonl}
-PARTS=(scripts/corpus/smollm2_chat/part-00{0,1,2,3,4}.jsonl.gz)
+RUN=${RUN:-runs/builtin/tune}
+DATA=${DATA:-runs/builtin/chat.jsonl}
+PARTS=(scripts/corpus/smollm2_chat/part-00{0,1,2,3,4,5,6,7,8}.jsonl.gz)
 SHIP=true
 if [ "${1:-}" = "--tune-only" ]; then SHIP=false; shift; fi
 
@@ -27,5 +27,5 @@ RESUME=false
 "$PY" -m eetune tune recipe=smollm2_135m_chat data.path="$DATA" run_dir="$RUN" resume=$RESUME "$@"
 if $SHIP; then
   "$PY" scripts/ship_exits.py --run-dir "$RUN" --name smollm2_135m --data-parts "${PARTS[@]}" \
-    --note "smollm2_135m_chat on the chat corpus parts 000-004 (895,001 answer tokens); scripts/builtin_exits.sh"
+    --note "smollm2_135m_chat on the chat corpus parts 000-008 (3,006,009 answer tokens); scripts/builtin_exits.sh"
 fi
