@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": "bfloat16",
         "data": {"path": cfg.data.path, "sha256": data_hash, "rebuild_from": [str(p) for p in args.data_parts]},
         "seed": cfg.seed,
-        "tokens_seen": next((m["tokens_seen"] for m in reversed(metrics) if "tokens_seen" in m), None),
+        "tokens_seen": manifest.get("tune", {}).get("tokens_seen"),
         "steps": max((m["step"] for m in metrics if "loss" in m), default=0),
         "first_losses": losses,
         "heldout": {str(layer): {"cross_entropy": q.cross_entropy, "agreement": q.agreement}
