@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"
 import confidence_frontier  # noqa: E402
 import decode_profile  # noqa: E402
 import serve_load  # noqa: E402
+import tuning_curves  # noqa: E402
 
 from eetune.eval.timing import Costs  # noqa: E402
 
@@ -157,3 +158,39 @@ def test_serve_load_plot_and_table(tmp_path):
     serve_load.print_report(console, cases, settings, 30)
     text = console.export_text()
     assert "vs mbs1" in text and "3.00x" in text
+
+
+def _tune_run(run_dir: Path, batch_size: int, evaluations: dict[int, float]) -> Path:
+    """A run dir as tune leaves it: config.yaml and metrics.jsonl with held-out evaluations."""
+    import json
+
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"data:\n  batch_size: {batch_size}\n  seq_len: 256\noptim:\n  grad_accum: 2\n")
+    lines = []
+    for step, agreement in evaluations.items():
+        lines.append({"step": step, "loss": 1.0})  # a training step: no held-out keys
+        lines.append({"step": step, "heldout_agreement/exit_8": agreement, "heldout_ce/exit_8": 4.0 - agreement,
+                      "heldout_agreement/exit_30": 1.0, "heldout_ce/exit_30": 1.7})
+    lines.append({"step": max(evaluations), "heldout_agreement/exit_8": 0.5, "heldout_ce/exit_8": 3.5,
+                  "heldout_agreement/exit_30": 1.0, "heldout_ce/exit_30": 1.7})  # the final record repeats the step
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run_dir
+
+
+def test_tuning_curves_puts_runs_on_tokens_seen_and_keeps_each_steps_last_evaluation(tmp_path):
+    import json
+
+    small = _tune_run(tmp_path / "small", 8, {0: 0.0, 50: 0.3, 100: 0.4})
+    big = _tune_run(tmp_path / "big", 4, {0: 0.0, 100: 0.35})
+    tuning_curves.main(["--run", f"small=x2={small}", "--run", f"big={big}", "--out", str(tmp_path / "out")])
+    runs = json.loads((tmp_path / "out" / "tuning_curves.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["small=x2", "big"]  # a label may hold '='; the path follows the last
+    assert [r["tokens_per_step"] for r in runs] == [8 * 256 * 2, 4 * 256 * 2]
+    assert [(p["step"], p["tokens_seen"], p["agreement"]["8"]) for p in runs[0]["curve"]] == [
+        (0, 0, 0.0), (50, 50 * 4096, 0.3), (100, 100 * 4096, 0.5)]
+    table = (tmp_path / "out" / "tuning_curves.md").read_text()
+    assert "| exit 8 |" in table and "exit 30" not in table  # the final layer is the reference, not a column
+    assert "| big | 100 | 0.20M | 50.0% (3.50) |" in table
+    assert (tmp_path / "out" / "tuning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        tuning_curves.main(["--run", str(big), "--out", str(tmp_path / "out")])  # no label
