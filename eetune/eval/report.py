@@ -107,6 +107,13 @@ def costs_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["piece (batch 1, one token)", "ms"], rows
 
 
+# How each `data.heldout_by` split was made, as the report says it.
+HELDOUT_SPLITS = {
+    "tail": "the tail of the tuning data, which tuning never saw",
+    "prompt": "from documents held out by prompt: tuning saw no sample of these prompts",
+}
+
+
 def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     sweep = report["sweep_info"]
     held = report["heldout"]
@@ -126,7 +133,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         f"![exit-layer histogram]({plots['exit_histogram']})",
         "## Per-exit quality on held-out text",
         f"{held['tokens']} held-out tokens ({held['sequences']} sequences of {held['seq_len']}), "
-        "the tail of the tuning data that tuning never saw.",
+        f"{HELDOUT_SPLITS.get(held.get('split'), 'held out of the tuning data')}.",
         md_table(*per_exit_table(report)),
         f"![per-exit CE and agreement]({plots['exits']})",
         f"![reliability]({plots['reliability']})",
@@ -239,7 +246,8 @@ def build_report(
         "model": {"name": model_name, "dtype": dtype},
         "exit_layers": model.exit_layers,
         "num_layers": model.num_layers,
-        "heldout": {"sequences": heldout_shape[0], "seq_len": heldout_shape[1], "tokens": stats.num_tokens},
+        "heldout": {"sequences": heldout_shape[0], "seq_len": heldout_shape[1], "tokens": stats.num_tokens,
+                    "split": cfg.data.heldout_by},
         "per_exit": per_exit_metrics(stats, cfg.eval.ece_bins),
         **policies,
         "best_policy_speedup": max(eligible, default=None),

@@ -485,6 +485,7 @@ def test_eval_writes_the_report_and_plots(evaluated):
     md = (out / "report.md").read_text()
     assert "| setting | tok/s | speedup |" in md and "| self_speculative(k=4) |" in md
     assert "![speed vs quality](speed_quality.png)" in md
+    assert report["heldout"]["split"] == "tail" and "the tail of the tuning data, which tuning never saw" in md
 
 
 def test_eval_per_exit_metrics_are_the_held_out_ones(evaluated, model, base, corpus):
