@@ -20,8 +20,8 @@ OUT=${2:-runs/bench/builtin}
 PROMPTS=${PROMPTS:-6}
 DTYPE=$("$PY" -c "from eetune.models import native_dtype; print(native_dtype('cpu'))")
 # eval's held-out split needs the tuning data: the corpus parts the shipped exits were tuned on.
-DATA=${DATA:-runs/builtin/chat.jsonl}
-[ -e "$DATA" ] || "$PY" scripts/corpus/parts.py restore "$DATA" scripts/corpus/smollm2_chat --first 9
+DATA=${DATA:-runs/long/chat.jsonl}
+[ -e "$DATA" ] || "$PY" scripts/corpus/parts.py restore "$DATA" scripts/corpus/smollm2_chat --first 5
 mkdir -p "$OUT"
 step() { local name=$1; shift; local t0; t0=$(date +%s); echo "== $name"; "$@"; echo "   $name took $(( $(date +%s) - t0 )) s"; }
 
