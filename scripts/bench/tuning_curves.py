@@ -23,6 +23,7 @@ from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, plot_pe
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from eetune.eval.report import md_table  # noqa: E402
 from eetune.rundir import resolve_run_dir  # noqa: E402
 from eetune.train.metrics import read_metrics  # noqa: E402
 
@@ -87,13 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [[run["label"], str(point["step"]), f"{point['tokens_seen'] / 1e6:.2f}M",
              *(cell(point, layer) for layer in layers)]
             for run in runs for point in run["curve"]]
+    header = ["run", "step", "tokens seen", *(f"exit {layer}" for layer in layers)]
     console = make_console()
-    print_table(console, "Held-out top-1 agreement with the final layer (CE)",
-                ["run", "step", "tokens seen", *(f"exit {layer}" for layer in layers)], rows, left_columns=1)
-    table = ["| run | step | tokens seen | " + " | ".join(f"exit {layer}" for layer in layers) + " |",
-             "|---|---|---|" + "---|" * len(layers)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
-    (args.out / "tuning_curves.md").write_text("\n".join(table) + "\n")
+    print_table(console, "Held-out top-1 agreement with the final layer (CE)", header, rows, left_columns=1)
+    (args.out / "tuning_curves.md").write_text(md_table(header, rows) + "\n")
 
     def agreement_of(run: dict):
         return lambda layer: [(p["tokens_seen"] / 1e6, 100 * p["agreement"][layer])
