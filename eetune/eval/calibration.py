@@ -16,6 +16,11 @@ twice the standard error of their difference (from the per-prompt speedups) coun
 fast, and the higher threshold wins; an early exit must beat the full model by that margin.
 A lower threshold that made exactly the decisions of a higher one (same tokens, same exits)
 did the same work: its timing differs only by noise, so it is never picked over the higher one.
+
+Per-exit thresholds (eetune.eval.per_exit: one per exit, searched on held-out statistics) are
+candidates too, but a global threshold wins every tie: one threshold per exit is picked only
+where it is faster than every qualifying global threshold by more than noise. The file then
+records `exit_thresholds` for the policy, and generate and serve decode with them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from eetune.errors import EetuneError
 from eetune.exits import EXITS_FILE
+from eetune.infer.policy import Thresholds
 from eetune.rundir import atomic_write_json
 
 if TYPE_CHECKING:
@@ -50,6 +56,8 @@ class Candidate:
     speedup_se: float = 0.0  # standard error of the speedup over the prompts (0: unknown)
     # A digest of what the decode did (tokens and exit layers): equal for two thresholds, same work.
     decisions: str = ""
+    # One threshold per exit, shallowest first, in place of `threshold` (None: one for all).
+    exit_thresholds: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,30 +68,35 @@ class Calibration:
     speedup: float
     target_agreement: float
     candidates: tuple[Candidate, ...]
+    exit_thresholds: tuple[float, ...] | None = None  # where one threshold per exit won
 
 
 def pick_threshold(confidence: str, candidates: Sequence[Candidate], target: float) -> Calibration:
     """The fastest candidate with agreement >= target; the full model (1.0) when none qualifies.
 
     Speeds within noise of the fastest (a difference under 2 standard errors) count as ties,
-    and ties go to the higher threshold (the more conservative one): two evals of the same run
-    then pick the same threshold even though their timings differ. A candidate whose decisions
-    equal a higher threshold's is left out: it did the same work.
+    and ties go to a global threshold over per-exit ones, then to the higher threshold (the more
+    conservative one): two evals of the same run then pick the same threshold even though their
+    timings differ. A candidate whose decisions equal a higher global threshold's is left out:
+    it did the same work.
     """
     if not 0.0 < target <= 1.0:
         raise EetuneError(f"eval.target_agreement={target} must be in (0, 1]")
     full = Candidate(1.0, 1.0, 1.0)
-    pool = [full, *(c for c in candidates if c.threshold < 1.0)]
+    pool = [full, *(c for c in candidates if c.threshold < 1.0 or c.exit_thresholds is not None)]
     meeting = [c for c in pool if c.agreement >= target and not _repeats_a_higher_threshold(c, pool)]
-    fastest = max(meeting, key=lambda c: (c.speedup, c.threshold))
+    fastest = max(meeting, key=lambda c: (c.speedup, c.exit_thresholds is None, c.threshold))
     tied = [c for c in meeting if fastest.speedup - c.speedup <= 2.0 * math.hypot(c.speedup_se, fastest.speedup_se)]
-    best = max(tied, key=lambda c: c.threshold)
-    return Calibration(confidence, best.threshold, best.agreement, best.speedup, target, tuple(pool))
+    best = max(tied, key=lambda c: (c.exit_thresholds is None, c.threshold, c.speedup))
+    return Calibration(confidence, best.threshold, best.agreement, best.speedup, target, tuple(pool), best.exit_thresholds)
 
 
 def _repeats_a_higher_threshold(candidate: Candidate, pool: Sequence[Candidate]) -> bool:
+    """It decided exactly as a higher global threshold did (a per-exit candidate: as any global one)."""
     return bool(candidate.decisions) and any(
-        other.threshold > candidate.threshold and other.decisions == candidate.decisions for other in pool
+        other.exit_thresholds is None and other.decisions == candidate.decisions
+        and (candidate.exit_thresholds is not None or other.threshold > candidate.threshold)
+        for other in pool if other is not candidate
     )
 
 
@@ -143,8 +156,9 @@ def _stderr_warning(message: str) -> None:
 def calibrated_thresholds(
     run_dir: str | Path, dtype: str | None = None, device: str | None = None,
     warn: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """confidence policy -> the threshold `eetune eval` calibrated for this run's exits.
+) -> dict[str, Thresholds]:
+    """confidence policy -> the threshold `eetune eval` calibrated for this run's exits (a tuple,
+    one per exit, where per-exit thresholds won).
 
     Empty when there is none, when it was made for other exits, or when it was measured in
     another dtype or on another device than the given ones (then `warn` gets one line;
@@ -166,13 +180,18 @@ def calibrated_thresholds(
     if unknown:
         warn(f"{path} does not record its {' and '.join(unknown)} (made by an older eetune): using it; "
              "rerun eetune eval to record them")
-    return {policy: float(entry["threshold"]) for policy, entry in (data.get("thresholds") or {}).items()}
+    return {policy: _thresholds(entry) for policy, entry in (data.get("thresholds") or {}).items()}
+
+
+def _thresholds(entry: dict[str, Any]) -> Thresholds:
+    per_exit = entry.get("exit_thresholds")
+    return float(entry["threshold"]) if per_exit is None else tuple(float(t) for t in per_exit)
 
 
 def load_calibrated_threshold(
     run_dir: str | Path, confidence: str = "max_prob", dtype: str | None = None, device: str | None = None,
     warn: Callable[[str], None] | None = None,
-) -> float | None:
+) -> Thresholds | None:
     """The threshold `eetune eval` calibrated for this run's exits and policy (see
     `calibrated_thresholds`), else None."""
     return calibrated_thresholds(run_dir, dtype, device, warn).get(confidence)
@@ -180,7 +199,7 @@ def load_calibrated_threshold(
 
 def run_calibration(
     run_dir: str | Path | None, model: Any, warn: Callable[[str], None] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Thresholds]:
     """confidence policy -> the threshold `eetune eval` calibrated into `run_dir` for these exits
     in `model`'s dtype and on its device ; {} without a run dir."""
     if not run_dir:
@@ -193,7 +212,8 @@ def calibrations_from_sweep(cfg: EetuneConfig, rows: list[SweepRow]) -> list[Cal
     out = []
     for confidence in dict.fromkeys(cfg.eval.confidences):
         candidates = [
-            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se, _decisions(r))
+            Candidate(r.setting.threshold, r.token_agreement, r.speedup, r.speedup_se, _decisions(r),
+                      r.setting.exit_thresholds)
             for r in rows if r.setting.mode == "early_exit" and r.setting.confidence == confidence
         ]
         if candidates:

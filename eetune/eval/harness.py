@@ -13,7 +13,8 @@ eetune.eval.harness` before `lm_eval.simple_evaluate(model="eetune", ...)` does 
 - generate_until: the decoding engine itself (full, early_exit or self_speculative).
 
 model_args: run_dir (required), mode (full | early_exit | self_speculative), threshold (default:
-the run's calibrated one, else 0.8), confidence (max_prob | learned | frequent), draft_exit, draft_len, draft_schedule,
+the run's calibrated one, else 0.8), exit_thresholds (one per exit, shallowest first, joined by
+"/": 0.9/0.8/1.0; instead of threshold), confidence (max_prob | learned | frequent), draft_exit, draft_len, draft_schedule,
 dtype, max_length, max_gen_toks, seed, batch_size.
 
 Batches: `--batch_size B` (or batch_size=B in model_args, which wins over the flag) scores B
@@ -46,7 +47,7 @@ from eetune.eval.scoring import ExitPolicy, PolicyScorer, Scored
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.eval.calibration import run_calibration
-from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_threshold
+from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_thresholds
 from eetune.rundir import CONFIG_FILE, resolve_run_dir
 from eetune.models import load_base_model
 from eetune.data.chat import stop_token_ids
@@ -76,6 +77,7 @@ class EetuneLM(TemplateLM):
         run_dir: str | None = None,
         mode: str = "full",
         threshold: float | None = None,
+        exit_thresholds: str | None = None,
         confidence: str = "max_prob",
         draft_exit: int | None = None,
         draft_len: int = 4,
@@ -95,9 +97,14 @@ class EetuneLM(TemplateLM):
         read_manifest(run_dir)
         model_cfg = _run_model_config(Path(run_dir), dtype, device)
         base = load_base_model(**vars(model_cfg))
-        if threshold is None:
-            threshold = resolve_threshold(None, confidence, run_calibration(run_dir, base.model))
-        self.policy = ExitPolicy(mode, float(threshold), confidence)
+        per_exit = _exit_thresholds(exit_thresholds)
+        if threshold is not None and per_exit is not None:
+            raise EetuneError("model_args give both threshold and exit_thresholds: give one threshold for every exit "
+                              "or one per exit")
+        calibrated = {} if threshold is not None or per_exit is not None else run_calibration(run_dir, base.model)
+        threshold, per_exit = resolve_thresholds(
+            None if threshold is None else float(threshold), per_exit, confidence, calibrated)
+        self.policy = ExitPolicy(mode, float(threshold), confidence, per_exit)
         if base.tokenizer is None:
             raise EetuneError(f"model {base.name} has no tokenizer; lm-eval needs one")
         self.tokenizer = base.tokenizer
@@ -198,7 +205,8 @@ class EetuneLM(TemplateLM):
 
     def _settings(self, max_new_tokens: int, temperature: float, extra_stops: frozenset[int] = frozenset()) -> DecodeSettings:
         return DecodeSettings(
-            mode=self.policy.mode, threshold=self.policy.threshold, confidence=self.policy.confidence,
+            mode=self.policy.mode, threshold=self.policy.threshold, exit_thresholds=self.policy.exit_thresholds,
+            confidence=self.policy.confidence,
             draft_exit=self.draft_exit, draft_len=self.draft_len, draft_schedule=self.draft_schedule,
             max_new_tokens=max_new_tokens,
             temperature=temperature, seed=self.seed, stop_ids=self.stop_ids | extra_stops,
@@ -263,7 +271,8 @@ class EetuneLM(TemplateLM):
         total = sum(self.exit_counts.values())
         info: dict[str, Any] = {
             "eetune_mode": self.policy.mode,
-            "eetune_threshold": self.policy.threshold,
+            "eetune_threshold": self.policy.threshold if self.policy.exit_thresholds is None else None,
+            "eetune_exit_thresholds": None if self.policy.exit_thresholds is None else list(self.policy.exit_thresholds),
             "eetune_confidence": self.policy.confidence,
             "eetune_exit_layers": self.model.exit_layers,
             "eetune_batch_size": self.batch_size,
@@ -305,9 +314,21 @@ def _run_model_config(run_dir: Path, dtype: str | None, device: str | None) -> M
     return model_cfg
 
 
+def _exit_thresholds(value: Any) -> tuple[float, ...] | None:
+    """model_args' exit_thresholds, "0.9/0.8/1.0" (lm-eval splits model_args at commas)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(part) for part in str(value).split("/"))
+    except ValueError:
+        raise EetuneError(f"exit_thresholds={value!r}: give one threshold per exit joined by '/', e.g. 0.9/0.8/1.0") from None
+
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's own command line, in this process, with the `eetune` model type registered."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
+

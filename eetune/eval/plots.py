@@ -65,15 +65,22 @@ def plot_speed_quality(report: dict[str, Any], path: Path) -> Path:
     markers = ("o-", "s-", "^-", "v-", "P-", "X-")
     for i, confidence in enumerate(CONFIDENCES):
         marker = markers[i % len(markers)]
-        rows = sorted((r for r in sweep if r["confidence"] == confidence), key=lambda r: -r["threshold"])
-        if not rows:
-            continue
-        xs = [full["speedup"]] + [r["speedup"] for r in rows]
-        ys = [100 * full["token_agreement"]] + [100 * r["token_agreement"] for r in rows]
-        ax.plot(xs, ys, marker, label=f"early exit, {confidence} confidence")
-        for r in rows:
-            ax.annotate(f"{r['threshold']:g}", (r["speedup"], 100 * r["token_agreement"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+        ours = [r for r in sweep if r["confidence"] == confidence]
+        rows = sorted((r for r in ours if r.get("exit_thresholds") is None), key=lambda r: -r["threshold"])
+        if rows:
+            xs = [full["speedup"]] + [r["speedup"] for r in rows]
+            ys = [100 * full["token_agreement"]] + [100 * r["token_agreement"] for r in rows]
+            line = ax.plot(xs, ys, marker, label=f"early exit, {confidence} confidence")[0]
+            for r in rows:
+                ax.annotate(f"{r['threshold']:g}", (r["speedup"], 100 * r["token_agreement"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        per_exit = [r for r in ours if r.get("exit_thresholds") is not None]
+        for j, r in enumerate(per_exit):
+            ax.plot(r["speedup"], 100 * r["token_agreement"], marker[0], fillstyle="none", markersize=9,
+                    color=line.get_color() if rows else None,
+                    label=f"early exit, {confidence}, one threshold per exit" if j == 0 else None)
+            ax.annotate("/".join(f"{t:g}" for t in r["exit_thresholds"]), (r["speedup"], 100 * r["token_agreement"]),
+                        fontsize=6, xytext=(3, -8), textcoords="offset points")
     for r in sweep:
         if r["mode"] == "self_speculative":
             ax.plot(r["speedup"], 100 * r["token_agreement"], "*", markersize=14, color="tab:red",
@@ -84,7 +91,7 @@ def plot_speed_quality(report: dict[str, Any], path: Path) -> Path:
                label=f"oracle bound at 100% agreement, {oracle['speedup']:.2f}x (cost model)")
     ax.set_xlabel("decode speedup vs the full model (measured tokens/s ratio)")
     ax.set_ylabel("greedy-token agreement with the full model (%)")
-    ax.set_title("speed vs quality across thresholds (labels: threshold)", fontsize=10)
+    ax.set_title("speed vs quality across thresholds (labels: threshold, or one per exit)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)

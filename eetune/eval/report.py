@@ -10,6 +10,7 @@ from typing import Any
 from eetune.config.schema import EetuneConfig
 from eetune.eval.exit_metrics import estimator_metrics, per_exit_metrics, policy_metrics
 from eetune.eval.heldout import TokenStats
+from eetune.eval.per_exit import PerExitPoint
 from eetune.eval.sweep import Prompt, SweepRow
 from eetune.eval.tasks import Task
 from eetune.eval.timing import Costs
@@ -147,23 +148,37 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         f">= {100 * report['target_agreement']:.0f}% agreement here reaches "
         f"**{_fmt(report['best_policy_speedup'], 'x')}**.",
     ]
+    searched = [(confidence, p) for confidence, points in report.get("per_exit_thresholds", {}).items() for p in points]
+    if searched:
+        rows = [[confidence, f"{p['start']:g}", "/".join(f"{t:g}" for t in p["thresholds"]), _fmt(p["agreement"], "%"),
+                 _fmt(p["speedup"], "x")] for confidence, p in searched]
+        parts += ["One threshold per exit, searched from each global threshold for the most modelled speed at no "
+                  "less agreement (1 = that exit is never checked); each is decoded in the sweep above.",
+                  md_table(["policy", "from", "thresholds per exit", "agreement", "modelled speedup"], rows)]
     if report["estimator"]:
         parts += ["## Learned confidence estimators: predicting agreement with the final layer",
                   md_table(*estimator_table(report))]
     parts += ["## Cost model", md_table(*costs_table(report))]
     cal = report.get("calibration")
     if cal:
-        rows = [[c["confidence"], f"{c['threshold']:g}", _fmt(c["agreement"], "%"), _fmt(c["speedup"], "x")]
+        rows = [[c["confidence"], _threshold_cell(c), _fmt(c["agreement"], "%"), _fmt(c["speedup"], "x")]
                 for c in cal["thresholds"].values()]
         parts += [
             "## Calibration",
             f"Fastest threshold with greedy-token agreement >= {100 * cal['target_agreement']:.0f}% on the sweep's "
-            f"prompts, written to `{cal['path']}`; `eetune generate` (and `serve`) use it when no threshold is given.",
+            f"prompts, written to `{cal['path']}`; `eetune generate` (and `serve`) use it when no threshold is given. "
+            "A/B/C: one threshold per exit, shallowest first (picked only where it beats every global threshold "
+            "by more than noise).",
             md_table(["confidence", "threshold", "agreement", "speedup"], rows),
         ]
     tasks = [[t["name"], t["metric"], str(t["items"]), f"`{t['path']}`"] for t in report["tasks"]]
     parts += ["## Tasks", md_table(["task", "metric", "items", "file"], tasks)]
     return "\n\n".join(parts) + "\n"
+
+
+def _threshold_cell(calibration: dict[str, Any]) -> str:
+    per_exit = calibration.get("exit_thresholds")
+    return f"{calibration['threshold']:g}" if per_exit is None else "/".join(f"{t:g}" for t in per_exit)
 
 
 def _batch_note(batch_size: int) -> str:
@@ -220,7 +235,7 @@ def log_wandb(out_dir: Path, cfg: EetuneConfig, report: dict[str, Any], plots: d
 def build_report(
     cfg: EetuneConfig, *, model_name: str, dtype: str, model: EarlyExitModel, stats: TokenStats, costs: Costs,
     tasks: list[Task], rows: list[SweepRow], choice_scores: dict[str, dict[str, float]],
-    heldout_shape: tuple[int, ...], prompts: list[Prompt],
+    heldout_shape: tuple[int, ...], prompts: list[Prompt], per_exit_thresholds: dict[str, list[PerExitPoint]] | None = None,
 ) -> dict[str, Any]:
     """Everything measured, as report.json holds it."""
     thresholds = [float(t) for t in cfg.eval.thresholds]
@@ -251,6 +266,9 @@ def build_report(
         "per_exit": per_exit_metrics(stats, cfg.eval.ece_bins),
         **policies,
         "best_policy_speedup": max(eligible, default=None),
+        # One threshold per exit, searched teacher-forced from each global threshold (eetune.eval.per_exit).
+        "per_exit_thresholds": {confidence: [{**asdict(p), "thresholds": list(p.thresholds)} for p in points]
+                                for confidence, points in (per_exit_thresholds or {}).items()},
         "target_agreement": target,
         "estimator": estimator_metrics(stats, thresholds),
         "costs": {**asdict(costs), "exit_s": {str(k): v for k, v in costs.exit_s.items()},

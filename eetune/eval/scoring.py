@@ -20,7 +20,7 @@ from eetune.errors import EetuneError
 from eetune.eval.heldout import LayerTokens, batch_sequence_tokens, sequence_tokens
 from eetune.eval.metrics import chosen
 from eetune.exits.model import EarlyExitModel
-from eetune.infer.policy import MODES, check_threshold, exits_early, first_confident
+from eetune.infer.policy import MODES, Thresholds, check_threshold, exits_early, first_confident, settings_thresholds
 from eetune.infer.policy import policy as confidence_policy
 
 if TYPE_CHECKING:
@@ -33,16 +33,22 @@ class ExitPolicy:
     mode: str = "full"  # full | early_exit | self_speculative
     threshold: float = 1.0
     confidence: str = "max_prob"  # a confidence policy of eetune.infer.policy.POLICIES
+    exit_thresholds: tuple[float, ...] | None = None  # one per exit, in place of `threshold`
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise EetuneError(f"unknown decoding mode {self.mode!r}: choose one of {', '.join(MODES)}")
         confidence_policy(self.confidence)
-        check_threshold(self.threshold, confidence=self.confidence)
+        for t in (self.threshold, *(self.exit_thresholds or ())):
+            check_threshold(t, confidence=self.confidence)
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return settings_thresholds(self)
 
     @property
     def exits_early(self) -> bool:
-        return exits_early(self.mode, self.threshold)
+        return exits_early(self.mode, self.thresholds)
 
 
 def exit_confidence(layers: dict[int, LayerTokens], exit_layers: Sequence[int], confidence: str) -> torch.Tensor | None:
@@ -64,7 +70,7 @@ def policy_index(layers: dict[int, LayerTokens], exit_layers: Sequence[int], pol
                               "draft_vocab.safetensors), and none were given")
         missing = [layer for layer in exit_layers if policy.confidence not in layers[layer].confidence]
         raise EetuneError(f"confidence {policy.confidence!r} needs an estimator on every exit; exit(s) {missing} have none")
-    return first_confident(confidence, policy.threshold)
+    return first_confident(confidence, policy.thresholds)
 
 
 @dataclass
@@ -128,7 +134,7 @@ def choice_accuracy(
 
     Every layer's view of a choice is computed once (one forward); each setting only picks among them.
     """
-    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence), token_order)
+    scorers = {s.name: PolicyScorer(model, ExitPolicy(s.mode, s.threshold, s.confidence, s.exit_thresholds), token_order)
                for s in settings}
     views_of = next(iter(scorers.values()))
     correct = dict.fromkeys(scorers, 0)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from eetune.errors import EetuneError
 from eetune.eval.text_metrics import rouge_l, token_agreement
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
-from eetune.infer.policy import POLICIES
+from eetune.infer.policy import POLICIES, describe_thresholds, settings_thresholds
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,11 +45,13 @@ class Setting:
     confidence: str = "max_prob"
     draft_exit: int | None = None
     draft_len: int = 4
+    # One threshold per exit (shallowest first) in place of `threshold`: eetune.eval.per_exit.
+    exit_thresholds: tuple[float, ...] | None = None
 
     @property
     def name(self) -> str:
         if self.mode == "early_exit":
-            return f"{self.confidence}@{self.threshold:g}"
+            return f"{self.confidence}@{describe_thresholds(settings_thresholds(self))}"
         if self.mode == "self_speculative":
             return f"self_speculative(k={self.draft_len})"
         return "full"
@@ -105,7 +107,8 @@ class SweepRow:
         return {
             "setting": self.setting.name,
             "mode": self.setting.mode,
-            "threshold": self.setting.threshold,
+            "threshold": self.setting.threshold if self.setting.exit_thresholds is None else None,
+            "exit_thresholds": None if self.setting.exit_thresholds is None else list(self.setting.exit_thresholds),
             "confidence": self.setting.confidence if self.setting.mode == "early_exit" else None,
             "tokens_per_s": self.tokens_per_s,
             "speedup": self.speedup,
@@ -241,9 +244,11 @@ def _rouge_or_match(text: str, reference: str) -> float:
     return rouge_l(text, reference)
 
 
-def sweep_settings(cfg: EetuneConfig, model: EarlyExitModel, console: Console, *, has_token_order: bool = False
-                   ) -> list[Setting]:
-    """full first, then each confidence policy at each threshold below 1.0, then self-speculative."""
+def sweep_settings(cfg: EetuneConfig, model: EarlyExitModel, console: Console, *, has_token_order: bool = False,
+                   per_exit: dict[str, Sequence[Sequence[float]]] | None = None) -> list[Setting]:
+    """full first, then each confidence policy at each threshold below 1.0 and at the per-exit
+    thresholds `per_exit` gives it, then self-speculative."""
+    per_exit = per_exit or {}
     e = cfg.eval
     settings = [Setting("full")]
     has_estimators = all(model.exit(layer).confidence is not None for layer in model.exit_layers)
@@ -258,6 +263,8 @@ def sweep_settings(cfg: EetuneConfig, model: EarlyExitModel, console: Console, *
             continue
         for t in sorted({float(t) for t in e.thresholds if t < 1.0}, reverse=True):
             settings.append(Setting("early_exit", t, confidence))
+        for thresholds in per_exit.get(confidence, ()):
+            settings.append(Setting("early_exit", 1.0, confidence, exit_thresholds=tuple(thresholds)))
     if e.self_speculative:
         if e.draft_exit is not None and e.draft_exit not in model.exit_layers:
             raise EetuneError(f"eval.draft_exit={e.draft_exit} is not an exit of this run; exits are at {model.exit_layers}")

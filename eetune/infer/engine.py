@@ -35,7 +35,7 @@ from eetune.infer.draft_schedule import DraftCosts
 from eetune.infer.early_exit import decode_full, decode_lockstep
 from eetune.infer.generate import Span, _check_request_length, layer_forward
 from eetune.infer.policy import (
-    CONFIDENCES, MODES, POLICIES, check_exit_settings, exits_early, exits_here, frequent_vocab, model_exit_rules,
+    CONFIDENCES, MODES, POLICIES, check_exit_settings, exit_stops, exits_here, frequent_vocab, model_exit_rules,
 )
 from eetune.infer.sampling import SamplingParams, TokenLogprob
 from eetune.infer.settings import EXIT_FIELDS, DecodeResult, DecodeSettings, exit_settings, sampling_params
@@ -157,8 +157,9 @@ class Engine:
 
 
     def _exit_stops(self, s: DecodeSettings) -> list[int]:
-        """Exits a token may leave at; none when nothing can exit (threshold 1.0 is the full model)."""
-        return self.model.exit_layers if exits_early(s.mode, s.threshold) else []
+        """Exits a token may leave at; none when nothing can exit (threshold 1.0 is the full model;
+        an exit whose own threshold is 1.0 is not checked)."""
+        return list(exit_stops(s, self.model.exit_layers))
 
     def _caches_for(self, batch_size: int, needed: int) -> DecodeCaches:
         caches = self._caches.get(batch_size)
@@ -219,16 +220,17 @@ class Engine:
         """Which rows of hidden [r, dim] leave at exit `layer`, and their logits [fired, vocab]."""
         policy = POLICIES[s.confidence]
         estimator = self.model.exit(layer).confidence
+        threshold = s.threshold if s.exit_thresholds is None else s.exit_thresholds[self.model.exit_layers.index(layer)]
         if policy.needs_token_order:  # the frequent-token head decides; the whole head runs where it fires
             _, rows = self._draft_head(layer, frequent_vocab(self.vocab_size))
             score = policy.score(torch.nn.functional.linear(hidden, rows).float(), hidden, estimator)
-            fire = exits_here(score, s.threshold)
+            fire = exits_here(score, threshold)
             return fire, (self._exit_logits(layer, hidden[fire]) if bool(fire.any()) else None)
         if policy.needs_head:
             logits = self._exit_logits(layer, hidden)
-            fire = exits_here(policy.score(logits, hidden, estimator), s.threshold)
+            fire = exits_here(policy.score(logits, hidden, estimator), threshold)
             return fire, (logits[fire] if bool(fire.any()) else None)
-        fire = exits_here(policy.score(None, hidden, estimator), s.threshold)
+        fire = exits_here(policy.score(None, hidden, estimator), threshold)
         # The head runs only for tokens that leave here: that is the estimator's point.
         return fire, (self._exit_logits(layer, hidden[fire]) if bool(fire.any()) else None)
 

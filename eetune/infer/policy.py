@@ -9,13 +9,14 @@ Everything that decides whether a token leaves at an exit lives here and nowhere
   for that (else the head runs only for the tokens that leave), whether it needs an
   estimator, and its threshold range;
 - `exits_here` / `first_confident`, the decision itself: a token leaves at the first exit
-  whose confidence reaches the threshold. The engine calls `exits_here` token by token; eval's
-  teacher-forced scoring and policy metrics call `first_confident` on the same confidences;
-- `check_threshold`, the one range check, and `resolve_threshold`, the one default: an
-  explicit value, else the one `eetune eval` calibrated into the run dir, else
-  DEFAULT_THRESHOLD;
+  whose confidence reaches that exit's threshold (one global threshold, or one per exit:
+  `exit_thresholds`, where 1.0 takes an exit out of the decision). The engine calls
+  `exits_here` token by token; eval's teacher-forced scoring and policy metrics call
+  `first_confident` on the same confidences;
+- `check_threshold`, the one range check, and `resolve_thresholds`, the one default: explicit
+  values, else the ones `eetune eval` calibrated into the run dir, else DEFAULT_THRESHOLD;
 - `check_exit_settings`, the per-exit rules of a set of exit settings (mode, threshold,
-  confidence, draft_exit, draft_len, draft_schedule, draft_vocab, draft_confidence) for a model, used by the
+  exit_thresholds, confidence, draft_exit, draft_len, draft_schedule, draft_vocab, draft_confidence) for a model, used by the
   Engine, by serve's ServedModel and by the lm-eval model.
 
 Adding a confidence policy: one `register(ConfidencePolicy(...))` below (plus its estimator
@@ -120,9 +121,43 @@ def never_exits(threshold: float) -> bool:
     return threshold >= 1.0
 
 
-def exits_early(mode: str, threshold: float) -> bool:
+# One threshold for every exit, or one per exit (shallowest first).
+Thresholds = float | Sequence[float]
+
+
+def per_exit(threshold: Thresholds, num_exits: int) -> list[float]:
+    """One threshold per exit: a single threshold repeated, or the per-exit ones checked for count."""
+    if isinstance(threshold, (int, float)):
+        return [float(threshold)] * num_exits
+    values = [float(t) for t in threshold]
+    if len(values) != num_exits:
+        raise EetuneError(f"exit_thresholds has {len(values)} thresholds for {num_exits} exits: give one per exit")
+    return values
+
+
+def exits_early(mode: str, threshold: Thresholds) -> bool:
     """Whether tokens can leave at an exit at all under these settings."""
-    return mode == "early_exit" and not never_exits(threshold)
+    if mode != "early_exit":
+        return False
+    if isinstance(threshold, (int, float)):
+        return not never_exits(threshold)
+    return any(not never_exits(t) for t in threshold)
+
+
+def settings_thresholds(s: Any) -> Thresholds:
+    """The thresholds exit settings `s` decide with: its exit_thresholds where set, else its threshold."""
+    return s.threshold if s.exit_thresholds is None else tuple(s.exit_thresholds)
+
+
+def exit_stops(s: Any, exit_layers: Sequence[int]) -> dict[int, float]:
+    """Exit layer -> threshold for the exits a token may leave at under settings `s`, shallowest
+    first; an exit whose threshold is 1.0 is left out (never checked), and every exit in full
+    and self_speculative modes."""
+    thresholds = settings_thresholds(s)
+    if not exits_early(s.mode, thresholds):
+        return {}
+    values = per_exit(thresholds, len(exit_layers))
+    return {layer: t for layer, t in zip(exit_layers, values) if not never_exits(t)}
 
 
 def exits_here(confidence: Tensor, threshold: float) -> Tensor:
@@ -130,13 +165,15 @@ def exits_here(confidence: Tensor, threshold: float) -> Tensor:
     return confidence >= threshold
 
 
-def first_confident(confidence: Tensor, threshold: float) -> Tensor:
-    """Index of the first exit each token leaves at, from confidence [E, T] (exit by token); E
-    where it leaves at none (the final layer). Exactly the engine's token-by-token decision."""
+def first_confident(confidence: Tensor, threshold: Thresholds) -> Tensor:
+    """Index of the first exit each token leaves at, from confidence [E, T] (exit by token) and
+    one threshold or one per exit; E where it leaves at none (the final layer). Exactly the
+    engine's token-by-token decision."""
     num_exits, num_tokens = confidence.shape
-    if never_exits(threshold) or num_exits == 0:
+    if num_exits == 0 or not exits_early("early_exit", threshold):
         return torch.full((num_tokens,), num_exits, dtype=torch.long)
-    fires = exits_here(confidence, threshold)
+    values = torch.tensor(per_exit(threshold, num_exits), dtype=confidence.dtype, device=confidence.device)
+    fires = exits_here(confidence, values[:, None]) & (values < 1.0)[:, None]
     # argmax finds the first True; a column without any True gets E.
     index = fires.int().argmax(0)
     return torch.where(fires.any(0), index, torch.full_like(index, num_exits))
@@ -161,13 +198,29 @@ def check_threshold(value: Any, key: str | None = None, confidence: str | None =
     raise EetuneError(f"{key}={value} must be in {span}")
 
 
-def resolve_threshold(explicit: float | None, confidence: str, calibrated: Mapping[str, float]) -> float:
-    """The threshold to decode with: the explicit one, else the calibrated one for the policy,
-    else DEFAULT_THRESHOLD."""
-    if explicit is not None:
-        return explicit
+def resolve_thresholds(
+    threshold: float | None, exit_thresholds: Sequence[float] | None, confidence: str,
+    calibrated: Mapping[str, Thresholds],
+) -> tuple[float, tuple[float, ...] | None]:
+    """(threshold, exit_thresholds) to decode with: the explicit ones, else the ones calibrated
+    for the policy (one global threshold or one per exit), else DEFAULT_THRESHOLD everywhere."""
+    if exit_thresholds is not None:
+        return DEFAULT_THRESHOLD if threshold is None else threshold, tuple(exit_thresholds)
+    if threshold is not None:
+        return threshold, None
     value = calibrated.get(confidence)
-    return DEFAULT_THRESHOLD if value is None else value
+    if value is None:
+        return DEFAULT_THRESHOLD, None
+    if isinstance(value, (int, float)):
+        return float(value), None
+    return DEFAULT_THRESHOLD, tuple(float(t) for t in value)
+
+
+def describe_thresholds(threshold: Thresholds) -> str:
+    """0.8, or 0.9/0.8/1 for one threshold per exit (shallowest first)."""
+    if isinstance(threshold, (int, float)):
+        return f"{threshold:g}"
+    return "/".join(f"{t:g}" for t in threshold)
 
 
 # -- exit settings -------------------------------------------------------------------------------
@@ -218,6 +271,15 @@ def check_exit_settings(
             check_threshold(s.threshold, f"{prefix}threshold" if prefix else None, s.confidence)
         except EetuneError as exc:
             fail("threshold", str(exc))
+    per_exit_thresholds = getattr(s, "exit_thresholds", None)
+    if per_exit_thresholds is not None:
+        if len(per_exit_thresholds) == 0:
+            fail("exit_thresholds", f"{prefix}exit_thresholds is empty: give one threshold per exit, or leave it unset")
+        for t in per_exit_thresholds:
+            if not threshold_ok(t, s.confidence):
+                fail("exit_thresholds", f"{prefix}exit_thresholds has {t}: every threshold must be in "
+                     f"({POLICIES[s.confidence].threshold_range[0]:g}, {POLICIES[s.confidence].threshold_range[1]:g}] "
+                     "(1.0 = never leave at that exit)")
     if s.draft_len is not None and s.draft_len < 1:
         fail("draft_len", f"{prefix}draft_len must be >= 1, got {s.draft_len}")
     if s.draft_schedule not in SCHEDULES:
@@ -231,13 +293,18 @@ def check_exit_settings(
     exits = list(exit_layers)
     if s.mode != "full" and not exits:
         fail("mode", f"{name('mode', s.mode)} needs a model with exits; {no_exits}: use mode 'full'")
+    if per_exit_thresholds is not None and len(per_exit_thresholds) != len(exits):
+        fail("exit_thresholds", f"{prefix}exit_thresholds has {len(per_exit_thresholds)} thresholds for "
+             f"{len(exits)} exits (at {exits}): give one per exit, shallowest first")
     if s.draft_exit is not None and s.draft_exit not in exits:
         fail("draft_exit", f"{name('draft_exit', s.draft_exit)} is not an exit of this model; exits are at {exits}")
     if s.draft_vocab is not None and not has_token_order:
         fail("draft_vocab", f"{prefix}draft_vocab needs token frequencies, and there is no token_order "
              "(tune writes one to the run dir as draft_vocab.safetensors)")
     estimator = has_estimator or (lambda layer: False)
-    may_exit = s.mode == "early_exit" and (s.threshold is None or not never_exits(s.threshold))
+    may_exit = s.mode == "early_exit" and (
+        (s.threshold is None and per_exit_thresholds is None) or exits_early(s.mode, settings_thresholds(s))
+    )
     if may_exit and POLICIES[s.confidence].needs_token_order and not has_token_order:
         fail("confidence", f"{name('confidence', s.confidence)} needs token frequencies, and there is no token_order "
              "(tune writes one to the run dir as draft_vocab.safetensors)")

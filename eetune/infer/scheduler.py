@@ -25,6 +25,7 @@ from eetune.infer.continuous import ContinuousBatch
 from eetune.infer.draft_schedule import DraftSchedule
 from eetune.infer.generate import _check_request_length
 from eetune.infer.picker import Picker
+from eetune.infer.policy import settings_thresholds
 from eetune.infer.sampling import TokenLogprob
 from eetune.infer.settings import DecodeResult, DecodeSettings
 from eetune.infer.speculative_batch import Drafting, speculative_round
@@ -87,14 +88,14 @@ class BatchScheduler:
 
     def group_of(self, settings: DecodeSettings) -> Hashable | None:
         """The batch such a request decodes in: "full" (also early exit that never exits), early exit
-        with its confidence policy and threshold, or self_speculative with its draft settings."""
+        with its confidence policy and threshold(s), or self_speculative with its draft settings."""
         if settings.mode == SPECULATIVE:
             s = settings
             draft_exit = s.draft_exit if s.draft_exit is not None else self.engine.model.exit_layers[-1]
             return (SPECULATIVE, draft_exit, s.draft_len, s.draft_schedule, s.draft_vocab, s.draft_confidence)
         if not self.engine._exit_stops(settings):
             return FULL
-        return ("early_exit", settings.confidence, settings.threshold)
+        return ("early_exit", settings.confidence, settings_thresholds(settings))
 
     def batchable(self, settings: DecodeSettings) -> bool:
         return self.group_of(settings) is not None

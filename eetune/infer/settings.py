@@ -16,6 +16,9 @@ from eetune.infer.sampling import SamplingParams, TokenLogprob
 class DecodeSettings:
     mode: str = "full"  # full | early_exit | self_speculative
     threshold: float = 1.0  # early_exit: exit at the first exit with confidence >= threshold; 1.0 == full
+    # early_exit: one threshold per exit, shallowest first, in place of `threshold` (1.0: never
+    # leave at that exit, which is then not even checked). None: `threshold` at every exit.
+    exit_thresholds: tuple[float, ...] | None = None
     # A confidence policy of eetune.infer.policy.POLICIES: max_prob (max softmax prob of the exit head) |
     # learned (sigmoid of the exit's estimator; the head runs only where it fires) | ...
     confidence: str = "max_prob"
@@ -49,7 +52,7 @@ class DecodeSettings:
 # The fields of DecodeSettings that say how to use the exits; the generate and serve configs,
 # serve's per-request options and eval's sweep settings name them the same.
 EXIT_FIELDS = (
-    "mode", "threshold", "confidence", "draft_exit", "draft_len", "draft_schedule", "draft_vocab", "draft_confidence",
+    "mode", "threshold", "exit_thresholds", "confidence", "draft_exit", "draft_len", "draft_schedule", "draft_vocab", "draft_confidence",
 )
 
 
@@ -57,6 +60,8 @@ def exit_settings(source: Any, **rest: Any) -> DecodeSettings:
     """DecodeSettings with the EXIT_FIELDS `source` has (a config section, request options, ...)
     and everything else from `rest`, which also wins over `source`."""
     fields = {name: getattr(source, name) for name in EXIT_FIELDS if hasattr(source, name)}
+    if fields.get("exit_thresholds") is not None:  # a config list or a request's JSON array
+        fields["exit_thresholds"] = tuple(fields["exit_thresholds"])
     return DecodeSettings(**{**fields, **rest})
 
 

@@ -78,6 +78,9 @@ class EarlyExitOptions(_Strict):
     # that depend on the model's exits are checked by ServedModel.check_options.
     mode: Literal[MODES] | None = None  # type: ignore[valid-type]
     threshold: float | None = Field(None, gt=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1])
+    # One threshold per exit, shallowest first, instead of `threshold` (1.0: never leave there).
+    exit_thresholds: list[Annotated[float, Field(gt=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1])]] | None = Field(
+        None, min_length=1)
     confidence: Literal[CONFIDENCES] | None = None  # type: ignore[valid-type]
     draft_exit: int | None = None
     draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN)
@@ -88,6 +91,11 @@ class EarlyExitOptions(_Strict):
     def over(self, defaults: EarlyExitOptions) -> EarlyExitOptions:
         """These options with every field left out taken from `defaults`."""
         given = {key: value for key, value in self.model_dump().items() if value is not None}
+        # A request's one threshold replaces the server's per-exit ones, and the other way round.
+        if "threshold" in given and "exit_thresholds" not in given:
+            given["exit_thresholds"] = None
+        if "exit_thresholds" in given and "threshold" not in given:
+            given["threshold"] = None
         return defaults.model_copy(update=given)
 
 
@@ -257,7 +265,8 @@ def statistics(completion: Completion) -> dict[str, Any]:
     early, speculative = s.mode == "early_exit", s.mode == "self_speculative"
     return {
         "mode": s.mode,
-        "threshold": s.threshold if early else None,
+        "threshold": s.threshold if early and s.exit_thresholds is None else None,
+        "exit_thresholds": list(s.exit_thresholds) if early and s.exit_thresholds is not None else None,
         "confidence": s.confidence if early else None,
         "draft_exit": completion.draft_exit if speculative else None,
         "draft_len": s.draft_len if speculative else None,

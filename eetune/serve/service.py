@@ -21,7 +21,7 @@ from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine, exit_settings
 from eetune.eval.calibration import run_calibration
 from eetune.infer.policy import (
-    ExitSettingsError, check_exit_settings, model_exit_rules, resolve_threshold,
+    ExitSettingsError, check_exit_settings, model_exit_rules, resolve_thresholds,
 )
 from eetune.infer.sampling import TokenLogprob
 from eetune.infer.scheduler import BatchRequest
@@ -36,7 +36,7 @@ from eetune.models import BaseModel
 def default_options(serve_cfg: ServeConfig) -> EarlyExitOptions:
     """The early-exit settings of a request that names none, from the `serve` config.
 
-    A threshold left null there is decided per request by `ServedModel.threshold_for`: the
+    A threshold left null there is decided per request by `ServedModel.thresholds_for`: the
     one `eetune eval` calibrated for the request's confidence policy, else 0.8.
     """
     return EarlyExitOptions(**serve_cfg.policy())
@@ -177,9 +177,11 @@ class ServedModel:
         if any(not 0 <= token < self.vocab_size for token in logit_bias):
             raise APIError(400, f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias",
                            code="invalid_value")
+        threshold, exit_thresholds = self.thresholds_for(options)
         settings = exit_settings(
             options,
-            threshold=self.threshold_for(options),
+            threshold=threshold,
+            exit_thresholds=exit_thresholds,
             max_new_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p if request.top_p < 1.0 else None,
@@ -192,12 +194,16 @@ class ServedModel:
         )
         return DecodePlan(prompt_ids, settings, tuple(request.stop))
 
-    def threshold_for(self, options: EarlyExitOptions) -> float:
-        """The request's threshold, else the calibrated one for its policy, else DEFAULT_THRESHOLD."""
-        return resolve_threshold(options.threshold, options.confidence, self.calibrated)
+    def thresholds_for(self, options: EarlyExitOptions) -> tuple[float, tuple[float, ...] | None]:
+        """(threshold, exit_thresholds): the request's, else the calibrated ones for its policy, else
+        DEFAULT_THRESHOLD."""
+        return resolve_thresholds(options.threshold, options.exit_thresholds, options.confidence, self.calibrated)
 
     def check_options(self, options: EarlyExitOptions, prefix: str = "early_exit.") -> EarlyExitOptions:
         """Settings that depend on this model's exits; `prefix` names where they came from."""
+        if options.threshold is not None and options.exit_thresholds is not None:
+            raise APIError(400, f"{prefix}threshold and {prefix}exit_thresholds are both set: give one threshold "
+                           "for every exit or one per exit", param=f"{prefix}exit_thresholds")
         try:
             check_exit_settings(options, **model_exit_rules(self.model),
                                 has_token_order=self.engine.token_order is not None, prefix=prefix,

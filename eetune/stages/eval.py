@@ -3,7 +3,9 @@
 1. Per-exit metrics on the held-out split of the tuning data (teacher-forced): CE, perplexity,
    agreement with the final layer, calibration, where each threshold would send tokens, the
    learned estimators' precision/recall, and the oracle bound, costed with measured times.
-2. A sweep of decoding settings through the real engine on the generation tasks' prompts.
+2. A sweep of decoding settings through the real engine on the generation tasks' prompts: every
+   confidence policy at every threshold, plus one threshold per exit where the held-out
+   statistics say it beats the global one (eval.per_exit; eetune.eval.per_exit).
 3. Task metrics per setting (ROUGE-L, F1; multiple choice by log-likelihood under the policy).
 4. Calibration of the default threshold into <run_dir>/calibration.json.
 5. report.json, report.md, PNG plots in a fresh output dir; W&B when logger=wandb.
@@ -33,15 +35,17 @@ from eetune.eval.calibration import (
     CALIBRATION_FILE, calibration_source, calibrations_from_sweep, placement, write_calibration,
 )
 from eetune.eval.heldout import token_stats
+from eetune.eval.per_exit import PerExitPoint, per_exit_candidates
 from eetune.eval.plots import draw_all
 from eetune.eval.report import REPORT_MD, build_report, log_wandb, write_report
-from eetune.eval.scoring import choice_accuracy
+from eetune.eval.scoring import choice_accuracy, exit_confidence
 from eetune.eval.sweep import Prompt, run_sweep, sweep_settings
 from eetune.eval.tasks import load_task
 from eetune.eval.timing import measure_costs
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import Engine
+from eetune.infer.policy import describe_thresholds
 from eetune.models import load_base_model
 from eetune.rundir import is_builtin, new_run_dir, resolve_run_dir
 
@@ -113,7 +117,6 @@ def _evaluate(
     stop_ids = frozenset(stop_token_ids(base.tokenizer))
     # The token order generate and serve decode with: the `frequent` policy's head, as theirs.
     token_order = load_token_order(Path(cfg.run_dir), always=tuple(sorted(stop_ids)))
-    settings = sweep_settings(cfg, model, console, has_token_order=token_order is not None)
     prompts = [
         Prompt(build_prompt_ids(base.tokenizer, item.prompt, cfg.eval.chat), task.name, i)
         for task in tasks if task.is_generation for i, item in enumerate(task.items)
@@ -129,6 +132,9 @@ def _evaluate(
         stats = token_stats(model, batch, token_order)
         progress.update(step, advance=1, description="timing one layer step and one head")
         costs = measure_costs(model, repeats=cfg.eval.timing_repeats)
+        per_exit = _per_exit_thresholds(cfg, stats, costs) if cfg.eval.per_exit else {}
+        settings = sweep_settings(cfg, model, console, has_token_order=token_order is not None,
+                                  per_exit={c: [p.thresholds for p in points] for c, points in per_exit.items()})
         step = progress.add_task("decoding sweep", total=len(prompts) * len(settings))
         rows = run_sweep(
             Engine(model, max_batch_size=cfg.eval.batch_size, token_order=token_order), prompts, settings,
@@ -145,7 +151,7 @@ def _evaluate(
     report = build_report(
         cfg, model_name=base.name, dtype=str(base.dtype).removeprefix("torch."), model=model, stats=stats,
         costs=costs, tasks=tasks, rows=rows, choice_scores=choice_scores, heldout_shape=tuple(batch.shape),
-        prompts=prompts,
+        prompts=prompts, per_exit_thresholds=per_exit,
     )
     calibrations = calibrations_from_sweep(cfg, rows) if cfg.eval.calibrate else []
     # A shipped run dir is read-only: its calibration is the one it shipped with; this one goes beside the report.
@@ -173,6 +179,16 @@ def _evaluate(
     return EvalResult(out_dir, report, plots, calibration)
 
 
+def _per_exit_thresholds(cfg: EetuneConfig, stats: Any, costs: Any) -> dict[str, list[PerExitPoint]]:
+    """confidence policy -> per-exit thresholds worth decoding beside the global ones (eetune.eval.per_exit)."""
+    thresholds = [float(t) for t in cfg.eval.thresholds]
+    return {
+        confidence: per_exit_candidates(stats, costs, confidence, thresholds)
+        for confidence in dict.fromkeys(cfg.eval.confidences)
+        if exit_confidence(stats.layers, stats.exit_layers, confidence) is not None and len(stats.exit_layers) > 1
+    }
+
+
 def print_summary(console: Console, report: dict[str, Any], out_dir: Path, plots: dict[str, Path], calibration: Path | None) -> None:
     # A compact table that fits 80 columns; report.md has the full one.
     tasks = [t["name"] for t in report["tasks"]]
@@ -192,6 +208,8 @@ def print_summary(console: Console, report: dict[str, Any], out_dir: Path, plots
     console.print(f"oracle bound (perfect policy, 100% agreement): {report['oracle']['speedup']:.2f}x by the cost model")
     if calibration is not None:
         for confidence, c in report["calibration"]["thresholds"].items():
-            console.print(f"calibrated {confidence} threshold: {c['threshold']:g} "
+            which = ("threshold" if c.get("exit_thresholds") is None else "thresholds per exit")
+            value = describe_thresholds(c["threshold"] if c.get("exit_thresholds") is None else c["exit_thresholds"])
+            console.print(f"calibrated {confidence} {which}: {value} "
                           f"(agreement {c['agreement']:.1%}, {c['speedup']:.2f}x) -> {calibration}")
     console.print(f"report: [bold]{out_dir / REPORT_MD}[/] (+ report.json); plots: " + ", ".join(str(p) for p in plots.values()))

@@ -24,7 +24,7 @@ from eetune.exits.loading import load_model
 from eetune.infer.draft_vocab import load_token_order
 from eetune.infer.engine import DecodeResult, Engine, exit_settings
 from eetune.eval.calibration import run_calibration
-from eetune.infer.policy import resolve_threshold
+from eetune.infer.policy import describe_thresholds, resolve_thresholds
 from eetune.rundir import resolve_run_dir
 
 
@@ -96,10 +96,11 @@ def _generate(cfg: EetuneConfig, base: Any, model: Any, out: TextIO, console: Co
     gen = cfg.generate
     tokenizer = base.tokenizer
     prompt_ids = build_prompt_ids(tokenizer, gen.prompt, gen.chat, gen.system)
-    threshold = default_threshold(gen, console, model) if gen.threshold is None else gen.threshold
+    threshold, exit_thresholds = decode_thresholds(gen, console, model)
     settings = exit_settings(
         gen,
         threshold=threshold,
+        exit_thresholds=exit_thresholds,
         max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_k=gen.top_k,
@@ -120,18 +121,23 @@ def _generate(cfg: EetuneConfig, base: Any, model: Any, out: TextIO, console: Co
     return GenerateResult(text=text, result=result)
 
 
-def default_threshold(gen: Any, console: Console, model: Any) -> float:
-    """The threshold `eetune eval` calibrated for the run's exits in `model`'s dtype and on its
-    device, else DEFAULT_THRESHOLD (eetune.infer.policy.resolve_threshold)."""
+def decode_thresholds(gen: Any, console: Console, model: Any) -> tuple[float, tuple[float, ...] | None]:
+    """(threshold, exit_thresholds): the explicit ones, else those `eetune eval` calibrated for the
+    run's exits in `model`'s dtype and on its device, else DEFAULT_THRESHOLD
+    (eetune.infer.policy.resolve_thresholds)."""
+    if gen.threshold is not None or gen.exit_thresholds is not None:
+        return resolve_thresholds(gen.threshold, gen.exit_thresholds, gen.confidence, {})
+
     def warn(message: str) -> None:
         if gen.mode == "early_exit":  # the only mode the threshold steers
             console.print(f"warning: {message}", markup=False)
 
     calibrated = run_calibration(gen.run_dir, model, warn)
     if gen.mode == "early_exit" and gen.confidence in calibrated:
-        console.print(f"[dim]threshold {calibrated[gen.confidence]:g}: calibrated by eetune eval "
+        which = "threshold" if isinstance(calibrated[gen.confidence], float) else "exit thresholds"
+        console.print(f"[dim]{which} {describe_thresholds(calibrated[gen.confidence])}: calibrated by eetune eval "
                       f"({gen.run_dir}/calibration.json)[/]")
-    return resolve_threshold(None, gen.confidence, calibrated)
+    return resolve_thresholds(None, None, gen.confidence, calibrated)
 
 
 def summary_line(result: DecodeResult, num_layers: int) -> str:

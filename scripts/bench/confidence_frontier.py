@@ -72,18 +72,17 @@ PER_EXIT_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]
 def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, costs: Any,
                       exits: list[int], num_layers: int, policy: str) -> list[dict[str, Any]]:
     """(thresholds, agreement, speedup) for every combination of one threshold per exit from
-    PER_EXIT_GRID (1.0: that exit never fires); the decision is still the first exit that fires."""
+    PER_EXIT_GRID (1.0: that exit is never checked, as the engine does); eval's own search
+    (eetune.eval.per_exit) measures each one."""
     import itertools
 
-    num_exits, num_tokens = confidence.shape
+    from eetune.eval.per_exit import PerExitSearch
+
+    search = PerExitSearch(confidence, top1, costs, exits, num_layers, policy)
     points = []
-    for combo in itertools.product(PER_EXIT_GRID, repeat=num_exits):
-        t = torch.tensor(combo)[:, None]
-        fires = (confidence >= t) & (t < 1.0)
-        index = torch.where(fires.any(0), fires.int().argmax(0), torch.full((num_tokens,), num_exits))
-        agreement = float((top1.gather(0, index[None])[0] == final_top1).float().mean())
-        points.append({"thresholds": list(combo), "agreement": agreement,
-                       "speedup": costs.sequence_speedup(index.tolist(), exits, num_layers, policy)})
+    for combo in itertools.product(PER_EXIT_GRID, repeat=len(exits)):
+        point = search.point(combo)
+        points.append({"thresholds": list(combo), "agreement": point.agreement, "speedup": point.speedup})
     return points
 
 

@@ -5,7 +5,8 @@ ignored so every case decodes exactly that many):
 
 - `hf`: Hugging Face transformers `generate` on the same weights and dtype (the baseline).
 - `full`: our engine with the full model (every speedup below is relative to it).
-- `early_exit`: each threshold x each confidence policy (max_prob, learned, frequent).
+- `early_exit`: each threshold x each confidence policy (max_prob, learned, frequent), and
+  `--exit-thresholds` settings with one threshold per exit (eval's per-exit calibration).
 - `self_speculative`: each drafting exit x draft length x draft schedule (`constant`: k every
   round; `adaptive`: as many as pay from the running acceptance, up to k), with the whole
   vocabulary or a restricted draft vocabulary (FR-Spec); output must equal `full`.
@@ -214,6 +215,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--thresholds", default="0.9,0.8,0.6,0.4,0.2")
     parser.add_argument("--policies", default="max_prob,learned,frequent")
+    parser.add_argument("--exit-thresholds", default="",
+                        help="early_exit with one threshold per exit, as POLICY:T1/T2/...[,POLICY:...] "
+                             "(e.g. frequent:0.9/0.8/1 from eval's calibration)")
     parser.add_argument("--spec", default="8:4,16:4,24:3", help="self_speculative drafts as EXIT:K,...")
     parser.add_argument("--draft-vocab", default="0,4096", help="draft vocab sizes (0 = whole vocabulary)")
     parser.add_argument("--draft-confidence", default="0,0.5", help="estimator cuts of a draft (0 = off)")
@@ -245,6 +249,15 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
                 Case(f"early_exit {policy} {t:g}", "early_exit",
                      DecodeSettings(mode="early_exit", threshold=t, confidence=policy, max_new_tokens=n))
             )
+    for item in filter(None, args.exit_thresholds.split(",")):
+        policy, _, values = item.partition(":")
+        per_exit = tuple(float(t) for t in values.split("/"))
+        if len(per_exit) != len(exit_layers):
+            raise SystemExit(f"--exit-thresholds {item}: {len(per_exit)} thresholds for exits {exit_layers}")
+        cases.append(
+            Case(f"early_exit {policy} {values}", "early_exit",
+                 DecodeSettings(mode="early_exit", exit_thresholds=per_exit, confidence=policy, max_new_tokens=n))
+        )
     for item in args.spec.split(","):
         layer, k = (int(x) for x in item.split(":"))
         if layer not in exit_layers:
@@ -320,7 +333,9 @@ def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
 
 def _settings_dict(s: DecodeSettings) -> dict[str, Any]:
     return {
-        "mode": s.mode, "threshold": s.threshold, "confidence": s.confidence, "draft_exit": s.draft_exit,
+        "mode": s.mode, "threshold": s.threshold if s.exit_thresholds is None else None,
+        "exit_thresholds": None if s.exit_thresholds is None else list(s.exit_thresholds),
+        "confidence": s.confidence, "draft_exit": s.draft_exit,
         "draft_len": s.draft_len, "draft_schedule": s.draft_schedule, "draft_vocab": s.draft_vocab,
         "draft_confidence": s.draft_confidence,
     }
@@ -343,13 +358,20 @@ def _plot(results: list[dict], sets: list[str], out: Path, title: str) -> None:
 
 def _plot_set(ax, results: list[dict]) -> None:
     for policy, marker in (("max_prob", "o"), ("learned", "s"), ("frequent", "D")):
-        points = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy]
+        ours = [r for r in results if r["kind"] == "early_exit" and r["settings"]["confidence"] == policy]
+        points = [r for r in ours if r["settings"].get("exit_thresholds") is None]
         if points:
             ax.plot([r["speedup_vs_full"] for r in points], [r["token_agreement_with_full"] for r in points],
                     marker=marker, label=f"early exit ({policy})")
             for r in points:
                 ax.annotate(f"{r['settings']['threshold']:g}", (r["speedup_vs_full"], r["token_agreement_with_full"]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for j, r in enumerate(r for r in ours if r["settings"].get("exit_thresholds") is not None):
+            ax.scatter([r["speedup_vs_full"]], [r["token_agreement_with_full"]], marker=marker, s=60, facecolors="none",
+                       edgecolors="black", label=f"early exit ({policy}), one threshold per exit" if j == 0 else None)
+            ax.annotate("/".join(f"{t:g}" for t in r["settings"]["exit_thresholds"]),
+                        (r["speedup_vs_full"], r["token_agreement_with_full"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
     for schedule, color in (("constant", "tab:green"), ("adaptive", "tab:olive")):
         spec = [r for r in results if r["kind"] == "self_speculative" and r["settings"]["draft_schedule"] == schedule]
         if spec:

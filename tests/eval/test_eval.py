@@ -42,6 +42,7 @@ from eetune.eval.text_metrics import rouge_l, token_agreement, token_f1
 from eetune.eval.timing import Costs
 from eetune.exits import load_exits, loading
 from eetune.infer.engine import DecodeSettings, Engine
+from eetune.infer.policy import first_confident
 from eetune.models import get_model_entry, load_base_model
 from eetune.models.checkpoint import save_hf_checkpoint
 from eetune.models.tiny import TINY_VOCAB_SIZE, build_tiny_tokenizer, random_decoder, tiny_hf_config
@@ -248,6 +249,40 @@ def test_teacher_forced_policy_picks_the_layers_and_tokens_the_engine_decodes(mo
     assert len(seen) >= 3, f"the thresholds should send tokens to several layers, saw {sorted(seen)}"
 
 
+@pytest.mark.parametrize("confidence", ["max_prob", "learned"])
+def test_per_exit_thresholds_decide_as_the_scorer_does_and_skip_exits_at_one(model, base, confidence):
+    """One threshold per exit: the engine's exit choice equals the teacher-forced scorer's, an exit
+    whose threshold is 1.0 is never left at nor checked (no head call there), and equal per-exit
+    thresholds decode exactly as the one global threshold."""
+    prompt = base.tokenizer.encode("The assignment statement binds names", add_special_tokens=False)
+    engine = Engine(model)
+    seen: set[int] = set()
+    for per_exit in [(0.5, 1.0, 0.15), (1.0, 0.3, 0.15), (0.3, 0.5, 1.0)]:
+        settings = DecodeSettings(mode="early_exit", exit_thresholds=per_exit, confidence=confidence,
+                                  max_new_tokens=40, temperature=1.0, seed=3)
+        engine.head_calls.clear()
+        result = engine.generate(prompt, settings)
+        policy = ExitPolicy("early_exit", confidence=confidence, exit_thresholds=per_exit)
+        assert PolicyScorer(model, policy).score(prompt, result.tokens).exit_layers == result.exit_layers
+        off = model.exit_layers[per_exit.index(1.0)]
+        assert off not in result.exit_layers and engine.head_calls[off] == 0
+        seen |= set(result.exit_layers)
+    assert len(seen) >= 3, f"the thresholds should send tokens to several layers, saw {sorted(seen)}"
+    same = engine.generate(prompt, DecodeSettings(mode="early_exit", exit_thresholds=(0.3,) * 3, max_new_tokens=24))
+    one = engine.generate(prompt, DecodeSettings(mode="early_exit", threshold=0.3, max_new_tokens=24))
+    assert (same.tokens, same.exit_layers) == (one.tokens, one.exit_layers)
+
+
+def test_first_confident_takes_one_threshold_per_exit():
+    confidence = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.5, 0.8, 0.7, 0.3]])
+    assert first_confident(confidence, 0.6).tolist() == [0, 1, 0, 2]
+    assert first_confident(confidence, (0.95, 0.6)).tolist() == [2, 1, 1, 2]
+    assert first_confident(confidence, (1.0, 0.3)).tolist() == [1, 1, 1, 1]  # exit 0 never fires
+    assert first_confident(confidence, (1.0, 1.0)).tolist() == [2, 2, 2, 2]
+    with pytest.raises(EetuneError, match="3 thresholds for 2 exits"):
+        first_confident(confidence, (0.5, 0.5, 0.5))
+
+
 def test_full_policy_log_likelihood_is_the_final_layers(model):
     context, continuation = [5, 17, 99, 42], [7, 8, 200]
     scored = PolicyScorer(model, ExitPolicy("full")).score(context, continuation)
@@ -392,6 +427,75 @@ def test_calibration_applies_only_to_its_dtype_and_device(tuned_run, base, tmp_p
     assert served.calibrated == {"max_prob": 0.35, "learned": 0.35}
 
 
+def test_pick_threshold_keeps_per_exit_thresholds_only_where_they_beat_every_global_one():
+    globals_ = [Candidate(0.9, 0.99, 1.30, 0.02, "a"), Candidate(0.6, 0.97, 1.60, 0.02, "b")]
+    # Within noise of the best qualifying global threshold: the global one.
+    close = Candidate(1.0, 0.99, 1.33, 0.02, "c", exit_thresholds=(0.95, 0.8, 1.0))
+    assert pick_threshold("max_prob", [*globals_, close], 0.98).exit_thresholds is None
+    # Clearly faster at the target: one threshold per exit.
+    clear = Candidate(1.0, 0.985, 1.45, 0.02, "d", exit_thresholds=(0.95, 0.8, 1.0))
+    won = pick_threshold("max_prob", [*globals_, clear], 0.98)
+    assert (won.exit_thresholds, won.speedup) == ((0.95, 0.8, 1.0), 1.45)
+    # Faster, but below the target agreement: not a candidate.
+    wrong = Candidate(1.0, 0.95, 1.9, 0.02, "e", exit_thresholds=(0.5, 0.5, 1.0))
+    assert pick_threshold("max_prob", [*globals_, wrong], 0.98).threshold == 0.9
+    # It decoded exactly as a global threshold did: the same work, so the global one.
+    alike = Candidate(1.0, 0.99, 1.45, 0.02, "a", exit_thresholds=(0.9, 0.9, 1.0))
+    assert pick_threshold("max_prob", [*globals_, alike], 0.98).exit_thresholds is None
+
+
+def test_per_exit_calibration_round_trips_into_generate(tuned_run, base, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tuned_run, run_dir)
+    won = pick_threshold("max_prob", [Candidate(1.0, 0.99, 1.5, exit_thresholds=(0.5, 1.0, 0.2))], 0.98)
+    write_calibration(run_dir, [won], {"prompts": 3})
+    assert load_calibrated_threshold(run_dir) == (0.5, 1.0, 0.2)
+    assert calibrated_thresholds(run_dir) == {"max_prob": (0.5, 1.0, 0.2)}
+    used: list[tuple] = []
+    original = Engine.generate
+
+    def spy(self, prompt_ids, settings, on_token=None):
+        used.append((settings.threshold, settings.exit_thresholds))
+        return original(self, prompt_ids, settings, on_token)
+
+    monkeypatch.setattr(loading, "load_base_model", lambda name, **kwargs: base)
+    monkeypatch.setattr(Engine, "generate", spy)
+    for overrides in ([], ["generate.threshold=0.9"], ["generate.exit_thresholds=[0.3,0.3,1.0]"]):
+        cfg = compose_config("generate", ["generate.mode=early_exit", f"generate.run_dir={run_dir}",
+                                          "generate.max_new_tokens=3", "generate.chat=false", *overrides])
+        cfg.generate.prompt = "x = 1"
+        generate.run(cfg, out=open(tmp_path / "out.txt", "w"))
+    assert used == [(DEFAULT_THRESHOLD, (0.5, 1.0, 0.2)), (0.9, None), (DEFAULT_THRESHOLD, (0.3, 0.3, 1.0))]
+    cfg = compose_config("generate", ["generate.mode=early_exit", f"generate.run_dir={run_dir}",
+                                      "generate.exit_thresholds=[0.3,1.0]"])
+    cfg.generate.prompt = "x = 1"
+    with pytest.raises(EetuneError, match=r"exit_thresholds has 2 thresholds for 3 exits \(at \[1, 2, 3\]\)"):
+        generate.run(cfg, out=open(tmp_path / "out.txt", "w"))
+
+
+def test_per_exit_search_finds_a_faster_setting_at_the_same_agreement():
+    """Exit 0 is right only when very sure, exit 1 whenever fairly sure: a global threshold must
+    be strict everywhere for exit 0's sake, one per exit need not be."""
+    from eetune.eval.per_exit import PerExitSearch
+
+    torch.manual_seed(0)
+    tokens = 400
+    final = torch.randint(0, 50, (tokens,))
+    conf0, conf1 = torch.rand(tokens), torch.rand(tokens)
+    top0 = torch.where(conf0 > 0.9, final, (final + 1) % 50)
+    top1_ = torch.where(conf1 > 0.4, final, (final + 1) % 50)
+    costs = Costs(layer_s=1.0, head_s=0.1, final_s=1.0, exit_s={2: 0.0, 4: 0.0}, estimator_s={}, context=8)
+    search = PerExitSearch(torch.stack([conf0, conf1]), torch.stack([top0, top1_, final]), costs, [2, 4], 8, "max_prob")
+    start = search.point([0.9, 0.9])
+    best = search.best_from(0.9, [0.9, 0.6, 0.4, 0.2])
+    assert start.agreement == 1.0 and best.agreement == 1.0
+    assert best.thresholds == (0.9, 0.4) and best.speedup > start.speedup
+    # An exit at 1.0 is not checked: exactly the cost of decoding with exit 4 alone.
+    alone = search.point([1.0, 0.4])
+    index = [0 if c >= 0.4 else 1 for c in conf1.tolist()]
+    assert alone.speedup == pytest.approx(costs.sequence_speedup(index, [4], 8, "max_prob"))
+
+
 def test_calibration_round_trip_and_staleness(tuned_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tuned_run, run_dir)
@@ -527,8 +631,19 @@ def test_eval_per_exit_metrics_are_the_held_out_ones(evaluated, model, base, cor
 def test_eval_sweep_runs_every_setting_through_the_engine(evaluated):
     result, _, _ = evaluated
     sweep = {r["setting"]: r for r in result.report["sweep"]}
-    assert list(sweep) == ["full", "max_prob@0.3", "max_prob@0.15", "learned@0.3", "learned@0.15",
-                           "self_speculative(k=4)"]
+    searched = result.report["per_exit_thresholds"]
+    per_exit = {c: [f"{c}@{'/'.join(f'{t:g}' for t in p['thresholds'])}" for p in searched.get(c, [])]
+                for c in ("max_prob", "learned")}
+    assert list(sweep) == ["full", "max_prob@0.3", "max_prob@0.15", *per_exit["max_prob"], "learned@0.3",
+                           "learned@0.15", *per_exit["learned"], "self_speculative(k=4)"]
+    # Each per-exit setting was searched from a global threshold and beats it in the cost model.
+    policies = {(p["confidence"], p["threshold"]): p for p in result.report["policies"]}
+    for confidence, points in searched.items():
+        for p in points:
+            start = policies[(confidence, p["start"])]
+            assert p["agreement"] >= start["agreement"] and p["speedup"] >= 1.02 * start["speedup"]
+            assert len(p["thresholds"]) == 3 and len(set(p["thresholds"])) > 1
+            assert sweep[f"{confidence}@{'/'.join(f'{t:g}' for t in p['thresholds'])}"]["exit_thresholds"] == p["thresholds"]
     full = sweep["full"]
     assert full["speedup"] == 1.0 and full["mean_layers"] == 4.0 and full["token_agreement"] == 1.0
     assert full["exit_counts"] == {"4": full["tokens"]}
@@ -552,13 +667,18 @@ def test_eval_calibrates_the_run_dir_and_generate_reads_it(evaluated):
     chosen = cal["thresholds"]["max_prob"]
     rows = [r for r in result.report["sweep"] if r["confidence"] == "max_prob"]
     # The sweep's measured agreement, speedup and its standard error decide (rules: test_pick_threshold_*).
-    candidates = [Candidate(r["threshold"], r["token_agreement"], r["speedup"], r["speedup_se"]) for r in rows]
+    candidates = [
+        Candidate(1.0, r["token_agreement"], r["speedup"], r["speedup_se"], exit_thresholds=tuple(r["exit_thresholds"]))
+        if r["exit_thresholds"] is not None else Candidate(r["threshold"], r["token_agreement"], r["speedup"], r["speedup_se"])
+        for r in rows
+    ]
     assert all(r["speedup_se"] > 0 for r in rows)
-    expected = pick_threshold("max_prob", candidates, 0.5).threshold
-    assert chosen["threshold"] == expected
-    assert load_calibrated_threshold(run_dir) == expected
+    expected = pick_threshold("max_prob", candidates, 0.5)
+    assert chosen["threshold"] == expected.threshold
+    assert chosen["exit_thresholds"] == (None if expected.exit_thresholds is None else list(expected.exit_thresholds))
+    assert load_calibrated_threshold(run_dir) == (expected.exit_thresholds or expected.threshold)
     assert set(cal["thresholds"]) == {"max_prob", "learned"}
-    assert result.report["calibration"]["thresholds"]["max_prob"]["threshold"] == expected
+    assert result.report["calibration"]["thresholds"]["max_prob"]["threshold"] == expected.threshold
 
 
 def test_eval_records_what_the_calibration_was_measured_on(evaluated):
@@ -584,8 +704,13 @@ def test_eval_with_batch_size_3_reports_batch_1s_outputs(evaluated, soft_tiny, c
     ]))
     three = result.report
     assert one["sweep_info"]["batch_size"] == 1 and three["sweep_info"]["batch_size"] == 3
-    assert [r["setting"] for r in three["sweep"]] == [r["setting"] for r in one["sweep"]]
-    for a, b in zip(one["sweep"], three["sweep"]):
+    # The per-exit settings come from each eval's own timings of the pieces, so they may differ.
+    def global_settings(report):
+        return [r["setting"] for r in report["sweep"] if r["exit_thresholds"] is None]
+
+    assert global_settings(three) == global_settings(one)
+    rows = {r["setting"]: r for r in three["sweep"]}
+    for a, b in ((a, rows[a["setting"]]) for a in one["sweep"] if a["setting"] in rows):
         assert b["outputs"] == a["outputs"], a["setting"]
         assert (b["exit_counts"], b["tokens"], b["token_agreement"]) == (a["exit_counts"], a["tokens"], a["token_agreement"])
         assert b["tokens_per_s"] > 0

@@ -353,6 +353,25 @@ def test_bad_model_args_are_one_line_errors(run_dir):
         harness.EetuneLM(run_dir="/nope/run")
     with pytest.raises(EetuneError, match="needs an estimator on every exit"):
         harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", threshold=0.5, confidence="learned")
+    with pytest.raises(EetuneError, match="give one threshold per exit joined by '/'"):
+        harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", exit_thresholds="0.5,0.4")
+    with pytest.raises(EetuneError, match="both threshold and exit_thresholds"):
+        harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", threshold=0.5, exit_thresholds="0.5/0.5")
+
+
+def test_per_exit_thresholds_from_model_args_decode_as_the_engine(run_dir, tiny):
+    base, model = tiny
+    per_exit = tuple([THRESHOLD] * (len(model.exit_layers) - 1) + [1.0])
+    lm = harness.EetuneLM(run_dir=str(run_dir), mode="early_exit", exit_thresholds="/".join(map(str, per_exit)))
+    assert lm.policy.exit_thresholds == per_exit
+    ids = base.tokenizer.encode("Question: what is two plus two?", add_special_tokens=False)
+    settings = lm._settings(8, 0.0)
+    assert settings.exit_thresholds == per_exit
+    expected = Engine(model).generate(ids, DecodeSettings(mode="early_exit", exit_thresholds=per_exit,
+                                                          max_new_tokens=8, stop_ids=settings.stop_ids))
+    assert lm.engine.generate(ids, settings).tokens == expected.tokens
+    info = lm.get_model_info()
+    assert (info["eetune_threshold"], info["eetune_exit_thresholds"]) == (None, list(per_exit))
 
 
 def test_lm_eval_command_line_runs_the_eetune_model(run_dir, task_dir, evaluated, tmp_path):

@@ -983,16 +983,19 @@ def test_scheduler_callback_and_cancel_end_one_request_only(ee: EarlyExitModel) 
     assert others[1].result.tokens == solo[2].tokens
 
 
-@pytest.mark.parametrize("threshold, prefill_chunk", [(0.017, None), (0.018, None), (0.018, 2)])
+@pytest.mark.parametrize("threshold, prefill_chunk",
+                         [(0.017, None), (0.018, None), (0.018, 2), ((1.0, 0.017, 0.018), None)])
 def test_scheduler_early_exit_rows_leave_at_their_own_exits_as_alone(
-    ee: EarlyExitModel, threshold: float, prefill_chunk: int | None
+    ee: EarlyExitModel, threshold: float | tuple[float, ...], prefill_chunk: int | None
 ) -> None:
     """Rows join and leave a running early-exit batch at different steps, each at its own
     positions; every request's tokens and exit layers equal its solo decode, so the deferred KV
-    fill (backbone and the `layer` exit's own cache) stays exact per row."""
+    fill (backbone and the `layer` exit's own cache) stays exact per row. With one threshold per
+    exit, an exit at 1.0 is skipped (its `layer` block's cache never filled) and the rest stays exact."""
     engine = Engine(ee)
     prompts = [_prompt(50, n=5), _prompt(51, n=1), _prompt(52, n=11), _prompt(53, n=3), _prompt(54, n=7), _prompt(55, n=2)]
-    base = dict(mode="early_exit", threshold=threshold)
+    per_exit = isinstance(threshold, tuple)
+    base = dict(mode="early_exit", **({"exit_thresholds": threshold} if per_exit else {"threshold": threshold}))
     settings = [
         DecodeSettings(**base, max_new_tokens=14),
         DecodeSettings(**base, max_new_tokens=9, temperature=0.9, top_p=0.8, seed=3),
@@ -1002,7 +1005,9 @@ def test_scheduler_early_exit_rows_leave_at_their_own_exits_as_alone(
         DecodeSettings(**base, max_new_tokens=11),
     ]
     solo = [_solo(ee, p, s) for p, s in zip(prompts, settings)]
-    assert len({layer for r in solo for layer in r.exit_layers}) == N_LAYERS  # every exit and the final layer
+    # every exit (but one at threshold 1.0) and the final layer
+    skipped = {layer for layer, t in zip(ee.exit_layers, threshold) if t == 1.0} if per_exit else set()
+    assert {layer for r in solo for layer in r.exit_layers} == {*ee.exit_layers, N_LAYERS} - skipped
     stop = solo[3].tokens[6]
     settings[3] = DecodeSettings(**base, max_new_tokens=16, stop_ids=frozenset({stop}))
     solo[3] = _solo(ee, prompts[3], settings[3])

@@ -83,7 +83,11 @@ def test_confidence_frontier_costs_a_check_per_passed_exit_and_a_head_where_a_to
     # Exit 8 at 0.9 (token 1 only), exit 16 at 0.5 (token 2): all three agree, faster than full.
     assert per_exit[(0.9, 0.5)]["agreement"] == 1.0
     assert per_exit[(0.9, 0.5)]["speedup"] == pytest.approx(1 / ((0.55 + 0.85 + per_index[2]) / 3))
-    assert per_exit[(1.0, 1.0)]["speedup"] == pytest.approx(1 / per_index[2])
+    # An exit at 1.0 is never checked, as in the engine: no check cost there; none checked is the full model.
+    only_16 = costs.index_costs([16], 20, "frequent")
+    assert only_16 == pytest.approx([0.8, 20 / 32 + 0.05 + 0.375])
+    assert per_exit[(1.0, 0.5)]["speedup"] == pytest.approx(1 / ((only_16[1] + only_16[0] + only_16[1]) / 3))
+    assert per_exit[(1.0, 1.0)]["speedup"] == 1.0
 
 
 def test_confidence_frontier_what_if_is_the_oracle_of_exits_that_agree_that_often():

@@ -178,6 +178,22 @@ def test_cheaper_drafts_keep_self_speculative_exact(client) -> None:
         assert bad.status_code == 400 and bad.json()["error"]["param"] == f"early_exit.{field}"
 
 
+def test_one_threshold_per_exit_decodes_as_generate_and_is_echoed(client, tiny_dir, run_dir) -> None:
+    per_exit = [MIXED_THRESHOLD, 1.0, 0.014]  # exit 2 never checked
+    options = {"mode": "early_exit", "exit_thresholds": per_exit}
+    body = client.post("/v1/chat/completions", json={**chat_body("Tell me a story"), "early_exit": options}).json()
+    cfg = compose_config("generate", [f"model.checkpoint_dir={tiny_dir}", f"generate.run_dir={run_dir}",
+                                      "generate.max_new_tokens=20", "generate.mode=early_exit",
+                                      f"generate.exit_thresholds=[{','.join(map(str, per_exit))}]"])
+    cfg.generate.prompt = "Tell me a story"
+    expected = generate.run(cfg, out=io.StringIO())
+    assert body["choices"][0]["message"]["content"] == expected.text
+    stats = body["early_exit"]
+    assert stats["exit_layers"] == expected.result.exit_layers and 2 not in stats["exit_layers"]
+    assert {1, 3} <= set(stats["exit_layers"])
+    assert (stats["threshold"], stats["exit_thresholds"]) == (None, per_exit)
+
+
 def test_a_threshold_left_out_is_the_calibrated_one(tiny_dir, run_dir, tmp_path) -> None:
     from eetune.eval.calibration import Candidate, pick_threshold, write_calibration
     from eetune.serve.protocol import ChatCompletionRequest
@@ -195,6 +211,15 @@ def test_a_threshold_left_out_is_the_calibrated_one(tiny_dir, run_dir, tmp_path)
     assert threshold({"confidence": "learned"}) == 0.3  # calibrated for this policy
     assert threshold({"confidence": "max_prob"}) == 0.8  # none calibrated for this one
     assert threshold({"confidence": "learned", "threshold": 0.5}) == 0.5  # a request's own wins
+
+    # Calibrated per exit: a request that names no threshold gets them; one that names one does not.
+    per_exit = pick_threshold("max_prob", [Candidate(1.0, 0.99, 1.5, exit_thresholds=(0.5, 1.0, 0.2))], 0.98)
+    write_calibration(calibrated_dir, [per_exit], {"prompts": 1})
+    served = ServedModel.from_config(serve_cfg(tiny_dir, calibrated_dir, "serve.mode=early_exit"))
+    plan = served.plan([1, 2, 3], ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "Hi"}]}), "messages")
+    assert plan.settings.exit_thresholds == (0.5, 1.0, 0.2)
+    assert threshold({"threshold": 0.5}) == 0.5
 
 
 def test_completions_equal_the_engine_for_text_and_token_id_prompts(client, served) -> None:
@@ -615,6 +640,12 @@ HI = [{"role": "user", "content": "hi"}]
         (CHAT, {"messages": HI, "early_exit": {"threshold": 1.5}}, 400, "early_exit.threshold", "invalid_value"),
         (CHAT, {"messages": HI, "early_exit": {"mode": "self_speculative", "draft_exit": 4}}, 400,
          "early_exit.draft_exit", None),
+        (CHAT, {"messages": HI, "early_exit": {"mode": "early_exit", "exit_thresholds": [0.5, 0.5]}}, 400,
+         "early_exit.exit_thresholds", None),
+        (CHAT, {"messages": HI, "early_exit": {"exit_thresholds": [0.5, 0, 0.5]}}, 400,
+         "early_exit.exit_thresholds[1]", "invalid_value"),
+        (CHAT, {"messages": HI, "early_exit": {"threshold": 0.5, "exit_thresholds": [0.5, 0.5, 0.5]}}, 400,
+         "early_exit.exit_thresholds", None),
         (CHAT, {"messages": HI, "early_exit": {"theshold": 0.5}}, 400, "early_exit.theshold", "unknown_parameter"),
         (CHAT, {"model": "gpt-4", "messages": HI}, 404, "model", "model_not_found"),
         (COMPLETIONS, {"prompt": "x" * 200}, 400, "prompt", "context_length_exceeded"),
@@ -964,6 +995,8 @@ def test_token_speller_gives_each_tokens_exact_bytes() -> None:
         (["serve.mode=fastest"], "serve.mode='fastest' is not one of: full, early_exit, self_speculative"),
         (["serve.mode=early_exit"], "serve.mode=early_exit needs exits: set serve.run_dir="),
         (["serve.threshold=0"], "serve.threshold=0.0 must be in (0, 1]"),
+        (["serve.threshold=0.5", "serve.exit_thresholds=[0.5,1.0]"], "serve.threshold and serve.exit_thresholds are both set"),
+        (["serve.exit_thresholds=[0.5,2]"], "serve.exit_thresholds has 2.0: each threshold must be in (0, 1]"),
         (["serve.port=70000"], "serve.port=70000 must be in 0..65535"),
         (["serve.queue_size=0"], "serve.queue_size=0 must be >= 1"),
         (["serve.default_max_tokens=600"], "serve.default_max_tokens=600 exceeds serve.max_tokens=512"),

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from eetune.config.checks import check_choices, check_positive
 from eetune.errors import EetuneError
-from eetune.infer.policy import MAX_DRAFT_LEN, check_threshold
+from eetune.infer.policy import MAX_DRAFT_LEN, check_threshold, threshold_ok
 
 
 @dataclass
@@ -27,6 +27,9 @@ class ExitPolicyConfig:
     # None: the threshold `eetune eval` calibrated into the run dir for the confidence policy,
     # else 0.8.
     threshold: Optional[float] = None
+    # early_exit: one threshold per exit, shallowest first, instead of `threshold` (1.0: never
+    # leave at that exit). None: `threshold`, or the per-exit ones `eetune eval` calibrated.
+    exit_thresholds: Optional[List[float]] = None
     # max_prob (the paper), learned (the exits' confidence estimators) or frequent (max_prob over the
     # head's rows for the most frequent tokens; needs the run dir's token frequencies).
     confidence: str = "max_prob"
@@ -57,11 +60,24 @@ class ExitPolicyConfig:
             raise EetuneError(f"{section}.draft_confidence={self.draft_confidence} must be in (0, 1] (or null)")
         if self.threshold is not None:
             check_threshold(self.threshold, f"{section}.threshold", self.confidence)
+        if self.exit_thresholds is not None:
+            if self.threshold is not None:
+                raise EetuneError(f"{section}.threshold and {section}.exit_thresholds are both set: "
+                                  "give one threshold for every exit or one per exit, not both")
+            if not self.exit_thresholds:
+                raise EetuneError(f"{section}.exit_thresholds is empty: give one threshold per exit (or null)")
+            for t in self.exit_thresholds:
+                if not threshold_ok(t, self.confidence):
+                    raise EetuneError(f"{section}.exit_thresholds has {t}: each threshold must be in (0, 1] "
+                                      "(1.0 = never leave at that exit)")
 
     def policy(self) -> dict[str, Any]:
         """The policy's fields alone, by name: what a request's `early_exit` options and the
         engine's DecodeSettings take."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ExitPolicyConfig)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ExitPolicyConfig)}
+        if fields["exit_thresholds"] is not None:
+            fields["exit_thresholds"] = [float(t) for t in fields["exit_thresholds"]]
+        return fields
 
 
 @dataclass

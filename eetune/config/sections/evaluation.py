@@ -58,6 +58,10 @@ class EvalConfig:
     # on the sweep's prompts is >= this, written to <run_dir>/calibration.json.
     target_agreement: float = 0.98
     calibrate: bool = True
+    # Also sweep one threshold per exit where held-out statistics and the cost model put it
+    # above the global threshold it was searched from (eetune.eval.per_exit); calibration keeps
+    # it only where it beats every global threshold by more than noise.
+    per_exit: bool = True
     # Where report.{json,md} and the plots go; None: <run_dir>/eval-<time>. Never overwritten.
     out_dir: Optional[str] = None
 
