@@ -123,6 +123,13 @@ def data_distill(overrides: Optional[List[str]] = OVERRIDES, print_config: bool 
         stage.run(cfg)
 
 
+def _per_exit_thresholds(value: str) -> list[float]:
+    try:
+        return [float(part) for part in value.split("/")]
+    except ValueError:
+        raise EetuneError(f"--exit-thresholds {value!r}: give one threshold per exit joined by '/', e.g. 0.9/0.8/1") from None
+
+
 @app.command()
 def generate(
     overrides: Optional[List[str]] = OVERRIDES,
@@ -134,6 +141,10 @@ def generate(
     mode: Optional[str] = typer.Option(None, "--mode", help=" | ".join(CHOICES["generate.mode"])),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="augment/tune run dir with the exits."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="early_exit confidence threshold, (0, 1]."),
+    exit_thresholds: Optional[str] = typer.Option(
+        None, "--exit-thresholds", help="early_exit: one threshold per exit, shallowest first, e.g. 0.9/0.8/1 "
+        "(1: never leave there)."
+    ),
     confidence: Optional[str] = typer.Option(None, "--confidence", help=" | ".join(CHOICES["generate.confidence"])),
     draft_exit: Optional[int] = typer.Option(None, "--draft-exit", help="self_speculative: the drafting exit."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="self_speculative: tokens per draft."),
@@ -160,6 +171,7 @@ def generate(
         "generate.mode": mode,
         "generate.run_dir": run_dir,
         "generate.threshold": threshold,
+        "generate.exit_thresholds": None if exit_thresholds is None else _per_exit_thresholds(exit_thresholds),
         "generate.confidence": confidence,
         "generate.draft_exit": draft_exit,
         "generate.draft_len": draft_len,

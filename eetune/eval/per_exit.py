@@ -6,15 +6,18 @@ more often, or whose check costs more than it saves, may deserve a stricter one 
 (teacher-forced) and its cost model, `per_exit_candidates` searches, for each global
 threshold swept, the per-exit thresholds (each from the swept grid, or 1.0) with the best
 modelled speedup whose agreement with the final layer is at least the global threshold's.
-The search is coordinate ascent from the global threshold (one exit's threshold changed at a
-time, the best move kept, until none helps), so it scales with the number of exits rather
-than exponentially. Where the result is modelled faster by `min_gain`, eval decodes it through
+The values tried per exit are the swept thresholds and a finer grid (PER_EXIT_GRID). With few
+exits every combination is measured (the gains need several exits changed at once: on SmolLM2,
+a looser exit 8, exit 16 unchecked and a stricter exit 24); past MAX_COMBINATIONS the search is
+coordinate ascent from the global threshold (one exit's threshold changed at a time, the best
+move kept, until none helps). Where the result is modelled faster by `min_gain`, eval decodes it through
 the engine beside the global ones, and calibration picks among everything measured: a
 per-exit setting is kept only where it beats every global threshold by more than noise.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -29,6 +32,10 @@ from eetune.infer.policy import first_confident, never_exits
 # A per-exit candidate joins the engine sweep only where the cost model puts it this much above
 # the global threshold it was searched from (the model's noise is a few percent).
 MIN_GAIN = 0.02
+# Values tried at each exit besides the swept thresholds (and 1.0: never checked).
+PER_EXIT_GRID = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+# Every combination is measured up to this many (17 values at 3 exits: 4913, ~20 s on 4k tokens).
+MAX_COMBINATIONS = 5000
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,17 @@ class PerExitSearch:
         layers = [self.exits[k] for k in checked]
         return PerExitPoint(thresholds, agreement, self.costs.sequence_speedup(reduced, layers, self.num_layers, self.policy))
 
+    def best_of_all(self, start: float, grid: Sequence[float]) -> PerExitPoint:
+        """The fastest of every combination of per-exit thresholds from `grid` and 1.0 whose
+        agreement is at least that of `start` at every exit (the start itself if none is faster)."""
+        floor = self.point([start] * len(self.exits))
+        best = floor
+        for combo in itertools.product(sorted({float(g) for g in grid} | {1.0}), repeat=len(self.exits)):
+            p = self.point(combo)
+            if p.agreement >= floor.agreement and p.speedup > best.speedup:
+                best = p
+        return best
+
     def best_from(self, start: float, grid: Sequence[float]) -> PerExitPoint:
         """Coordinate ascent from `start` at every exit: the fastest per-exit thresholds (values
         from `grid` and 1.0) whose agreement is at least the start's."""
@@ -104,9 +122,11 @@ def per_exit_candidates(
     finds, where the cost model puts them `min_gain` above the global one; none repeated, none
     that is a global threshold in disguise (the same value at every exit)."""
     search = PerExitSearch.from_stats(stats, costs, confidence)
+    grid = sorted({float(t) for t in (*thresholds, *PER_EXIT_GRID) if t < 1.0})
+    exhaustive = (len(grid) + 1) ** len(search.exits) <= MAX_COMBINATIONS
     found: dict[tuple[float, ...], PerExitPoint] = {}
     for t in sorted({float(t) for t in thresholds if t < 1.0}, reverse=True):
-        best = search.best_from(t, thresholds)
+        best = search.best_of_all(t, grid) if exhaustive else search.best_from(t, grid)
         if len(set(best.thresholds)) > 1 and best.speedup >= search.point([t] * len(search.exits)).speedup * (1 + min_gain):
             found.setdefault(best.thresholds, replace(best, start=t))
     return list(found.values())

@@ -149,6 +149,15 @@ def test_generate_mode_flags_reach_the_config_and_are_validated(run_cli):
     assert code == 2 and "generate.threshold=1.5 must be in (0, 1]" in err
     code, _, err = run_cli("generate", "--prompt", "x", "--mode", "fast", "--print-config")
     assert code == 2 and "generate.mode='fast' is not one of" in err
+    code, out, _ = run_cli("generate", "--prompt", "x", "--exit-thresholds", "0.9/0.8/1", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["generate"]["exit_thresholds"] == [0.9, 0.8, 1.0]
+    for flags, message in (
+        (["--exit-thresholds", "0.9/high"], "--exit-thresholds '0.9/high': give one threshold per exit joined by '/'"),
+        (["--exit-thresholds", "0.9/0"], "generate.exit_thresholds has 0.0: each threshold must be in (0, 1]"),
+        (["--exit-thresholds", "0.9/1", "--threshold", "0.5"], "generate.threshold and generate.exit_thresholds are both set"),
+    ):
+        code, _, err = run_cli("generate", "--prompt", "x", *flags, "--print-config")
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -490,6 +490,7 @@ def test_per_exit_search_finds_a_faster_setting_at_the_same_agreement():
     best = search.best_from(0.9, [0.9, 0.6, 0.4, 0.2])
     assert start.agreement == 1.0 and best.agreement == 1.0
     assert best.thresholds == (0.9, 0.4) and best.speedup > start.speedup
+    assert search.best_of_all(0.9, [0.9, 0.6, 0.4, 0.2]) == best  # every combination: the same optimum
     # An exit at 1.0 is not checked: exactly the cost of decoding with exit 4 alone.
     alone = search.point([1.0, 0.4])
     index = [0 if c >= 0.4 else 1 for c in conf1.tolist()]
