@@ -4,9 +4,9 @@ A global threshold asks the same confidence of every exit, yet a shallow exit th
 more often, or whose check costs more than it saves, may deserve a stricter one (or none:
 1.0, never checked) and a deep one a looser one. On eval's held-out token statistics
 (teacher-forced) and its cost model, `per_exit_candidates` searches, for each global
-threshold swept, the per-exit thresholds (each from the swept grid, or 1.0) with the best
-modelled speedup whose agreement with the final layer is at least the global threshold's.
-The values tried per exit are the swept thresholds and a finer grid (PER_EXIT_GRID). With few
+threshold swept, the per-exit thresholds with the best modelled speedup whose agreement with
+the final layer is at least the global threshold's. The values tried per exit are the swept
+thresholds, a finer grid (PER_EXIT_GRID) and 1.0. With few
 exits every combination is measured (the gains need several exits changed at once: on SmolLM2,
 a looser exit 8, exit 16 unchecked and a stricter exit 24); past MAX_COMBINATIONS the search is
 coordinate ascent from the global threshold (one exit's threshold changed at a time, the best

@@ -194,3 +194,11 @@ def mesh_session(parallel: Any, model_device: str) -> Iterator[Topology]:
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank: for choices made from timings,
+    which differ from rank to rank, where every rank must then do the same thing."""
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

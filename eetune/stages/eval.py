@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult | None:
         return _evaluate(cfg, base, model, tasks, out_dir, console, started)
     from eetune.parallel.launch import stage_ranks
     from eetune.parallel.load import build_inference_model
+    from eetune.parallel.mesh import from_rank0
 
     cfg.eval.out_dir = str(out_dir)  # one output dir for every rank, timestamp included
     with stage_ranks(cfg, console) as topology:
@@ -101,14 +103,16 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> EvalResult | None:
         base, model = build_inference_model(cfg.model, str(run_dir), topology)
         if not topology.is_main:
             console = Console(quiet=True)
-        return _evaluate(cfg, base, model, tasks, out_dir, console, started, writes=topology.is_main)
+        return _evaluate(cfg, base, model, tasks, out_dir, console, started, writes=topology.is_main,
+                         share=from_rank0)
 
 
 def _evaluate(
     cfg: EetuneConfig, base: Any, model: Any, tasks: list, out_dir: Path, console: Console, started: float,
-    *, writes: bool = True,
+    *, writes: bool = True, share: Callable[[Any], Any] = lambda value: value,
 ) -> EvalResult:
-    """Measure, sweep, score and calibrate; with `writes` (rank 0 of a mesh), write and print it all."""
+    """Measure, sweep, score and calibrate; with `writes` (rank 0 of a mesh), write and print it all.
+    `share` gives every rank of a mesh rank 0's value (the per-exit thresholds, chosen from timings)."""
     run_dir = Path(cfg.run_dir)
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: eval needs one to read tasks")
@@ -132,7 +136,8 @@ def _evaluate(
         stats = token_stats(model, batch, token_order)
         progress.update(step, advance=1, description="timing one layer step and one head")
         costs = measure_costs(model, repeats=cfg.eval.timing_repeats)
-        per_exit = _per_exit_thresholds(cfg, stats, costs) if cfg.eval.per_exit else {}
+        # Chosen from this rank's timings: on a mesh every rank must sweep rank 0's choice.
+        per_exit = share(_per_exit_thresholds(cfg, stats, costs) if cfg.eval.per_exit and writes else {})
         settings = sweep_settings(cfg, model, console, has_token_order=token_order is not None,
                                   per_exit={c: [p.thresholds for p in points] for c, points in per_exit.items()})
         step = progress.add_task("decoding sweep", total=len(prompts) * len(settings))

@@ -360,9 +360,14 @@ def test_mesh_eval_measures_like_one_process(mesh, two_process_runs, single_eval
             for key, value in want.items():
                 if isinstance(value, float):
                     assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-        # Decoding through the engine: the same text, tokens and exits.
-        assert [r["setting"] for r in report["sweep"]] == [r["setting"] for r in single["sweep"]]
-        for got, want in zip(report["sweep"], single["sweep"]):
+        # Decoding through the engine: the same text, tokens and exits. The per-exit settings come
+        # from timings (eetune.eval.per_exit): every rank sweeps rank 0's, the single process its own.
+        assert [r["setting"] for r in report["sweep"]] == [r["setting"] for r in ranks[0]["sweep"]]
+        assert report["per_exit_thresholds"] == ranks[0]["per_exit_thresholds"]
+        assert ([r["setting"] for r in report["sweep"] if r["exit_thresholds"] is None]
+                == [r["setting"] for r in single["sweep"] if r["exit_thresholds"] is None])
+        theirs = {r["setting"]: r for r in single["sweep"]}
+        for got, want in ((r, theirs[r["setting"]]) for r in report["sweep"] if r["setting"] in theirs):
             # task_scores hold the multiple-choice accuracies too (log-likelihood under the setting's policy).
             for key in ("outputs", "exit_counts", "tokens", "token_agreement", "task_scores", "mean_layers"):
                 assert got[key] == want[key], (want["setting"], key)
