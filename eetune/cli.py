@@ -19,6 +19,7 @@ from eetune.config import EetuneConfig, compose_config, config_groups, list_reci
 from eetune.config.schema import CHOICES, to_yaml
 from eetune.console import make_console
 from eetune.errors import EetuneError
+from eetune.infer.policy import parse_thresholds
 
 app = typer.Typer(
     name="eetune",
@@ -123,13 +124,6 @@ def data_distill(overrides: Optional[List[str]] = OVERRIDES, print_config: bool 
         stage.run(cfg)
 
 
-def _per_exit_thresholds(value: str) -> list[float]:
-    try:
-        return [float(part) for part in value.split("/")]
-    except ValueError:
-        raise EetuneError(f"--exit-thresholds {value!r}: give one threshold per exit joined by '/', e.g. 0.9/0.8/1") from None
-
-
 @app.command()
 def generate(
     overrides: Optional[List[str]] = OVERRIDES,
@@ -171,7 +165,9 @@ def generate(
         "generate.mode": mode,
         "generate.run_dir": run_dir,
         "generate.threshold": threshold,
-        "generate.exit_thresholds": None if exit_thresholds is None else _per_exit_thresholds(exit_thresholds),
+        "generate.exit_thresholds": (
+            None if exit_thresholds is None else list(parse_thresholds(exit_thresholds, "--exit-thresholds"))
+        ),
         "generate.confidence": confidence,
         "generate.draft_exit": draft_exit,
         "generate.draft_len": draft_len,

@@ -47,7 +47,7 @@ from eetune.eval.scoring import ExitPolicy, PolicyScorer, Scored
 from eetune.exits import load_exits, read_manifest
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine
 from eetune.eval.calibration import run_calibration
-from eetune.infer.policy import check_exit_settings, model_exit_rules, resolve_thresholds
+from eetune.infer.policy import check_exit_settings, model_exit_rules, parse_thresholds, resolve_thresholds
 from eetune.rundir import CONFIG_FILE, resolve_run_dir
 from eetune.models import load_base_model
 from eetune.data.chat import stop_token_ids
@@ -97,7 +97,7 @@ class EetuneLM(TemplateLM):
         read_manifest(run_dir)
         model_cfg = _run_model_config(Path(run_dir), dtype, device)
         base = load_base_model(**vars(model_cfg))
-        per_exit = _exit_thresholds(exit_thresholds)
+        per_exit = None if exit_thresholds is None else parse_thresholds(exit_thresholds, "exit_thresholds")
         if threshold is not None and per_exit is not None:
             raise EetuneError("model_args give both threshold and exit_thresholds: give one threshold for every exit "
                               "or one per exit")
@@ -312,17 +312,6 @@ def _run_model_config(run_dir: Path, dtype: str | None, device: str | None) -> M
     if device and (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
         model_cfg.device = device
     return model_cfg
-
-
-def _exit_thresholds(value: Any) -> tuple[float, ...] | None:
-    """model_args' exit_thresholds, "0.9/0.8/1.0" (lm-eval splits model_args at commas)."""
-    if value is None:
-        return None
-    try:
-        return tuple(float(part) for part in str(value).split("/"))
-    except ValueError:
-        raise EetuneError(f"exit_thresholds={value!r}: give one threshold per exit joined by '/', e.g. 0.9/0.8/1.0") from None
-
 
 
 def main(argv: list[str] | None = None) -> None:

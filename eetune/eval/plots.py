@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eetune.infer.policy import CONFIDENCES
+from eetune.infer.policy import CONFIDENCES, describe_thresholds
 from eetune.rundir import atomic_write
 
 EXITS_PLOT = "exits.png"
@@ -79,7 +79,7 @@ def plot_speed_quality(report: dict[str, Any], path: Path) -> Path:
             ax.plot(r["speedup"], 100 * r["token_agreement"], marker[0], fillstyle="none", markersize=9,
                     color=line.get_color() if rows else None,
                     label=f"early exit, {confidence}, one threshold per exit" if j == 0 else None)
-            ax.annotate("/".join(f"{t:g}" for t in r["exit_thresholds"]), (r["speedup"], 100 * r["token_agreement"]),
+            ax.annotate(describe_thresholds(r["exit_thresholds"]), (r["speedup"], 100 * r["token_agreement"]),
                         fontsize=6, xytext=(3, -8), textcoords="offset points")
     for r in sweep:
         if r["mode"] == "self_speculative":

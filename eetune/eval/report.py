@@ -15,6 +15,7 @@ from eetune.eval.sweep import Prompt, SweepRow
 from eetune.eval.tasks import Task
 from eetune.eval.timing import Costs
 from eetune.exits import EarlyExitModel
+from eetune.infer.policy import describe_thresholds
 from eetune.rundir import atomic_write_json, atomic_write_text
 from eetune.tracking import start_wandb
 
@@ -150,7 +151,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     searched = [(confidence, p) for confidence, points in report.get("per_exit_thresholds", {}).items() for p in points]
     if searched:
-        rows = [[confidence, f"{p['start']:g}", "/".join(f"{t:g}" for t in p["thresholds"]), _fmt(p["agreement"], "%"),
+        rows = [[confidence, f"{p['start']:g}", describe_thresholds(p["thresholds"]), _fmt(p["agreement"], "%"),
                  _fmt(p["speedup"], "x")] for confidence, p in searched]
         parts += ["One threshold per exit, searched from each global threshold for the most modelled speed at no "
                   "less agreement (1 = that exit is never checked); each is decoded in the sweep above.",
@@ -178,7 +179,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
 
 def _threshold_cell(calibration: dict[str, Any]) -> str:
     per_exit = calibration.get("exit_thresholds")
-    return f"{calibration['threshold']:g}" if per_exit is None else "/".join(f"{t:g}" for t in per_exit)
+    return describe_thresholds(calibration["threshold"] if per_exit is None else per_exit)
 
 
 def _batch_note(batch_size: int) -> str:

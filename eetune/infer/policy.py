@@ -216,6 +216,15 @@ def resolve_thresholds(
     return DEFAULT_THRESHOLD, tuple(float(t) for t in value)
 
 
+def parse_thresholds(text: str, name: str) -> tuple[float, ...]:
+    """"0.9/0.8/1" -> (0.9, 0.8, 1.0): one threshold per exit as a command line writes them
+    (`name` says where they came from in the error)."""
+    try:
+        return tuple(float(part) for part in str(text).split("/"))
+    except ValueError:
+        raise EetuneError(f"{name} {text!r}: give one threshold per exit joined by '/', e.g. 0.9/0.8/1") from None
+
+
 def describe_thresholds(threshold: Thresholds) -> str:
     """0.8, or 0.9/0.8/1 for one threshold per exit (shallowest first)."""
     if isinstance(threshold, (int, float)):

@@ -54,6 +54,7 @@ from eetune.exits import load_exits  # noqa: E402
 from eetune.infer.draft_vocab import load_token_order  # noqa: E402
 from eetune.infer.engine import DecodeResult, DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import Generator  # noqa: E402
+from eetune.infer.policy import describe_thresholds, parse_thresholds  # noqa: E402
 from eetune.models import default_smollm2_dir, load_base_model  # noqa: E402
 from eetune.rundir import atomic_write, resolve_run_dir  # noqa: E402
 from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
@@ -251,7 +252,7 @@ def _cases(args: argparse.Namespace, exit_layers: list[int], has_learned: bool, 
             )
     for item in filter(None, args.exit_thresholds.split(",")):
         policy, _, values = item.partition(":")
-        per_exit = tuple(float(t) for t in values.split("/"))
+        per_exit = parse_thresholds(values, "--exit-thresholds")
         if len(per_exit) != len(exit_layers):
             raise SystemExit(f"--exit-thresholds {item}: {len(per_exit)} thresholds for exits {exit_layers}")
         cases.append(
@@ -369,7 +370,7 @@ def _plot_set(ax, results: list[dict]) -> None:
         for j, r in enumerate(r for r in ours if r["settings"].get("exit_thresholds") is not None):
             ax.scatter([r["speedup_vs_full"]], [r["token_agreement_with_full"]], marker=marker, s=60, facecolors="none",
                        edgecolors="black", label=f"early exit ({policy}), one threshold per exit" if j == 0 else None)
-            ax.annotate("/".join(f"{t:g}" for t in r["settings"]["exit_thresholds"]),
+            ax.annotate(describe_thresholds(r["settings"]["exit_thresholds"]),
                         (r["speedup_vs_full"], r["token_agreement_with_full"]), fontsize=7, xytext=(3, -9),
                         textcoords="offset points")
     for schedule, color in (("constant", "tab:green"), ("adaptive", "tab:olive")):
