@@ -2,7 +2,9 @@
 
 Prompts come from a prompt file, from topics x templates ("Explain {topic} to a beginner."),
 and from questions the model writes itself about each topic; each prompt gets
-`distill.samples_per_prompt` continuations, decoded `distill.batch_size` at a time. The JSONL
+`distill.samples_per_prompt` continuations, decoded `distill.batch_size` at a time. With
+`distill.turns` > 1 each conversation goes on: the user asks a follow-up ("Can you give me a
+concrete example?") and the model answers with the conversation so far in its context. The JSONL
 output feeds straight back into tuning as `data=jsonl data.path=<out>`. Exits tuned on the
 model's own outputs learn what the full model would say, which is exactly what early-exit
 decoding must reproduce.
@@ -24,6 +26,7 @@ import os
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +47,20 @@ from eetune.infer.engine import DecodeSettings, Engine
 from eetune.infer.scheduler import BatchRequest, BatchScheduler
 from eetune.rundir import atomic_write_json, atomic_write_text
 from eetune.models import load_base_model
-from eetune.data.chat import build_prompt_ids, stop_token_ids
+from eetune.data.chat import build_prompt_ids, chat_prompt_ids, stop_token_ids
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 DEFAULT_PROMPTS = PROMPTS_DIR / "distill_prompts.txt"
 DEFAULT_TOPICS = PROMPTS_DIR / "distill_topics.txt"
 DEFAULT_TEMPLATES = PROMPTS_DIR / "distill_templates.txt"
+DEFAULT_FOLLOW_UPS = PROMPTS_DIR / "distill_follow_ups.txt"
 DEFAULT_OUT_NAME = "distill.jsonl"
 # How the model is asked to write a prompt about a topic (distill.questions_per_topic).
 QUESTION_REQUEST = "Write one question a curious person might ask about {topic}. Reply with the question only."
 # A question is one line (extract_question keeps <= 300 characters): longer replies are cut here,
 # so a rambling row does not hold its whole batch for distill.max_new_tokens steps.
 QUESTION_MAX_TOKENS = 64
-# Prompts longer than this are refused (distill prompts are a line or two).
+# Room for a prompt, or for a follow-up question, in the decode caches (distill prompts are a line or two).
 MAX_PROMPT_TOKENS = 256
 # Settings a resumed corpus may change without changing what its batches hold.
 RESUMABLE_KEYS = ("max_tokens",)
@@ -100,12 +104,27 @@ def sample_seed(seed: int, *keys: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def distill_record(record_id: str, tokens: int, prompt: str, completion: str, chat: bool) -> dict[str, Any]:
-    """A record `data=jsonl` reads back: chat turns, or the prompt and completion as one text."""
+def distill_record(record_id: str, tokens: int, conversation: list[dict[str, str]], chat: bool) -> dict[str, Any]:
+    """A record `data=jsonl` reads back: the chat turns, or (one turn, chat=false) the prompt and
+    completion as one text. `tokens` counts the generated ones."""
     head = {"id": record_id, "tokens": tokens}
     if chat:
-        return {**head, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
-    return {**head, "text": prompt + completion}
+        return {**head, "messages": conversation}
+    return {**head, "text": "".join(turn["content"] for turn in conversation)}
+
+
+def user_turn(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def follow_up_question(follow_ups: Sequence[str], seed: int, prompt: int, sample: int, turn: int) -> str:
+    """The user's question opening `turn` (1-based after the first) of conversation (prompt, sample)."""
+    return random.Random(sample_seed(seed, prompt, sample, turn, -2)).choice(follow_ups)
+
+
+def answer_seed(seed: int, prompt: int, sample: int, turn: int) -> int:
+    """The sampling seed of one answer; the first turn's is the single-turn corpus's."""
+    return sample_seed(seed, prompt, sample) if turn == 0 else sample_seed(seed, prompt, sample, turn)
 
 
 def _path(value: str, default: Path) -> Path:
@@ -125,6 +144,21 @@ def _keyword_re(keyword: str) -> re.Pattern[str]:
 # -- decoding ---------------------------------------------------------------------------------
 
 
+class Jobs:
+    """Decode jobs: follow-up turns first (queued as answers arrive), then new conversations.
+    Unlike a generator it may be drawn from again after running dry, once a follow-up is queued."""
+
+    def __init__(self, first_turns: Iterable[tuple[Any, Any, int]]) -> None:
+        self.first_turns = iter(first_turns)
+        self.follow_ups: deque[tuple[Any, Any, int]] = deque()
+
+    def __iter__(self) -> Jobs:
+        return self
+
+    def __next__(self) -> tuple[Any, Any, int]:
+        return self.follow_ups.popleft() if self.follow_ups else next(self.first_turns)
+
+
 @dataclass
 class Decoder:
     """The base model with its tokenizer, decoding chat or raw prompts with continuous batching:
@@ -137,10 +171,11 @@ class Decoder:
     stop_ids: frozenset[int]
     chat: bool
 
-    def stream(self, jobs: Iterable[tuple[Any, str, int]], d: DistillConfig, max_new_tokens: int | None = None
-               ) -> Iterator[tuple[Any, str, int]]:
-        """Decode (key, prompt, seed) jobs; yield (key, completion text, generated tokens) as each
-        finishes, in finishing order. Closing the iterator early cancels the answers in flight."""
+    def stream(self, jobs: Iterable[tuple[Any, str | list[dict[str, str]], int]], d: DistillConfig,
+               max_new_tokens: int | None = None) -> Iterator[tuple[Any, str, int]]:
+        """Decode (key, prompt or conversation, seed) jobs; yield (key, completion text, generated
+        tokens) as each finishes, in finishing order. Closing the iterator early cancels the answers
+        in flight."""
         jobs = iter(jobs)
         live: dict[BatchRequest, Any] = {}
         try:
@@ -151,7 +186,9 @@ class Decoder:
                         max_new_tokens=max_new_tokens or d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
                         seed=seed, stop_ids=self.stop_ids,
                     )
-                    request = BatchRequest(build_prompt_ids(self.tokenizer, prompt, self.chat), settings)
+                    ids = (chat_prompt_ids(self.tokenizer, prompt) if isinstance(prompt, list)
+                           else build_prompt_ids(self.tokenizer, prompt, self.chat))
+                    request = BatchRequest(ids, settings)
                     if self.scheduler.admit(request):
                         yield self._answer(key, request)
                     else:
@@ -163,6 +200,35 @@ class Decoder:
         finally:
             for request in live:
                 self.scheduler.cancel(request)
+
+    def converse(self, starts: Iterable[tuple[Any, str, int, int]], d: DistillConfig, follow_ups: Sequence[str],
+                 seed: int) -> Iterator[tuple[Any, list[dict[str, str]], int]]:
+        """Decode `d.turns`-turn conversations from (key, prompt, prompt index, sample index);
+        yield (key, its turns, its generated tokens) as each ends. Each answer's seed is fixed by
+        (prompt, sample, turn), so a conversation does not depend on what it was decoded beside."""
+        talks: dict[Any, tuple[list[dict[str, str]], int, int, int]] = {}  # key -> (turns so far, tokens, i, j)
+
+        def first_turns() -> Iterator[tuple[Any, str | list[dict[str, str]], int]]:
+            for key, prompt, i, j in starts:
+                talks[key] = ([user_turn(prompt)], 0, i, j)
+                yield (key, 0), [user_turn(prompt)] if self.chat else prompt, answer_seed(seed, i, j, 0)
+
+        jobs = Jobs(first_turns())
+        answers = self.stream(jobs, d)
+        try:
+            for (key, turn), text, n in answers:
+                so_far, generated, i, j = talks.pop(key)
+                conversation = [*so_far, {"role": "assistant", "content": text}]
+                if turn + 1 == d.turns:
+                    yield key, conversation, generated + n
+                    continue
+                # The user asks a follow-up; its answer sees the whole conversation. It is queued
+                # ahead of new conversations, so a conversation ends soon after it starts.
+                conversation.append(user_turn(follow_up_question(follow_ups, seed, i, j, turn + 1)))
+                talks[key] = (conversation, generated + n, i, j)
+                jobs.follow_ups.append(((key, turn + 1), conversation, answer_seed(seed, i, j, turn + 1)))
+        finally:
+            answers.close()  # cancels the answers in flight
 
     def _answer(self, key: Any, request: BatchRequest) -> tuple[Any, str, int]:
         tokens = request.result.tokens
@@ -260,10 +326,12 @@ def _questions_path(out: Path) -> Path:
 
 def _settings(cfg: EetuneConfig) -> dict[str, Any]:
     """What fixes the content of every batch: recorded beside the corpus, compared on resume."""
-    d = to_container(cfg.distill)
-    d.pop("out", None)
     return {"seed": cfg.seed, "model": cfg.model.name, "checkpoint_dir": cfg.model.checkpoint_dir,
-            "dtype": cfg.model.dtype, "distill": d}
+            "dtype": cfg.model.dtype, "distill": _distill_settings(cfg.distill)}
+
+
+def _distill_settings(d: DistillConfig) -> dict[str, Any]:
+    return {key: value for key, value in to_container(d).items() if key != "out"}
 
 
 def _check_resume(out: Path, cfg: EetuneConfig) -> None:
@@ -271,6 +339,8 @@ def _check_resume(out: Path, cfg: EetuneConfig) -> None:
     if not meta.is_file():
         raise EetuneError(f"resume=true but {meta} is missing: {out} was not written by a resumable distill run")
     old, new = json.loads(meta.read_text(encoding="utf-8")), _settings(cfg)
+    # A setting added since the corpus was begun had its default then.
+    old["distill"] = {**_distill_settings(DistillConfig()), **old["distill"]}
     for key in RESUMABLE_KEYS:
         old["distill"].pop(key, None)
         new["distill"].pop(key, None)
@@ -297,6 +367,17 @@ def _record_dtype(out: Path, first_batch: int, dtype: str) -> None:
     if not kept or kept[max(kept, key=int)] != dtype:
         kept[str(first_batch)] = dtype
     atomic_write_json(path, {**meta, DTYPE_SEGMENTS: kept})
+
+
+def read_follow_ups(d: DistillConfig) -> list[str]:
+    """The follow-up questions multi-turn conversations draw from (none for one turn)."""
+    if d.turns == 1:
+        return []
+    path = _path(d.follow_ups, DEFAULT_FOLLOW_UPS)
+    follow_ups = read_lines(path, what="follow-up")
+    if not follow_ups:
+        raise EetuneError(f"distill.follow_ups={path} holds no follow-up questions")
+    return follow_ups
 
 
 def gather_prompts(d: DistillConfig, decoder: Decoder, seed: int, out: Path, console: Console) -> list[str]:
@@ -339,12 +420,13 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
     elif cfg.resume:
         raise EetuneError(f"resume=true but {out} does not exist: start without resume=true")
     out.parent.mkdir(parents=True, exist_ok=True)
+    follow_ups = read_follow_ups(d)
 
     base = load_base_model(**vars(cfg.model))
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: distillation needs one to read prompts")
-    # Rows hold a prompt (a few dozen tokens) and its answer: the caches need no more positions.
-    positions = min(base.model.max_seq_len, MAX_PROMPT_TOKENS + d.max_new_tokens)
+    # Rows hold a conversation: per turn a prompt or follow-up (a few dozen tokens) and its answer.
+    positions = min(base.model.max_seq_len, d.turns * (MAX_PROMPT_TOKENS + d.max_new_tokens))
     decoder = Decoder(
         BatchScheduler(Engine(EarlyExitModel(base.model, [])), max_batch_size=d.batch_size, max_seq_len=positions),
         base.tokenizer, frozenset(stop_token_ids(base.tokenizer)), d.chat,
@@ -371,21 +453,19 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
     with _progress(console, "answers") as progress:
         task = progress.add_task("answers", total=budget if budget else len(items),
                                  completed=tokens if budget else min(done * d.batch_size, len(items)))
-        # Each answer's seed is fixed by its (prompt, sample): the corpus does not depend on batch_size.
-        jobs = (((b, k), prompts[i], sample_seed(cfg.seed, i, j))
-                for b in range(done, len(batches)) for k, (i, j) in enumerate(batches[b]))
-        answers: dict[int, dict[int, tuple[str, int]]] = {}
-        answer_stream = decoder.stream(jobs, d)
+        starts = (((b, k), prompts[i], i, j) for b in range(done, len(batches)) for k, (i, j) in enumerate(batches[b]))
+        answers: dict[int, dict[int, tuple[list[dict[str, str]], int]]] = {}
+        answer_stream = decoder.converse(starts, d, follow_ups, cfg.seed)
         b = done
-        for (batch_index, k), text, n in answer_stream:
-            answers.setdefault(batch_index, {})[k] = (text, n)
+        for (batch_index, k), conversation, n in answer_stream:
+            answers.setdefault(batch_index, {})[k] = (conversation, n)
             # Batches are written whole and in order, each in one durable append.
             while b < len(batches) and len(answers.get(b, {})) == len(batches[b]):
                 if budget is not None and tokens >= budget:
                     break
                 batch, got = batches[b], answers.pop(b)
                 lines = [
-                    json.dumps(distill_record(f"b{b}:p{i}:s{j}", got[k][1], prompts[i], got[k][0], d.chat),
+                    json.dumps(distill_record(f"b{b}:p{i}:s{j}", got[k][1], got[k][0], d.chat),
                                ensure_ascii=False) + "\n"
                     for k, (i, j) in enumerate(batch)
                 ]

@@ -4,10 +4,11 @@ The same prompts (topics x templates), sampled answers of up to `--new-tokens` t
 embedded SmolLM2-135M: the batch-1 loop distill first used (`infer.generate.generate` per
 prompt, a fresh KV cache each), lock-step batches (`Engine.generate_batch`: a row that finished
 early waits for its batch's longest answer) and continuous batching (`infer.scheduler`, what
-distill uses now: a finished row takes the next prompt at once), at each `--batch-sizes`.
+distill uses now: a finished row takes the next prompt at once), at each `--batch-sizes`; with `--turns N`, also N-turn conversations as `distill.turns=N` decodes
+them (each follow-up question answered with the conversation so far as its prompt).
 Tokens/s counts generated tokens only; the ratio column is against the batch-1 loop.
 
-    .venv/bin/python scripts/bench/distill_throughput.py [--prompts 64] [--batch-sizes 8,16,32,64]
+    .venv/bin/python scripts/bench/distill_throughput.py [--prompts 64] [--batch-sizes 8,16,32,64] [--turns 2]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUT_DIR, machine_info, make_console, now_iso, print_table, write_json  # noqa: E402
 
+from eetune.config.schema import DistillConfig  # noqa: E402
 from eetune.exits import EarlyExitModel  # noqa: E402
 from eetune.infer.engine import DecodeSettings, Engine  # noqa: E402
 from eetune.infer.generate import generate  # noqa: E402
@@ -30,12 +32,28 @@ from eetune.stages import distill  # noqa: E402
 from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
 
 
+def conversations(base, texts: list[str], args: argparse.Namespace, batch_size: int) -> dict:
+    """`args.turns`-turn conversations through distill's own decoder (follow-ups from its bundled list)."""
+    d = DistillConfig(turns=args.turns, max_new_tokens=args.new_tokens, batch_size=batch_size)
+    prompt_tokens = distill.MAX_PROMPT_TOKENS
+    scheduler = BatchScheduler(Engine(EarlyExitModel(base.model, [])), max_batch_size=batch_size,
+                               max_seq_len=args.turns * (prompt_tokens + args.new_tokens))
+    decoder = distill.Decoder(scheduler, base.tokenizer, frozenset(stop_token_ids(base.tokenizer)), chat=True)
+    follow_ups = distill.read_lines(distill.DEFAULT_FOLLOW_UPS, what="follow-up")
+    start = time.perf_counter()
+    starts = ((k, text, k, 0) for k, text in enumerate(texts))
+    tokens = sum(n for _, _, n in decoder.converse(starts, d, follow_ups, seed=0))
+    return {"case": f"continuous, batch {batch_size}, {args.turns} turns", "batch_size": batch_size,
+            "prompts": len(texts), "turns": args.turns, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=64, help="prompts per case (the batch-1 loop uses 1/4)")
     parser.add_argument("--batch-sizes", default="8,16,32,64")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--turns", type=int, default=1, help="also decode conversations of this many turns")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args()
     console = make_console()
@@ -77,6 +95,9 @@ def main() -> None:
         cases.append({"case": f"continuous, batch {batch_size}", "batch_size": batch_size, "prompts": len(prompts),
                       "tokens": tokens, "seconds": time.perf_counter() - start})
         console.print(f"continuous {batch_size}: {tokens} tokens in {cases[-1]['seconds']:.1f} s")
+        if args.turns > 1:
+            cases.append(conversations(base, texts[: args.prompts], args, batch_size))
+            console.print(f"{cases[-1]['case']}: {cases[-1]['tokens']} tokens in {cases[-1]['seconds']:.1f} s")
 
     base_rate = cases[0]["tokens"] / cases[0]["seconds"]
     for case in cases:

@@ -475,6 +475,91 @@ def test_batched_distill_equals_one_prompt_at_a_time(
     assert answers("s4.jsonl", "distill.batch_size=4") == sampled and len(sampled) == 6
 
 
+def test_multi_turn_distill_answers_follow_ups_in_context(
+    tiny_base_model: BaseModel, tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """distill.turns=2: the user asks a follow-up from the list and the model answers it with the
+    whole conversation as its prompt; the first turn is the single-turn corpus's answer."""
+    from eetune.exits import EarlyExitModel
+    from eetune.infer.engine import DecodeSettings, Engine
+
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    follow_ups = tmp_path / "follow_ups.txt"
+    follow_ups.write_text("# comment\nWhy?\nGive an example.\nSay more.\n", encoding="utf-8")
+    common = ("distill.samples_per_prompt=1", f"distill.follow_ups={follow_ups}")
+
+    def records(name: str, *overrides: str) -> dict[str, Any]:
+        out = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / name, *common, *overrides))
+        return {r["id"].split(":", 1)[1]: (r["messages"], r["tokens"]) for r in _records(out)}
+
+    single = records("one_turn.jsonl")
+    prompts_decoded: list[list[int]] = []
+    real_request = distill.BatchRequest
+    monkeypatch.setattr(distill, "BatchRequest", lambda ids, s: prompts_decoded.append(list(ids)) or real_request(ids, s))
+    two = records("two_turns.jsonl", "distill.turns=2", "distill.batch_size=1")
+    monkeypatch.setattr(distill, "BatchRequest", real_request)
+    # Which conversation shares a batch does not change it (follow-ups are queued as answers finish).
+    assert records("two_turns_batched.jsonl", "distill.turns=2", "distill.batch_size=3") == two
+    assert two.keys() == single.keys() and len(two) == 3 and len(prompts_decoded) == 6
+    engine = Engine(EarlyExitModel(tiny_base_model.model, []))
+    stops = frozenset(distill.stop_token_ids(tokenizer))
+    seed = distill_cfg(tiny_base_model, tmp_path, tmp_path / "unused.jsonl").seed
+    for key, (messages, tokens) in two.items():
+        i, j = (int(part[1:]) for part in key.split(":"))
+        assert messages[:2] == single[key][0] and messages[1]["content"]
+        assert messages[2] == {"role": "user", "content": distill.follow_up_question(
+            ["Why?", "Give an example.", "Say more."], seed, i, j, 1)}
+        # The follow-up's answer is the model's reply to the whole conversation so far, sampled
+        # with that turn's seed.
+        ids = encode(tokenizer, tokenizer.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True))
+        assert ids in prompts_decoded
+        settings = DecodeSettings(max_new_tokens=8, temperature=10.0, top_p=None,
+                                  seed=distill.answer_seed(seed, i, j, 1), stop_ids=stops)
+        reply = engine.generate(ids, settings).tokens
+        assert messages[3] == {"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True).strip()}
+        assert tokens == single[key][1] + len(reply)
+    # Follow-up questions differ between conversations (seeded per prompt, sample and turn).
+    sampled = records("asked.jsonl", "distill.turns=3", "distill.samples_per_prompt=4")
+    asked = {messages[k]["content"] for messages, _ in sampled.values() for k in (2, 4)}
+    assert len(asked) > 1 and all(len(messages) == 6 for messages, _ in sampled.values())
+
+    # Tuning reads every assistant turn as a target, none of the user turns.
+    path = tmp_path / "two_turns.jsonl"
+    cfg = data_cfg("data=jsonl", f"data.path={path}", "data.seq_len=16", "data.train_on_prompt=false",
+                   "data.heldout_fraction=0.5")
+    one_cfg = data_cfg("data=jsonl", f"data.path={tmp_path / 'one_turn.jsonl'}", "data.seq_len=16",
+                       "data.train_on_prompt=false", "data.heldout_fraction=0.5")
+    assert load_tuning_data(cfg, tokenizer).num_loss_tokens > load_tuning_data(one_cfg, tokenizer).num_loss_tokens
+
+    with pytest.raises(EetuneError, match="distill.turns=2 needs distill.chat=true"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "x.jsonl", "distill.turns=2", "distill.chat=false"))
+    with pytest.raises(EetuneError, match="distill.turns=0 must be >= 1"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "x.jsonl", "distill.turns=0"))
+    follow_ups.write_text("# none\n", encoding="utf-8")
+    with pytest.raises(EetuneError, match="holds no follow-up questions"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "x.jsonl", *common, "distill.turns=2"))
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_distill_resumes_a_corpus_begun_before_a_setting_existed(
+    tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corpus whose meta predates distill.turns / follow_ups resumes with their defaults, not another value."""
+    reuse_loaded_model(monkeypatch, tiny_base_model)
+    out, meta = tmp_path / "old.jsonl", tmp_path / "old.jsonl.meta.json"
+    common = ("distill.batch_size=2",)
+    whole = distill.run(distill_cfg(tiny_base_model, tmp_path, tmp_path / "whole.jsonl", *common))
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.max_tokens=1"))
+    old = json.loads(meta.read_text())
+    for key in ("turns", "follow_ups"):
+        del old["distill"][key]
+    meta.write_text(json.dumps(old))
+    with pytest.raises(EetuneError, match=r"settings differ \(distill.turns\)"):
+        distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "distill.turns=2", "resume=true"))
+    distill.run(distill_cfg(tiny_base_model, tmp_path, out, *common, "resume=true"))
+    assert out.read_text(encoding="utf-8") == whole.read_text(encoding="utf-8")
+
+
 def test_distill_resumes_after_an_interruption_to_the_same_corpus(
     tiny_base_model: BaseModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -640,6 +725,7 @@ def test_unseen_topic_prompts_are_absent_from_every_tuning_prompt() -> None:
     templates = distill.read_templates(distill.DEFAULT_TEMPLATES)
     tuning = distill.read_prompts(distill.DEFAULT_PROMPTS) + [t.format(topic=x) for x in topics for t in templates]
     tuning += [distill.QUESTION_REQUEST.format(topic=x) for x in topics]
+    tuning += distill.read_lines(distill.DEFAULT_FOLLOW_UPS, what="follow-up")  # multi-turn's questions
     assert len(tuning) > 3000
     assert [p for p in tuning if distill.excluded(p, keywords)] == []
     first = distill.read_lines(bench / "prompts.txt", what="prompt")

@@ -113,6 +113,10 @@ class DistillConfig:
     temperature: float = 0.7
     top_p: Optional[float] = 0.95
     chat: bool = True
+    # Turns per conversation: after each answer but the last the user asks a follow-up (a line of
+    # `follow_ups`, "bundled": eetune's list) and the model answers with the conversation so far.
+    turns: int = 1
+    follow_ups: Optional[str] = "bundled"
 
     def validate(self) -> None:
         pass
@@ -120,7 +124,7 @@ class DistillConfig:
     def validate_run(self) -> None:
         """Checked by the stage that reads this section, before anything slow or written
         (not at composition: `--print-config` and other stages take these values as they are)."""
-        for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+        for key in ("samples_per_prompt", "max_new_tokens", "batch_size", "turns"):
             if getattr(self, key) < 1:
                 raise EetuneError(f"distill.{key}={getattr(self, key)} must be >= 1")
         if self.questions_per_topic < 0:
@@ -133,3 +137,7 @@ class DistillConfig:
             raise EetuneError(f"distill.top_p={self.top_p} must be in (0, 1]")
         if not (self.prompts or self.topics):
             raise EetuneError("distill needs prompts: set distill.prompts=<file> and/or distill.topics=<file>")
+        if self.turns > 1 and not self.chat:
+            raise EetuneError(f"distill.turns={self.turns} needs distill.chat=true: follow-ups are chat turns")
+        if self.turns > 1 and not self.follow_ups:
+            raise EetuneError(f"distill.turns={self.turns} needs follow-up questions: set distill.follow_ups=<file>")
