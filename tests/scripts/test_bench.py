@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
 import confidence_frontier  # noqa: E402
 import decode_profile  # noqa: E402
+import prompt_diversity  # noqa: E402
 import serve_load  # noqa: E402
 import tuning_curves  # noqa: E402
 
@@ -198,3 +199,44 @@ def test_tuning_curves_puts_runs_on_tokens_seen_and_keeps_each_steps_last_evalua
     assert (tmp_path / "out" / "tuning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         tuning_curves.main(["--run", str(big), "--out", str(tmp_path / "out")])  # no label
+
+
+def test_prompt_diversity_sets_hold_equal_tokens_and_the_same_heldout_lines(tmp_path):
+    """`many prompts` takes one answer per training prompt, `few prompts` every answer of as few
+    prompts as give as many tokens; both files begin with the corpus's held-out lines in order."""
+    import json
+
+    from eetune.data.corpus import is_heldout
+    from eetune.data.sources import Document, Message
+
+    def record(prompt: str, sample: int, tokens: int) -> dict:
+        return {"id": f"b0:p{prompt}:s{sample}", "tokens": tokens, "messages": [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": f"answer {sample}"}]}
+
+    def held(prompt: str) -> bool:
+        return is_heldout(Document("x", messages=(Message("user", prompt),)), prompt_diversity.HELDOUT_FRACTION)
+
+    prompts = [f"Question number {n}?" for n in range(60)]
+    # Prompt n has 1 + n % 4 answers of 10 tokens each, interleaved as a distill corpus is.
+    records = [record(p, s, 10) for s in range(4) for n, p in enumerate(prompts) if s <= n % 4]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    heldout, by_prompt = prompt_diversity.split_records(corpus)
+    assert heldout and [json.loads(line)["messages"][0]["content"] for line in heldout] == [
+        r["messages"][0]["content"] for r in records if held(r["messages"][0]["content"])]
+    train_prompts = [p for p in prompts if not held(p)]
+    assert list(by_prompt) == train_prompts
+
+    many = prompt_diversity.many_prompts(by_prompt)
+    few = prompt_diversity.few_prompts(by_prompt, sum(count for _, count in many))
+    assert len(many) == len(train_prompts) == len(few)  # equal tokens: every answer has 10
+    few_prompts = list(dict.fromkeys(json.loads(line)["messages"][0]["content"] for line, _ in few))
+    unchosen = [p for p in train_prompts if p not in few_prompts]
+    # the most-answered prompts first, each whole (but the last, which the budget may cut)
+    assert min(len(by_prompt[p]) for p in few_prompts) >= max(len(by_prompt[p]) for p in unchosen)
+    assert sum(len(by_prompt[p]) for p in few_prompts[:-1]) < len(few)
+    assert len(few_prompts) < len(train_prompts) / 2
+    summary = prompt_diversity.write_subset(tmp_path / "few.jsonl", heldout, few)
+    assert summary["train_prompts"] == len(few_prompts) and summary["train_answer_tokens"] == 10 * len(few)
+    lines = (tmp_path / "few.jsonl").read_text().splitlines()
+    assert lines[: len(heldout)] == heldout and len(lines) == len(heldout) + len(few)
