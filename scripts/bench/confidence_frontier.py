@@ -69,7 +69,7 @@ def frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Ten
 PER_EXIT_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0]
 
 
-def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, final_top1: torch.Tensor, costs: Any,
+def per_exit_frontier(confidence: torch.Tensor, top1: torch.Tensor, costs: Any,
                       exits: list[int], num_layers: int, policy: str) -> list[dict[str, Any]]:
     """(thresholds, agreement, speedup) for every combination of one threshold per exit from
     PER_EXIT_GRID (1.0: that exit is never checked, as the engine does); eval's own search
@@ -175,7 +175,7 @@ def main() -> None:
         )
     curves = {name: frontier(conf, top1, final_top1, policy_costs, exits, num_layers, policy)
               for name, (conf, policy_costs, policy) in policies.items()}
-    per_exit = {name: per_exit_frontier(conf, top1, final_top1, policy_costs, exits, num_layers, policy)
+    per_exit = {name: per_exit_frontier(conf, top1, policy_costs, exits, num_layers, policy)
                 for name, (conf, policy_costs, policy) in policies.items()}
     agrees = torch.stack([stats.agrees(layer) for layer in exits])
     index = oracle_exit(agrees)

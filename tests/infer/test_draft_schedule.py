@@ -90,8 +90,8 @@ def test_adaptive_self_speculative_is_lossless_and_adapts(
         return lengths[-1]
 
     monkeypatch.setattr(DraftSchedule, "next_length", spy)
-    ee = request.getfixturevalue(model)
-    engine = Engine(ee)
+    early_exit_model = request.getfixturevalue(model)
+    engine = Engine(early_exit_model)
     draft_exit = 1
     adaptive = dict(mode="self_speculative", draft_exit=draft_exit, draft_len=4, draft_schedule="adaptive")
     drafted = accepted = 0

@@ -78,7 +78,7 @@ def test_confidence_frontier_costs_a_check_per_passed_exit_and_a_head_where_a_to
     assert confidence_frontier.best_at(points, 1.01) is None
     # One threshold per exit: the same one everywhere is the global threshold's point; 1.0 shuts an exit.
     per_exit = {tuple(p["thresholds"]): p for p in
-                confidence_frontier.per_exit_frontier(confidence, top1, top1[2], costs, [8, 16], 20, "frequent")}
+                confidence_frontier.per_exit_frontier(confidence, top1, costs, [8, 16], 20, "frequent")}
     assert per_exit[(0.5, 0.5)]["speedup"] == pytest.approx(at_half["speedup"])
     assert per_exit[(0.5, 0.5)]["agreement"] == pytest.approx(at_half["agreement"])
     # Exit 8 at 0.9 (token 1 only), exit 16 at 0.5 (token 2): all three agree, faster than full.
