@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from eetune.data.corpus import HELDOUT_BY
 from eetune.errors import EetuneError
 from eetune.exits.spec import ARCHS, HEADS, INITS, NORM_INITS
 from eetune.exits.spec import CONFIDENCES as ESTIMATORS
@@ -29,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "serve.draft_schedule": SCHEDULES,
     "serve.log_level": ("critical", "error", "warning", "info", "debug"),
     "data.source": ("pydoc", "text", "jsonl", "hf"),
-    "data.heldout_by": HELDOUT_BY,
+    "data.heldout_by": ("tail", "prompt"),
     "data.cache_dtype": ("compute", "bfloat16"),
     "data.hf_format": ("json", "csv", "parquet", "text"),
     "optim.decay": ("cosine", "linear", "constant"),

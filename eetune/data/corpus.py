@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from eetune.config.schema import DataConfig
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
-HELDOUT_BY = ("tail", "prompt")  # data.heldout_by
 
 
 @dataclass
