@@ -10,7 +10,7 @@
 #      oracle bound, in float32 and bf16.
 #
 #   scripts/bench/builtin_report.sh [RUN_DIR (default builtin:smollm2_135m)] [OUT (default runs/bench/builtin)]
-#   PROMPTS=4 scripts/bench/builtin_report.sh     # fewer prompts per set (default 6: 23 min in all on 2 Xeon cores, bf16)
+#   PROMPTS=4 scripts/bench/builtin_report.sh     # fewer prompts per set (default 6: 30 min in all on 2 Xeon cores, bf16)
 #
 # Run it on a quiet machine: every speed is a ratio within one run, but a busy core still blurs them.
 # Dtype: what `model.dtype=auto` picks on this CPU (bf16 only where the CPU has bf16 units).
