@@ -210,8 +210,9 @@ class Decoder:
 
         def first_turns() -> Iterator[tuple[Any, str | list[dict[str, str]], int]]:
             for key, prompt, i, j in starts:
-                talks[key] = ([user_turn(prompt)], 0, i, j)
-                yield (key, 0), [user_turn(prompt)] if self.chat else prompt, answer_seed(seed, i, j, 0)
+                opening = [user_turn(prompt)]
+                talks[key] = (opening, 0, i, j)
+                yield (key, 0), opening if self.chat else prompt, answer_seed(seed, i, j, 0)
 
         jobs = Jobs(first_turns())
         answers = self.stream(jobs, d)
@@ -369,6 +370,11 @@ def _record_dtype(out: Path, first_batch: int, dtype: str) -> None:
     atomic_write_json(path, {**meta, DTYPE_SEGMENTS: kept})
 
 
+def conversation_positions(d: DistillConfig) -> int:
+    """Cache positions a conversation needs: per turn a prompt or follow-up (a few dozen tokens) and its answer."""
+    return d.turns * (MAX_PROMPT_TOKENS + d.max_new_tokens)
+
+
 def read_follow_ups(d: DistillConfig) -> list[str]:
     """The follow-up questions multi-turn conversations draw from (none for one turn)."""
     if d.turns == 1:
@@ -425,8 +431,7 @@ def run(cfg: EetuneConfig, console: Console | None = None) -> Path:
     base = load_base_model(**vars(cfg.model))
     if base.tokenizer is None:
         raise EetuneError(f"model {base.name} has no tokenizer: distillation needs one to read prompts")
-    # Rows hold a conversation: per turn a prompt or follow-up (a few dozen tokens) and its answer.
-    positions = min(base.model.max_seq_len, d.turns * (MAX_PROMPT_TOKENS + d.max_new_tokens))
+    positions = min(base.model.max_seq_len, conversation_positions(d))
     decoder = Decoder(
         BatchScheduler(Engine(EarlyExitModel(base.model, [])), max_batch_size=d.batch_size, max_seq_len=positions),
         base.tokenizer, frozenset(stop_token_ids(base.tokenizer)), d.chat,

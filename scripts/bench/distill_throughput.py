@@ -35,9 +35,8 @@ from eetune.data.chat import build_prompt_ids, stop_token_ids  # noqa: E402
 def conversations(base, texts: list[str], args: argparse.Namespace, batch_size: int) -> dict:
     """`args.turns`-turn conversations through distill's own decoder (follow-ups from its bundled list)."""
     d = DistillConfig(turns=args.turns, max_new_tokens=args.new_tokens, batch_size=batch_size)
-    prompt_tokens = distill.MAX_PROMPT_TOKENS
     scheduler = BatchScheduler(Engine(EarlyExitModel(base.model, [])), max_batch_size=batch_size,
-                               max_seq_len=args.turns * (prompt_tokens + args.new_tokens))
+                               max_seq_len=distill.conversation_positions(d))
     decoder = distill.Decoder(scheduler, base.tokenizer, frozenset(stop_token_ids(base.tokenizer)), chat=True)
     follow_ups = distill.read_lines(distill.DEFAULT_FOLLOW_UPS, what="follow-up")
     start = time.perf_counter()

@@ -28,15 +28,15 @@ from common import DEFAULT_OUT_DIR, REPO_ROOT, machine_info, now_iso, write_json
 
 import tuning_curves  # noqa: E402
 
+from eetune.config import compose_config  # noqa: E402
 from eetune.data.corpus import heldout_key, is_heldout  # noqa: E402
 from eetune.data.jsonl import iter_jsonl  # noqa: E402
 from eetune.data.sources import record_document  # noqa: E402
 
 RECIPE = "smollm2_135m_chat"
-HELDOUT_FRACTION = 0.1  # the recipe's data.heldout_fraction
 
 
-def split_records(corpus: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+def split_records(corpus: Path, heldout_fraction: float) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     """The corpus's held-out lines (in order) and its training lines grouped by prompt (in order),
     each training line with its answer tokens."""
     heldout: list[str] = []
@@ -44,7 +44,7 @@ def split_records(corpus: Path) -> tuple[list[str], dict[str, list[tuple[str, in
     for where, record in iter_jsonl(corpus, "corpus"):
         doc = record_document(record, where, "text", "messages")
         line = json.dumps(record, ensure_ascii=False)
-        if is_heldout(doc, HELDOUT_FRACTION):
+        if is_heldout(doc, heldout_fraction):
             heldout.append(line)
         else:
             by_prompt.setdefault(heldout_key(doc), []).append((line, int(record["tokens"])))
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra `eetune tune` overrides for both runs")
     args = parser.parse_args(argv)
 
-    heldout, by_prompt = split_records(args.corpus)
+    # The recipe's own split (data.heldout_by=prompt): the tunes hold out exactly these lines.
+    heldout, by_prompt = split_records(args.corpus, compose_config("tune", [f"recipe={RECIPE}"]).data.heldout_fraction)
     many = many_prompts(by_prompt)
     few = few_prompts(by_prompt, sum(count for _, count in many))
     subsets = {

@@ -214,14 +214,14 @@ def test_prompt_diversity_sets_hold_equal_tokens_and_the_same_heldout_lines(tmp_
             {"role": "user", "content": prompt}, {"role": "assistant", "content": f"answer {sample}"}]}
 
     def held(prompt: str) -> bool:
-        return is_heldout(Document("x", messages=(Message("user", prompt),)), prompt_diversity.HELDOUT_FRACTION)
+        return is_heldout(Document("x", messages=(Message("user", prompt),)), 0.1)
 
     prompts = [f"Question number {n}?" for n in range(60)]
     # Prompt n has 1 + n % 4 answers of 10 tokens each, interleaved as a distill corpus is.
     records = [record(p, s, 10) for s in range(4) for n, p in enumerate(prompts) if s <= n % 4]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
-    heldout, by_prompt = prompt_diversity.split_records(corpus)
+    heldout, by_prompt = prompt_diversity.split_records(corpus, 0.1)
     assert heldout and [json.loads(line)["messages"][0]["content"] for line in heldout] == [
         r["messages"][0]["content"] for r in records if held(r["messages"][0]["content"])]
     train_prompts = [p for p in prompts if not held(p)]
